@@ -1,0 +1,851 @@
+"""lth_ref: structurally sparse lottery tickets, a small reference implementation.
+
+T. Chen, X. Chen, X. Ma, Y. Wang, Z. Wang, "Coarsening the Granularity: Towards Structurally Sparse
+Lottery Tickets", ICML 2022, arXiv:2202.04736. Official code: github.com/VITA-Group/Structure-LTH.
+
+Iterative magnitude pruning (IMP) with weight rewinding finds sparse "winning tickets"; after every
+pruning round the mask is post-processed into a structure that runs fast: `refill` keeps whole output
+channels (channel-wise tickets), `regroup` turns groups of rows into dense blocks (group-wise tickets,
+run by the grouped GEMM in kernels.py).
+
+    python lth_ref.py --arch resnet20 --method regroup            # find a ticket on CIFAR-10
+    python -m pytest -q test_lth_ref.py                           # the tests
+
+Files: lth_ref.py (this: masks, IMP, refill, regroup, training, pipeline, CLI), models.py (MODELS),
+data.py (CIFAR + synthetic, on-device batches), kernels.py (grouped GEMM), test_lth_ref.py.
+"""
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---- hyperparameters (the paper's, Table 1 and Sec. 3.1) ----
+PAPER = dict(
+    epochs=160,           # epochs per IMP level
+    lr=0.1,               # SGD learning rate
+    momentum=0.9,         # SGD momentum
+    weight_decay=1e-4,    # L2 on every parameter
+    batch_size=128,       # examples per step
+    lr_drops=(0.5, 0.75), # LR x0.1 at these fractions of training (epochs 80 and 120 of 160)
+    prune_rate=0.2,       # fraction of the *remaining* prunable weights removed per level
+    levels=10,            # pruning levels after the dense level 0
+    rewind_fraction=0.05, # rewind point: end of epoch 8 of 160 (5% of training)
+)
+WEIGHT_DECAY_BY_ARCH = {"vgg16": 2e-4}  # the paper uses 2e-4 for VGG-16 (CIFAR-10)
+
+
+class UsageError(Exception):
+    """A user-facing error: the CLI prints it (with its hint) and exits with code 2, no traceback."""
+
+
+# ---- masks ----
+def prunable_weights(model):
+    """Every Conv2d weight except the stem (the first conv): {parameter name: Parameter}."""
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return {f"{name}.weight": m.weight for name, m in convs[1:]}
+
+
+def ones_masks(weights):
+    """The dense mask: {name: ones like the weight} (float 0/1, on the weight's device)."""
+    return {name: torch.ones_like(w, dtype=torch.float32) for name, w in weights.items()}
+
+
+@torch.no_grad()
+def apply_masks(model, masks):
+    """Zero the pruned weights in place: weight *= mask for every masked parameter."""
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].mul_(mask)
+
+
+def density(masks):
+    """Kept fraction over all masked (prunable) weights."""
+    kept = sum(int(m.sum()) for m in masks.values())
+    return kept / max(1, sum(m.numel() for m in masks.values()))
+
+
+def check_masks_fit(model, masks, what="mask"):
+    """Raise UsageError unless `masks` names exactly the prunable weights of `model`, shape for shape."""
+    weights = prunable_weights(model)
+    missing, extra = sorted(set(weights) - set(masks)), sorted(set(masks) - set(weights))
+    bad = [n for n in set(weights) & set(masks) if tuple(masks[n].shape) != tuple(weights[n].shape)]
+    if missing or extra or bad:
+        raise UsageError(
+            f"the {what} does not fit the model (missing {missing[:3]}, unexpected {extra[:3]}, "
+            f"wrong shape {sorted(bad)[:3]}); was it made for another --arch or --dataset?")
+
+
+# ---- IMP: global magnitude pruning and rewinding ----
+def magnitude_prune(weights, masks, rate):
+    """Remove `rate` of the remaining weights, smallest |w| first, ranked across all layers together.
+
+    Paper: Sec. 3.1, IMP step (global magnitude pruning, 20% of the remaining weights per round).
+    Official: `pruning_model` (torch.nn.utils.prune.global_unstructured, L1); same rule.
+    weights, masks: {name: (O, C, kh, kw)}. Returns new masks; exactly round(rate * remaining) weights
+    are removed, ties broken by position (stable sort), so the result is deterministic.
+    """
+    names = list(masks)
+    scores = torch.cat([
+        torch.where(masks[n].bool(), weights[n].detach().abs().float(), torch.inf).flatten().cpu()
+        for n in names])
+    remaining = int(sum(int(masks[n].sum()) for n in names))
+    n_prune = int(round(rate * remaining))
+    keep = torch.ones_like(scores)
+    keep[torch.argsort(scores, stable=True)[:n_prune]] = 0.0
+    out, start = {}, 0
+    for n in names:
+        size = masks[n].numel()
+        out[n] = masks[n] * keep[start:start + size].view_as(masks[n]).to(masks[n].device)
+        start += size
+    return out
+
+
+def rewind(model, state, masks):
+    """Load the rewind state (weights, BN affine and running stats, FC) and zero the pruned weights.
+
+    Paper: Sec. 3.1, weight rewinding to epoch k (Frankle et al. 2020). Official: loads the epoch-k
+    checkpoint the same way.
+    """
+    model.load_state_dict(state)
+    apply_masks(model, masks)
+
+
+# ---- refill (channel-wise tickets) ----
+CHANNEL_SCORES = {
+    # score of each output channel, from (O, K) views of the trained weight and the pruned mask
+    "l1": lambda weight2d, mask2d: (weight2d * mask2d).abs().sum(1),  # paper's main criterion (A2)
+    "remain": lambda weight2d, mask2d: mask2d.sum(1),                 # official default
+}
+
+
+def top_k(scores, k):
+    """Boolean mask of the k largest scores; ties go to the lower index (deterministic)."""
+    order = torch.sort(scores.float().cpu(), descending=True, stable=True).indices
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    keep[order[:k]] = True
+    return keep.to(scores.device)
+
+
+def refill_mask(weight, mask, extra=0.0, score="l1"):
+    """One layer's refill: keep the n best output channels whole, prune every other channel whole.
+
+    Paper: Sec. 3.2 / Alg. 2 (refill), n = nnz / K channels; refill+ keeps n + extra * (O - n).
+    Official: `prune_model_custom_fillback` (fillback_rate = extra, criterion `remain` by default).
+    weight, mask: (O, C, kh, kw). Returns a mask whose rows (output channels) are all 1 or all 0;
+    channels that come back whole take their rewind values when the level rewinds.
+    """
+    out_channels = mask.shape[0]
+    mask2d, weight2d = mask.reshape(out_channels, -1), weight.detach().reshape(out_channels, -1)
+    n = max(1, int(round(float(mask2d.sum()) / mask2d.shape[1])))
+    n = min(out_channels, n + int(round(extra * (out_channels - n))))
+    keep = top_k(CHANNEL_SCORES[score](weight2d.float(), mask2d), n)
+    return keep[:, None].expand_as(mask2d).to(mask.dtype).reshape(mask.shape).clone()
+
+
+def refill(weights, masks, extra=0.0, score="l1"):
+    """Refill every layer (refill+ when extra > 0): {name: mask} -> {name: channel-wise mask}."""
+    return {n: refill_mask(weights[n], m, extra, score) for n, m in masks.items()}
+
+
+# ---- regroup (group-wise tickets): hypergraph, greedy partition, dense blocks ----
+def row_similarity(units):
+    """Tanimoto similarity of the rows: a.b / (|a|^2 + |b|^2 - a.b); Jaccard for 0/1 rows.
+
+    Paper: Sec. 3.2, rows that share nonzero columns (nets of the hypergraph) belong together.
+    units: (n, U) float array of per-row counts (the mask, or its counts per input channel).
+    """
+    units = units.astype(np.float32)
+    gram = units @ units.T                                    # (n, n) shared nonzeros
+    sq = np.diag(gram)
+    return gram / np.maximum(sq[:, None] + sq[None, :] - gram, 1e-12)
+
+
+def partition_rows(sim, group_size):
+    """Greedy hypergraph partition of n rows into groups of `group_size` (the last may be smaller).
+
+    Paper: Alg. 3, "partition the rows into t1 groups" (hMETIS in the official code, 8 parts).
+    Ours: seed a group with the unassigned row of most nonzeros, then add, one at a time, the
+    unassigned row most similar to the group so far (sum of similarities); deterministic.
+    sim: (n, n). Returns a list of sorted index arrays into 0..n-1.
+    """
+    n = sim.shape[0]
+    free = np.ones(n, dtype=bool)
+    weight = sim.sum(1)
+    groups = []
+    while free.any():
+        seed = int(np.argmax(np.where(free, weight, -np.inf)))
+        members, score = [seed], sim[seed].copy()
+        free[seed] = False
+        while len(members) < group_size and free.any():
+            r = int(np.argmax(np.where(free, score, -np.inf)))
+            members.append(r)
+            free[r] = False
+            score += sim[r]
+        groups.append(np.sort(members))
+    return groups
+
+
+def refine_partition(sim, groups, max_rounds=10):
+    """Swap rows between groups while a swap raises the total within-group similarity.
+
+    Paper: the refinement phase of a multilevel hypergraph partitioner (hMETIS's FM passes), in the
+    simplest balanced form: a swap keeps every group's size, so the kernel's row rule still holds.
+    Gain of swapping r (in A) with s (in B): S(r,B) - S(r,A\\r) + S(s,A) - S(s,B\\s) - 2 sim(r,s).
+    A round applies the best positive swaps whose group pairs are disjoint (their gains do not
+    interact), so a round makes up to t/2 swaps. sim: (n, n); groups: index arrays.
+    """
+    n, t = sim.shape[0], len(groups)
+    if t < 2:
+        return groups
+    label = np.empty(n, dtype=np.int64)
+    for g, rows in enumerate(groups):
+        label[rows] = g
+    to_group = sim @ np.eye(t, dtype=sim.dtype)[label]      # (n, t) similarity to each group
+    self_sim = np.diag(sim).copy()
+    for _ in range(max_rounds):
+        own = to_group[np.arange(n), label] - self_sim      # (n,) similarity to own group, minus self
+        move = to_group[:, label] - own[:, None]            # (n, n) gain of r joining s's group
+        gain = move + move.T - 2 * sim
+        gain[label[:, None] == label[None, :]] = -np.inf
+        flat = gain.ravel()
+        top = min(flat.size - 1, 4 * t * t)
+        best = np.argpartition(-flat, top)[:top]
+        best = best[np.lexsort((best, -flat[best]))]        # by gain, then position: deterministic
+        busy, swaps = np.zeros(t, dtype=bool), []
+        for r, s in zip(*np.unravel_index(best, gain.shape)):
+            a, b = label[r], label[s]
+            if gain[r, s] <= 1e-6:
+                break
+            if not (busy[a] or busy[b]):
+                busy[a] = busy[b] = True
+                swaps.append((r, s, a, b))
+        if not swaps:
+            break
+        for r, s, a, b in swaps:
+            to_group[:, a] += sim[:, s] - sim[:, r]
+            to_group[:, b] += sim[:, r] - sim[:, s]
+            label[r], label[s] = b, a
+    return [np.flatnonzero(label == g) for g in range(t)]
+
+
+def choose_block_columns(units, groups, unit_cost, area, min_col_nnz, min_block_units):
+    """Pick each group's dense columns under one area budget; keep groups wide enough to be blocks.
+
+    Paper: Alg. 3, "select the columns with >= t2 nonzeros in the group; a group with >= b2 such columns
+    becomes a dense block". Ours sets the threshold by density: every (group, column) pair is ranked by
+    the fraction of the group's rows that use the column (nonzeros gained per refilled element), and the
+    best pairs are taken until the blocks' total area reaches `area` (the layer's IMP nonzeros), so the
+    regrouped density stays that of IMP. Official: grows a prefix of columns per group until uncovered
+    nonzeros fall under prefix/1.5, which roughly doubles the area at 80% sparsity.
+    units: (n, U) counts; unit_cost: mask elements per unit and row. Returns [(group rows, unit idx)].
+    """
+    sizes = np.array([len(g) for g in groups], dtype=np.float64)
+    counts = np.stack([units[g].sum(0) for g in groups])     # (t, U) nonzeros per group and column
+    frac = counts / (sizes[:, None] * unit_cost)
+    frac[counts < min_col_nnz] = -1.0                          # never worth a block (paper's t2)
+    order = np.argsort(-frac, axis=None, kind="stable")
+    cost = np.repeat(sizes, counts.shape[1])[order] * unit_cost
+    take = order[(np.cumsum(cost) <= area) & (frac.flat[order] > 0)]
+    chosen = np.zeros(counts.shape, dtype=bool)
+    chosen.flat[take] = True
+    return [(g, np.flatnonzero(chosen[i])) for i, g in enumerate(groups)
+            if chosen[i].sum() >= min_block_units]
+
+
+def regroup_mask(mask2d, groups=8, row_multiple=8, min_col_nnz=1, min_block_cols=8, unit=1,
+                 area=None, refine_rounds=10):
+    """One layer's regroup: partition rows, turn each group into a dense block, prune the rest.
+
+    Paper: Alg. 3 (t1 = groups, t2 = min_col_nnz, b1 = row_multiple, b2 = min_block_cols), repeated
+    on the rows left without a block while new blocks are found. Official: `regroup` in
+    Structure-LTH calls hMETIS once (8 parts) and keeps parts of more than 16 rows, which keeps no
+    block on layers of 64 rows or fewer; ours sizes groups from the layer (below) and always returns
+    a block-structured mask.
+    Rules: a group has g = max(row_multiple, ceil(rows / groups) rounded up to row_multiple) rows (a
+    pass's last group may be smaller); `unit` = columns per selection unit (1: single (c, ky, kx)
+    positions as in the paper; kh*kw: whole input channels, faster on CPU); the blocks' total area
+    is at most `area` (default: the layer's nonzeros) unless one minimal block is larger.
+    mask2d: (O, K) 0/1. Returns (new mask2d, blocks) with blocks = [(rows, cols)] int64, rows
+    disjoint, and new mask2d exactly the union of the blocks' rectangles.
+    """
+    out_rows, k = mask2d.shape
+    m = mask2d.detach().cpu().numpy().astype(np.float32)
+    units = m.reshape(out_rows, k // unit, unit).sum(2)         # (O, U) nonzeros per unit
+    budget = float(m.sum()) if area is None else float(area)
+    rows_left = np.flatnonzero(units.sum(1) > 0)
+    sim_all = row_similarity(units[rows_left])                # (n, n), computed once
+    blocks = []
+    while len(rows_left) > 0:
+        per_group = -(-len(rows_left) // groups)                 # ceil(rows / groups)
+        size = min(len(rows_left), max(row_multiple, -(-per_group // row_multiple) * row_multiple))
+        at = np.searchsorted(np.flatnonzero(units.sum(1) > 0), rows_left)
+        sim = sim_all[np.ix_(at, at)]
+        parts = partition_rows(sim, size)
+        parts = refine_partition(sim, parts, refine_rounds)
+        min_units = max(1, min(-(-min_block_cols // unit), int(budget // (size * unit))))
+        found = choose_block_columns(units[rows_left], parts, unit, max(budget, size * unit),
+                                     min_col_nnz, min_units)
+        if not found:
+            break
+        for rows, cols in found:
+            blocks.append((rows_left[rows], (cols[:, None] * unit + np.arange(unit)).ravel()))
+            budget -= len(rows) * len(cols) * unit
+        used = np.concatenate([rows_left[rows] for rows, _ in found])
+        rows_left = np.setdiff1d(rows_left, used)
+        if budget < row_multiple * unit:
+            break
+    blocks = [(torch.from_numpy(np.sort(r)).long(), torch.from_numpy(np.sort(c)).long())
+              for r, c in sorted(blocks, key=lambda b: int(b[0].min()))]
+    return blocks_to_mask(blocks, out_rows, k).to(mask2d), blocks
+
+
+def blocks_to_mask(blocks, out_rows, k):
+    """The union of the blocks' rows x cols rectangles as a (out_rows, k) 0/1 float mask."""
+    mask2d = np.zeros((out_rows, k), dtype=np.float32)
+    for rows, cols in blocks:
+        mask2d[np.ix_(np.asarray(rows), np.asarray(cols))] = 1.0
+    return torch.from_numpy(mask2d)
+
+
+REGROUP_UNITS = {"position": lambda shape: 1, "channel": lambda shape: shape[2] * shape[3]}
+
+
+def regroup(masks, unit="position", **knobs):
+    """Regroup every layer: {name: mask} -> ({name: block mask}, {name: blocks}); knobs as regroup_mask."""
+    new_masks, blocks = {}, {}
+    for name, mask in masks.items():
+        mask2d, blocks[name] = regroup_mask(mask.reshape(mask.shape[0], -1),
+                                            unit=REGROUP_UNITS[unit](mask.shape), **knobs)
+        new_masks[name] = mask2d.reshape(mask.shape)
+    return new_masks, blocks
+
+
+def layer_stats(before, after, blocks=None):
+    """Per-layer quality of a post-processed mask (SPEC section 3), as a dict of plain numbers.
+
+    coverage = kept original nonzeros / original nonzeros; flop_ratio = sum |rows|*|cols| / (O*K)
+    (equals the new density: rows are disjoint); channel_density = fraction of non-empty output rows.
+    """
+    out_rows = before.shape[0]
+    b2, a2 = before.reshape(out_rows, -1), after.reshape(out_rows, -1)
+    nnz = float(b2.sum())
+    stats = dict(shape="x".join(map(str, before.shape)), density_before=nnz / b2.numel(),
+                 density=float(a2.sum()) / a2.numel(),
+                 coverage=float((b2 * a2).sum()) / nnz if nnz else 1.0,
+                 channel_density=float((a2.sum(1) > 0).float().mean()))
+    if blocks is not None:
+        stats.update(blocks=len(blocks),
+                     flop_ratio=sum(len(r) * len(c) for r, c in blocks) / a2.numel(),
+                     block_sizes=" ".join(f"{len(r)}x{len(c)}" for r, c in blocks))
+    return stats
+
+
+def channel_blocks(mask):
+    """A channel-wise (refilled) mask as blocks: one block of the kept rows x every column."""
+    mask2d = mask.reshape(mask.shape[0], -1)
+    rows = torch.nonzero(mask2d.sum(1) > 0).flatten().cpu()
+    if not torch.equal(mask2d[rows].cpu(), torch.ones(len(rows), mask2d.shape[1])) or \
+            mask2d.sum() != len(rows) * mask2d.shape[1]:
+        raise UsageError("this mask is not channel-wise or block-structured: an unstructured (imp) "
+                         "ticket has no blocks; benchmark a refill or regroup ticket")
+    return [(rows, torch.arange(mask2d.shape[1]))] if len(rows) else []
+
+
+# ---- the post-processing table: what each --method does after a pruning round ----
+POSTPROCESS = {
+    "imp": lambda weights, masks, cfg: (masks, None),
+    "refill": lambda weights, masks, cfg: (refill(weights, masks, 0.0, cfg.refill_score), None),
+    "refill+": lambda weights, masks, cfg: (
+        refill(weights, masks, cfg.refill_extra, cfg.refill_score), None),
+    "regroup": lambda weights, masks, cfg: regroup(
+        masks, unit=cfg.regroup_unit, groups=cfg.groups, row_multiple=cfg.row_multiple,
+        min_col_nnz=cfg.min_col_nnz, min_block_cols=cfg.min_block_cols),
+}
+
+
+# ---- training and evaluation ----
+def lr_at(epoch, cfg):
+    """Step schedule: cfg.lr, x0.1 at each fraction in PAPER['lr_drops'] of cfg.epochs."""
+    drops = sum(epoch >= round(f * cfg.epochs) for f in PAPER["lr_drops"])
+    return cfg.lr * 0.1 ** drops
+
+
+def epoch_generator(cfg, level, epoch, device):
+    """The only source of data randomness: seeded by (seed, level, epoch), so resume is exact."""
+    g = torch.Generator(device=device)
+    g.manual_seed(cfg.seed * 1_000_003 + level * 10_007 + epoch)
+    return g
+
+
+def train_epoch(model, data, optimizer, masks, batch_size, generator):
+    """One epoch of SGD; pruned weights are zeroed after every step (they stay exactly 0).
+
+    Returns (mean train loss, train accuracy); sums stay on the device (one sync per epoch).
+    """
+    model.train()
+    params = dict(model.named_parameters())
+    pairs = [(params[n], m) for n, m in masks.items()]
+    loss_sum = torch.zeros((), device=data.train_x.device)
+    correct = torch.zeros((), device=data.train_x.device, dtype=torch.long)
+    seen = 0
+    for x, y in data_mod().train_batches(data, batch_size, generator):
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            for p, m in pairs:
+                p.mul_(m)
+            loss_sum += loss.detach() * len(y)
+            correct += (out.argmax(1) == y).sum()
+        seen += len(y)
+    return loss_sum.item() / seen, correct.item() / seen
+
+
+@torch.no_grad()
+def evaluate(model, data, batch_size=500):
+    """Test accuracy (fraction correct) of the model in eval mode."""
+    model.eval()
+    correct = torch.zeros((), device=data.test_x.device, dtype=torch.long)
+    for x, y in data_mod().test_batches(data, batch_size):
+        correct += (model(x).argmax(1) == y).sum()
+    return correct.item() / len(data.test_y)
+
+
+def data_mod():
+    """data.py, imported on first use (so `import lth_ref` stays light)."""
+    import data
+    return data
+
+
+def models_mod():
+    """models.py, imported on first use."""
+    import models
+    return models
+
+
+# ---- files: atomic writes, config, tickets ----
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text, path):
+    """Write text to a temporary file, then rename."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_file(path, what):
+    """torch.load a file we wrote; a missing or corrupt one is a UsageError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, wrong format, pickling errors: all mean "corrupt"
+        raise UsageError(f"cannot read the {what} {path} ({type(e).__name__}: {e}); delete it to "
+                         f"recompute that step, or point --out-dir elsewhere") from None
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything that determines a run; saved as config.json in the out-dir."""
+    arch: str = "resnet20"
+    method: str = "imp"
+    dataset: str = "cifar10"
+    data_dir: str = "data"
+    out_dir: str = "runs/resnet20_imp"
+    levels: int = PAPER["levels"]
+    epochs: int = PAPER["epochs"]
+    rewind_epoch: int = 8
+    prune_rate: float = PAPER["prune_rate"]
+    lr: float = PAPER["lr"]
+    momentum: float = PAPER["momentum"]
+    weight_decay: float = PAPER["weight_decay"]
+    batch_size: int = PAPER["batch_size"]
+    train_subset: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    refill_score: str = "l1"
+    refill_extra: float = 0.1
+    regroup_unit: str = "position"
+    groups: int = 8
+    row_multiple: int = 8
+    min_col_nnz: int = 1
+    min_block_cols: int = 8
+    verbose: bool = False
+
+
+RUN_ONLY = ("levels", "device", "out_dir", "data_dir", "verbose")  # may change between runs of one out-dir
+
+
+def check_config(cfg):
+    """Write config.json on the first run; refuse a changed config (other than RUN_ONLY) later."""
+    path = os.path.join(cfg.out_dir, "config.json")
+    new = dataclasses.asdict(cfg)
+    if os.path.exists(path):
+        with open(path) as f:
+            try:
+                old = json.load(f)
+            except json.JSONDecodeError:
+                raise UsageError(f"{path} is corrupt; delete the out-dir or fix the file") from None
+        changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {new[k]}" for k in new
+                   if k not in RUN_ONLY and old.get(k) != new[k]]
+        if changed:
+            raise UsageError(f"{cfg.out_dir} holds a run with another config ({'; '.join(changed)}); "
+                             "use the same flags to resume (only --levels may grow), or a new --out-dir")
+    atomic_write_text(json.dumps(new, indent=1), path)
+
+
+def level_dir(cfg, level):
+    return os.path.join(cfg.out_dir, f"level_{level:02d}")
+
+
+# ---- the pipeline: IMP with rewinding and a post-processor per level (SPEC section 1) ----
+def find_ticket(cfg, log=print):
+    """Find a (structured) lottery ticket: dense level 0, then cfg.levels pruning levels.
+
+    Paper: Sec. 3.1 / Alg. 1 with the post-processing step of Alg. 2-3. Each level: prune the
+    previous level's trained weights (global magnitude), post-process the mask (POSTPROCESS[method]),
+    rewind to the end of epoch `rewind_epoch`, retrain to the end of the schedule, record test accuracy
+    of the final epoch. Official: restarts the LR schedule at epoch 0 after rewinding; we resume it at
+    the rewind epoch (Frankle et al. 2020). Finished levels are skipped; an unfinished level resumes
+    from its last epoch checkpoint. Returns the list of per-level result rows.
+    """
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    data = data_mod().load_dataset(cfg.dataset, cfg.data_dir, device, cfg.train_subset, cfg.seed,
+                                   log=log)
+    torch.manual_seed(cfg.seed)
+    model = models_mod().MODELS[cfg.arch](data.num_classes).to(device)
+    eta = Eta(cfg)
+    rows = []
+    for level in range(cfg.levels + 1):
+        path = os.path.join(level_dir(cfg, level), "ticket.pt")
+        if os.path.exists(path):
+            rows.append(load_file(path, "ticket")["metrics"])
+            log(f"level {level}: finished earlier, skipped ({path})")
+            continue
+        rows.append(run_level(model, data, cfg, level, device, eta, log))
+        write_results(cfg, rows)
+        log(summary_line(rows[-1]))
+    write_results(cfg, rows)
+    log("\n" + markdown_table(rows))
+    return rows
+
+
+def start_level(model, cfg, level, device):
+    """The state a level starts from: (masks, blocks, per-layer stats, start epoch).
+
+    Level 0 is the dense run from the seeded initialization. Level L > 0 prunes level L-1's trained
+    weights, post-processes the mask, and rewinds (SPEC section 1, the loop body).
+    """
+    weights = prunable_weights(model)
+    if level == 0:
+        masks = ones_masks(weights)
+        if cfg.rewind_epoch == 0:
+            atomic_save(model.state_dict(), os.path.join(cfg.out_dir, "rewind.pt"))
+        return masks, None, None, 0
+    prev = load_file(os.path.join(level_dir(cfg, level - 1), "ticket.pt"), "ticket")
+    check_masks_fit(model, prev["masks"], "previous level's ticket")
+    trained = {n: prev["state_dict"][n] for n in weights}
+    pruned = magnitude_prune(trained, prev["masks"], cfg.prune_rate)
+    masks, blocks = POSTPROCESS[cfg.method](trained, pruned, cfg)
+    stats = {n: layer_stats(pruned[n], masks[n], None if blocks is None else blocks[n])
+             for n in masks}
+    masks = {n: m.to(device) for n, m in masks.items()}
+    rewind(model, load_file(os.path.join(cfg.out_dir, "rewind.pt"), "rewind state"), masks)
+    return masks, blocks, stats, cfg.rewind_epoch
+
+
+def run_level(model, data, cfg, level, device, eta, log):
+    """Train one level to the end of the schedule, with epoch checkpoints; write its ticket."""
+    os.makedirs(level_dir(cfg, level), exist_ok=True)
+    ckpt_path = os.path.join(level_dir(cfg, level), "checkpoint.pt")
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    if os.path.exists(ckpt_path):
+        ckpt = load_file(ckpt_path, "checkpoint")
+        check_masks_fit(model, ckpt["masks"], "checkpoint")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        masks = {n: m.to(device) for n, m in ckpt["masks"].items()}
+        blocks, stats, epoch, seconds = ckpt["blocks"], ckpt["stats"], ckpt["epoch"], ckpt["seconds"]
+        loss, test_acc = ckpt["loss"], ckpt["test_acc"]
+        log(f"level {level}: resuming at epoch {epoch} from {ckpt_path}")
+    else:
+        masks, blocks, stats = start_level(model, cfg, level, device)[:3]
+        epoch, seconds = (0 if level == 0 else cfg.rewind_epoch), 0.0
+    dens = density(masks)
+    while epoch < cfg.epochs:
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(epoch, cfg)
+        loss, train_acc = train_epoch(model, data, optimizer, masks, cfg.batch_size,
+                                      epoch_generator(cfg, level, epoch, device))
+        test_acc = evaluate(model, data)
+        epoch += 1
+        if level == 0 and epoch == cfg.rewind_epoch:
+            atomic_save(model.state_dict(), os.path.join(cfg.out_dir, "rewind.pt"))
+        dt = time.perf_counter() - t0
+        seconds += dt
+        atomic_save(dict(level=level, epoch=epoch, model=model.state_dict(),
+                         optimizer=optimizer.state_dict(), masks=masks, blocks=blocks, stats=stats,
+                         seconds=seconds, loss=loss, test_acc=test_acc), ckpt_path)
+        log(f"level {level:2d} epoch {epoch:3d}/{cfg.epochs} loss {loss:.4f} train {train_acc:.4f} "
+            f"test {test_acc:.4f} density {dens:.4f} {dt:6.1f}s ETA {eta.update(level, epoch, dt)}")
+    metrics = level_metrics(level, masks, blocks, stats, test_acc, loss, seconds)
+    ticket = dict(level=level, masks={n: m.cpu() for n, m in masks.items()}, blocks=blocks,
+                  state_dict={k: v.cpu() for k, v in model.state_dict().items()}, metrics=metrics,
+                  layer_stats=stats, config=dataclasses.asdict(cfg), num_classes=data.num_classes)
+    atomic_save(ticket, os.path.join(level_dir(cfg, level), "ticket.pt"))
+    if stats:
+        write_layer_csv(stats, os.path.join(level_dir(cfg, level), "layers.csv"))
+        if cfg.verbose:
+            log(markdown_table([dict(name=n, **s) for n, s in stats.items()]))
+    os.remove(ckpt_path)
+    return metrics
+
+
+# ---- reporting ----
+class Eta:
+    """Remaining time of the whole run from the mean epoch time seen in this process."""
+
+    def __init__(self, cfg):
+        self.cfg, self.seconds, self.epochs = cfg, 0.0, 0
+
+    def update(self, level, epoch, dt):
+        self.seconds, self.epochs = self.seconds + dt, self.epochs + 1
+        left = (self.cfg.epochs - epoch) + (self.cfg.levels - level) * (
+            self.cfg.epochs - self.cfg.rewind_epoch)
+        s = int(left * self.seconds / self.epochs)
+        return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
+
+
+def level_metrics(level, masks, blocks, stats, test_acc, loss, seconds):
+    """One result row: the README's keys plus the structure of the level's mask."""
+    rows = sum(m.shape[0] for m in masks.values())
+    kept_rows = sum(int((m.reshape(m.shape[0], -1).sum(1) > 0).sum()) for m in masks.values())
+    row = dict(level=level, density=round(density(masks), 6), test_acc=round(test_acc, 6),
+               train_loss=round(loss, 6), seconds=round(seconds, 1),
+               channel_density=round(kept_rows / rows, 6), blocks="", coverage="", flop_ratio="")
+    if stats:
+        row["coverage"] = round(float(np.mean([s["coverage"] for s in stats.values()])), 6)
+    if blocks is not None:
+        area = sum(len(r) * len(c) for b in blocks.values() for r, c in b)
+        row.update(blocks=sum(len(b) for b in blocks.values()),
+                   flop_ratio=round(area / sum(m.numel() for m in masks.values()), 6))
+    return row
+
+
+def summary_line(row):
+    extra = "".join(f" {k} {row[k]}" for k in ("channel_density", "blocks", "coverage", "flop_ratio")
+                    if row[k] != "")
+    return (f"== level {row['level']} done: density {row['density']:.4f} test_acc "
+            f"{row['test_acc']:.4f} train_loss {row['train_loss']:.4f} {row['seconds']:.0f}s{extra}")
+
+
+def markdown_table(rows):
+    """A list of dicts with the same keys as a markdown table (floats to 4 decimals)."""
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(rows, path):
+    """Rows (dicts) to CSV, atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def write_results(cfg, rows):
+    """results.json and results.csv in the out-dir: one row per finished level."""
+    atomic_write_text(json.dumps(rows, indent=1), os.path.join(cfg.out_dir, "results.json"))
+    write_csv(rows, os.path.join(cfg.out_dir, "results.csv"))
+
+
+def write_layer_csv(stats, path):
+    write_csv([dict(name=n, **s) for n, s in stats.items()], path)
+
+
+def resolve_device(name):
+    """'auto' -> cuda if available else cpu; asking for cuda without one is a UsageError."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA GPU (CPU build of torch, or no "
+                         "driver); use --device cpu or auto")
+    return name
+
+
+# ---- benchmarks (python lth_ref.py --bench [kernels|paper|mask]) ----
+def bench_mask(args, log=print):
+    """Cost of keeping pruned weights at 0: median train-step time with and without the masks.
+
+    Same model, same random batch, steps interleaved (with, without, with, ...) so drift hits both.
+    """
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    model = models_mod().MODELS[args.arch](10).to(device)
+    weights = prunable_weights(model)
+    masks = magnitude_prune(weights, ones_masks(weights), 0.8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    params = dict(model.named_parameters())
+    x = torch.randn(args.batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+
+    def step(use_masks):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if use_masks:
+            with torch.no_grad():
+                for n, m in masks.items():
+                    params[n].mul_(m)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(3):
+        step(True), step(False)
+    times = {True: [], False: []}
+    for _ in range(args.bench_repeats):
+        for use in (True, False):
+            times[use].append(step(use))
+    with_m, without = float(np.median(times[True])), float(np.median(times[False]))
+    row = dict(arch=args.arch, device=device, batch=args.batch_size, steps=args.bench_repeats,
+               ms_with_masks=round(1e3 * with_m, 2), ms_without=round(1e3 * without, 2),
+               overhead_pct=round(100 * (with_m / without - 1), 2))
+    log(markdown_table([row]))
+    return row
+
+
+def bench_kernels(args, log=print):
+    """Dense conv vs grouped GEMM on a saved ticket (filled in with kernels.py)."""
+    raise UsageError("--bench kernels needs kernels.py")
+
+
+BENCHES = {"kernels": bench_kernels, "paper": bench_kernels, "mask": bench_mask}
+
+
+# ---- CLI ----
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Find structurally sparse lottery tickets (Chen et al., ICML 2022).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--arch", default="resnet20", choices=sorted(models_mod().MODELS), help="network")
+    a("--method", default="imp", choices=list(POSTPROCESS),
+      help="mask post-processing after each pruning level: imp (none), refill (channel-wise), "
+           "refill+ (channel-wise, extra channels), regroup (group-wise dense blocks)")
+    a("--dataset", default="cifar10", choices=list(data_mod().DATASETS),
+      help="synthetic = small deterministic CIFAR-shaped data for smoke runs")
+    a("--data-dir", default="data", help="where CIFAR archives / extracted folders live")
+    a("--out-dir", default=None, help="run directory (default runs/ARCH_METHOD_DATASET)")
+    a("--levels", type=int, default=PAPER["levels"], help="pruning levels after the dense level 0")
+    a("--epochs", type=int, default=PAPER["epochs"], help="epochs per level")
+    a("--rewind-epoch", type=int, default=None,
+      help="rewind to the end of this epoch (0 = initialization); default 5%% of --epochs (8 of 160)")
+    a("--prune-rate", type=float, default=PAPER["prune_rate"],
+      help="fraction of the remaining prunable weights removed per level")
+    a("--lr", type=float, default=PAPER["lr"], help="SGD learning rate (x0.1 at 50%% and 75%%)")
+    a("--momentum", type=float, default=PAPER["momentum"], help="SGD momentum")
+    a("--weight-decay", type=float, default=None,
+      help=f"L2 weight decay; default {PAPER['weight_decay']}, per arch {WEIGHT_DECAY_BY_ARCH}")
+    a("--batch-size", type=int, default=PAPER["batch_size"], help="examples per SGD step")
+    a("--train-subset", type=int, default=None, help="train on a seeded random subset of N examples")
+    a("--seed", type=int, default=0, help="seed for init, data order and augmentation")
+    a("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
+    a("--refill-score", default="l1", choices=list(CHANNEL_SCORES),
+      help="channel score for refill: l1 = sum |mask*w| (paper), remain = kept count (official)")
+    a("--refill-extra", type=float, default=0.1,
+      help="refill+: extra fraction of the pruned channels kept (official fillback_rate)")
+    a("--regroup-unit", default="position", choices=list(REGROUP_UNITS),
+      help="regroup column unit: position = one (c,ky,kx) (paper), channel = whole input channel")
+    a("--groups", type=int, default=8, help="regroup: groups per layer (paper t1; official 8 parts)")
+    a("--row-multiple", type=int, default=8,
+      help="regroup: block rows are a multiple of this and at least this (paper b1)")
+    a("--min-col-nnz", type=int, default=1,
+      help="regroup: nonzeros a column needs inside a group to be selected (paper t2)")
+    a("--min-block-cols", type=int, default=8,
+      help="regroup: columns a group needs to become a block (paper b2)")
+    a("--verbose", action="store_true", help="print the per-layer table of every level")
+    a("--bench", nargs="?", const="kernels", default=None, choices=list(BENCHES),
+      help="benchmark instead of training: kernels = dense vs grouped GEMM on a ticket, paper = "
+           "the paper's per-layer setting (batch 64, 127x127), mask = mask cost per train step")
+    a("--ticket", default=None, help="ticket.pt to benchmark (default: last level in --out-dir)")
+    a("--bench-batch", type=int, nargs="+", default=[64], help="batch sizes for --bench kernels")
+    a("--bench-repeats", type=int, default=30, help="timed runs per measurement (median)")
+    return p
+
+
+def config_from_args(args):
+    """Validate the parsed flags and resolve the per-arch / per-schedule defaults into a Config."""
+    def need(ok, msg):
+        if not ok:
+            raise UsageError(msg)
+    need(0.0 < args.prune_rate < 1.0, f"--prune-rate must be in (0, 1), got {args.prune_rate}")
+    need(args.levels >= 0, f"--levels must be >= 0, got {args.levels}")
+    need(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
+    rewind_epoch = round(PAPER["rewind_fraction"] * args.epochs) if args.rewind_epoch is None \
+        else args.rewind_epoch
+    need(0 <= rewind_epoch < args.epochs,
+         f"--rewind-epoch must be in [0, --epochs), got {rewind_epoch} with --epochs {args.epochs}")
+    need(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    need(args.train_subset is None or args.train_subset >= 1, "--train-subset must be >= 1")
+    need(0.0 <= args.refill_extra <= 1.0, f"--refill-extra must be in [0, 1], got {args.refill_extra}")
+    for flag in ("groups", "row_multiple", "min_col_nnz", "min_block_cols"):
+        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be >= 1")
+    wd = args.weight_decay if args.weight_decay is not None else \
+        WEIGHT_DECAY_BY_ARCH.get(args.arch, PAPER["weight_decay"])
+    out_dir = args.out_dir or os.path.join("runs", f"{args.arch}_{args.method}_{args.dataset}")
+    return Config(
+        arch=args.arch, method=args.method, dataset=args.dataset, data_dir=args.data_dir,
+        out_dir=out_dir, levels=args.levels, epochs=args.epochs, rewind_epoch=rewind_epoch,
+        prune_rate=args.prune_rate, lr=args.lr, momentum=args.momentum, weight_decay=wd,
+        batch_size=args.batch_size, train_subset=args.train_subset, seed=args.seed,
+        device=args.device, refill_score=args.refill_score, refill_extra=args.refill_extra,
+        regroup_unit=args.regroup_unit, groups=args.groups, row_multiple=args.row_multiple,
+        min_col_nnz=args.min_col_nnz, min_block_cols=args.min_block_cols, verbose=args.verbose)
+
+
+def main(argv=None):
+    """The single entry point: find a ticket (default) or run a benchmark (--bench)."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.bench:
+            BENCHES[args.bench](args)
+        else:
+            find_ticket(config_from_args(args))
+    except (UsageError, data_mod().DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

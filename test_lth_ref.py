@@ -1,0 +1,966 @@
+"""Tests for lth_ref: models, data, masks and IMP, refill, regroup, the CLI, and the grouped GEMM.
+
+Run with `python -m pytest -q test_lth_ref.py` (CPU, a few minutes). CUDA tests skip without a GPU.
+"""
+import dataclasses
+import functools
+import io
+import json
+import math
+import os
+import pickle
+import struct
+import tarfile
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import DataError
+from models import MODELS, BasicBlock, PadShortcut, count_params
+import data
+import lth_ref as L
+import models
+
+
+# ---- models ----
+# Exact trainable-parameter counts at 10 classes (CIFAR-10).
+PARAMS_10 = {
+    "resnet20": 269_722,  # He et al. 0.27M (option A: no shortcut parameters)
+    "resnet32": 464_154,  # 0.46M
+    "resnet44": 658_586,  # 0.66M
+    "resnet56": 853_018,  # 0.85M
+    "resnet110": 1_727_962,  # 1.7M
+    "resnet18": 11_173_962,
+    "vgg16": 14_724_042,
+    "wrn32_2": 1_860_522,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def built(name, num_classes=10):
+    """One shared instance per (name, num_classes) for the read-only tests (building is slow)."""
+    torch.manual_seed(0)
+    return MODELS[name](num_classes)
+
+
+def convs(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_table_is_complete():
+    assert set(MODELS) == set(PARAMS_10)
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS_10))
+def test_param_count_10_classes(name):
+    assert count_params(built(name)) == PARAMS_10[name]
+
+
+def test_param_counts_match_paper():
+    # Paper (Chen et al. 2022, Sec. 3.1): ResNet-18 11.22M (the CIFAR-100 count; 11.17M at 10),
+    # VGG-16 14.72M (the CIFAR-10 count; 14.77M at 100), WRN-32-2 1.86M (CIFAR-10).
+    assert round(count_params(built("resnet18", 100)) / 1e6, 2) == 11.22
+    assert round(count_params(built("resnet18")) / 1e6, 2) == 11.17
+    assert round(count_params(built("vgg16")) / 1e6, 2) == 14.72
+    assert round(count_params(built("wrn32_2")) / 1e6, 2) == 1.86
+    # only the classifier depends on num_classes: 90 more rows of (512 weights + 1 bias)
+    assert count_params(built("resnet18", 100)) - count_params(built("resnet18")) == 90 * 513
+
+
+@pytest.fixture
+def one_thread():
+    """Batch-2 forwards run faster on one thread and do not stall on an oversubscribed CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS_10))
+def test_forward_shape(name, one_thread):
+    num_classes = 7  # not the default 10, so a constructor that ignores num_classes fails
+    torch.manual_seed(0)
+    model = MODELS[name](num_classes).eval()
+    with torch.no_grad():
+        y = model(torch.randn(2, 3, 32, 32))
+    assert y.shape == (2, num_classes)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS_10))
+def test_structure_rules(name):
+    model = built(name)
+    conv_list = convs(model)
+    stem_name, stem = conv_list[0]
+    assert stem.in_channels == 3 and stem.kernel_size == (3, 3)
+    assert [n for n, m in conv_list if m.in_channels == 3] == [stem_name]
+    assert all(m.bias is None for _, m in conv_list)
+    last_name, last = list(model.named_modules())[-1]
+    assert isinstance(last, nn.Linear)
+    assert sum(isinstance(m, nn.Linear) for m in model.modules()) == 1
+    assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"])
+def test_cifar_resnet_is_all_3x3_with_option_a(name):
+    model = built(name)
+    depth = int(name[len("resnet"):])
+    conv_list = convs(model)
+    assert len(conv_list) + 1 == depth  # 6n+1 convs + the Linear = depth 6n+2
+    assert all(m.kernel_size == (3, 3) for _, m in conv_list)
+    assert sum(isinstance(m, PadShortcut) for m in model.modules()) == 2  # stage 2 and 3 entries
+    assert [m.out_channels for _, m in conv_list][-1] == 64
+
+
+def test_wrn32_2_and_resnet18_use_1x1_shortcuts():
+    wrn = built("wrn32_2")
+    kernels = [m.kernel_size for _, m in convs(wrn)]
+    assert kernels.count((1, 1)) == 2 and len(kernels) == 31 + 2  # 31 3x3 convs + 2 shortcuts
+    assert [m.out_channels for _, m in convs(wrn)][0] == 32 and wrn.fc.in_features == 128
+    assert [m.kernel_size for _, m in convs(built("resnet18"))].count((1, 1)) == 3
+
+
+def test_pad_shortcut_subsamples_and_zero_pads():
+    x = torch.randn(2, 16, 8, 8)
+    y = PadShortcut(16, 32, stride=2)(x)
+    assert y.shape == (2, 32, 4, 4)
+    assert torch.equal(y[:, 8:24], x[:, :, ::2, ::2])
+    assert (y[:, :8] == 0).all() and (y[:, 24:] == 0).all()
+
+
+def test_basic_block_identity_shortcut_and_bad_option():
+    block = BasicBlock(16, 16, stride=1, shortcut="pad")
+    assert isinstance(block.shortcut, nn.Identity)
+    with pytest.raises(ValueError):
+        BasicBlock(16, 32, stride=2, shortcut="option_c")
+
+
+def test_init_kaiming_fan_out_and_bn():
+    model = built("vgg16")
+    for _, conv in convs(model)[1:]:  # big layers: the sample std is close to the target
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        std = conv.weight.std().item()
+        assert abs(std / math.sqrt(2.0 / fan_out) - 1) < 0.05
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert (m.weight == 1).all() and (m.bias == 0).all()
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18", "wrn32_2", "vgg16"])
+def test_seeded_construction_is_deterministic(name):
+    def build(seed):
+        torch.manual_seed(seed)
+        return MODELS[name](10).state_dict()
+
+    a, b, c = build(0), build(0), build(1)
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the seed really drives the init
+
+
+# ---- data ----
+
+
+# ---- fixtures: CIFAR files as Python 2 wrote them ----
+def py2_pickle(obj) -> bytes:
+    """Pickle like Python 2 cPickle, protocol 2. bytes -> a Py2 str (SHORT_BINSTRING/BINSTRING);
+    numpy arrays -> numpy.core.multiarray._reconstruct with the raw buffer as a Py2 str."""
+    out = bytearray(b"\x80\x02")  # PROTO 2
+
+    def put(o):
+        if o is None:
+            out.extend(b"N")
+        elif isinstance(o, bytes):  # Python 2 str
+            head = b"U" + bytes([len(o)]) if len(o) < 256 else b"T" + struct.pack("<i", len(o))
+            out.extend(head + o)
+        elif isinstance(o, int):
+            out.extend(b"J" + struct.pack("<i", o))  # BININT
+        elif isinstance(o, tuple):
+            out.extend(b"(")  # MARK
+            for item in o:
+                put(item)
+            out.extend(b"t")  # TUPLE
+        elif isinstance(o, list):
+            out.extend(b"](")  # EMPTY_LIST, MARK
+            for item in o:
+                put(item)
+            out.extend(b"e")  # APPENDS
+        elif isinstance(o, dict):
+            out.extend(b"}(")  # EMPTY_DICT, MARK
+            for k, v in o.items():
+                put(k)
+                put(v)
+            out.extend(b"u")  # SETITEMS
+        elif isinstance(o, np.ndarray):
+            o = np.ascontiguousarray(o)
+            out.extend(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n")  # GLOBAL x2
+            put((0,))
+            put(b"b")
+            out.extend(b"\x87R")  # TUPLE3, REDUCE: _reconstruct(ndarray, (0,), "b")
+            out.extend(b"(")  # MARK: state = (1, shape, dtype, fortran, raw)
+            put(1)
+            put(tuple(o.shape))
+            out.extend(b"cnumpy\ndtype\n")
+            put((o.dtype.str[1:].encode(), 0, 1))
+            out.extend(b"R")
+            put((3, o.dtype.str[:1].encode(), None, None, None, -1, -1, 0))
+            out.extend(b"b")  # BUILD the dtype
+            out.extend(b"\x89")  # NEWFALSE: C order
+            put(o.tobytes())
+            out.extend(b"tb")  # TUPLE, BUILD the array
+        else:
+            raise TypeError(type(o))
+
+    put(obj)
+    return bytes(out + b".")
+
+
+def cifar_batch(spec, x, y, label):
+    """A batch dict with the real keys (bytes, like Py2 str)."""
+    d = {b"batch_label": label.encode(), spec.label_key.encode(): [int(v) for v in y], b"data": x,
+         b"filenames": [f"img_{i}.png".encode() for i in range(len(y))]}
+    if spec is data.CIFAR100:
+        d[b"coarse_labels"] = [int(v) // 5 for v in y]
+    return d
+
+
+def write_cifar(root, spec, train_rows, test_rows, seed=0):
+    """Write spec.folder under root with random pixels/labels; return the raw arrays written."""
+    rng = np.random.default_rng(seed)
+    folder = root / spec.folder
+    folder.mkdir(parents=True)
+    raw = {}
+    splits = (("train", spec.train_files, train_rows), ("test", spec.test_files, test_rows))
+    for split, files, rows in splits:
+        xs, ys = [], []
+        for name, n in zip(files, rows, strict=True):
+            x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+            y = rng.integers(0, spec.num_classes, n)
+            (folder / name).write_bytes(py2_pickle(cifar_batch(spec, x, y, name)))
+            xs.append(x)
+            ys.append(y)
+        raw[split] = (np.concatenate(xs), np.concatenate(ys))
+    if spec is data.CIFAR10:
+        meta = {b"num_cases_per_batch": 10000, b"num_vis": 3072,
+                b"label_names": [f"class{i}".encode() for i in range(10)]}
+        (folder / "batches.meta").write_bytes(py2_pickle(meta))
+    else:
+        meta = {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+                b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]}
+        (folder / "meta").write_bytes(py2_pickle(meta))
+    return raw
+
+
+def make_archive(root, spec, archive_dir, **kw):
+    """Write the folder under root, pack it as archive_dir/spec.archive; return (raw, archive path)."""
+    raw = write_cifar(root, spec, **kw)
+    path = archive_dir / spec.archive
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(root / spec.folder, arcname=spec.folder)
+    return raw, path
+
+
+C10_ROWS = dict(train_rows=(7, 3, 0, 5, 9), test_rows=(11,))  # odd sizes and an empty batch
+
+
+def quiet(_msg):
+    pass
+
+
+def test_py2_pickle_behaves_like_the_real_files():
+    x = np.arange(2 * 3072, dtype=np.uint64).astype(np.uint8).reshape(2, 3072)
+    blob = py2_pickle({b"data": x, b"labels": [3, 4]})
+    as_bytes = pickle.loads(blob, encoding="bytes")
+    assert set(as_bytes) == {b"data", b"labels"}
+    np.testing.assert_array_equal(as_bytes[b"data"], x)
+    as_str = pickle.loads(blob, encoding="latin1")
+    assert set(as_str) == {"data", "labels"} and as_str["labels"] == [3, 4]
+    np.testing.assert_array_equal(as_str["data"], x)
+    with pytest.raises(UnicodeDecodeError):  # why encoding="bytes" is needed: pixel bytes are not ASCII
+        pickle.loads(blob)
+
+
+# ---- parsing ----
+def expected_images(raw_x):
+    """(N, 3072) -> (N, 3, 32, 32) written out per pixel: red plane first, each plane row-major."""
+    n = len(raw_x)
+    out = np.zeros((n, 3, 32, 32), np.uint8)
+    for c in range(3):
+        for r in range(32):
+            out[:, c, r, :] = raw_x[:, c * 1024 + r * 32: c * 1024 + r * 32 + 32]
+    return out
+
+
+def check_matches(d, raw, num_classes):
+    assert d.train_x.dtype == torch.uint8 and d.train_x.shape == (len(raw["train"][0]), 3, 32, 32)
+    assert d.train_y.dtype == torch.int64 and d.num_classes == num_classes
+    np.testing.assert_array_equal(d.train_x.numpy(), expected_images(raw["train"][0]))
+    np.testing.assert_array_equal(d.train_y.numpy(), raw["train"][1])
+    np.testing.assert_array_equal(d.test_x.numpy(), expected_images(raw["test"][0]))
+    np.testing.assert_array_equal(d.test_y.numpy(), raw["test"][1])
+    red = d.train_x[0, 0].flatten().numpy()
+    np.testing.assert_array_equal(red, raw["train"][0][0, :1024])  # the first 1024 bytes are red
+
+
+def test_cifar10_from_folder(tmp_path):
+    raw = write_cifar(tmp_path, data.CIFAR10, **C10_ROWS)
+    logs = []
+    d = data.load_dataset("cifar10", str(tmp_path), download=False, log=logs.append)
+    check_matches(d, raw, 10)
+    assert len(d.train_y) == 24 and len(d.test_y) == 11
+    assert len(logs) == 1 and "loading" in logs[0]
+
+
+def test_cifar10_from_archive_extracts_it(tmp_path):
+    (tmp_path / "dd").mkdir()
+    raw, _ = make_archive(tmp_path / "src", data.CIFAR10, tmp_path / "dd", **C10_ROWS)
+    logs = []
+    d = data.load_dataset("cifar10", str(tmp_path / "dd"), download=False, log=logs.append)
+    check_matches(d, raw, 10)
+    assert (tmp_path / "dd" / "cifar-10-batches-py" / "batches.meta").is_file()
+    assert sorted(os.listdir(tmp_path / "dd")) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    assert any("extracting" in m for m in logs)
+
+
+def test_cifar100_uses_fine_labels_and_100_classes(tmp_path):
+    raw = write_cifar(tmp_path, data.CIFAR100, train_rows=(13,), test_rows=(5,))
+    d = data.load_dataset("cifar100", str(tmp_path), download=False, log=quiet)
+    check_matches(d, raw, 100)
+    assert d.train_y.max() >= 10  # fine labels, not the 20 coarse ones and not checked against 10
+
+
+def test_mean_std_are_per_channel_pixel_stats(tmp_path):
+    raw = write_cifar(tmp_path, data.CIFAR10, **C10_ROWS)
+    d = data.load_dataset("cifar10", str(tmp_path), download=False, log=quiet)
+    planes = raw["train"][0].reshape(-1, 3, 1024).transpose(1, 0, 2).reshape(3, -1).astype(np.float64)
+    assert d.mean.dtype == torch.float32 and d.mean.shape == (3,)
+    np.testing.assert_allclose(d.mean.numpy(), planes.mean(1), rtol=1e-5)
+    np.testing.assert_allclose(d.std.numpy(), planes.std(1, ddof=1), rtol=1e-5)
+
+
+def test_python3_pickled_batch_with_str_keys(tmp_path):
+    x = np.random.default_rng(1).integers(0, 256, (4, 3072), dtype=np.uint8)
+    path = tmp_path / "b"
+    for protocol in (2, 4, 5):
+        path.write_bytes(pickle.dumps({"data": x, "labels": np.array([0, 1, 2, 9])}, protocol=protocol))
+        got_x, got_y = data.read_batch(str(path), "labels", 10)
+        np.testing.assert_array_equal(got_x, x)
+        assert got_y.tolist() == [0, 1, 2, 9] and got_y.dtype == np.int64
+
+
+# ---- corrupt files ----
+def corrupt_batch(kind):
+    rng = np.random.default_rng(2)
+    x, y = rng.integers(0, 256, (5, 3072), dtype=np.uint8), [1, 2, 3, 4, 5]
+    good = {b"batch_label": b"b", b"labels": y, b"data": x}
+    if kind == "truncated":
+        return py2_pickle(good)[:-400]
+    if kind == "not a dict":
+        return py2_pickle([x, y])
+    if kind == "missing key":
+        return py2_pickle({b"data": x, b"fine_labels": y})
+    if kind == "wrong shape":
+        return py2_pickle({**good, b"data": x[:, :3071]})
+    if kind == "not uint8":
+        return py2_pickle({**good, b"data": x.astype(np.int32)})
+    if kind == "label count":
+        return py2_pickle({**good, b"labels": y[:4]})
+    if kind == "label range":
+        return py2_pickle({**good, b"labels": [1, 2, 10, 4, 5]})
+    if kind == "negative label":
+        return py2_pickle({**good, b"labels": [1, 2, -1, 4, 5]})
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind, phrase", [
+    ("truncated", "cannot unpickle"), ("not a dict", "not a dict"),
+    ("missing key", "missing key 'labels'"),
+    ("wrong shape", "(N, 3072)"), ("not uint8", "int32"), ("label count", "must hold 5 labels"),
+    ("label range", "outside [0, 10)"), ("negative label", "outside [0, 10)")])
+def test_corrupt_batch_names_the_file(tmp_path, kind, phrase):
+    write_cifar(tmp_path, data.CIFAR10, **C10_ROWS)
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    bad.write_bytes(corrupt_batch(kind))
+    with pytest.raises(DataError) as e:
+        data.load_dataset("cifar10", str(tmp_path), download=False, log=quiet)
+    assert str(bad) in str(e.value) and phrase in str(e.value)
+
+
+def test_missing_batch_file(tmp_path):
+    write_cifar(tmp_path, data.CIFAR10, **C10_ROWS)
+    os.remove(tmp_path / "cifar-10-batches-py" / "test_batch")
+    with pytest.raises(DataError, match="has no test_batch"):
+        data.load_dataset("cifar10", str(tmp_path), download=False, log=quiet)
+
+
+def test_pickle_cannot_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    cmd = f"touch {marker}".encode()
+    evil = b"\x80\x02cposix\nsystem\nU" + bytes([len(cmd)]) + cmd + b"\x85R."  # os.system(cmd)
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(evil)
+    with pytest.raises(DataError, match="not allowed") as e:
+        data.read_batch(str(path), "labels", 10)
+    assert str(path) in str(e.value) and not marker.exists()
+
+
+# ---- archives ----
+def tar_with(path, member, payload=b"x"):
+    with tarfile.open(path, "w:gz") as tar:
+        ok = tarfile.TarInfo("cifar-10-batches-py/readme.html")
+        ok.size = 1
+        tar.addfile(ok, io.BytesIO(b"x"))
+        member.size = len(payload) if member.isfile() else 0
+        tar.addfile(member, io.BytesIO(payload) if member.isfile() else None)
+
+
+def symlink(name, target, kind=tarfile.SYMTYPE):
+    m = tarfile.TarInfo(name)
+    m.type, m.linkname = kind, target
+    return m
+
+
+def char_device(name):
+    m = tarfile.TarInfo(name)
+    m.type = tarfile.CHRTYPE
+    return m
+
+
+@pytest.mark.parametrize("member", [
+    tarfile.TarInfo("cifar-10-batches-py/../../evil.txt"), tarfile.TarInfo("/tmp/lth_ref_evil.txt"),
+    symlink("cifar-10-batches-py/data_batch_1", "/etc/passwd"),
+    symlink("cifar-10-batches-py/data_batch_2", "/etc/passwd", tarfile.LNKTYPE),
+    char_device("cifar-10-batches-py/dev")], ids=["dotdot", "absolute", "symlink", "hardlink", "device"])
+def test_unsafe_archive_member_is_refused(tmp_path, member):
+    dd = tmp_path / "a" / "b"
+    dd.mkdir(parents=True)
+    tar_with(dd / "cifar-10-python.tar.gz", member)
+    with pytest.raises(DataError, match="unsafe member") as e:
+        data.load_dataset("cifar10", str(dd), download=False, log=quiet)
+    assert "cifar-10-python.tar.gz" in str(e.value)
+    assert sorted(os.listdir(dd)) == ["cifar-10-python.tar.gz"]  # nothing extracted, no temp dir left
+    assert not (tmp_path / "evil.txt").exists() and not os.path.exists("/tmp/lth_ref_evil.txt")
+
+
+def test_corrupt_archive(tmp_path):
+    _, archive = make_archive(tmp_path / "src", data.CIFAR10, tmp_path, **C10_ROWS)
+    archive.write_bytes(archive.read_bytes()[:300])
+    with pytest.raises(DataError, match="could not extract") as e:
+        data.load_dataset("cifar10", str(tmp_path), download=False, log=quiet)
+    assert str(archive) in str(e.value)
+
+
+def test_archive_without_the_folder(tmp_path):
+    m = tarfile.TarInfo("something-else/file")
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.addfile(m, io.BytesIO(b""))
+    with pytest.raises(DataError, match="no folder cifar-10-batches-py"):
+        data.load_dataset("cifar10", str(tmp_path), download=False, log=quiet)
+
+
+# ---- md5 and download (never touches the network) ----
+def test_check_md5(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"hello")
+    data.check_md5(str(path), "5d41402abc4b2a76b9719d911017c592", "hint")  # md5("hello")
+    with pytest.raises(DataError, match="corrupt") as e:
+        data.check_md5(str(path), "0" * 32, "Put a good one into /somewhere.")
+    assert str(path) in str(e.value) and "/somewhere" in str(e.value)
+
+
+def test_official_md5s_look_like_md5s():
+    for spec in (data.CIFAR10, data.CIFAR100):
+        assert len(spec.md5) == 32 and int(spec.md5, 16) >= 0
+
+
+def no_network(*args, **kwargs):
+    raise urllib.error.URLError("no network (test)")
+
+
+def test_failed_download_says_where_to_put_the_archive(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    dd = tmp_path / "new_dir"
+    for name, spec in (("cifar10", data.CIFAR10), ("cifar100", data.CIFAR100)):
+        logs = []
+        with pytest.raises(DataError) as e:
+            data.load_dataset(name, str(dd), log=logs.append)
+        msg = str(e.value)
+        assert str(dd) in msg and spec.archive in msg and spec.folder in msg and spec.url in msg
+        assert "no network (test)" in msg and any("downloading" in m for m in logs)
+    assert os.listdir(dd) == []  # no partial files left behind
+
+
+def test_download_off_never_calls_urlopen(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("urlopen called"))
+    with pytest.raises(DataError, match="downloading is off") as e:
+        data.load_dataset("cifar10", str(tmp_path), download=False, log=quiet)
+    assert str(tmp_path) in str(e.value) and "cifar-10-python.tar.gz" in str(e.value)
+
+
+def fake_urlopen(payload, calls):
+    def urlopen(url, timeout=None):
+        calls.append((url, timeout))
+        return io.BytesIO(payload)
+    return urlopen
+
+
+def test_download_with_wrong_md5_is_refused_and_deleted(tmp_path, monkeypatch):
+    _, archive = make_archive(tmp_path / "src", data.CIFAR10, tmp_path, **C10_ROWS)
+    payload = archive.read_bytes()
+    dd = tmp_path / "dd"
+    calls = []
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen(payload, calls))
+    with pytest.raises(DataError, match="corrupt") as e:
+        data.load_dataset("cifar10", str(dd), log=quiet)
+    assert str(dd) in str(e.value) and "cifar-10-python.tar.gz" in str(e.value)
+    assert calls == [(data.CIFAR10.url, data.DOWNLOAD_TIMEOUT_S)]
+    assert os.listdir(dd) == []
+
+
+def test_download_with_right_md5_then_extract(tmp_path, monkeypatch):
+    raw, archive = make_archive(tmp_path / "src", data.CIFAR10, tmp_path, **C10_ROWS)
+    payload = archive.read_bytes()
+    spec = dataclasses.replace(data.CIFAR10, md5=data.file_md5(str(archive)))
+    dd = tmp_path / "dd"
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen(payload, []))
+    path = data.download(spec, str(dd), quiet)
+    assert path == str(dd / "cifar-10-python.tar.gz") and os.listdir(dd) == ["cifar-10-python.tar.gz"]
+    assert (dd / "cifar-10-python.tar.gz").read_bytes() == payload
+    folder = data.find_folder(spec, str(dd), download_ok=False, log=quiet)
+    x, y = data.read_split(folder, spec.train_files, spec)
+    np.testing.assert_array_equal(x.numpy(), expected_images(raw["train"][0]))
+
+
+# ---- load_dataset options ----
+def test_train_subset_is_seeded_and_deterministic(tmp_path):
+    write_cifar(tmp_path, data.CIFAR10, train_rows=(40, 30, 20, 10, 9), test_rows=(3,))
+    load = lambda **kw: data.load_dataset("cifar10", str(tmp_path), download=False, log=quiet, **kw)
+    full = load()
+    a, b, c = load(train_subset=25, seed=1), load(train_subset=25, seed=1), load(train_subset=25, seed=2)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.train_y, b.train_y)
+    assert not torch.equal(a.train_x, c.train_x)
+    assert len(a.train_y) == 25 and torch.equal(a.test_x, full.test_x)
+    assert torch.equal(a.mean, full.mean)  # statistics of the full training set
+    # every kept example is a distinct real training example with its own label
+    flat = full.train_x.reshape(len(full.train_x), -1)
+    rows = [int((flat == img.flatten()).all(1).nonzero()[0, 0]) for img in a.train_x]
+    assert len(set(rows)) == 25 and torch.equal(full.train_y[rows], a.train_y)
+    assert torch.equal(load(train_subset=109).train_x, full.train_x)  # all 109 = the full set
+    for bad in (0, 110):
+        with pytest.raises(DataError, match="train_subset"):
+            load(train_subset=bad)
+
+
+def test_unknown_dataset():
+    assert set(data.DATASETS) == {"cifar10", "cifar100", "synthetic"}
+    with pytest.raises(DataError, match="cifar10, cifar100, synthetic"):
+        data.load_dataset("mnist", ".", log=quiet)
+
+
+# ---- batches ----
+def tiny_data(n=50, seed=0):
+    """Data with label == index, so batches tell which example they came from."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)  # no zeros: padding shows
+    y = torch.arange(n)
+    return data.Data(x, y, x[:17].clone(), y[:17].clone(), n, torch.tensor([100.0, 110.0, 120.0]),
+                     torch.tensor([50.0, 60.0, 70.0]))
+
+
+def denormalize(x, d):
+    return (x * d.std.view(1, 3, 1, 1) + d.mean.view(1, 3, 1, 1)).round().to(torch.uint8)
+
+
+def test_crop_flip_identity_flip_and_shift():
+    x = tiny_data(6).train_x
+    z = torch.zeros(6, dtype=torch.int64)
+    no, yes = torch.zeros(6, dtype=torch.bool), torch.ones(6, dtype=torch.bool)
+    assert torch.equal(data.crop_flip(x, z + 4, z + 4, no), x)
+    assert torch.equal(data.crop_flip(x, z + 4, z + 4, yes), x.flip(-1))
+    out = data.crop_flip(x, z, z + 8, no)  # window at the top-right of the padded image
+    assert torch.equal(out[:, :, 4:, :28], x[:, :, :28, 4:])
+    assert (out[:, :, :4] == 0).all() and (out[:, :, :, 28:] == 0).all()
+
+
+def test_crop_flip_per_sample_matches_slicing():
+    x = tiny_data(9).train_x
+    dy, dx = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8]), torch.tensor([8, 0, 7, 1, 4, 2, 5, 3, 6])
+    flip = torch.tensor([1, 0, 1, 0, 1, 1, 0, 0, 1], dtype=torch.bool)
+    out = data.crop_flip(x, dy, dx, flip)
+    padded = F.pad(x, (4, 4, 4, 4))
+    for i in range(9):
+        ref = padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+        assert torch.equal(out[i], ref.flip(-1) if flip[i] else ref)
+
+
+def all_views(img):
+    """All 81 crops x 2 flips of one image, by slicing: (162, 3, 32, 32)."""
+    p = F.pad(img, (4, 4, 4, 4))
+    crops = [p[:, a:a + 32, b:b + 32] for a in range(9) for b in range(9)]
+    return torch.stack(crops + [c.flip(-1) for c in crops])
+
+
+def test_train_batches_epoch():
+    d = tiny_data(50)
+    batches = list(data.train_batches(d, 16, torch.Generator().manual_seed(3)))
+    assert [len(y) for _, y in batches] == [16, 16, 16, 2]
+    x, y = batches[0]
+    assert x.dtype == torch.float32 and x.shape == (16, 3, 32, 32) and y.dtype == torch.int64
+    seen = torch.cat([y for _, y in batches])
+    assert torch.equal(seen.sort().values, torch.arange(50))  # each example exactly once
+    assert not torch.equal(seen, torch.arange(50))  # shuffled
+    flips = 0
+    for xb, yb in batches:
+        for img, i in zip(denormalize(xb, d), yb):
+            views = all_views(d.train_x[i])
+            match = (views == img).flatten(1).all(1).nonzero().flatten()
+            assert len(match) > 0  # a crop (+ flip) of its own source image
+            flips += int(match[0] >= 81)
+    assert 5 < flips < 45  # about half flipped
+
+
+def test_train_batches_deterministic_for_seeded_generator():
+    d = tiny_data(40)
+    run = lambda seed: list(data.train_batches(d, 16, torch.Generator().manual_seed(seed)))
+    a, b, c = run(7), run(7), run(8)
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    assert not torch.equal(a[0][0], c[0][0])
+
+
+def test_test_batches_in_order_without_augmentation():
+    d = tiny_data(50)
+    batches = list(data.test_batches(d, 5))
+    x = torch.cat([b[0] for b in batches])
+    assert torch.equal(torch.cat([b[1] for b in batches]), d.test_y) and x.dtype == torch.float32
+    assert torch.equal(denormalize(x, d), d.test_x)
+    expected = (d.test_x.float() - d.mean.view(1, 3, 1, 1)) / d.std.view(1, 3, 1, 1)
+    torch.testing.assert_close(x, expected)
+
+
+# ---- synthetic ----
+def test_synthetic_deterministic_balanced_and_learnable():
+    a = data.load_dataset("synthetic", "unused", log=quiet)
+    b = data.load_dataset("synthetic", "unused", log=quiet)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert a.train_x.shape == (data.SYNTH_TRAIN, 3, 32, 32) and a.train_x.dtype == torch.uint8
+    assert a.test_x.shape == (data.SYNTH_TEST, 3, 32, 32) and a.num_classes == 10
+    assert torch.equal(torch.bincount(a.train_y), torch.full((10,), data.SYNTH_TRAIN // 10))
+    assert torch.equal(torch.bincount(a.test_y), torch.full((10,), data.SYNTH_TEST // 10))
+    assert not torch.equal(a.train_x[:100], a.test_x[:100])
+    # learnable: a shift-invariant feature (|FFT| of the image) with nearest class mean beats chance
+    feats = lambda x: torch.fft.fft2(x.float()).abs()[:, :, :5, :5].flatten(1).log1p()
+    ftr, fte = feats(a.train_x), feats(a.test_x)
+    centers = torch.stack([ftr[a.train_y == k].mean(0) for k in range(10)])
+    acc = (torch.cdist(fte, centers).argmin(1) == a.test_y).float().mean().item()
+    assert acc > 0.5
+    # not trivial: a raw-pixel nearest class mean (no shift invariance) is near chance
+    ptr = a.train_x.flatten(1).float()
+    centers = torch.stack([ptr[a.train_y == k].mean(0) for k in range(10)])
+    acc_pixels = (torch.cdist(a.test_x.flatten(1).float(), centers).argmin(1) == a.test_y).float().mean()
+    assert acc_pixels < 0.5
+
+
+# ---- IMP: global magnitude pruning, masking, rewinding ----
+
+
+def random_weights(seed=0, shapes=((16, 8, 3, 3), (32, 16, 3, 3), (10, 32, 1, 1))):
+    g = torch.Generator().manual_seed(seed)
+    return {f"l{i}.weight": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+
+
+def test_magnitude_prune_removes_exact_count_smallest_first_and_only_shrinks():
+    weights = random_weights()
+    masks = L.ones_masks(weights)
+    for level in range(4):
+        remaining = sum(int(m.sum()) for m in masks.values())
+        new = L.magnitude_prune(weights, masks, 0.2)
+        assert sum(int(m.sum()) for m in new.values()) == remaining - round(0.2 * remaining)
+        for n in masks:                                     # masks only shrink
+            assert torch.all(new[n] <= masks[n])
+        newly = torch.cat([weights[n].abs()[(masks[n] - new[n]).bool()] for n in masks])
+        kept = torch.cat([weights[n].abs()[new[n].bool()] for n in masks])
+        assert kept.min() >= newly.max()                    # global ranking across layers
+        masks = new
+    assert abs(L.density(masks) - 0.8 ** 4) < 1e-3
+
+
+def test_magnitude_prune_is_global_not_per_layer():
+    weights = {"a": torch.full((4, 1, 1, 1), 0.1), "b": torch.full((4, 1, 1, 1), 5.0)}
+    new = L.magnitude_prune(weights, L.ones_masks(weights), 0.5)
+    assert new["a"].sum() == 0 and new["b"].sum() == 4
+
+
+def test_pruned_weights_stay_zero_through_sgd_momentum_and_weight_decay():
+    torch.manual_seed(0)
+    model = models.MODELS["resnet20"](10)
+    weights = L.prunable_weights(model)
+    masks = L.magnitude_prune(weights, L.ones_masks(weights), 0.7)
+    L.apply_masks(model, masks)
+    d = data.load_dataset("synthetic", "unused", "cpu", train_subset=64, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    before = {n: w.detach().clone() for n, w in weights.items()}
+    L.train_epoch(model, d, opt, masks, 16, torch.Generator().manual_seed(0))
+    for n, w in weights.items():
+        assert torch.all(w[masks[n] == 0] == 0)
+        assert not torch.equal(w[masks[n] == 1], before[n][masks[n] == 1])  # the rest did train
+
+
+def test_prunable_weights_skip_stem_and_linear():
+    model = models.MODELS["resnet18"](10)
+    names = list(L.prunable_weights(model))
+    assert "conv1.weight" not in names and all("fc" not in n for n in names)
+    assert len(names) == 19                                 # 16 3x3 convs + 3 shortcut 1x1 convs
+
+
+def test_rewind_restores_saved_state_and_applies_mask():
+    torch.manual_seed(0)
+    model = models.MODELS["resnet20"](10)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for p in model.parameters():
+        p.data.add_(1.0)
+    model.bn1.running_mean.add_(3.0)
+    masks = L.magnitude_prune(L.prunable_weights(model), L.ones_masks(L.prunable_weights(model)), 0.5)
+    L.rewind(model, state, masks)
+    for k, v in model.state_dict().items():
+        expect = state[k] * masks[k] if k in masks else state[k]
+        assert torch.equal(v, expect), k
+
+
+def test_check_masks_fit_names_the_problem():
+    model = models.MODELS["resnet20"](10)
+    masks = L.ones_masks(L.prunable_weights(models.MODELS["resnet32"](10)))
+    with pytest.raises(L.UsageError, match="does not fit the model"):
+        L.check_masks_fit(model, masks)
+
+
+# ---- refill / refill+ ----
+def test_refill_keeps_whole_channels_with_the_right_count():
+    weights = random_weights(1)
+    masks = L.magnitude_prune(weights, L.ones_masks(weights), 0.75)
+    for extra in (0.0, 0.3):
+        out = L.refill(weights, masks, extra=extra)
+        for n, m in out.items():
+            m2, o = m.reshape(m.shape[0], -1), m.shape[0]
+            rows = m2.sum(1)
+            assert torch.all((rows == 0) | (rows == m2.shape[1]))   # all ones or all zeros
+            base = max(1, round(float(masks[n].sum()) / m2.shape[1]))
+            assert int((rows > 0).sum()) == min(o, base + round(extra * (o - base)))
+
+
+def test_refill_plus_keeps_a_superset_and_scores_differ():
+    w = torch.ones(4, 1, 2, 2)
+    w[0] = 10.0                                             # channel 0: few but large weights
+    m = torch.ones(4, 1, 2, 2)
+    m[0, 0, 0] = 0                                          # channel 0 keeps 2 of 4, others 4 of 4
+    m[1:, 0, 1, 1] = 0                                      # others keep 3 of 4; nnz = 2+9 = 11
+    l1 = L.refill_mask(w, m, score="l1").reshape(4, -1).sum(1) > 0
+    remain = L.refill_mask(w, m, score="remain").reshape(4, -1).sum(1) > 0
+    assert l1.tolist() == [True, True, True, False]         # n = round(11/4) = 3; l1 wants channel 0
+    assert remain.tolist() == [False, True, True, True]     # remain ranks channel 0 last
+    plus = L.refill_mask(w, m, extra=1.0, score="l1").reshape(4, -1).sum(1) > 0
+    assert torch.all(plus >= l1) and plus.all()
+
+
+def test_top_k_breaks_ties_by_lower_index():
+    assert L.top_k(torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0]), 2).tolist() == [False, True, True, False, False]
+
+
+# ---- regroup ----
+def planted_mask(out_rows=64, k=576, group=8, width=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m, perm = torch.zeros(out_rows, k), torch.randperm(out_rows, generator=g)
+    for i in range(out_rows // group):
+        rows = perm[i * group:(i + 1) * group]
+        m[rows[:, None], torch.randperm(k, generator=g)[:width]] = 1
+    return m
+
+
+def realistic_mask(out_rows, k, dens=0.2, seed=0):
+    """A magnitude mask of a weight with latent row clusters (filters that read similar inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, max(2, out_rows // 8), (out_rows,), generator=g)
+    pref = torch.rand(max(2, out_rows // 8), k, generator=g) ** 3
+    w = (0.7 * pref[label] + 0.3 * torch.rand(out_rows, k, generator=g)) \
+        * torch.randn(out_rows, k, generator=g).abs()
+    return (w > w.flatten().kthvalue(int((1 - dens) * w.numel())).values).float()
+
+
+def check_blocks(mask2d, blocks, row_multiple=8):
+    rows = torch.cat([r for r, _ in blocks])
+    assert len(rows) == len(set(rows.tolist()))             # rows disjoint
+    assert torch.equal(L.blocks_to_mask(blocks, *mask2d.shape), mask2d)   # union of rectangles
+    sizes = sorted(len(r) for r, _ in blocks)
+    assert sum(s % row_multiple != 0 for s in sizes) <= 2   # only a pass's last group may be ragged
+
+
+def test_regroup_recovers_planted_groups():
+    m = planted_mask()
+    new, blocks = L.regroup_mask(m)
+    check_blocks(new, blocks)
+    stats = L.layer_stats(m, new, blocks)
+    assert stats["coverage"] >= 0.95 and len(blocks) == 8
+    assert 0.67 <= stats["density"] / stats["density_before"] <= 1.5
+
+
+def test_regroup_beats_random_and_sorted_partitions():
+    for out_rows, k in ((64, 576), (256, 2304)):
+        m = realistic_mask(out_rows, k)
+        new, blocks = L.regroup_mask(m)
+        ours = L.layer_stats(m, new, blocks)["coverage"]
+        size = len(blocks[0][0])
+        perm = np.random.default_rng(0).permutation(out_rows)
+        by_nnz = np.argsort(-m.sum(1).numpy(), kind="stable")
+        for order in (perm, by_nnz):
+            parts = [np.sort(order[i:i + size]) for i in range(0, out_rows, size)]
+            found = L.choose_block_columns(m.numpy(), parts, 1, float(m.sum()), 1, 1)
+            base = [(torch.from_numpy(r), torch.from_numpy(c)) for r, c in found]
+            theirs = L.layer_stats(m, L.blocks_to_mask(base, out_rows, k), base)["coverage"]
+            assert ours > theirs + 0.01, (out_rows, ours, theirs)
+
+
+def test_regroup_on_resnet20_masks_is_never_a_no_op_and_is_deterministic():
+    torch.manual_seed(0)
+    weights = L.prunable_weights(models.MODELS["resnet20"](10))
+    masks = L.magnitude_prune(weights, L.ones_masks(weights), 0.8)
+    new, blocks = L.regroup(masks)
+    new2, blocks2 = L.regroup(masks)
+    for n in masks:
+        m2 = new[n].reshape(new[n].shape[0], -1)
+        assert blocks[n] and not torch.equal(new[n], masks[n])
+        check_blocks(m2, blocks[n])
+        assert all(torch.equal(a, c) and torch.equal(b, d)
+                   for (a, b), (c, d) in zip(blocks[n], blocks2[n]))
+        ratio = float(new[n].sum()) / float(masks[n].sum())
+        assert 0.67 <= ratio <= 1.5, (n, ratio)
+
+
+def test_regroup_channel_unit_selects_whole_input_channels():
+    m = realistic_mask(64, 64 * 9).reshape(64, 64, 3, 3)
+    new, blocks = L.regroup({"w": m}, unit="channel")
+    for rows, cols in blocks["w"]:
+        assert len(cols) % 9 == 0 and torch.equal(cols.view(-1, 9) % 9, torch.arange(9).expand(len(cols) // 9, 9))
+
+
+def test_refine_partition_does_not_lower_within_group_similarity():
+    m = realistic_mask(128, 1152).numpy()
+    sim = L.row_similarity(m)
+    parts = L.partition_rows(sim, 16)
+    refined = L.refine_partition(sim, parts, 10)
+    score = lambda ps: sum(sim[np.ix_(p, p)].sum() for p in ps)
+    assert sorted(len(p) for p in refined) == sorted(len(p) for p in parts)
+    assert score(refined) >= score(parts) - 1e-6
+
+
+# ---- the CLI end to end ----
+FAST = ["--dataset", "synthetic", "--arch", "resnet20", "--train-subset", "128", "--epochs", "2",
+        "--batch-size", "64"]
+
+
+def run_cli(tmp_path, *extra, name="run"):
+    out = str(tmp_path / name)
+    assert L.main(FAST + ["--out-dir", out, *extra]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        return out, json.load(f)
+
+
+def test_cli_imp_two_levels_densities_and_files(tmp_path):
+    out, rows = run_cli(tmp_path, "--levels", "2")
+    assert [r["level"] for r in rows] == [0, 1, 2]
+    assert [round(r["density"], 3) for r in rows] == [1.0, 0.8, 0.64]
+    for level in range(3):
+        ticket = torch.load(os.path.join(out, f"level_{level:02d}", "ticket.pt"), weights_only=False)
+        assert set(ticket["metrics"]) >= {"level", "density", "test_acc", "train_loss", "seconds"}
+        assert not os.path.exists(os.path.join(out, f"level_{level:02d}", "checkpoint.pt"))
+    assert open(os.path.join(out, "results.csv")).readline().startswith("level,density,test_acc")
+
+
+@pytest.mark.parametrize("method", ["refill", "refill+", "regroup"])
+def test_cli_structured_methods(tmp_path, method):
+    out, rows = run_cli(tmp_path, "--levels", "1", "--method", method)
+    ticket = torch.load(os.path.join(out, "level_01", "ticket.pt"), weights_only=False)
+    assert 0.8 / 1.5 <= rows[1]["density"] <= 0.8 * 1.5
+    for n, m in ticket["masks"].items():
+        m2 = m.reshape(m.shape[0], -1)
+        if method == "regroup":
+            assert torch.equal(L.blocks_to_mask(ticket["blocks"][n], *m2.shape), m2)
+        else:
+            assert torch.all((m2.sum(1) == 0) | (m2.sum(1) == m2.shape[1]))
+        assert torch.all(ticket["state_dict"][n][m == 0] == 0)
+    assert os.path.exists(os.path.join(out, "level_01", "layers.csv"))
+
+
+def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path):
+    _, straight = run_cli(tmp_path, "--levels", "1", "--method", "regroup", name="straight")
+    out = str(tmp_path / "cut")
+    args = L.config_from_args(L.build_parser().parse_args(
+        FAST + ["--out-dir", out, "--levels", "1", "--method", "regroup"]))
+
+    def cut(line):                      # stop after the first epoch of level 1 (checkpoint written)
+        if line.startswith("level  1 epoch   1/"):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        L.find_ticket(args, log=cut)
+    assert os.path.exists(os.path.join(out, "level_01", "checkpoint.pt"))
+    _, resumed = run_cli(tmp_path, "--levels", "1", "--method", "regroup", name="cut")
+    for a, b in zip(straight, resumed):
+        assert {k: v for k, v in a.items() if k != "seconds"} == \
+               {k: v for k, v in b.items() if k != "seconds"}
+    t1 = torch.load(tmp_path / "straight" / "level_01" / "ticket.pt", weights_only=False)
+    t2 = torch.load(tmp_path / "cut" / "level_01" / "ticket.pt", weights_only=False)
+    assert all(torch.equal(t1["masks"][n], t2["masks"][n]) for n in t1["masks"])
+    assert all(torch.equal(t1["state_dict"][k], t2["state_dict"][k]) for k in t1["state_dict"])
+
+
+def test_raising_levels_continues_like_asking_at_start(tmp_path):
+    _, two = run_cli(tmp_path, "--levels", "2", name="a")
+    run_cli(tmp_path, "--levels", "1", name="b")
+    _, grown = run_cli(tmp_path, "--levels", "2", name="b")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(two) == strip(grown)
+
+
+def test_changed_config_under_an_existing_out_dir_is_refused(tmp_path, capsys):
+    run_cli(tmp_path, "--levels", "0")
+    assert L.main(FAST + ["--out-dir", str(tmp_path / "run"), "--levels", "0", "--lr", "0.05"]) == 2
+    assert "--lr 0.1 -> 0.05" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prune-rate", "1.5"], "--prune-rate must be in (0, 1)"),
+    (["--levels", "-1"], "--levels must be >= 0"),
+    (["--rewind-epoch", "5"], "--rewind-epoch must be in [0, --epochs)"),
+    (["--refill-extra", "2"], "--refill-extra must be in [0, 1]"),
+])
+def test_bad_values_exit_2_with_a_clear_message(tmp_path, capsys, flags, message):
+    assert L.main(FAST + ["--out-dir", str(tmp_path / "x")] + flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_arch_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        L.main(["--arch", "resnet9000"])
+    assert e.value.code == 2 and "invalid choice: 'resnet9000'" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_is_named_in_the_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "level_00").mkdir(parents=True)
+    (out / "level_00" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert L.main(FAST + ["--out-dir", str(out), "--levels", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt" in err and "delete it" in err
+
+
+def test_ticket_of_another_arch_is_refused(tmp_path, capsys):
+    run_cli(tmp_path, "--levels", "0")
+    ticket = torch.load(tmp_path / "run" / "level_00" / "ticket.pt", weights_only=False)
+    ticket["masks"] = L.ones_masks(L.prunable_weights(models.MODELS["resnet32"](10)))
+    torch.save(ticket, tmp_path / "run" / "level_00" / "ticket.pt")
+    assert L.main(FAST + ["--out-dir", str(tmp_path / "run"), "--levels", "1"]) == 2
+    assert "does not fit the model" in capsys.readouterr().err
