@@ -661,7 +661,7 @@ def summary_line(row):
 def markdown_table(rows):
     """A list of dicts with the same keys as a markdown table (floats to 4 decimals)."""
     keys = list(rows[0])
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+    fmt = lambda v: (f"{v:.1e}" if 0 < abs(v) < 1e-3 else f"{v:.4f}") if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
@@ -699,9 +699,11 @@ def resolve_device(name):
 
 # ---- benchmarks (python lth_ref.py --bench [kernels|paper|mask]) ----
 def bench_mask(args, log=print):
-    """Cost of keeping pruned weights at 0: median train-step time with and without the masks.
+    """Cost of keeping pruned weights at 0: median train step with and without the masks.
 
-    Same model, same random batch, steps interleaved (with, without, with, ...) so drift hits both.
+    Same model, same random batch, steps interleaved (with, without, with, ...) so drift hits both;
+    the masking itself (weight *= mask after the step) is also timed alone, which a loaded machine
+    disturbs far less than the step ratio.
     """
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
@@ -713,19 +715,27 @@ def bench_mask(args, log=print):
     x = torch.randn(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
 
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    @torch.no_grad()
+    def mask_only():
+        for n, m in masks.items():
+            params[n].mul_(m)
+
     def step(use_masks):
+        sync()
         t0 = time.perf_counter()
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        t1 = time.perf_counter()
         if use_masks:
-            with torch.no_grad():
-                for n, m in masks.items():
-                    params[n].mul_(m)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+            mask_only()
+        sync()
+        return time.perf_counter() - t0, time.perf_counter() - t1
 
     for _ in range(3):
         step(True), step(False)
@@ -733,20 +743,153 @@ def bench_mask(args, log=print):
     for _ in range(args.bench_repeats):
         for use in (True, False):
             times[use].append(step(use))
-    with_m, without = float(np.median(times[True])), float(np.median(times[False]))
+    with_m = float(np.median([t for t, _ in times[True]]))
+    without = float(np.median([t for t, _ in times[False]]))
+    mask_s = float(np.median([m for _, m in times[True]]))
     row = dict(arch=args.arch, device=device, batch=args.batch_size, steps=args.bench_repeats,
-               ms_with_masks=round(1e3 * with_m, 2), ms_without=round(1e3 * without, 2),
-               overhead_pct=round(100 * (with_m / without - 1), 2))
+               ms_step_with_masks=round(1e3 * with_m, 2), ms_step_without=round(1e3 * without, 2),
+               ms_masking=round(1e3 * mask_s, 3), masking_pct_of_step=round(100 * mask_s / without, 2),
+               step_ratio=round(with_m / without, 3))
     log(markdown_table([row]))
     return row
 
 
+def partition_coverage(mask2d, parts, unit=1):
+    """Coverage of the blocks that `parts` (row index arrays) get under regroup's column rule."""
+    units = mask2d.cpu().numpy().reshape(mask2d.shape[0], -1, unit).sum(2)
+    found = choose_block_columns(units, parts, unit, float(mask2d.sum()), 1, 1)
+    blocks = [(torch.from_numpy(r), torch.from_numpy((c[:, None] * unit + np.arange(unit)).ravel()))
+              for r, c in found]
+    return layer_stats(mask2d, blocks_to_mask(blocks, *mask2d.shape), blocks)["coverage"]
+
+
+def bench_regroup(args, log=print):
+    """Partitioner quality and speed per layer: ours vs a random partition vs rows sorted by nnz.
+
+    Masks: the next level's IMP mask of a ticket (--ticket / --out-dir: its trained weights pruned by
+    --prune-rate), else a freshly initialized --arch pruned to 20% density. All three partitions use
+    the same group size and the same column rule, so coverage compares the partitions alone.
+    """
+    path, ticket = find_bench_ticket(args, required=False)
+    if ticket:
+        model = models_mod().MODELS[ticket["config"]["arch"]](ticket["num_classes"])
+        weights = {n: ticket["state_dict"][n] for n in ticket["masks"]}
+        masks = magnitude_prune(weights, ticket["masks"], args.prune_rate)
+    else:
+        torch.manual_seed(args.seed)
+        weights = prunable_weights(models_mod().MODELS[args.arch](10))
+        masks = magnitude_prune(weights, ones_masks(weights), 0.8)
+    rng, rows = np.random.default_rng(args.seed), []
+    for name, mask in masks.items():
+        m2 = mask.reshape(mask.shape[0], -1).cpu()
+        t0 = time.perf_counter()
+        new, blocks = regroup_mask(m2, groups=args.groups, row_multiple=args.row_multiple)
+        seconds = time.perf_counter() - t0
+        size = max(len(r) for r, _ in blocks)
+        nonempty = np.flatnonzero(m2.sum(1).numpy() > 0)
+        chunks = lambda order: [np.sort(order[i:i + size]) for i in range(0, len(order), size)]
+        by_nnz = nonempty[np.argsort(-m2[nonempty].sum(1).numpy(), kind="stable")]
+        rows.append(dict(name=name, shape="x".join(map(str, m2.shape)),
+                         density=round(float(m2.mean()), 4), group_rows=size, blocks=len(blocks),
+                         coverage=round(layer_stats(m2, new, blocks)["coverage"], 4),
+                         random=round(partition_coverage(m2, chunks(rng.permutation(nonempty))), 4),
+                         sorted_nnz=round(partition_coverage(m2, chunks(by_nnz)), 4),
+                         ms=round(1e3 * seconds, 1)))
+    log(markdown_table(rows))
+    mean = lambda k: round(float(np.mean([r[k] for r in rows])), 4)
+    log(f"mean coverage: ours {mean('coverage')}, random {mean('random')}, sorted by nnz "
+        f"{mean('sorted_nnz')}; slowest layer {max(r['ms'] for r in rows)} ms, total "
+        f"{round(sum(r['ms'] for r in rows), 1)} ms")
+    return rows
+
+
+def find_bench_ticket(args, required=True):
+    """(path, ticket) to benchmark: --ticket, else the last finished level in --out-dir."""
+    path = args.ticket
+    if path is None and args.out_dir and os.path.isdir(args.out_dir):
+        levels = sorted(d for d in os.listdir(args.out_dir)
+                        if d.startswith("level_") and
+                        os.path.exists(os.path.join(args.out_dir, d, "ticket.pt")))
+        path = os.path.join(args.out_dir, levels[-1], "ticket.pt") if levels else None
+    if path is None:
+        if required:
+            raise UsageError("no ticket to benchmark: pass --ticket PATH, or --out-dir of a run "
+                             "with at least one finished level")
+        return None, None
+    if not os.path.exists(path):
+        raise UsageError(f"ticket {path} does not exist")
+    return path, load_file(path, "ticket")
+
+
 def bench_kernels(args, log=print):
-    """Dense conv vs grouped GEMM on a saved ticket (filled in with kernels.py)."""
-    raise UsageError("--bench kernels needs kernels.py")
+    """Dense conv vs the grouped GEMM on a saved ticket: per conv layer and end to end.
+
+    --bench kernels: each layer at its real activation shape (CIFAR 32x32 input), then the whole
+    model (dense masked vs regrouped_model), for every --bench-batch. --bench paper: the paper's
+    profiling setting (Sec. A1, Fig. 7): every conv fed a batch-64 127x127 input, conv only.
+    Refill tickets run as one block of kept channels per layer. Results also go to bench.json.
+    """
+    import kernels
+    path, ticket = fresh_ticket(args) if args.bench_density else find_bench_ticket(args)
+    model = models_mod().MODELS[ticket["config"]["arch"]](ticket["num_classes"])
+    check_masks_fit(model, ticket["masks"], "ticket")
+    model.load_state_dict(ticket["state_dict"])
+    blocks = ticket["blocks"] or {n: channel_blocks(m) for n, m in ticket["masks"].items()}
+    device = resolve_device(args.device)
+    paper = args.bench == "paper"
+    report = dict(ticket=path, arch=ticket["config"]["arch"], method=ticket["config"]["method"],
+                  level=ticket["level"], device=device_name(device), torch=torch.__version__,
+                  threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
+                  setting="paper (batch 64, 127x127, conv only)" if paper else "cifar", runs=[])
+    for batch in ([64] if paper else args.bench_batch):
+        layers = kernels.bench_layers(model, blocks, batch, device, paper_setting=paper,
+                                      repeats=args.bench_repeats)
+        log(f"\nper layer, batch {batch}, {report['device']}, median of {args.bench_repeats}:")
+        log(markdown_table([{k: fmt_cell(v) for k, v in row.items()} for row in layers]))
+        run = dict(batch=batch, layers=layers)
+        if not paper:
+            run["model"] = kernels.bench_model(model, blocks, batch, device, args.bench_repeats)
+            log(markdown_table([{k: fmt_cell(v) for k, v in run["model"].items()}]))
+        report["runs"].append(run)
+    out = os.path.join(os.path.dirname(path), "bench.json")
+    atomic_write_text(json.dumps(report, indent=1, default=str), out)
+    log(f"wrote {out}")
+    return report
 
 
-BENCHES = {"kernels": bench_kernels, "paper": bench_kernels, "mask": bench_mask}
+def fresh_ticket(args):
+    """(bench.json path, ticket) for --bench-density: a seeded, untrained --arch pruned by global
+    magnitude to that density in one step and post-processed by --method with the CLI's knobs."""
+    need = 0.0 < args.bench_density <= 1.0 and args.method != "imp"
+    if not need:
+        raise UsageError("--bench-density needs a density in (0, 1] and --method refill, refill+ "
+                         "or regroup (an unstructured imp mask has no blocks)")
+    torch.manual_seed(args.seed)
+    model = models_mod().MODELS[args.arch](10)
+    weights = prunable_weights(model)
+    masks = magnitude_prune(weights, ones_masks(weights), 1.0 - args.bench_density)
+    masks, blocks = POSTPROCESS[args.method](weights, masks, args)
+    apply_masks(model, masks)
+    out_dir = args.out_dir or os.path.join("runs", f"bench_{args.arch}_{args.method}")
+    os.makedirs(out_dir, exist_ok=True)
+    return os.path.join(out_dir, "ticket.pt"), dict(
+        config=dict(arch=args.arch, method=args.method), level=None, num_classes=10, masks=masks,
+        blocks=blocks, state_dict=model.state_dict())
+
+
+def fmt_cell(v):
+    """Table cell: tuples as AxB, floats to 3 decimals."""
+    return "x".join(map(str, v)) if isinstance(v, tuple) else round(v, 3) if isinstance(v, float) else v
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+BENCHES = {"kernels": bench_kernels, "paper": bench_kernels, "regroup": bench_regroup,
+           "mask": bench_mask}
 
 
 # ---- CLI ----
@@ -778,14 +921,15 @@ def build_parser():
     a("--seed", type=int, default=0, help="seed for init, data order and augmentation")
     a("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
     a("--refill-score", default="l1", choices=list(CHANNEL_SCORES),
-      help="channel score for refill: l1 = sum |mask*w| (paper), remain = kept count (official)")
+      help="channel score for refill: l1 = L1 norm of the kept weights (paper), remain = number of "
+           "kept weights (official)")
     a("--refill-extra", type=float, default=0.1,
       help="refill+: extra fraction of the pruned channels kept (official fillback_rate)")
     a("--regroup-unit", default="position", choices=list(REGROUP_UNITS),
       help="regroup column unit: position = one (c,ky,kx) (paper), channel = whole input channel")
     a("--groups", type=int, default=8, help="regroup: groups per layer (paper t1; official 8 parts)")
     a("--row-multiple", type=int, default=8,
-      help="regroup: block rows are a multiple of this and at least this (paper b1)")
+      help="regroup: group rows are a multiple of this, at least this (paper b1, min rows)")
     a("--min-col-nnz", type=int, default=1,
       help="regroup: nonzeros a column needs inside a group to be selected (paper t2)")
     a("--min-block-cols", type=int, default=8,
@@ -793,8 +937,12 @@ def build_parser():
     a("--verbose", action="store_true", help="print the per-layer table of every level")
     a("--bench", nargs="?", const="kernels", default=None, choices=list(BENCHES),
       help="benchmark instead of training: kernels = dense vs grouped GEMM on a ticket, paper = "
-           "the paper's per-layer setting (batch 64, 127x127), mask = mask cost per train step")
+           "the same in the paper's per-layer setting (batch 64, 127x127), regroup = partitioner "
+           "coverage and speed vs baselines, mask = mask cost per train step")
     a("--ticket", default=None, help="ticket.pt to benchmark (default: last level in --out-dir)")
+    a("--bench-density", type=float, default=None,
+      help="bench a fresh --arch pruned to this density and post-processed by --method (with the "
+           "regroup/refill flags) instead of a saved ticket")
     a("--bench-batch", type=int, nargs="+", default=[64], help="batch sizes for --bench kernels")
     a("--bench-repeats", type=int, default=30, help="timed runs per measurement (median)")
     return p

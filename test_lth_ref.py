@@ -9,7 +9,10 @@ import json
 import math
 import os
 import pickle
+import re
+import shutil
 import struct
+import subprocess
 import tarfile
 import urllib.error
 import urllib.request
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from data import DataError
 from models import MODELS, BasicBlock, PadShortcut, count_params
 import data
+import kernels
 import lth_ref as L
 import models
 
@@ -964,3 +968,325 @@ def test_ticket_of_another_arch_is_refused(tmp_path, capsys):
     torch.save(ticket, tmp_path / "run" / "level_00" / "ticket.pt")
     assert L.main(FAST + ["--out-dir", str(tmp_path / "run"), "--levels", "1"]) == 2
     assert "does not fit the model" in capsys.readouterr().err
+
+
+def test_bench_regroup_on_a_ticket_reports_every_layer_and_beats_random(tmp_path, capsys):
+    run_cli(tmp_path, "--levels", "0")
+    args = L.build_parser().parse_args(["--bench", "regroup", "--out-dir", str(tmp_path / "run")])
+    rows = L.bench_regroup(args, log=lambda *_: None)
+    assert len(rows) == 18 and all(r["blocks"] > 0 for r in rows)
+    assert np.mean([r["coverage"] for r in rows]) > np.mean([r["random"] for r in rows])
+
+
+def test_bench_without_a_ticket_says_how_to_get_one(tmp_path, capsys):
+    assert L.main(["--bench", "kernels", "--out-dir", str(tmp_path / "none")]) == 2
+    assert "no ticket to benchmark" in capsys.readouterr().err
+
+
+# ---- kernels (grouped GEMM) ----
+
+
+# (N, C, H, W, O, k, stride, padding, dilation): odd sizes, stride 2, padding, 1x1 and 3x3
+SHAPES = [
+    (2, 5, 9, 7, 13, 3, 1, 1, 1),
+    (3, 7, 11, 11, 19, 3, 2, 1, 1),
+    (2, 6, 10, 9, 10, 1, 1, 0, 1),
+    (2, 9, 8, 13, 21, 1, 2, 0, 1),
+    (1, 4, 12, 12, 9, 3, 2, 2, 2),
+    (2, 33, 7, 5, 40, 3, 1, 1, 1),
+]
+
+
+def random_blocks(O, K, seed, n_blocks=4):
+    """Random disjoint row sets (one of 1 row, one left-over empty row) with random column sets
+    (one of 1 column). Returns (blocks, 2-D 0/1 mask built independently of kernels.py)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(O, generator=g)[:O - 1]  # the last row stays empty
+    cuts = sorted(torch.randperm(O - 2, generator=g)[:n_blocks - 1].add(1).tolist())
+    row_sets = [s for s in np.split(perm.numpy(), cuts) if len(s)]
+    row_sets[0] = row_sets[0][:1]  # a 1-row block
+    blocks, mask2d = [], torch.zeros(O, K)
+    for i, rows in enumerate(row_sets):
+        n_cols = 1 if i == 1 else int(torch.randint(1, K + 1, (1,), generator=g))
+        cols = torch.randperm(K, generator=g)[:n_cols]
+        rows = torch.as_tensor(rows, dtype=torch.int64)
+        blocks.append((rows.sort().values, cols.sort().values))
+        mask2d[rows[:, None], cols[None, :]] = 1
+    return blocks, mask2d
+
+
+def make_case(shape, seed, dtype=torch.float32):
+    N, C, H, W, O, k, stride, padding, dilation = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=g, dtype=dtype)
+    weight = torch.randn(O, C, k, k, generator=g, dtype=dtype)
+    blocks, mask2d = random_blocks(O, C * k * k, seed)
+    masked = weight * mask2d.view(weight.shape).to(dtype)
+    return x, weight, blocks, mask2d, masked, dict(stride=stride, padding=padding, dilation=dilation)
+
+
+def rel_err(y, ref):
+    return ((y.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+# ---- reference and CPU path ----
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_matches_masked_conv(shape):
+    x, weight, blocks, mask2d, masked, conv = make_case(shape, seed=1)
+    ref = F.conv2d(x.double(), masked.double(), **conv)
+    y = kernels.grouped_gemm_reference(x, weight, blocks, **conv)
+    assert y.shape == ref.shape and rel_err(y, ref) < 1e-5
+    y64 = kernels.grouped_gemm_reference(x.double(), weight.double(), blocks, **conv)
+    assert rel_err(y64, ref) < 1e-12
+
+
+@pytest.mark.parametrize("strategy", [None, *kernels.CPU_STRATEGIES])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cpu_path_matches_masked_conv(shape, strategy):
+    x, weight, blocks, mask2d, masked, conv = make_case(shape, seed=2)
+    ref = F.conv2d(x.double(), masked.double(), **conv)
+    out = torch.full(ref.shape, float("nan"))
+    y = kernels.grouped_conv2d_cpu(x, weight, blocks, out=out, strategy=strategy, **conv)
+    assert y.data_ptr() == out.data_ptr()
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref) < 1e-5
+    empty = torch.nonzero(mask2d.sum(1) == 0).view(-1)
+    assert len(empty) >= 1 and (out[:, empty] == 0).all()
+    y_new = kernels.grouped_conv2d_cpu(x, weight, blocks, strategy=strategy, **conv)  # no out=
+    assert torch.allclose(y_new, out, rtol=0, atol=1e-6 * ref.abs().max().item())
+
+
+def test_cpu_path_float64_is_exact():
+    x, weight, blocks, _, masked, conv = make_case(SHAPES[1], seed=3, dtype=torch.float64)
+    ref = F.conv2d(x, masked, **conv)
+    for strategy in kernels.CPU_STRATEGIES:
+        assert rel_err(kernels.grouped_conv2d_cpu(x, weight, blocks, strategy=strategy, **conv), ref) < 1e-12
+
+
+def test_weights_outside_blocks_are_ignored():
+    x, weight, blocks, mask2d, masked, conv = make_case(SHAPES[0], seed=4)
+    noisy = weight + 100.0 * (1 - mask2d).view(weight.shape)  # only the mask's complement changes
+    for strategy in kernels.CPU_STRATEGIES:
+        y = kernels.grouped_conv2d_cpu(x, noisy, blocks, strategy=strategy, **conv)
+        assert rel_err(y, F.conv2d(x, masked, **conv)) < 1e-5
+
+
+def test_cost_rule_picks_each_strategy():
+    """Channel-local blocks -> per-block convs (grouped conv on tiny maps); thick random-column
+    blocks -> gather-GEMM; one full block or 8-row random-column blocks -> dense."""
+    g = torch.Generator().manual_seed(0)
+    O, C, k = 128, 128, 3
+    w = torch.randn(O, C, k, k, generator=g)
+    chan_local = [(torch.arange(16 * i, 16 * i + 16),
+                   (torch.randperm(C, generator=g)[:26].sort().values[:, None] * 9 + torch.arange(9)).view(-1))
+                  for i in range(8)]
+    thick_random = [(torch.arange(64 * i, 64 * i + 64), torch.randperm(C * 9, generator=g)[:115].sort().values)
+                    for i in range(2)]
+    thin_random = [(torch.arange(8 * i, 8 * i + 8), torch.randperm(C * 9, generator=g)[:230].sort().values)
+                   for i in range(16)]
+    full = [(torch.arange(O), torch.arange(C * k * k))]
+    P = 64 * 16 * 16  # batch 64 of 16x16 maps, stride 1
+    for blocks, expected in [(chan_local, "conv"), (thick_random, "gather"), (thin_random, "dense"), (full, "dense")]:
+        info, _ = kernels.make_plan(w, kernels.check_blocks(w.shape, blocks))
+        assert kernels.choose_cpu_strategy(info, P, P) == expected
+    info, _ = kernels.make_plan(w, kernels.check_blocks(w.shape, chan_local))
+    assert kernels.choose_cpu_strategy(info, 4, 4) == "dense"  # fixed per-call costs dominate 4 pixels
+    assert kernels.choose_cpu_strategy(info, 64 * 4, 64 * 4) == "grouped"  # 2x2 maps: one call, not 8
+    costs = kernels.cpu_strategy_costs(info, P, P)
+    assert costs["conv"] < 0.5 * costs["dense"]
+    # the cached choice is what a forward runs
+    layer = kernels.RegroupedConv2d(w, chan_local, padding=1)
+    layer(torch.randn(2, C, 5, 5))
+    assert layer.info["choice"] == {(2, C, 5, 5): kernels.choose_cpu_strategy(info, 50, 50)}
+
+
+# ---- validation ----
+
+def test_bad_blocks_raise_value_error_naming_the_layer():
+    w_shape = (6, 2, 3, 3)
+    good = (torch.tensor([0, 1]), torch.tensor([0, 17]))
+    with pytest.raises(ValueError, match="layer1.0.conv1.weight.*row index 6"):
+        kernels.check_blocks(w_shape, [good, (torch.tensor([6]), torch.tensor([0]))], "layer1.0.conv1.weight")
+    with pytest.raises(ValueError, match="convX.*col index 18"):
+        kernels.check_blocks(w_shape, [(torch.tensor([2]), torch.tensor([18]))], "convX")
+    with pytest.raises(ValueError, match="shares output rows"):
+        kernels.check_blocks(w_shape, [good, (torch.tensor([1, 2]), torch.tensor([3]))], "c")
+    with pytest.raises(ValueError, match="repeats"):
+        kernels.check_blocks(w_shape, [(torch.tensor([2, 2]), torch.tensor([3]))], "c")
+    with pytest.raises(ValueError, match="groups"):
+        kernels.RegroupedConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2), [good])
+
+
+# ---- modules ----
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1, bias=True)
+        self.body = nn.Sequential(nn.BatchNorm2d(12), nn.ReLU(),
+                                  nn.Conv2d(12, 10, 3, stride=2, padding=1, bias=False), nn.ReLU(),
+                                  nn.Conv2d(10, 7, 1, bias=True), nn.ReLU())
+        self.fc = nn.Linear(7, 5)
+
+    def forward(self, x):
+        return self.fc(self.body(self.stem(x)).mean((2, 3)))
+
+
+def tiny_model_and_blocks():
+    torch.manual_seed(0)
+    model = TinyCNN()
+    with torch.no_grad():  # non-trivial BN statistics
+        model.body[0].running_mean.uniform_(-0.5, 0.5)
+        model.body[0].running_var.uniform_(0.5, 2.0)
+    blocks, masks = {}, {}
+    for i, name in enumerate(["stem.weight", "body.2.weight", "body.4.weight"]):
+        O, C, kh, kw = model.get_parameter(name).shape
+        blocks[name], masks[name] = random_blocks(O, C * kh * kw, seed=10 + i, n_blocks=3)
+    return model, blocks, masks
+
+
+def test_regrouped_model_equals_masked_dense_model():
+    model, blocks, masks = tiny_model_and_blocks()
+    reference = TinyCNN()
+    reference.load_state_dict(model.state_dict())
+    reference.eval()
+    with torch.no_grad():
+        for name, mask2d in masks.items():
+            p = reference.get_parameter(name)
+            p.mul_(mask2d.view(p.shape))
+    regrouped = kernels.regrouped_model(model, blocks)
+    assert model.training and not regrouped.training  # the original is untouched
+    assert isinstance(regrouped.body[2], kernels.RegroupedConv2d) and isinstance(model.body[2], nn.Conv2d)
+    x = torch.randn(4, 3, 15, 15)
+    with torch.no_grad():
+        ref, y = reference(x), regrouped(x)
+        assert rel_err(y, ref) < 1e-5
+        assert rel_err(kernels.masked_model(model, blocks)(x), ref) < 1e-6
+        unmasked = TinyCNN()
+        unmasked.load_state_dict(model.state_dict())
+        assert rel_err(unmasked.eval()(x), ref) > 1e-2  # the masks matter: the check above is sensitive
+    # the inner conv (no bias) has an empty output channel -> exactly 0
+    layer = regrouped.body[2]
+    with torch.no_grad():
+        inner = layer(torch.randn(2, 12, 9, 9))
+    empty = torch.nonzero(masks["body.2.weight"].sum(1) == 0).view(-1)
+    assert (inner[:, empty] == 0).all()
+
+
+def test_regrouped_conv_stores_packed_blocks_and_keeps_bias():
+    model, blocks, masks = tiny_model_and_blocks()
+    layer = kernels.RegroupedConv2d.from_conv(model.body[4], blocks["body.4.weight"], name="body.4.weight")
+    sd = layer.state_dict()
+    assert set(sd) == {"bias", "block_sizes", "plan_packed", "plan_rows", "plan_cols"}
+    assert sd["plan_packed"].numel() == int(masks["body.4.weight"].sum())
+    x = torch.randn(3, 10, 5, 6)
+    masked = model.body[4].weight * masks["body.4.weight"].view(model.body[4].weight.shape)
+    with torch.no_grad():
+        assert rel_err(layer(x), F.conv2d(x, masked, model.body[4].bias)) < 1e-5
+        assert rel_err(kernels.grouped_conv2d(x, layer), layer(x)) == 0
+        y = kernels.grouped_conv2d(x, model.body[4].weight, blocks["body.4.weight"])
+        assert rel_err(y, F.conv2d(x, masked)) < 1e-5
+
+
+def test_regrouped_model_rejects_tickets_that_do_not_fit():
+    model, blocks, _ = tiny_model_and_blocks()
+    with pytest.raises(ValueError, match="body.9.weight"):
+        kernels.regrouped_model(model, {**blocks, "body.9.weight": blocks["stem.weight"]})
+    with pytest.raises(ValueError, match="fc.weight"):
+        kernels.regrouped_model(model, {"fc.weight": [(torch.tensor([0]), torch.tensor([0]))]})
+    with pytest.raises(ValueError, match="body.4.weight.*row index 7"):
+        kernels.regrouped_model(model, {"body.4.weight": [(torch.tensor([7]), torch.tensor([0]))]})
+
+
+def test_bench_helpers_return_checked_rows():
+    model, blocks, _ = tiny_model_and_blocks()
+    rows = kernels.bench_layers(model, blocks, batch_size=2, device="cpu", repeats=1, input_size=(3, 16, 16))
+    assert [r["name"] for r in rows] == list(blocks)
+    assert rows[1]["input_hw"] == (16, 16) and rows[2]["input_hw"] == (8, 8)
+    for r in rows:
+        assert r["max_rel_err"] < 1e-5 and r["dense_ms"] > 0 and r["regrouped_ms"] > 0
+        assert r["path"] in kernels.CPU_STRATEGIES and abs(r["ideal_speedup"] * r["flop_ratio"] - 1) < 1e-9
+    total = kernels.bench_model(model, blocks, batch_size=2, device="cpu", repeats=1, input_size=(3, 16, 16))
+    assert total["max_rel_err"] < 1e-5 and 0 < total["conv_flop_ratio"] < 1
+
+
+# ---- CUDA: tables (CPU), compile check (nvcc), kernel (GPU only) ----
+
+def test_cuda_tables_cover_every_block_row_once():
+    """Emulate the kernel's tile loop with the int32 tables: it must reproduce the reference."""
+    x, weight, blocks, _, masked, conv = make_case(SHAPES[5], seed=5)
+    info, t = kernels.make_plan(weight, kernels.check_blocks(tuple(weight.shape), blocks))
+    meta, tiles = t["cuda_meta"].tolist(), t["cuda_tiles"].tolist()
+    rows, cols, packed = t["cuda_rows"].long(), t["cuda_cols"].long(), t["packed"]
+    x_cols = F.unfold(x, weight.shape[2:], **conv)  # (N, K, L)
+    y = torch.zeros(x.shape[0], weight.shape[0], x_cols.shape[2])
+    for b, row0 in tiles:
+        r_start, n_rows, c_start, n_cols, w_off = meta[b]
+        wb = packed[w_off:w_off + n_rows * n_cols].view(n_rows, n_cols)
+        r = torch.arange(row0, min(row0 + info["tile_rows"], n_rows))
+        y[:, rows[r_start + r]] += wb[r] @ x_cols[:, cols[c_start:c_start + n_cols]]
+    ref = F.conv2d(x, masked, **conv)
+    assert rel_err(y.view(ref.shape), ref) < 1e-5
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_cuda_source_compiles_without_spills(tmp_path):
+    src = kernels.write_cuda_source(str(tmp_path / "grouped_gemm.cu"))
+    torch_flags = ["-std=c++20", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",  # as load_inline
+                   "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
+    res = subprocess.run(["nvcc", "-arch=sm_90", "-c", "-Xptxas", "-v", *torch_flags, src,
+                          "-o", str(tmp_path / "grouped_gemm.o")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
+    assert len(spills) == 6  # {float, half, bf16} x {16x128, 64x64} tiles
+    assert all(s == ("0", "0") for s in spills), res.stderr
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.float16, 1e-2), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cuda_kernel_matches_reference(shape, dtype, tol):
+    x, weight, blocks, mask2d, masked, conv = make_case(shape, seed=6)
+    assert kernels.cuda_available_kernel()
+    ref = F.conv2d(x.double(), masked.double(), **conv)
+    layer = kernels.RegroupedConv2d(weight, blocks, None, name="t", **conv).cuda().to(dtype)
+    y = layer(x.cuda().to(dtype))
+    assert y.dtype == dtype and not torch.isnan(y).any()
+    assert rel_err(y.cpu(), ref) < tol
+    empty = torch.nonzero(mask2d.sum(1) == 0).view(-1).cuda()
+    assert (y[:, empty] == 0).all()
+
+
+@cuda
+def test_cuda_thick_blocks_and_model():
+    model, blocks, _ = tiny_model_and_blocks()
+    x = torch.randn(5, 3, 33, 31)
+    with torch.no_grad():
+        ref = kernels.masked_model(model, blocks)(x)
+        y = kernels.regrouped_model(model, blocks).cuda()(x.cuda())
+    assert rel_err(y.cpu(), ref) < 1e-3
+    g = torch.Generator().manual_seed(7)
+    w, xs = torch.randn(150, 40, 3, 3, generator=g), torch.randn(3, 40, 17, 17, generator=g)
+    thick = [(torch.arange(0, 70), torch.randperm(360, generator=g)[:77].sort().values),
+             (torch.arange(80, 150), torch.randperm(360, generator=g)[:300].sort().values)]
+    ref = kernels.grouped_gemm_reference(xs.double(), w.double(), thick, padding=1)
+    y = kernels.grouped_conv2d(xs.cuda(), w.cuda(), thick, padding=1)
+    assert kernels.RegroupedConv2d(w, thick).info["tile_rows"] == 64 and rel_err(y.cpu(), ref) < 1e-3
+
+
+def test_regrouped_model_of_a_pipeline_ticket_equals_the_masked_dense_model(tmp_path):
+    out, _ = run_cli(tmp_path, "--levels", "1", "--method", "regroup")
+    ticket = torch.load(os.path.join(out, "level_01", "ticket.pt"), weights_only=False)
+    model = models.MODELS["resnet20"](10)
+    model.load_state_dict(ticket["state_dict"])
+    model.eval()
+    fast = kernels.regrouped_model(model, ticket["blocks"])
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref, y = model(x), fast(x)          # the ticket's weights are already zero outside the blocks
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert sum(isinstance(m, kernels.RegroupedConv2d) for m in fast.modules()) == 18
