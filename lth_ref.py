@@ -281,13 +281,14 @@ def regroup_mask(mask2d, groups=8, row_multiple=8, min_col_nnz=1, min_block_cols
     m = mask2d.detach().cpu().numpy().astype(np.float32)
     units = m.reshape(out_rows, k // unit, unit).sum(2)         # (O, U) nonzeros per unit
     budget = float(m.sum()) if area is None else float(area)
-    rows_left = np.flatnonzero(units.sum(1) > 0)
-    sim_all = row_similarity(units[rows_left])                # (n, n), computed once
+    nonempty = np.flatnonzero(units.sum(1) > 0)               # vertices of the hypergraph
+    sim_all = row_similarity(units[nonempty])                 # (n, n), computed once
+    rows_left = nonempty
     blocks = []
     while len(rows_left) > 0:
         per_group = -(-len(rows_left) // groups)                 # ceil(rows / groups)
         size = min(len(rows_left), max(row_multiple, -(-per_group // row_multiple) * row_multiple))
-        at = np.searchsorted(np.flatnonzero(units.sum(1) > 0), rows_left)
+        at = np.searchsorted(nonempty, rows_left)
         sim = sim_all[np.ix_(at, at)]
         parts = partition_rows(sim, size)
         parts = refine_partition(sim, parts, refine_rounds)
@@ -548,7 +549,7 @@ def find_ticket(cfg, log=print):
 
 
 def start_level(model, cfg, level, device):
-    """The state a level starts from: (masks, blocks, per-layer stats, start epoch).
+    """The state a level starts from: (masks, blocks, per-layer stats).
 
     Level 0 is the dense run from the seeded initialization. Level L > 0 prunes level L-1's trained
     weights, post-processes the mask, and rewinds (SPEC section 1, the loop body).
@@ -558,7 +559,7 @@ def start_level(model, cfg, level, device):
         masks = ones_masks(weights)
         if cfg.rewind_epoch == 0:
             atomic_save(model.state_dict(), os.path.join(cfg.out_dir, "rewind.pt"))
-        return masks, None, None, 0
+        return masks, None, None
     prev = load_file(os.path.join(level_dir(cfg, level - 1), "ticket.pt"), "ticket")
     check_masks_fit(model, prev["masks"], "previous level's ticket")
     trained = {n: prev["state_dict"][n] for n in weights}
@@ -568,7 +569,7 @@ def start_level(model, cfg, level, device):
              for n in masks}
     masks = {n: m.to(device) for n, m in masks.items()}
     rewind(model, load_file(os.path.join(cfg.out_dir, "rewind.pt"), "rewind state"), masks)
-    return masks, blocks, stats, cfg.rewind_epoch
+    return masks, blocks, stats
 
 
 def run_level(model, data, cfg, level, device, eta, log):
@@ -587,7 +588,7 @@ def run_level(model, data, cfg, level, device, eta, log):
         loss, test_acc = ckpt["loss"], ckpt["test_acc"]
         log(f"level {level}: resuming at epoch {epoch} from {ckpt_path}")
     else:
-        masks, blocks, stats = start_level(model, cfg, level, device)[:3]
+        masks, blocks, stats = start_level(model, cfg, level, device)
         epoch, seconds = (0 if level == 0 else cfg.rewind_epoch), 0.0
     dens = density(masks)
     while epoch < cfg.epochs:
@@ -870,6 +871,7 @@ def fresh_ticket(args):
     masks = magnitude_prune(weights, ones_masks(weights), 1.0 - args.bench_density)
     masks, blocks = POSTPROCESS[args.method](weights, masks, args)
     apply_masks(model, masks)
+    calibrate_batchnorm(model)
     out_dir = args.out_dir or os.path.join("runs", f"bench_{args.arch}_{args.method}")
     os.makedirs(out_dir, exist_ok=True)
     return os.path.join(out_dir, "ticket.pt"), dict(
@@ -877,9 +879,26 @@ def fresh_ticket(args):
         blocks=blocks, state_dict=model.state_dict())
 
 
+@torch.no_grad()
+def calibrate_batchnorm(model, batches=4, batch_size=64):
+    """Set BN running stats from random CIFAR-sized batches, so an untrained sparse network passes a
+    signal of normal scale (without it, the logits of a 10%-dense VGG-16 at init are just the FC
+    bias, and the end-to-end output check compares constants)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None                                    # cumulative average over the batches
+    model.train()
+    for _ in range(batches):
+        model(torch.randn(batch_size, 3, 32, 32))
+    for bn in bns:
+        bn.momentum = 0.1
+    model.eval()
+
+
 def fmt_cell(v):
-    """Table cell: tuples as AxB, floats to 3 decimals."""
-    return "x".join(map(str, v)) if isinstance(v, tuple) else round(v, 3) if isinstance(v, float) else v
+    """Table cell: shapes (tuples) as AxB; the rest as markdown_table formats it."""
+    return "x".join(map(str, v)) if isinstance(v, tuple) else v
 
 
 def device_name(device):

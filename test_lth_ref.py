@@ -1290,3 +1290,24 @@ def test_regrouped_model_of_a_pipeline_ticket_equals_the_masked_dense_model(tmp_
         ref, y = model(x), fast(x)          # the ticket's weights are already zero outside the blocks
     assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert sum(isinstance(m, kernels.RegroupedConv2d) for m in fast.modules()) == 18
+
+
+def test_bench_density_runs_the_grouped_gemm_on_a_fresh_regrouped_model(tmp_path):
+    args = L.build_parser().parse_args(
+        ["--bench", "--arch", "resnet20", "--method", "regroup", "--bench-density", "0.2",
+         "--bench-repeats", "1", "--out-dir", str(tmp_path)])
+    report = L.bench_kernels(args, log=lambda *_: None)
+    run = report["runs"][0]
+    assert len(run["layers"]) == 18 and run["model"]["max_rel_err"] < 1e-4
+    assert json.load(open(tmp_path / "bench.json"))["arch"] == "resnet20"
+    _, ticket = L.fresh_ticket(args)
+    model = models.MODELS["resnet20"](10)
+    model.load_state_dict(ticket["state_dict"])
+    with torch.no_grad():                    # BN calibrated: the output depends on the input
+        assert model.eval()(torch.randn(8, 3, 32, 32)).std(0).max() > 1e-3
+
+
+def test_bench_density_refuses_an_unstructured_method(tmp_path, capsys):
+    assert L.main(["--bench", "--bench-density", "0.2", "--method", "imp",
+                   "--out-dir", str(tmp_path)]) == 2
+    assert "--bench-density needs" in capsys.readouterr().err
