@@ -18,7 +18,6 @@ import argparse
 import csv
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -773,7 +772,6 @@ def bench_regroup(args, log=print):
     """
     path, ticket = find_bench_ticket(args, required=False)
     if ticket:
-        model = models_mod().MODELS[ticket["config"]["arch"]](ticket["num_classes"])
         weights = {n: ticket["state_dict"][n] for n in ticket["masks"]}
         masks = magnitude_prune(weights, ticket["masks"], args.prune_rate)
     else:
@@ -782,9 +780,11 @@ def bench_regroup(args, log=print):
         masks = magnitude_prune(weights, ones_masks(weights), 0.8)
     rng, rows = np.random.default_rng(args.seed), []
     for name, mask in masks.items():
-        m2 = mask.reshape(mask.shape[0], -1).cpu()
+        m2, unit = mask.reshape(mask.shape[0], -1).cpu(), REGROUP_UNITS[args.regroup_unit](mask.shape)
         t0 = time.perf_counter()
-        new, blocks = regroup_mask(m2, groups=args.groups, row_multiple=args.row_multiple)
+        new, blocks = regroup_mask(m2, groups=args.groups, row_multiple=args.row_multiple,
+                                   min_col_nnz=args.min_col_nnz, min_block_cols=args.min_block_cols,
+                                   unit=unit)
         seconds = time.perf_counter() - t0
         size = max(len(r) for r, _ in blocks)
         nonempty = np.flatnonzero(m2.sum(1).numpy() > 0)
@@ -793,8 +793,8 @@ def bench_regroup(args, log=print):
         rows.append(dict(name=name, shape="x".join(map(str, m2.shape)),
                          density=round(float(m2.mean()), 4), group_rows=size, blocks=len(blocks),
                          coverage=round(layer_stats(m2, new, blocks)["coverage"], 4),
-                         random=round(partition_coverage(m2, chunks(rng.permutation(nonempty))), 4),
-                         sorted_nnz=round(partition_coverage(m2, chunks(by_nnz)), 4),
+                         random=round(partition_coverage(m2, chunks(rng.permutation(nonempty)), unit), 4),
+                         sorted_nnz=round(partition_coverage(m2, chunks(by_nnz), unit), 4),
                          ms=round(1e3 * seconds, 1)))
     log(markdown_table(rows))
     mean = lambda k: round(float(np.mean([r[k] for r in rows])), 4)

@@ -1311,3 +1311,11 @@ def test_bench_density_refuses_an_unstructured_method(tmp_path, capsys):
     assert L.main(["--bench", "--bench-density", "0.2", "--method", "imp",
                    "--out-dir", str(tmp_path)]) == 2
     assert "--bench-density needs" in capsys.readouterr().err
+
+
+def test_cli_without_network_stops_with_a_hint_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    code = L.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"),
+                   "--epochs", "2", "--levels", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Put cifar-10-python.tar.gz" in err and "Traceback" not in err
