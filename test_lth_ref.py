@@ -1319,3 +1319,11 @@ def test_cli_without_network_stops_with_a_hint_and_exit_2(tmp_path, monkeypatch,
                    "--epochs", "2", "--levels", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "Put cifar-10-python.tar.gz" in err and "Traceback" not in err
+
+
+def test_official_width_rule_stops_at_the_first_prefix_that_leaves_rows_under_prefix_over_ratio():
+    m = torch.zeros(8, 50)
+    m[:, 10:30] = 1                           # every row: the same 20 columns
+    (rows, cols), = L.official_width_blocks(m, [np.arange(8)])
+    expect = next(k for k in range(1, 51) if 20 - min(k, 20) < k / 1.5)     # k = 13
+    assert len(cols) == expect == 13 and set(cols.tolist()) <= set(range(10, 30))
