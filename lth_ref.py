@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 
@@ -1044,4 +1045,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if hasattr(signal, "SIGPIPE"):                 # `... | head` ends quietly, like other Unix tools
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())
