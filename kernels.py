@@ -305,16 +305,45 @@ def _run_gather(x, info, t, conv_args, out):
 def run_plan(x, info, t, stride, padding, dilation=1, out=None, strategy=None):
     """Run a plan (make_plan) on the CPU, or its gather-GEMM on any device. x (N, C, H, W) ->
     (N, O, OH, OW), written into out if given (rows in no block come out 0). The strategy is
-    strategy, else the plan's forced one, else the cost rule's choice for x's shape (cached)."""
+    strategy, else the plan's forced one, else the choice for x's shape (made on first use, cached):
+    the cost rule's pick, timed against dense on this input when CPU_AUTOTUNE is set."""
     conv_args = (_pair(stride), _pair(padding), _pair(dilation))
-    N, O = x.shape[0], info["weight_shape"][0]
-    OH, OW = conv_out_hw(x.shape[2:], info["weight_shape"][2:], *conv_args)
     strategy = strategy or info["forced"]
     if strategy is None:
         key = tuple(x.shape)
         if key not in info["choice"]:
-            info["choice"][key] = choose_cpu_strategy(info, N * x.shape[2] * x.shape[3], N * OH * OW)
+            N, (OH, OW) = x.shape[0], conv_out_hw(x.shape[2:], info["weight_shape"][2:], *conv_args)
+            pick = choose_cpu_strategy(info, N * x.shape[2] * x.shape[3], N * OH * OW)
+            if pick != "dense" and CPU_AUTOTUNE and not x.is_cuda:
+                pick = _faster(x, info, t, conv_args, ("dense", pick))
+            info["choice"][key] = pick
         strategy = info["choice"][key]
+    return _run_strategy(x, info, t, conv_args, strategy, out)
+
+
+CPU_AUTOTUNE = True   # time the cost rule's sparse pick against dense once per input shape
+AUTOTUNE_RUNS = 3     # timed runs per candidate (median), after one warm-up run each
+
+
+def _faster(x, info, t, conv_args, candidates):
+    """The candidate strategy with the lowest median time on x (like cudnn.benchmark): the cost rule
+    is +-30% on single layers, a measurement on the real input is not. Every strategy is exact."""
+    times = {s: [] for s in candidates}
+    with torch.no_grad():
+        for s in candidates:
+            _run_strategy(x, info, t, conv_args, s, None)
+        for _ in range(AUTOTUNE_RUNS):
+            for s in candidates:
+                t0 = time.perf_counter()
+                _run_strategy(x, info, t, conv_args, s, None)
+                times[s].append(time.perf_counter() - t0)
+    return min(candidates, key=lambda s: statistics.median(times[s]))
+
+
+def _run_strategy(x, info, t, conv_args, strategy, out):
+    """One CPU strategy on x, into out if given."""
+    N, O = x.shape[0], info["weight_shape"][0]
+    OH, OW = conv_out_hw(x.shape[2:], info["weight_shape"][2:], *conv_args)
     if strategy == "gather":
         return _run_gather(x, info, t, conv_args, out)
     if strategy == "dense":

@@ -1095,10 +1095,30 @@ def test_cost_rule_picks_each_strategy():
     assert kernels.choose_cpu_strategy(info, 64 * 4, 64 * 4) == "grouped"  # 2x2 maps: one call, not 8
     costs = kernels.cpu_strategy_costs(info, P, P)
     assert costs["conv"] < 0.5 * costs["dense"]
-    # the cached choice is what a forward runs
-    layer = kernels.RegroupedConv2d(w, chan_local, padding=1)
-    layer(torch.randn(2, C, 5, 5))
-    assert layer.info["choice"] == {(2, C, 5, 5): kernels.choose_cpu_strategy(info, 50, 50)}
+    # the cached choice is what a forward runs: the rule's pick, or dense if timing says so
+    for shape in ((2, C, 5, 5), (64, C, 16, 16)):
+        layer = kernels.RegroupedConv2d(w, chan_local, padding=1)
+        layer(torch.randn(shape))
+        pixels = shape[0] * shape[2] * shape[3]
+        assert layer.info["choice"][shape] in {kernels.choose_cpu_strategy(info, pixels, pixels), "dense"}
+
+
+def test_autotune_keeps_the_faster_strategy(monkeypatch):
+    w = torch.randn(16, 8, 3, 3)
+    blocks = [(torch.arange(8), torch.arange(9)), (torch.arange(8, 16), torch.arange(9, 18))]
+    layer = kernels.RegroupedConv2d(w, blocks, padding=1)
+    clock = iter(range(10_000))                   # a fake clock: every run of "dense" takes 5 ticks
+    real_run = kernels._run_strategy
+
+    def run(x, info, t, conv_args, strategy, out):
+        for _ in range(5 if strategy == "dense" else 1):
+            next(clock)
+        return real_run(x, info, t, conv_args, strategy, out)
+    monkeypatch.setattr(kernels.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(kernels, "_run_strategy", run)
+    x = torch.randn(2, 8, 6, 6)
+    assert kernels._faster(x, layer.info, {k: getattr(layer, "plan_" + k) for k in layer._plan_keys},
+                           ((1, 1), (1, 1), (1, 1)), ("dense", "conv")) == "conv"
 
 
 # ---- validation ----
