@@ -690,9 +690,12 @@ def write_layer_csv(stats, path):
 
 
 def resolve_device(name):
-    """'auto' -> cuda if available else cpu; asking for cuda without one is a UsageError."""
+    """'auto' -> cuda if available, else cpu with one WARNING line; cuda without one: UsageError."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        print("WARNING: no CUDA GPU found (--device auto): running on the CPU", file=sys.stderr)
+        return "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but torch sees no CUDA GPU (CPU build of torch, or no "
                          "driver); use --device cpu or auto")

@@ -1347,3 +1347,11 @@ def test_official_width_rule_stops_at_the_first_prefix_that_leaves_rows_under_pr
     (rows, cols), = L.official_width_blocks(m, [np.arange(8)])
     expect = next(k for k in range(1, 51) if 20 - min(k, 20) < k / 1.5)     # k = 13
     assert len(cols) == expect == 13 and set(cols.tolist()) <= set(range(10, 30))
+
+
+def test_device_auto_without_cuda_warns_once_and_uses_the_cpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert L.resolve_device("auto") == "cpu"
+    assert capsys.readouterr().err.count("WARNING: no CUDA GPU found") == 1
+    with pytest.raises(L.UsageError, match="--device cuda"):
+        L.resolve_device("cuda")
