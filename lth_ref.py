@@ -28,6 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data as datasets      # data.py (local variables are called `data`)
+import kernels
+import models as model_zoo   # models.py
+
 # ---- hyperparameters (the paper's, Table 1 and Sec. 3.1) ----
 PAPER = dict(
     epochs=160,           # epochs per IMP level
@@ -399,7 +403,7 @@ def train_epoch(model, data, optimizer, masks, batch_size, generator):
     loss_sum = torch.zeros((), device=data.train_x.device)
     correct = torch.zeros((), device=data.train_x.device, dtype=torch.long)
     seen = 0
-    for x, y in data_mod().train_batches(data, batch_size, generator):
+    for x, y in datasets.train_batches(data, batch_size, generator):
         out = model(x)
         loss = F.cross_entropy(out, y)
         optimizer.zero_grad(set_to_none=True)
@@ -419,21 +423,9 @@ def evaluate(model, data, batch_size=500):
     """Test accuracy (fraction correct) of the model in eval mode."""
     model.eval()
     correct = torch.zeros((), device=data.test_x.device, dtype=torch.long)
-    for x, y in data_mod().test_batches(data, batch_size):
+    for x, y in datasets.test_batches(data, batch_size):
         correct += (model(x).argmax(1) == y).sum()
     return correct.item() / len(data.test_y)
-
-
-def data_mod():
-    """data.py, imported on first use (so `import lth_ref` stays light)."""
-    import data
-    return data
-
-
-def models_mod():
-    """models.py, imported on first use."""
-    import models
-    return models
 
 
 # ---- files: atomic writes, config, tickets ----
@@ -529,10 +521,10 @@ def find_ticket(cfg, log=print):
     os.makedirs(cfg.out_dir, exist_ok=True)
     check_config(cfg)
     device = resolve_device(cfg.device)
-    data = data_mod().load_dataset(cfg.dataset, cfg.data_dir, device, cfg.train_subset, cfg.seed,
+    data = datasets.load_dataset(cfg.dataset, cfg.data_dir, device, cfg.train_subset, cfg.seed,
                                    log=log)
     torch.manual_seed(cfg.seed)
-    model = models_mod().MODELS[cfg.arch](data.num_classes).to(device)
+    model = model_zoo.MODELS[cfg.arch](data.num_classes).to(device)
     eta = Eta(cfg)
     rows = []
     for level in range(cfg.levels + 1):
@@ -712,7 +704,7 @@ def bench_mask(args, log=print):
     """
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    model = models_mod().MODELS[args.arch](10).to(device)
+    model = model_zoo.MODELS[args.arch](10).to(device)
     weights = prunable_weights(model)
     masks = magnitude_prune(weights, ones_masks(weights), 0.8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -801,7 +793,7 @@ def bench_regroup(args, log=print):
         masks = magnitude_prune(weights, ticket["masks"], args.prune_rate)
     else:
         torch.manual_seed(args.seed)
-        weights = prunable_weights(models_mod().MODELS[args.arch](10))
+        weights = prunable_weights(model_zoo.MODELS[args.arch](10))
         masks = magnitude_prune(weights, ones_masks(weights), 0.8)
     rng, rows = np.random.default_rng(args.seed), []
     for name, mask in masks.items():
@@ -863,9 +855,8 @@ def bench_kernels(args, log=print):
     profiling setting (Sec. A1, Fig. 7): every conv fed a batch-64 127x127 input, conv only.
     Refill tickets run as one block of kept channels per layer. Results also go to bench.json.
     """
-    import kernels
     path, ticket = fresh_ticket(args) if args.bench_density else find_bench_ticket(args)
-    model = models_mod().MODELS[ticket["config"]["arch"]](ticket["num_classes"])
+    model = model_zoo.MODELS[ticket["config"]["arch"]](ticket["num_classes"])
     check_masks_fit(model, ticket["masks"], "ticket")
     model.load_state_dict(ticket["state_dict"])
     blocks = ticket["blocks"] or {n: channel_blocks(m) for n, m in ticket["masks"].items()}
@@ -899,7 +890,7 @@ def fresh_ticket(args):
         raise UsageError("--bench-density needs a density in (0, 1] and --method refill, refill+ "
                          "or regroup (an unstructured imp mask has no blocks)")
     torch.manual_seed(args.seed)
-    model = models_mod().MODELS[args.arch](10)
+    model = model_zoo.MODELS[args.arch](10)
     weights = prunable_weights(model)
     masks = magnitude_prune(weights, ones_masks(weights), 1.0 - args.bench_density)
     masks, blocks = POSTPROCESS[args.method](weights, masks, args)
@@ -950,11 +941,11 @@ def build_parser():
         description="Find structurally sparse lottery tickets (Chen et al., ICML 2022).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--arch", default="resnet20", choices=sorted(models_mod().MODELS), help="network")
+    a("--arch", default="resnet20", choices=sorted(model_zoo.MODELS), help="network")
     a("--method", default="imp", choices=list(POSTPROCESS),
       help="mask post-processing after each pruning level: imp (none), refill (channel-wise), "
            "refill+ (channel-wise, extra channels), regroup (group-wise dense blocks)")
-    a("--dataset", default="cifar10", choices=list(data_mod().DATASETS),
+    a("--dataset", default="cifar10", choices=list(datasets.DATASETS),
       help="synthetic = small deterministic CIFAR-shaped data for smoke runs")
     a("--data-dir", default="data", help="where CIFAR archives / extracted folders live")
     a("--out-dir", default=None, help="run directory (default runs/ARCH_METHOD_DATASET)")
@@ -1038,7 +1029,7 @@ def main(argv=None):
             BENCHES[args.bench](args)
         else:
             find_ticket(config_from_args(args))
-    except (UsageError, data_mod().DataError) as e:
+    except (UsageError, datasets.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
