@@ -23,6 +23,7 @@ Paths, all giving the output of F.conv2d with the block-masked weight:
 import copy
 import math
 import statistics
+import sys
 import time
 
 import torch
@@ -36,7 +37,7 @@ def _warn_once(msg):
     """Print one `WARNING:` line per distinct message and process."""
     if msg not in _WARNED:
         _WARNED.add(msg)
-        print(f"WARNING: {msg}")
+        print(f"WARNING: {msg}", file=sys.stderr)
 
 
 def _pair(v):

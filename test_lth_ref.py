@@ -821,9 +821,7 @@ def test_regroup_beats_random_and_sorted_partitions():
         by_nnz = np.argsort(-m.sum(1).numpy(), kind="stable")
         for order in (perm, by_nnz):
             parts = [np.sort(order[i:i + size]) for i in range(0, out_rows, size)]
-            found = L.choose_block_columns(m.numpy(), parts, 1, float(m.sum()), 1, 1)
-            base = [(torch.from_numpy(r), torch.from_numpy(c)) for r, c in found]
-            theirs = L.layer_stats(m, L.blocks_to_mask(base, out_rows, k), base)["coverage"]
+            theirs = L.partition_coverage(m, parts)
             assert ours > theirs + 0.01, (out_rows, ours, theirs)
 
 
@@ -1355,3 +1353,10 @@ def test_device_auto_without_cuda_warns_once_and_uses_the_cpu(monkeypatch, capsy
     assert capsys.readouterr().err.count("WARNING: no CUDA GPU found") == 1
     with pytest.raises(L.UsageError, match="--device cuda"):
         L.resolve_device("cuda")
+
+
+def test_kernel_fallback_warning_is_one_stderr_line_per_message(capsys):
+    kernels._warn_once("test fallback message")
+    kernels._warn_once("test fallback message")
+    captured = capsys.readouterr()
+    assert captured.err == "WARNING: test fallback message\n" and captured.out == ""
