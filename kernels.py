@@ -14,7 +14,9 @@ Paths, all giving the output of F.conv2d with the block-masked weight:
 - grouped_conv2d_cpu: exact CPU path; per layer and input shape, a measured cost rule
   (cpu_strategy_costs) picks one dense conv with the masked weight, one conv per block over the
   input channels it uses, the same per-block convs as one grouped conv, or a gather-GEMM (im2col
-  of the used columns once, one matmul per block).
+  of the used columns once, one matmul per block). Channels-last inputs stay channels-last: the
+  per-block convs then gather columns of the (N*H*W, C) matrix and oneDNN skips its reorders, which
+  on our CPU machine makes them (and the dense conv) faster; see README.
 - CUDA: CUDA_SRC, one launch per layer, WMMA tensor cores, implicit im2col (see that section).
 - RegroupedConv2d / regrouped_model: inference modules that hold only the packed block weights.
 - bench_layers / bench_model: dense (cuDNN/oneDNN) vs regrouped, per layer and end to end.
@@ -38,6 +40,25 @@ def _warn_once(msg):
     if msg not in _WARNED:
         _WARNED.add(msg)
         print(f"WARNING: {msg}", file=sys.stderr)
+
+
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def memory_format_of(x):
+    """torch.channels_last when the 4-D x is stored channels-last (N, H, W, C in memory) and not
+    also plain contiguous (as when C or H*W is 1), else torch.contiguous_format."""
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def select_channels(x, chans):
+    """x[:, chans] (x: N, C, H, W) in x's memory format: copies of whole (H, W) planes for NCHW, a
+    column gather of the (N*H*W, C) matrix for channels-last."""
+    if memory_format_of(x) != torch.channels_last:
+        return x.index_select(1, chans)
+    N, C, H, W = x.shape
+    return x.permute(0, 2, 3, 1).reshape(-1, C).index_select(1, chans).view(N, H, W, -1).permute(0, 3, 1, 2)
 
 
 def _pair(v):
@@ -199,7 +220,8 @@ def make_plan(weight, blocks, strategy=None):
 def _conv_plan(w2, blocks, info):
     """Per block: the input channels it uses and its conv weight (r_b, c_b, kh, kw) over them,
     zeros at unselected (ky, kx); the same as one grouped conv with every block zero-padded to
-    (r_max, c_max), padding channels reading channel 0."""
+    (r_max, c_max), padding channels reading channel 0; per output channel, its position among
+    the blocks' rows laid side by side (the number of block rows for rows in no block)."""
     _, _, kh, kw = info["weight_shape"]
     khkw, B = kh * kw, len(blocks)
     chans = [torch.unique(cols // khkw) for _, cols in blocks]
@@ -214,11 +236,15 @@ def _conv_plan(w2, blocks, info):
         group_chans[b, :ch.numel()] = ch
     group_rows = [b * r_max + torch.arange(r) for b, (r, _) in enumerate(info["sizes"])]  # real rows among padding
     empty = torch.zeros(0, dtype=torch.int64)
+    rows_all = torch.cat([r for r, _ in blocks]) if blocks else empty
+    position = torch.full((w2.shape[0],), len(rows_all), dtype=torch.int64)  # rows in no block: the zero column
+    position[rows_all] = torch.arange(len(rows_all))
     return {"conv_chans": torch.cat(chans) if blocks else empty,
             "conv_weight": torch.cat(conv_weights) if blocks else w2.new_zeros(0),
             "group_weight": group_weight.view(B * r_max, c_max, kh, kw).contiguous(memory_format=torch.channels_last),
             "group_chans": group_chans.view(-1),
-            "group_rows": torch.cat(group_rows) if blocks else empty}
+            "group_rows": torch.cat(group_rows) if blocks else empty,
+            "conv_position": position}
 
 
 def _gather_plan(w2, blocks, info):
@@ -254,15 +280,38 @@ def _cuda_plan(w2, blocks, info):
             "cuda_rows": rows.int(), "cuda_cols": cols.int()}
 
 
-def _run_conv(x, info, t, conv_args, out):
-    """One dense conv per block over the input channels it uses, written into its rows of out."""
+def _run_conv_nhwc(x, info, t, conv_args, out):
+    """The "conv" strategy on a channels-last input (memory N, H, W, C): the per-block input is a
+    column gather of the (N*H*W, C) matrix, oneDNN runs natively on it (no reorder of each block's
+    input and output, which NCHW needs), and one index_select over the concatenated block outputs
+    (plus a zero column for rows in no block) puts every output channel in place."""
+    N, (OH, OW) = x.shape[0], conv_out_hw(x.shape[2:], info["weight_shape"][2:], *conv_args)
+    rows_total = len(t["rows"])
+    y = x.new_empty(N, OH, OW, rows_total + 1)  # block outputs side by side, then a zero column
+    y[..., rows_total] = 0
+    r0 = 0
+    for rows_b, chans_b, w_b in _conv_blocks(info, t):
+        y_b = F.conv2d(select_channels(x, chans_b), w_b, None, *conv_args)  # (N, r_b, OH, OW)
+        y[..., r0:r0 + len(rows_b)] = y_b.permute(0, 2, 3, 1)
+        r0 += len(rows_b)
+    y = y.view(-1, rows_total + 1).index_select(1, t["conv_position"])  # (N*OH*OW, O)
+    y = y.view(N, OH, OW, -1).permute(0, 3, 1, 2)  # (N, O, OH, OW), channels-last
+    return out.copy_(y) if out is not None else y
+
+
+def _conv_blocks(info, t):
+    """(rows, input channels, conv weight (r_b, c_b, kh, kw)) of each block, from the plan."""
     kernel = info["weight_shape"][2:]
     rows = t["rows"].split([r for r, _ in info["sizes"]])
     chans = t["conv_chans"].split(info["chan_counts"])
     weights = t["conv_weight"].split([r * c * kernel[0] * kernel[1]
                                       for (r, _), c in zip(info["sizes"], info["chan_counts"])])
-    for rows_b, chans_b, w_b in zip(rows, chans, weights):
-        w_b = w_b.view(len(rows_b), len(chans_b), *kernel)  # (r_b, c_b, kh, kw)
+    return [(r, c, w.view(len(r), len(c), *kernel)) for r, c, w in zip(rows, chans, weights)]
+
+
+def _run_conv(x, info, t, conv_args, out):
+    """One dense conv per block over the input channels it uses, written into its rows of out."""
+    for rows_b, chans_b, w_b in _conv_blocks(info, t):
         out.index_copy_(1, rows_b, F.conv2d(x.index_select(1, chans_b), w_b, None, *conv_args))  # (N, r_b, OH, OW)
     return out
 
@@ -270,10 +319,10 @@ def _run_conv(x, info, t, conv_args, out):
 def _run_grouped(x, info, t, conv_args, out):
     """All per-block convs as one grouped conv (channels-last, blocks padded), scattered to rows."""
     n_groups = len(info["sizes"])
-    x_groups = x.index_select(1, t["group_chans"])  # (N, B*c_max, H, W)
+    x_groups = select_channels(x, t["group_chans"])  # (N, B*c_max, H, W)
     x_groups = x_groups.contiguous(memory_format=torch.channels_last)
     y = F.conv2d(x_groups, t["group_weight"], None, *conv_args, n_groups)  # (N, B*r_max, OH, OW)
-    return out.index_copy_(1, t["rows"], y.index_select(1, t["group_rows"]))
+    return out.index_copy_(1, t["rows"], select_channels(y, t["group_rows"]))
 
 
 def _run_gather(x, info, t, conv_args, out):
@@ -300,7 +349,7 @@ def _run_gather(x, info, t, conv_args, out):
     for rows_b, idx_b, w_b in zip(rows, idx, weights):
         y2.index_copy_(0, rows_b, w_b.view(len(rows_b), len(idx_b)) @ x_cols.index_select(0, idx_b))
     y = y2.view(O, N, OH, OW).transpose(0, 1)  # (N, O, OH, OW), channel-major in memory
-    return out.copy_(y) if out is not None else y.contiguous()
+    return out.copy_(y) if out is not None else y.contiguous(memory_format=memory_format_of(x))
 
 
 def run_plan(x, info, t, stride, padding, dilation=1, out=None, strategy=None):
@@ -342,7 +391,7 @@ def _faster(x, info, t, conv_args, candidates):
 
 
 def _run_strategy(x, info, t, conv_args, strategy, out):
-    """One CPU strategy on x, into out if given."""
+    """One CPU strategy on x, into out if given, else into a new tensor in x's memory format."""
     N, O = x.shape[0], info["weight_shape"][0]
     OH, OW = conv_out_hw(x.shape[2:], info["weight_shape"][2:], *conv_args)
     if strategy == "gather":
@@ -350,7 +399,10 @@ def _run_strategy(x, info, t, conv_args, strategy, out):
     if strategy == "dense":
         y = F.conv2d(x, t["dense_weight"], None, *conv_args)
         return out.copy_(y) if out is not None else y
-    out = out if out is not None else x.new_empty(N, O, OH, OW)
+    if strategy == "conv" and info["sizes"] and memory_format_of(x) == torch.channels_last:
+        return _run_conv_nhwc(x, info, t, conv_args, out)
+    out = out if out is not None else torch.empty(N, O, OH, OW, dtype=x.dtype, device=x.device,
+                                                      memory_format=memory_format_of(x))
     out.index_fill_(1, t["empty_rows"], 0.0)
     if not info["sizes"]:
         return out
@@ -805,20 +857,21 @@ def _conv_input_shapes(model, batch_size, device, input_size):
 
 
 def bench_layers(model, blocks, batch_size=64, device="cpu", paper_setting=False, repeats=10,
-                 input_size=(3, 32, 32), log=None):
+                 input_size=(3, 32, 32), log=None, memory_format=torch.contiguous_format):
     """Per regrouped conv: dense F.conv2d with the masked weight vs RegroupedConv2d, conv only.
 
     Inputs: the layer's real activation shape for a batch of `input_size` images (default), or with
     paper_setting every conv fed a (batch_size, C, 127, 127) input (paper Sec. A1 / Fig. 7 used
-    batch 64). Same precision on both sides (on GPU, cuDNN convs and our kernel both use TF32 for
-    fp32 by default). Outputs are checked against dense before timing. Returns one dict per conv."""
+    batch 64). Same precision and memory_format (of the inputs) on both sides (on GPU, cuDNN convs
+    and our kernel both use TF32 for fp32 by default). Outputs are checked against dense before
+    timing. Returns one dict per conv."""
     device = torch.device(device)
     model = copy.deepcopy(model).to(device).eval()
     shapes = None if paper_setting else _conv_input_shapes(model, batch_size, device, input_size)
     results = []
     for key, module_name, conv in _conv_modules(model, blocks):
         shape = (batch_size, conv.in_channels, 127, 127) if paper_setting else shapes[module_name]
-        x = torch.randn(shape, device=device)
+        x = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
         layer = RegroupedConv2d.from_conv(conv, blocks[key], name=key)
         mask = block_mask(layer.weight_shape, check_blocks(layer.weight_shape, blocks[key], key))
         weight, bias = conv.weight.detach() * mask.to(conv.weight), conv.bias
@@ -841,13 +894,16 @@ def bench_layers(model, blocks, batch_size=64, device="cpu", paper_setting=False
     return results
 
 
-def bench_model(model, blocks, batch_size=64, device="cpu", repeats=10, input_size=(3, 32, 32), log=None):
-    """End to end (eval, no_grad): the masked dense model vs regrouped_model, same input and
-    precision; outputs checked first (max_rel_err against the batch spread of the dense logits).
-    conv_flop_ratio counts every conv's MACs, the unpruned stem's too. Returns one dict."""
+def bench_model(model, blocks, batch_size=64, device="cpu", repeats=10, input_size=(3, 32, 32), log=None,
+                memory_format=torch.contiguous_format):
+    """End to end (eval, no_grad): the masked dense model vs regrouped_model, same input, precision
+    and memory_format (both models and the input converted to it); outputs checked first
+    (max_rel_err against the batch spread of the dense logits). conv_flop_ratio counts every conv's
+    MACs, the unpruned stem's too. Returns one dict."""
     device = torch.device(device)
-    dense, regrouped = masked_model(model, blocks).to(device), regrouped_model(model, blocks).to(device)
-    x = torch.randn(batch_size, *input_size, device=device)
+    dense = masked_model(model, blocks).to(device, memory_format=memory_format)
+    regrouped = regrouped_model(model, blocks).to(device, memory_format=memory_format)
+    x = torch.randn(batch_size, *input_size, device=device).contiguous(memory_format=memory_format)
     shapes = _conv_input_shapes(dense, 1, device, input_size)
     macs_dense = macs_regrouped = 0
     for name, m in dense.named_modules():
@@ -859,7 +915,8 @@ def bench_model(model, blocks, batch_size=64, device="cpu", repeats=10, input_si
     with torch.no_grad():
         err = _rel_err(regrouped(x), dense(x), centered=True)
         dense_ms, regrouped_ms = _time_pair_ms(lambda: dense(x), lambda: regrouped(x), device, repeats)
-    result = {"batch_size": batch_size, "device": str(device), "dense_ms": dense_ms,
+    result = {"batch_size": batch_size, "device": str(device),
+              "memory_format": str(memory_format).replace("torch.", ""), "dense_ms": dense_ms,
               "regrouped_ms": regrouped_ms, "speedup": dense_ms / regrouped_ms, "max_rel_err": err,
               "conv_flop_ratio": macs_regrouped / macs_dense,
               "ideal_conv_speedup": macs_dense / max(macs_regrouped, 1e-30)}

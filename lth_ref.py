@@ -862,18 +862,22 @@ def bench_kernels(args, log=print):
     blocks = ticket["blocks"] or {n: channel_blocks(m) for n, m in ticket["masks"].items()}
     device = resolve_device(args.device)
     paper = args.bench == "paper"
+    fmt = args.bench_memory_format
+    fmt = fmt if fmt != "auto" else "channels_last" if torch.device(device).type == "cpu" else "contiguous"
+    memory_format = kernels.MEMORY_FORMATS[fmt]
     report = dict(ticket=path, arch=ticket["config"]["arch"], method=ticket["config"]["method"],
-                  level=ticket["level"], device=device_name(device), torch=torch.__version__,
+                  level=ticket["level"], device=device_name(device), memory_format=fmt, torch=torch.__version__,
                   threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
                   setting="paper (batch 64, 127x127, conv only)" if paper else "cifar", runs=[])
     for batch in ([64] if paper else args.bench_batch):
         layers = kernels.bench_layers(model, blocks, batch, device, paper_setting=paper,
-                                      repeats=args.bench_repeats)
-        log(f"\nper layer, batch {batch}, {report['device']}, median of {args.bench_repeats}:")
+                                      repeats=args.bench_repeats, memory_format=memory_format)
+        log(f"\nper layer, batch {batch}, {report['device']}, {fmt}, median of {args.bench_repeats}:")
         log(markdown_table([{k: fmt_cell(v) for k, v in row.items()} for row in layers]))
         run = dict(batch=batch, layers=layers)
         if not paper:
-            run["model"] = kernels.bench_model(model, blocks, batch, device, args.bench_repeats)
+            run["model"] = kernels.bench_model(model, blocks, batch, device, args.bench_repeats,
+                                               memory_format=memory_format)
             log(markdown_table([{k: fmt_cell(v) for k, v in run["model"].items()}]))
         report["runs"].append(run)
     out = os.path.join(os.path.dirname(path), "bench.json")
@@ -988,6 +992,9 @@ def build_parser():
            "regroup/refill flags) instead of a saved ticket")
     a("--bench-batch", type=int, nargs="+", default=[64], help="batch sizes for --bench kernels")
     a("--bench-repeats", type=int, default=30, help="timed runs per measurement (median)")
+    a("--bench-memory-format", default="auto", choices=["auto", *kernels.MEMORY_FORMATS],
+      help="memory format of the activations, dense and regrouped alike; auto = channels_last on "
+           "the CPU (faster for both there), contiguous (NCHW, the CUDA kernel's layout) on a GPU")
     return p
 
 

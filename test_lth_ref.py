@@ -1039,12 +1039,15 @@ def test_reference_matches_masked_conv(shape):
     assert rel_err(y64, ref) < 1e-12
 
 
+@pytest.mark.parametrize("memory_format", list(kernels.MEMORY_FORMATS))
 @pytest.mark.parametrize("strategy", [None, *kernels.CPU_STRATEGIES])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cpu_path_matches_masked_conv(shape, strategy):
+def test_cpu_path_matches_masked_conv(shape, strategy, memory_format):
+    fmt = kernels.MEMORY_FORMATS[memory_format]
     x, weight, blocks, mask2d, masked, conv = make_case(shape, seed=2)
+    x = x.contiguous(memory_format=fmt)
     ref = F.conv2d(x.double(), masked.double(), **conv)
-    out = torch.full(ref.shape, float("nan"))
+    out = torch.full(ref.shape, float("nan")).contiguous(memory_format=fmt)
     y = kernels.grouped_conv2d_cpu(x, weight, blocks, out=out, strategy=strategy, **conv)
     assert y.data_ptr() == out.data_ptr()
     assert not torch.isnan(out).any()
@@ -1053,6 +1056,18 @@ def test_cpu_path_matches_masked_conv(shape, strategy):
     assert len(empty) >= 1 and (out[:, empty] == 0).all()
     y_new = kernels.grouped_conv2d_cpu(x, weight, blocks, strategy=strategy, **conv)  # no out=
     assert torch.allclose(y_new, out, rtol=0, atol=1e-6 * ref.abs().max().item())
+    if x.shape[0] > 1:  # (N=1 tensors are contiguous in both formats)
+        assert y_new.is_contiguous(memory_format=fmt) and kernels.memory_format_of(y_new) == fmt
+
+
+def test_select_channels_keeps_the_memory_format():
+    x = torch.randn(3, 6, 4, 5)
+    chans = torch.tensor([4, 0, 5])
+    for fmt in kernels.MEMORY_FORMATS.values():
+        y = kernels.select_channels(x.contiguous(memory_format=fmt), chans)
+        assert torch.equal(y, x[:, [4, 0, 5]]) and kernels.memory_format_of(y) == fmt
+    assert kernels.memory_format_of(torch.randn(1, 6, 1, 1).contiguous(memory_format=torch.channels_last)) \
+        == torch.contiguous_format  # both layouts at once: counted as plain
 
 
 def test_cpu_path_float64_is_exact():
@@ -1227,6 +1242,28 @@ def test_bench_helpers_return_checked_rows():
         assert r["path"] in kernels.CPU_STRATEGIES and abs(r["ideal_speedup"] * r["flop_ratio"] - 1) < 1e-9
     total = kernels.bench_model(model, blocks, batch_size=2, device="cpu", repeats=1, input_size=(3, 16, 16))
     assert total["max_rel_err"] < 1e-5 and 0 < total["conv_flop_ratio"] < 1
+    assert total["memory_format"] == "contiguous_format"
+
+
+def test_regrouped_model_in_channels_last_equals_masked_dense_model():
+    model, blocks, _ = tiny_model_and_blocks()
+    cl = torch.channels_last
+    x = torch.randn(4, 3, 15, 15)
+    with torch.no_grad():
+        ref = kernels.masked_model(model, blocks).double()(x.double())
+        regrouped = kernels.regrouped_model(model, blocks).to(memory_format=cl)
+        for m in regrouped.modules():
+            if isinstance(m, kernels.RegroupedConv2d):
+                m.info["forced"] = "conv"  # the channels-last per-block path, not the cost rule's pick
+        inner = []
+        regrouped.body[2].register_forward_hook(lambda m, i, o: inner.append(o))
+        y = regrouped(x.contiguous(memory_format=cl))
+    assert rel_err(y, ref) < 1e-5
+    assert kernels.memory_format_of(inner[0]) == cl  # the activations stay channels-last
+    rows = kernels.bench_layers(model, blocks, batch_size=2, repeats=1, input_size=(3, 16, 16), memory_format=cl)
+    assert all(r["max_rel_err"] < 1e-5 for r in rows)
+    total = kernels.bench_model(model, blocks, batch_size=2, repeats=1, input_size=(3, 16, 16), memory_format=cl)
+    assert total["max_rel_err"] < 1e-5 and total["memory_format"] == "channels_last"
 
 
 # ---- CUDA: tables (CPU), compile check (nvcc), kernel (GPU only) ----
@@ -1317,6 +1354,7 @@ def test_bench_density_runs_the_grouped_gemm_on_a_fresh_regrouped_model(tmp_path
     report = L.bench_kernels(args, log=lambda *_: None)
     run = report["runs"][0]
     assert len(run["layers"]) == 18 and run["model"]["max_rel_err"] < 1e-4
+    assert report["memory_format"] == run["model"]["memory_format"] == "channels_last"  # auto on the CPU
     assert json.load(open(tmp_path / "bench.json"))["arch"] == "resnet20"
     _, ticket = L.fresh_ticket(args)
     model = models.MODELS["resnet20"](10)
