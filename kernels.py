@@ -356,23 +356,32 @@ def run_plan(x, info, t, stride, padding, dilation=1, out=None, strategy=None):
     """Run a plan (make_plan) on the CPU, or its gather-GEMM on any device. x (N, C, H, W) ->
     (N, O, OH, OW), written into out if given (rows in no block come out 0). The strategy is
     strategy, else the plan's forced one, else the choice for x's shape (made on first use, cached):
-    the cost rule's pick, timed against dense on this input when CPU_AUTOTUNE is set."""
+    the cost rule's pick, timed against dense (and any sparse strategy predicted within
+    AUTOTUNE_SPREAD of the pick) on this input when CPU_AUTOTUNE is set."""
     conv_args = (_pair(stride), _pair(padding), _pair(dilation))
     strategy = strategy or info["forced"]
     if strategy is None:
-        key = tuple(x.shape)
+        key = choice_key(x)
         if key not in info["choice"]:
             N, (OH, OW) = x.shape[0], conv_out_hw(x.shape[2:], info["weight_shape"][2:], *conv_args)
+            costs = cpu_strategy_costs(info, N * x.shape[2] * x.shape[3], N * OH * OW)
             pick = choose_cpu_strategy(info, N * x.shape[2] * x.shape[3], N * OH * OW)
             if pick != "dense" and CPU_AUTOTUNE and not x.is_cuda:
-                pick = _faster(x, info, t, conv_args, ("dense", pick))
+                close = [s for s in CPU_STRATEGIES[1:] if costs[s] <= AUTOTUNE_SPREAD * costs[pick]]
+                pick = _faster(x, info, t, conv_args, ("dense", *close))
             info["choice"][key] = pick
         strategy = info["choice"][key]
     return _run_strategy(x, info, t, conv_args, strategy, out)
 
 
-CPU_AUTOTUNE = True   # time the cost rule's sparse pick against dense once per input shape
-AUTOTUNE_RUNS = 3     # timed runs per candidate (median), after one warm-up run each
+def choice_key(x):
+    """What a layer's strategy choice depends on besides the layer: input shape and memory format."""
+    return tuple(x.shape), str(memory_format_of(x))
+
+
+CPU_AUTOTUNE = True    # time the cost rule's sparse pick against dense once per input shape
+AUTOTUNE_RUNS = 3      # timed runs per candidate (median), after one warm-up run each
+AUTOTUNE_SPREAD = 1.5  # other sparse strategies predicted within this factor of the pick are timed too
 
 
 def _faster(x, info, t, conv_args, candidates):
@@ -834,7 +843,7 @@ def _path_name(layer, x):
     """Which code a RegroupedConv2d ran on input x (after one forward)."""
     if x.is_cuda:
         return "cuda-kernel" if cuda_available_kernel() else "torch-gather"
-    return layer.info["forced"] or layer.info["choice"][tuple(x.shape)]
+    return layer.info["forced"] or layer.info["choice"][choice_key(x)]
 
 
 def _conv_input_shapes(model, batch_size, device, input_size):

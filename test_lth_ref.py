@@ -1108,12 +1108,19 @@ def test_cost_rule_picks_each_strategy():
     assert kernels.choose_cpu_strategy(info, 64 * 4, 64 * 4) == "grouped"  # 2x2 maps: one call, not 8
     costs = kernels.cpu_strategy_costs(info, P, P)
     assert costs["conv"] < 0.5 * costs["dense"]
-    # the cached choice is what a forward runs: the rule's pick, or dense if timing says so
+    # the cached choice, per input shape and memory format, is what a forward runs: the rule's pick,
+    # or dense or a sparse strategy predicted within AUTOTUNE_SPREAD of the pick, if timing says so
     for shape in ((2, C, 5, 5), (64, C, 16, 16)):
         layer = kernels.RegroupedConv2d(w, chan_local, padding=1)
-        layer(torch.randn(shape))
+        x = torch.randn(shape)
+        layer(x)
+        layer(x.contiguous(memory_format=torch.channels_last))
         pixels = shape[0] * shape[2] * shape[3]
-        assert layer.info["choice"][shape] in {kernels.choose_cpu_strategy(info, pixels, pixels), "dense"}
+        costs, pick = kernels.cpu_strategy_costs(info, pixels, pixels), kernels.choose_cpu_strategy(info, pixels, pixels)
+        allowed = {"dense", pick} | {s for s in costs if costs[s] <= kernels.AUTOTUNE_SPREAD * costs[pick]}
+        assert len(layer.info["choice"]) == 2
+        for fmt in kernels.MEMORY_FORMATS.values():
+            assert layer.info["choice"][(shape, str(fmt))] in allowed
 
 
 def test_autotune_keeps_the_faster_strategy(monkeypatch):
