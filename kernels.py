@@ -750,7 +750,7 @@ class RegroupedConv2d(nn.Module):
                 f"stride={self.stride}, padding={self.padding}, cpu_strategy={self.info['forced'] or 'auto'}")
 
     def forward(self, x):
-        t = {k: getattr(self, "plan_" + k) for k in self._plan_keys}
+        t = {k: self._buffers["plan_" + k] for k in self._plan_keys}  # (getattr is 7x slower per call)
         if x.is_cuda:
             y = _run_cuda(x, self.info, t, self.stride, self.padding, self.dilation)
         else:
