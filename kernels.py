@@ -364,8 +364,8 @@ def run_plan(x, info, t, stride, padding, dilation=1, out=None, strategy=None):
         key = choice_key(x)
         if key not in info["choice"]:
             N, (OH, OW) = x.shape[0], conv_out_hw(x.shape[2:], info["weight_shape"][2:], *conv_args)
-            costs = cpu_strategy_costs(info, N * x.shape[2] * x.shape[3], N * OH * OW)
-            pick = choose_cpu_strategy(info, N * x.shape[2] * x.shape[3], N * OH * OW)
+            pixels = (N * x.shape[2] * x.shape[3], N * OH * OW)
+            costs, pick = cpu_strategy_costs(info, *pixels), choose_cpu_strategy(info, *pixels)
             if pick != "dense" and CPU_AUTOTUNE and not x.is_cuda:
                 close = [s for s in CPU_STRATEGIES[1:] if costs[s] <= AUTOTUNE_SPREAD * costs[pick]]
                 pick = _faster(x, info, t, conv_args, ("dense", *close))
@@ -379,7 +379,7 @@ def choice_key(x):
     return tuple(x.shape), str(memory_format_of(x))
 
 
-CPU_AUTOTUNE = True    # time the cost rule's sparse pick against dense once per input shape
+CPU_AUTOTUNE = True    # time the cost rule's sparse pick against dense once per input shape and format
 AUTOTUNE_RUNS = 3      # timed runs per candidate (median), after one warm-up run each
 AUTOTUNE_SPREAD = 1.5  # other sparse strategies predicted within this factor of the pick are timed too
 
@@ -706,9 +706,10 @@ def _run_cuda(x, info, t, stride, padding, dilation):
     conv = (*_pair(stride), *_pair(padding), *_pair(dilation))
     if ext is None or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return run_plan(x, info, t, stride, padding, dilation, strategy="gather")
-    return ext.grouped_conv2d_cuda(x.contiguous(), t["packed"].to(x.dtype), t["cuda_meta"], t["cuda_tiles"],
-                                   t["cuda_rows"], t["cuda_cols"], t["empty_rows"], list(info["weight_shape"]),
-                                   list(conv), info["tile_rows"])
+    y = ext.grouped_conv2d_cuda(x.contiguous(), t["packed"].to(x.dtype), t["cuda_meta"], t["cuda_tiles"],
+                                t["cuda_rows"], t["cuda_cols"], t["empty_rows"], list(info["weight_shape"]),
+                                list(conv), info["tile_rows"])
+    return y.contiguous(memory_format=memory_format_of(x))  # the kernel reads and writes NCHW
 
 
 # ---- dispatch and modules ----
@@ -925,7 +926,7 @@ def bench_model(model, blocks, batch_size=64, device="cpu", repeats=10, input_si
         err = _rel_err(regrouped(x), dense(x), centered=True)
         dense_ms, regrouped_ms = _time_pair_ms(lambda: dense(x), lambda: regrouped(x), device, repeats)
     result = {"batch_size": batch_size, "device": str(device),
-              "memory_format": str(memory_format).replace("torch.", ""), "dense_ms": dense_ms,
+              "memory_format": {v: k for k, v in MEMORY_FORMATS.items()}[memory_format], "dense_ms": dense_ms,
               "regrouped_ms": regrouped_ms, "speedup": dense_ms / regrouped_ms, "max_rel_err": err,
               "conv_flop_ratio": macs_regrouped / macs_dense,
               "ideal_conv_speedup": macs_dense / max(macs_regrouped, 1e-30)}

@@ -1249,7 +1249,7 @@ def test_bench_helpers_return_checked_rows():
         assert r["path"] in kernels.CPU_STRATEGIES and abs(r["ideal_speedup"] * r["flop_ratio"] - 1) < 1e-9
     total = kernels.bench_model(model, blocks, batch_size=2, device="cpu", repeats=1, input_size=(3, 16, 16))
     assert total["max_rel_err"] < 1e-5 and 0 < total["conv_flop_ratio"] < 1
-    assert total["memory_format"] == "contiguous_format"
+    assert total["memory_format"] == "contiguous"
 
 
 def test_regrouped_model_in_channels_last_equals_masked_dense_model():
@@ -1321,6 +1321,9 @@ def test_cuda_kernel_matches_reference(shape, dtype, tol):
     assert rel_err(y.cpu(), ref) < tol
     empty = torch.nonzero(mask2d.sum(1) == 0).view(-1).cuda()
     assert (y[:, empty] == 0).all()
+    y_cl = layer(x.cuda().to(dtype).contiguous(memory_format=torch.channels_last))
+    assert torch.equal(y_cl, y) and kernels.memory_format_of(y_cl) == kernels.memory_format_of(
+        x.contiguous(memory_format=torch.channels_last))  # same values, the input's layout
 
 
 @cuda
