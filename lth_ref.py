@@ -125,10 +125,49 @@ def rewind(model, state, masks):
 
 # ---- refill (channel-wise tickets) ----
 CHANNEL_SCORES = {
-    # score of each output channel, from (O, K) views of the trained weight and the pruned mask
-    "l1": lambda weight2d, mask2d: (weight2d * mask2d).abs().sum(1),  # paper's main criterion (A2)
-    "remain": lambda weight2d, mask2d: mask2d.sum(1),                 # official default
+    # score of each output channel, from (O, K) views of the trained weight and the pruned mask, or
+    # (FEATURE_SCORES) from the layer's output on a training batch, feats = conv_channel_stats()[layer]
+    "l1": lambda weight2d, mask2d, feats: (weight2d * mask2d).abs().sum(1),  # paper's main criterion (A2)
+    "remain": lambda weight2d, mask2d, feats: mask2d.sum(1),                 # official default
+    "fmap_l1": lambda weight2d, mask2d, feats: feats["fmap_l1"],             # official `l1`
+    "fmap_l2": lambda weight2d, mask2d, feats: feats["fmap_l2"],             # official `l2`
+    "saliency": lambda weight2d, mask2d, feats: feats["saliency"],           # official `saliency`
 }
+FEATURE_SCORES = ("fmap_l1", "fmap_l2", "saliency")
+
+
+def conv_channel_stats(model, names, images, labels):
+    """Per output channel of each conv weight in `names`, from one batch through the model in eval
+    mode: fmap_l1 = sum |y|, fmap_l2 = sum y^2, saliency = sum |y * dL/dy| (L = mean cross-entropy),
+    sums over (batch, H, W) of the conv's output y. {name: {stat: (O,) float CPU tensor}}.
+
+    Paper: Sec. 3.2 / ablation A2 (feature-map and saliency criteria for refill). Official:
+    `prune_model_custom_fillback` criteria l1/l2/saliency on one training batch; it reshapes the
+    (N, O, H, W) map with .view(O, -1), which mixes images and channels unless N = 1; we sum each
+    channel. The model's weights and train/eval mode are left as they were."""
+    modules = {n[:-len(".weight")]: n for n in names}
+    outputs, hooks = {}, []
+    for module_name, module in model.named_modules():
+        if module_name in modules and isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(
+                lambda m, i, y, key=modules[module_name]: outputs.__setitem__(key, y)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(images), labels)
+            missing = sorted(set(names) - set(outputs))
+            if missing:
+                raise ValueError(f"no conv output seen for {missing[:3]}: names must be conv weights of the model")
+            grads = torch.autograd.grad(loss, [outputs[n] for n in names])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {n: {"fmap_l1": outputs[n].detach().abs().sum((0, 2, 3)).cpu(),
+                "fmap_l2": outputs[n].detach().pow(2).sum((0, 2, 3)).cpu(),
+                "saliency": (outputs[n].detach() * g).abs().sum((0, 2, 3)).cpu()}
+            for n, g in zip(names, grads)}
 
 
 def top_k(scores, k):
@@ -139,25 +178,30 @@ def top_k(scores, k):
     return keep.to(scores.device)
 
 
-def refill_mask(weight, mask, extra=0.0, score="l1"):
+def refill_mask(weight, mask, extra=0.0, score="l1", feats=None):
     """One layer's refill: keep the n best output channels whole, prune every other channel whole.
 
     Paper: Sec. 3.2 / Alg. 2 (refill), n = nnz / K channels; refill+ keeps n + extra * (O - n).
     Official: `prune_model_custom_fillback` (fillback_rate = extra, criterion `remain` by default).
-    weight, mask: (O, C, kh, kw). Returns a mask whose rows (output channels) are all 1 or all 0;
-    channels that come back whole take their rewind values when the level rewinds.
+    weight, mask: (O, C, kh, kw); feats: this layer's conv_channel_stats (FEATURE_SCORES only).
+    Returns a mask whose rows (output channels) are all 1 or all 0; channels that come back whole
+    take their rewind values when the level rewinds.
     """
+    if score in FEATURE_SCORES and feats is None:
+        raise ValueError(f"refill score {score!r} scores the layer's output: pass feats from conv_channel_stats")
     out_channels = mask.shape[0]
     mask2d, weight2d = mask.reshape(out_channels, -1), weight.detach().reshape(out_channels, -1)
     n = max(1, int(round(float(mask2d.sum()) / mask2d.shape[1])))
     n = min(out_channels, n + int(round(extra * (out_channels - n))))
-    keep = top_k(CHANNEL_SCORES[score](weight2d.float(), mask2d), n)
+    keep = top_k(CHANNEL_SCORES[score](weight2d.float(), mask2d, feats), n)
     return keep[:, None].expand_as(mask2d).to(mask.dtype).reshape(mask.shape).clone()
 
 
-def refill(weights, masks, extra=0.0, score="l1"):
-    """Refill every layer (refill+ when extra > 0): {name: mask} -> {name: channel-wise mask}."""
-    return {n: refill_mask(weights[n], m, extra, score) for n, m in masks.items()}
+def refill(weights, masks, extra=0.0, score="l1", feats=None):
+    """Refill every layer (refill+ when extra > 0): {name: mask} -> {name: channel-wise mask}.
+    feats: conv_channel_stats for FEATURE_SCORES, else None."""
+    return {n: refill_mask(weights[n], m, extra, score, None if feats is None else feats[n])
+            for n, m in masks.items()}
 
 
 # ---- regroup (group-wise tickets): hypergraph, greedy partition, dense blocks ----
@@ -367,12 +411,12 @@ def channel_blocks(mask):
 
 
 # ---- the post-processing table: what each --method does after a pruning round ----
-POSTPROCESS = {
-    "imp": lambda weights, masks, cfg: (masks, None),
-    "refill": lambda weights, masks, cfg: (refill(weights, masks, 0.0, cfg.refill_score), None),
-    "refill+": lambda weights, masks, cfg: (
-        refill(weights, masks, cfg.refill_extra, cfg.refill_score), None),
-    "regroup": lambda weights, masks, cfg: regroup(
+POSTPROCESS = {  # (trained weights, pruned masks, config, conv_channel_stats or None) -> (masks, blocks)
+    "imp": lambda weights, masks, cfg, feats: (masks, None),
+    "refill": lambda weights, masks, cfg, feats: (refill(weights, masks, 0.0, cfg.refill_score, feats), None),
+    "refill+": lambda weights, masks, cfg, feats: (
+        refill(weights, masks, cfg.refill_extra, cfg.refill_score, feats), None),
+    "regroup": lambda weights, masks, cfg, feats: regroup(
         masks, unit=cfg.regroup_unit, groups=cfg.groups, row_multiple=cfg.row_multiple,
         min_col_nnz=cfg.min_col_nnz, min_block_cols=cfg.min_block_cols),
 }
@@ -541,7 +585,7 @@ def find_ticket(cfg, log=print):
     return rows
 
 
-def start_level(model, cfg, level, device):
+def start_level(model, data, cfg, level, device):
     """The state a level starts from: (masks, blocks, per-layer stats).
 
     Level 0 is the dense run from the seeded initialization. Level L > 0 prunes level L-1's trained
@@ -557,7 +601,13 @@ def start_level(model, cfg, level, device):
     check_masks_fit(model, prev["masks"], "previous level's ticket")
     trained = {n: prev["state_dict"][n] for n in weights}
     pruned = magnitude_prune(trained, prev["masks"], cfg.prune_rate)
-    masks, blocks = POSTPROCESS[cfg.method](trained, pruned, cfg)
+    feats = None
+    if cfg.method in ("refill", "refill+") and cfg.refill_score in FEATURE_SCORES:
+        model.load_state_dict(prev["state_dict"])          # level L-1's trained network (rewound below)
+        batch_rng = epoch_generator(cfg, level, -1, device)  # "epoch -1": a seeded draw no epoch uses
+        images, labels = next(datasets.train_batches(data, cfg.batch_size, batch_rng))
+        feats = conv_channel_stats(model, list(weights), images, labels)
+    masks, blocks = POSTPROCESS[cfg.method](trained, pruned, cfg, feats)
     stats = {n: layer_stats(pruned[n], masks[n], None if blocks is None else blocks[n])
              for n in masks}
     masks = {n: m.to(device) for n, m in masks.items()}
@@ -581,7 +631,7 @@ def run_level(model, data, cfg, level, device, eta, log):
         loss, test_acc = ckpt["loss"], ckpt["test_acc"]
         log(f"level {level}: resuming at epoch {epoch} from {ckpt_path}")
     else:
-        masks, blocks, stats = start_level(model, cfg, level, device)
+        masks, blocks, stats = start_level(model, data, cfg, level, device)
         epoch, seconds = (0 if level == 0 else cfg.rewind_epoch), 0.0
     dens = density(masks)
     while epoch < cfg.epochs:
@@ -897,7 +947,11 @@ def fresh_ticket(args):
     model = model_zoo.MODELS[args.arch](10)
     weights = prunable_weights(model)
     masks = magnitude_prune(weights, ones_masks(weights), 1.0 - args.bench_density)
-    masks, blocks = POSTPROCESS[args.method](weights, masks, args)
+    feats = None
+    if args.refill_score in FEATURE_SCORES:                 # an untrained model: a random batch will do
+        calibrate_batchnorm(model)
+        feats = conv_channel_stats(model, list(weights), torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)))
+    masks, blocks = POSTPROCESS[args.method](weights, masks, args, feats)
     apply_masks(model, masks)
     calibrate_batchnorm(model)
     out_dir = args.out_dir or os.path.join("runs", f"bench_{args.arch}_{args.method}")
@@ -969,7 +1023,8 @@ def build_parser():
     a("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
     a("--refill-score", default="l1", choices=list(CHANNEL_SCORES),
       help="channel score for refill: l1 = L1 norm of the kept weights (paper), remain = number of "
-           "kept weights (official)")
+           "kept weights (official default); fmap_l1, fmap_l2, saliency = the channel's output on one "
+           "training batch: sum |y|, sum y^2, sum |y dL/dy| (official l1, l2, saliency)")
     a("--refill-extra", type=float, default=0.1,
       help="refill+: extra fraction of the pruned channels kept (official fillback_rate)")
     a("--regroup-unit", default="position", choices=list(REGROUP_UNITS),

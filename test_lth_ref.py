@@ -2,6 +2,7 @@
 
 Run with `python -m pytest -q test_lth_ref.py` (CPU, a few minutes). CUDA tests skip without a GPU.
 """
+import copy
 import dataclasses
 import functools
 import io
@@ -770,6 +771,41 @@ def test_refill_plus_keeps_a_superset_and_scores_differ():
     assert torch.all(plus >= l1) and plus.all()
 
 
+def test_refill_with_a_feature_score_keeps_the_top_channels_of_that_score():
+    g = torch.Generator().manual_seed(0)
+    w, m = torch.randn(6, 3, 3, 3, generator=g), (torch.rand(6, 3, 3, 3, generator=g) < 0.5).float()
+    n = round(float(m.sum()) / 27)
+    for score in L.FEATURE_SCORES:
+        order = torch.randperm(6, generator=g).float()
+        feats = {s: torch.zeros(6) for s in L.FEATURE_SCORES}
+        feats[score] = order                               # only this statistic may decide
+        kept = L.refill_mask(w, m, score=score, feats=feats).reshape(6, -1).sum(1) > 0
+        assert kept.tolist() == (order >= 6 - n).tolist()
+    with pytest.raises(ValueError, match="conv_channel_stats"):
+        L.refill_mask(w, m, score="saliency")
+
+
+def test_conv_channel_stats_match_a_manual_forward_and_backward():
+    model, _, _ = tiny_model_and_blocks()
+    x, labels = torch.randn(4, 3, 9, 9), torch.tensor([0, 3, 1, 4])
+    before = copy.deepcopy(model.state_dict())
+    stats = L.conv_channel_stats(model, ["body.2.weight", "body.4.weight"], x, labels)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    model.eval()                                           # the manual pass, in the same mode
+    y2 = model.body[2](model.body[1](model.body[0](model.stem(x))))
+    y4 = model.body[4](model.body[3](y2))
+    y2.retain_grad(), y4.retain_grad()
+    F.cross_entropy(model.fc(model.body[5](y4).mean((2, 3))), labels).backward()
+    for name, y in (("body.2.weight", y2), ("body.4.weight", y4)):
+        expected = {"fmap_l1": y.abs().sum((0, 2, 3)), "fmap_l2": y.pow(2).sum((0, 2, 3)),
+                    "saliency": (y * y.grad).abs().sum((0, 2, 3))}
+        for key, value in expected.items():
+            assert torch.allclose(stats[name][key], value.detach(), rtol=1e-5, atol=1e-7), (name, key)
+        assert stats[name]["saliency"].abs().sum() > 0
+    with pytest.raises(ValueError, match="no conv output"):
+        L.conv_channel_stats(model, ["fc.weight"], x, labels)
+
+
 def test_top_k_breaks_ties_by_lower_index():
     assert L.top_k(torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0]), 2).tolist() == [False, True, True, False, False]
 
@@ -881,9 +917,10 @@ def test_cli_imp_two_levels_densities_and_files(tmp_path):
     assert open(os.path.join(out, "results.csv")).readline().startswith("level,density,test_acc")
 
 
-@pytest.mark.parametrize("method", ["refill", "refill+", "regroup"])
-def test_cli_structured_methods(tmp_path, method):
-    out, rows = run_cli(tmp_path, "--levels", "1", "--method", method)
+@pytest.mark.parametrize("method, flags", [("refill", []), ("refill+", []), ("regroup", []),
+                                           ("refill", ["--refill-score", "saliency"])])
+def test_cli_structured_methods(tmp_path, method, flags):
+    out, rows = run_cli(tmp_path, "--levels", "1", "--method", method, *flags)
     ticket = torch.load(os.path.join(out, "level_01", "ticket.pt"), weights_only=False)
     assert 0.8 / 1.5 <= rows[1]["density"] <= 0.8 * 1.5
     for n, m in ticket["masks"].items():
