@@ -136,6 +136,11 @@ CHANNEL_SCORES = {
 FEATURE_SCORES = ("fmap_l1", "fmap_l2", "saliency")
 
 
+def needs_feats(method, score):
+    """True when post-processing with --method/--refill-score needs conv_channel_stats."""
+    return method in ("refill", "refill+") and score in FEATURE_SCORES
+
+
 def conv_channel_stats(model, names, images, labels):
     """Per output channel of each conv weight in `names`, from one batch through the model in eval
     mode: fmap_l1 = sum |y|, fmap_l2 = sum y^2, saliency = sum |y * dL/dy| (L = mean cross-entropy),
@@ -602,7 +607,7 @@ def start_level(model, data, cfg, level, device):
     trained = {n: prev["state_dict"][n] for n in weights}
     pruned = magnitude_prune(trained, prev["masks"], cfg.prune_rate)
     feats = None
-    if cfg.method in ("refill", "refill+") and cfg.refill_score in FEATURE_SCORES:
+    if needs_feats(cfg.method, cfg.refill_score):
         model.load_state_dict(prev["state_dict"])          # level L-1's trained network (rewound below)
         batch_rng = epoch_generator(cfg, level, -1, device)  # "epoch -1": a seeded draw no epoch uses
         images, labels = next(datasets.train_batches(data, cfg.batch_size, batch_rng))
@@ -948,7 +953,7 @@ def fresh_ticket(args):
     weights = prunable_weights(model)
     masks = magnitude_prune(weights, ones_masks(weights), 1.0 - args.bench_density)
     feats = None
-    if args.refill_score in FEATURE_SCORES:                 # an untrained model: a random batch will do
+    if needs_feats(args.method, args.refill_score):        # an untrained model: a random batch will do
         calibrate_batchnorm(model)
         feats = conv_channel_stats(model, list(weights), torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)))
     masks, blocks = POSTPROCESS[args.method](weights, masks, args, feats)
