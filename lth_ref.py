@@ -3,20 +3,24 @@
 T. Chen, X. Chen, X. Ma, Y. Wang, Z. Wang, "Coarsening the Granularity: Towards Structurally Sparse
 Lottery Tickets", ICML 2022, arXiv:2202.04736. Official code: github.com/VITA-Group/Structure-LTH.
 
-Iterative magnitude pruning (IMP) with weight rewinding finds sparse "winning tickets"; after every
-pruning round the mask is post-processed into a structure that runs fast: `refill` keeps whole output
-channels (channel-wise tickets), `regroup` turns groups of rows into dense blocks (group-wise tickets,
-run by the grouped GEMM in kernels.py).
+Iterative magnitude pruning (IMP) with weight rewinding finds sparse "winning tickets". IMP's chain stays
+unstructured (the trunk); every level's mask is then post-processed into a structure that runs fast and
+trained on its own (a branch): `refill` keeps whole output channels (channel-wise tickets), `regroup`
+turns groups of rows into dense blocks (group-wise tickets, run by the grouped GEMM in kernels.py).
 
-    python lth_ref.py --arch resnet20 --method regroup            # find a ticket on CIFAR-10
+    python lth_ref.py --arch resnet20 --method regroup            # find tickets on CIFAR-10
     python -m pytest -q test_lth_ref.py                           # the tests
 
-Files: lth_ref.py (this: masks, IMP, refill, regroup, training, pipeline, CLI), models.py (MODELS),
-data.py (CIFAR + synthetic, on-device batches), kernels.py (grouped GEMM), test_lth_ref.py.
+Files: lth_ref.py (this: masks, mask sources, refill, regroup, training, the experiment, benchmarks,
+CLI), models.py (MODELS), data.py (datasets, on-device batches), kernels.py (grouped GEMM),
+test_lth_ref.py.
 """
 import argparse
+import copy
 import csv
 import dataclasses
+import importlib
+import importlib.util
 import json
 import os
 import signal
@@ -28,9 +32,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data as datasets      # data.py (local variables are called `data`)
-import kernels
-import models as model_zoo   # models.py
+
+def _sibling(name):
+    """Import data.py, models.py or kernels.py from this file's folder, never a module of the same name
+    that comes first on sys.path (a user's `data/` package, say): the plain import when it resolves to
+    our file, else our file under the private name `lth_ref_<name>`."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    ours = lambda file: file is not None and os.path.exists(file) and os.path.samefile(file, path)
+    loaded = sys.modules.get(name)
+    spec = importlib.util.find_spec(name) if loaded is None else None
+    if (loaded is not None and ours(getattr(loaded, "__file__", None))) or \
+            (spec is not None and ours(spec.origin)):
+        return importlib.import_module(name)
+    private = f"lth_ref_{name}"
+    if private not in sys.modules:
+        spec = importlib.util.spec_from_file_location(private, path)
+        sys.modules[private] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[private])
+    return sys.modules[private]
+
+
+datasets = _sibling("data")      # data.py (local variables are called `data`)
+kernels = _sibling("kernels")
+model_zoo = _sibling("models")   # models.py
 
 # ---- hyperparameters (the paper's, Table 1 and Sec. 3.1) ----
 PAPER = dict(
@@ -51,11 +75,21 @@ class UsageError(Exception):
     """A user-facing error: the CLI prints it (with its hint) and exits with code 2, no traceback."""
 
 
+def ceil_div(a, b):
+    """ceil(a / b) for non-negative integers."""
+    return -(-a // b)
+
+
 # ---- masks ----
-def prunable_weights(model):
-    """Every Conv2d weight except the stem (the first conv): {parameter name: Parameter}."""
+def prunable_weights(model, skip_stem=True):
+    """The weights IMP prunes: {parameter name: Parameter} of every nn.Conv2d with groups == 1.
+
+    The stem (the first conv, which reads the image) is skipped unless skip_stem=False: the paper keeps
+    it dense. Depthwise/grouped convs are never included (refill and regroup work on the (O, C*kh*kw)
+    rows of full convs); Linear layers, BN and biases are never pruned.
+    """
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    return {f"{name}.weight": m.weight for name, m in convs[1:]}
+    return {f"{name}.weight": m.weight for name, m in convs[1 if skip_stem else 0:] if m.groups == 1}
 
 
 def ones_masks(weights):
@@ -88,29 +122,154 @@ def check_masks_fit(model, masks, what="mask"):
             f"wrong shape {sorted(bad)[:3]}); was it made for another --arch or --dataset?")
 
 
-# ---- IMP: global magnitude pruning and rewinding ----
+def check_pairs(weights, masks, what):
+    """ValueError unless weights and masks are dicts with the same names and shapes (public functions)."""
+    if not isinstance(weights, dict) or not isinstance(masks, dict):
+        raise ValueError(f"{what}: weights and masks must be dicts {{parameter name: tensor}}")
+    bad = [n for n in masks if n not in weights or tuple(weights[n].shape) != tuple(masks[n].shape)]
+    if bad:
+        raise ValueError(f"{what}: no weight of the mask's shape for {bad[:3]} (masks and weights must "
+                         "have the same names and shapes)")
+
+
+# ---- mask sources: IMP's global magnitude prune, OMP, random, SNIP, GraSP, SynFlow ----
+def top_k(scores, k):
+    """Boolean mask of the k largest scores (any shape); ties go to the lower index (deterministic)."""
+    order = torch.sort(scores.detach().float().flatten().cpu(), descending=True, stable=True).indices
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    keep[order[:k]] = True
+    return keep.view(scores.shape).to(scores.device)
+
+
+def keep_top(scores, n_keep):
+    """Global top-k across layers: {name: 0/1 float mask} keeping the n_keep highest scores of all
+    layers together (ranked as one vector; ties to the earlier layer and position). scores: {name: tensor}."""
+    names = list(scores)
+    keep = top_k(torch.cat([scores[n].detach().float().flatten().cpu() for n in names]), n_keep)
+    out, start = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        out[n] = keep[start:start + size].view(scores[n].shape).float().to(scores[n].device)
+        start += size
+    return out
+
+
 def magnitude_prune(weights, masks, rate):
     """Remove `rate` of the remaining weights, smallest |w| first, ranked across all layers together.
 
     Paper: Sec. 3.1, IMP step (global magnitude pruning, 20% of the remaining weights per round).
     Official: `pruning_model` (torch.nn.utils.prune.global_unstructured, L1); same rule.
     weights, masks: {name: (O, C, kh, kw)}. Returns new masks; exactly round(rate * remaining) weights
-    are removed, ties broken by position (stable sort), so the result is deterministic.
+    are removed (ties: the later position goes first), so the result is deterministic and only shrinks.
     """
-    names = list(masks)
-    scores = torch.cat([
-        torch.where(masks[n].bool(), weights[n].detach().abs().float(), torch.inf).flatten().cpu()
-        for n in names])
-    remaining = int(sum(int(masks[n].sum()) for n in names))
-    n_prune = int(round(rate * remaining))
-    keep = torch.ones_like(scores)
-    keep[torch.argsort(scores, stable=True)[:n_prune]] = 0.0
-    out, start = {}, 0
-    for n in names:
-        size = masks[n].numel()
-        out[n] = masks[n] * keep[start:start + size].view_as(masks[n]).to(masks[n].device)
-        start += size
+    check_pairs(weights, masks, "magnitude_prune")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"magnitude_prune: rate must be in [0, 1), got {rate}")
+    remaining = int(sum(int(m.sum()) for m in masks.values()))
+    scores = {n: torch.where(masks[n].bool(), weights[n].detach().abs().float(), -torch.inf)
+              for n in masks}
+    return keep_top(scores, remaining - int(round(rate * remaining)))
+
+
+def prune_to_density(scores, target):
+    """One-shot global pruning: keep the round(target * total) highest scores of all layers together.
+
+    Paper: Sec. 3.1 / Fig. 6 left, the one-shot mask sources (OMP and the pruning-at-initialization
+    criteria are all a score per weight and one global top-k). scores: {name: tensor}; target in (0, 1].
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"prune_to_density: target density must be in (0, 1], got {target}")
+    return keep_top(scores, int(round(target * sum(s.numel() for s in scores.values()))))
+
+
+def random_masks(masks, generator):
+    """Uniformly random masks with the same number of kept weights per layer as `masks`.
+
+    Paper: Sec. 3.1 / Fig. 6 left, random pruning (RP) at the layerwise densities of OMP.
+    generator: a seeded torch.Generator (CPU); each layer keeps exactly masks[n].sum() positions.
+    """
+    out = {}
+    for n, m in masks.items():
+        keep = torch.zeros(m.numel())
+        keep[torch.randperm(m.numel(), generator=generator)[:int(m.sum())]] = 1.0
+        out[n] = keep.view(m.shape).to(m.device)
     return out
+
+
+def snip_scores(model, names, images, labels):
+    """SNIP connection sensitivity |w * dL/dw| at the given weights, on one batch (higher = keep).
+
+    Paper: Fig. 6 left (SNIP, Lee et al. 2019). Published: one batch of training data, the model in
+    training mode, scores of every layer; ours ranks the prunable weights only. The model is left as it
+    was (scores come from a copy). names: parameter names; images (B, C, H, W), labels (B,).
+    """
+    model = _scoring_copy(model, train=True)
+    params = dict(model.named_parameters())
+    loss = F.cross_entropy(model(images), labels)
+    grads = torch.autograd.grad(loss, [params[n] for n in names])
+    return {n: (params[n] * g).detach().abs() for n, g in zip(names, grads)}
+
+
+GRASP_TEMPERATURE = 200.0  # logits / T before the loss, as published (GraSP's default T = 200)
+
+
+def grasp_scores(model, names, images, labels, temperature=GRASP_TEMPERATURE):
+    """GraSP gradient-signal preservation: w * (H g) at the given weights (higher = keep).
+
+    Paper: Fig. 6 left (GraSP, Wang et al. 2020). Published: g = dL/dw on the batch in two halves
+    (logits / T), then H g = d(g_stop . dL/dw)/dw, score -w * Hg, and the highest scores are removed;
+    keeping the highest w * Hg is the same rule. g and z run over every conv and linear weight as
+    published; the caller ranks the prunable ones. images (B, C, H, W), labels (B,).
+    """
+    model = _scoring_copy(model, train=True)
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    halves = [(x, y) for x, y in zip(images.chunk(2), labels.chunk(2)) if len(y)]
+    loss_of = lambda x, y: F.cross_entropy(model(x) / temperature, y)
+    g = [sum(parts) for parts in zip(*(torch.autograd.grad(loss_of(x, y), weights) for x, y in halves))]
+    for x, y in halves:
+        grad_f = torch.autograd.grad(loss_of(x, y), weights, create_graph=True)
+        sum((gw.detach() * gf).sum() for gw, gf in zip(g, grad_f)).backward()
+    params = dict(model.named_parameters())
+    return {n: (params[n] * params[n].grad).detach() for n in names}
+
+
+SYNFLOW_ROUNDS = 100  # published default number of pruning rounds (Tanaka et al. 2020)
+
+
+def synflow_masks(model, names, target, rounds=SYNFLOW_ROUNDS, input_shape=(3, 32, 32)):
+    """SynFlow, data-free and iterative: masks at density `target` after `rounds` rounds.
+
+    Paper: Fig. 6 left (SynFlow, Tanaka et al. 2020). Published: every parameter and buffer replaced by
+    its absolute value, the model in eval mode and float64, R = sum(model(ones)) and score |w * dR/dw|;
+    round r keeps the top target^(r/rounds) of the weights, masked weights scored again. Ours ranks the
+    prunable weights only. The model is left as it was.
+    """
+    model = _scoring_copy(model, train=False).double()
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            t.abs_()
+    params = dict(model.named_parameters())
+    originals = {n: params[n].detach().clone() for n in names}
+    masks = ones_masks({n: params[n] for n in names})
+    ones = torch.ones(1, *input_shape, dtype=torch.float64, device=originals[names[0]].device)
+    for r in range(1, rounds + 1):
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(originals[n] * masks[n])
+        grads = torch.autograd.grad(model(ones).sum(), [params[n] for n in names])
+        scores = {n: torch.where(masks[n].bool(), (params[n] * g).detach().abs(), -torch.inf)
+                  for n, g in zip(names, grads)}
+        masks = prune_to_density(scores, target ** (r / rounds))
+    return masks
+
+
+def _scoring_copy(model, train):
+    """A deep copy to compute scores on (BN statistics and gradients of the original stay untouched)."""
+    model = copy.deepcopy(model)
+    model.train(train)
+    for p in model.parameters():
+        p.grad = None
+    return model
 
 
 def rewind(model, state, masks):
@@ -175,23 +334,22 @@ def conv_channel_stats(model, names, images, labels):
             for n, g in zip(names, grads)}
 
 
-def top_k(scores, k):
-    """Boolean mask of the k largest scores; ties go to the lower index (deterministic)."""
-    order = torch.sort(scores.float().cpu(), descending=True, stable=True).indices
-    keep = torch.zeros(scores.numel(), dtype=torch.bool)
-    keep[order[:k]] = True
-    return keep.to(scores.device)
-
-
 def refill_mask(weight, mask, extra=0.0, score="l1", feats=None):
     """One layer's refill: keep the n best output channels whole, prune every other channel whole.
 
     Paper: Sec. 3.2 / Alg. 2 (refill), n = nnz / K channels; refill+ keeps n + extra * (O - n).
     Official: `prune_model_custom_fillback` (fillback_rate = extra, criterion `remain` by default).
-    weight, mask: (O, C, kh, kw); feats: this layer's conv_channel_stats (FEATURE_SCORES only).
+    weight, mask: (O, C, kh, kw) or (O, K); feats: this layer's conv_channel_stats (FEATURE_SCORES only).
     Returns a mask whose rows (output channels) are all 1 or all 0; channels that come back whole
     take their rewind values when the level rewinds.
     """
+    if score not in CHANNEL_SCORES:
+        raise ValueError(f"unknown refill score {score!r}; expected one of {list(CHANNEL_SCORES)}")
+    if tuple(weight.shape) != tuple(mask.shape) or mask.dim() < 2:
+        raise ValueError(f"refill_mask: weight {tuple(weight.shape)} and mask {tuple(mask.shape)} must "
+                         "have the same shape (O, C, kh, kw) or (O, K)")
+    if not 0.0 <= extra <= 1.0:
+        raise ValueError(f"refill_mask: extra (refill+'s fraction of the pruned channels) must be in [0, 1], got {extra}")
     if score in FEATURE_SCORES and feats is None:
         raise ValueError(f"refill score {score!r} scores the layer's output: pass feats from conv_channel_stats")
     out_channels = mask.shape[0]
@@ -205,11 +363,15 @@ def refill_mask(weight, mask, extra=0.0, score="l1", feats=None):
 def refill(weights, masks, extra=0.0, score="l1", feats=None):
     """Refill every layer (refill+ when extra > 0): {name: mask} -> {name: channel-wise mask}.
     feats: conv_channel_stats for FEATURE_SCORES, else None."""
+    check_pairs(weights, masks, "refill")
     return {n: refill_mask(weights[n], m, extra, score, None if feats is None else feats[n])
             for n, m in masks.items()}
 
 
 # ---- regroup (group-wise tickets): hypergraph, greedy partition, dense blocks ----
+SIMILARITY_EPS = 1e-12  # guards 0/0 for pairs of empty rows (their similarity is 0)
+
+
 def row_similarity(units):
     """Tanimoto similarity of the rows: a.b / (|a|^2 + |b|^2 - a.b); Jaccard for 0/1 rows.
 
@@ -219,23 +381,24 @@ def row_similarity(units):
     units = units.astype(np.float32)
     gram = units @ units.T                                    # (n, n) shared nonzeros
     sq = np.diag(gram)
-    return gram / np.maximum(sq[:, None] + sq[None, :] - gram, 1e-12)
+    return gram / np.maximum(sq[:, None] + sq[None, :] - gram, SIMILARITY_EPS)
 
 
 def partition_rows(sim, group_size):
     """Greedy hypergraph partition of n rows into groups of `group_size` (the last may be smaller).
 
     Paper: Alg. 3, "partition the rows into t1 groups" (hMETIS in the official code, 8 parts).
-    Ours: seed a group with the unassigned row of most nonzeros, then add, one at a time, the
-    unassigned row most similar to the group so far (sum of similarities); deterministic.
+    Ours: seed a group with the unassigned row of largest similarity mass (sum of its similarities to
+    all rows: a row in the middle of a cluster), then add, one at a time, the unassigned row most
+    similar to the group so far (sum of similarities); deterministic.
     sim: (n, n). Returns a list of sorted index arrays into 0..n-1.
     """
     n = sim.shape[0]
     free = np.ones(n, dtype=bool)
-    weight = sim.sum(1)
+    mass = sim.sum(1)
     groups = []
     while free.any():
-        seed = int(np.argmax(np.where(free, weight, -np.inf)))
+        seed = int(np.argmax(np.where(free, mass, -np.inf)))
         members, score = [seed], sim[seed].copy()
         free[seed] = False
         while len(members) < group_size and free.any():
@@ -247,6 +410,10 @@ def partition_rows(sim, group_size):
     return groups
 
 
+SWAPS_EXAMINED_PER_PAIR = 4  # best candidate swaps examined per round, per ordered pair of groups
+MIN_SWAP_GAIN = 1e-6         # similarity units: a smaller gain is float noise, not an improvement
+
+
 def refine_partition(sim, groups, max_rounds=10):
     """Swap rows between groups while a swap raises the total within-group similarity.
 
@@ -254,7 +421,8 @@ def refine_partition(sim, groups, max_rounds=10):
     simplest balanced form: a swap keeps every group's size, so the kernel's row rule still holds.
     Gain of swapping r (in A) with s (in B): S(r,B) - S(r,A\\r) + S(s,A) - S(s,B\\s) - 2 sim(r,s).
     A round applies the best positive swaps whose group pairs are disjoint (their gains do not
-    interact), so a round makes up to t/2 swaps. sim: (n, n); groups: index arrays.
+    interact), so a round makes up to t/2 swaps; examining SWAPS_EXAMINED_PER_PAIR * t^2 candidates
+    finds them. sim: (n, n); groups: index arrays.
     """
     n, t = sim.shape[0], len(groups)
     if t < 2:
@@ -270,13 +438,13 @@ def refine_partition(sim, groups, max_rounds=10):
         gain = move + move.T - 2 * sim
         gain[label[:, None] == label[None, :]] = -np.inf
         flat = gain.ravel()
-        top = min(flat.size - 1, 4 * t * t)
+        top = min(flat.size - 1, SWAPS_EXAMINED_PER_PAIR * t * t)
         best = np.argpartition(-flat, top)[:top]
         best = best[np.lexsort((best, -flat[best]))]        # by gain, then position: deterministic
         busy, swaps = np.zeros(t, dtype=bool), []
         for r, s in zip(*np.unravel_index(best, gain.shape)):
             a, b = label[r], label[s]
-            if gain[r, s] <= 1e-6:
+            if gain[r, s] <= MIN_SWAP_GAIN:
                 break
             if not (busy[a] or busy[b]):
                 busy[a] = busy[b] = True
@@ -315,7 +483,11 @@ def choose_block_columns(units, groups, unit_cost, area, min_col_nnz, min_block_
             if chosen[i].sum() >= min_block_units]
 
 
-def regroup_mask(mask2d, groups=8, row_multiple=8, min_col_nnz=1, min_block_cols=8, unit=1,
+# regroup's column unit -> columns per unit, from the 4-D conv mask shape (O, C, kh, kw)
+REGROUP_UNITS = {"position": lambda shape: 1, "channel": lambda shape: shape[2] * shape[3]}
+
+
+def regroup_mask(mask, unit="position", groups=8, row_multiple=8, min_col_nnz=1, min_block_cols=8,
                  area=None, refine_rounds=10):
     """One layer's regroup: partition rows, turn each group into a dense block, prune the rest.
 
@@ -325,70 +497,72 @@ def regroup_mask(mask2d, groups=8, row_multiple=8, min_col_nnz=1, min_block_cols
     block on layers of 64 rows or fewer; ours sizes groups from the layer (below) and always returns
     a block-structured mask.
     Rules: a group has g = max(row_multiple, ceil(rows / groups) rounded up to row_multiple) rows (a
-    pass's last group may be smaller); `unit` = columns per selection unit (1: single (c, ky, kx)
-    positions as in the paper; kh*kw: whole input channels, faster on CPU); the blocks' total area
+    pass's last group may be smaller); `unit` (REGROUP_UNITS): "position" selects single (c, ky, kx)
+    columns as in the paper, "channel" whole input channels (faster on CPU); the blocks' total area
     is at most `area` (default: the layer's nonzeros) unless one minimal block is larger.
-    mask2d: (O, K) 0/1. Returns (new mask2d, blocks) with blocks = [(rows, cols)] int64, rows
-    disjoint, and new mask2d exactly the union of the blocks' rectangles.
+    mask: the conv's 0/1 mask (O, C, kh, kw), or its (O, K) view for unit "position". Returns (new mask
+    of mask's shape, blocks) with blocks = [(rows, cols)] int64, rows disjoint, cols indexing the
+    flattened (c, ky, kx) axis, and the new mask exactly the union of the blocks' rectangles.
     """
-    out_rows, k = mask2d.shape
-    m = mask2d.detach().cpu().numpy().astype(np.float32)
-    units = m.reshape(out_rows, k // unit, unit).sum(2)         # (O, U) nonzeros per unit
+    if unit not in REGROUP_UNITS:
+        raise ValueError(f"unknown regroup unit {unit!r}; expected one of {list(REGROUP_UNITS)}")
+    if mask.dim() not in (2, 4) or (unit == "channel" and mask.dim() != 4):
+        raise ValueError(f"regroup_mask: expected the conv's mask (O, C, kh, kw)"
+                         f"{'' if unit == 'channel' else ' or its (O, K) view'}, got shape {tuple(mask.shape)}")
+    for knob, value in dict(groups=groups, row_multiple=row_multiple, min_col_nnz=min_col_nnz,
+                            min_block_cols=min_block_cols).items():
+        if int(value) != value or value < 1:
+            raise ValueError(f"regroup_mask: {knob} must be an integer >= 1, got {value!r}")
+    cols_per_unit = REGROUP_UNITS[unit](mask.shape) if mask.dim() == 4 else 1
+    out_rows = mask.shape[0]
+    m = mask.detach().reshape(out_rows, -1).cpu().numpy().astype(np.float32)
+    if not np.isin(m, (0.0, 1.0)).all():
+        raise ValueError("regroup_mask: the mask must hold only 0 and 1")
+    k = m.shape[1]
+    units = m.reshape(out_rows, k // cols_per_unit, cols_per_unit).sum(2)   # (O, U) nonzeros per unit
     budget = float(m.sum()) if area is None else float(area)
     nonempty = np.flatnonzero(units.sum(1) > 0)               # vertices of the hypergraph
     sim_all = row_similarity(units[nonempty])                 # (n, n), computed once
     rows_left = nonempty
     blocks = []
     while len(rows_left) > 0:
-        per_group = -(-len(rows_left) // groups)                 # ceil(rows / groups)
-        size = min(len(rows_left), max(row_multiple, -(-per_group // row_multiple) * row_multiple))
+        size = min(len(rows_left),
+                   max(row_multiple, ceil_div(ceil_div(len(rows_left), groups), row_multiple) * row_multiple))
         at = np.searchsorted(nonempty, rows_left)
         sim = sim_all[np.ix_(at, at)]
-        parts = partition_rows(sim, size)
-        parts = refine_partition(sim, parts, refine_rounds)
-        min_units = max(1, min(-(-min_block_cols // unit), int(budget // (size * unit))))
-        found = choose_block_columns(units[rows_left], parts, unit, max(budget, size * unit),
-                                     min_col_nnz, min_units)
+        parts = refine_partition(sim, partition_rows(sim, size), refine_rounds)
+        min_units = max(1, min(ceil_div(min_block_cols, cols_per_unit), int(budget // (size * cols_per_unit))))
+        found = choose_block_columns(units[rows_left], parts, cols_per_unit,
+                                     max(budget, size * cols_per_unit), min_col_nnz, min_units)
         if not found:
             break
         for rows, cols in found:
-            blocks.append((rows_left[rows], (cols[:, None] * unit + np.arange(unit)).ravel()))
-            budget -= len(rows) * len(cols) * unit
+            blocks.append((rows_left[rows], (cols[:, None] * cols_per_unit + np.arange(cols_per_unit)).ravel()))
+            budget -= len(rows) * len(cols) * cols_per_unit
         used = np.concatenate([rows_left[rows] for rows, _ in found])
         rows_left = np.setdiff1d(rows_left, used)
-        if budget < row_multiple * unit:
+        if budget < row_multiple * cols_per_unit:
             break
     blocks = [(torch.from_numpy(np.sort(r)).long(), torch.from_numpy(np.sort(c)).long())
               for r, c in sorted(blocks, key=lambda b: int(b[0].min()))]
-    return blocks_to_mask(blocks, out_rows, k).to(mask2d), blocks
-
-
-def blocks_to_mask(blocks, out_rows, k):
-    """The union of the blocks' rows x cols rectangles as a (out_rows, k) 0/1 float mask."""
-    mask2d = np.zeros((out_rows, k), dtype=np.float32)
-    for rows, cols in blocks:
-        mask2d[np.ix_(np.asarray(rows), np.asarray(cols))] = 1.0
-    return torch.from_numpy(mask2d)
-
-
-REGROUP_UNITS = {"position": lambda shape: 1, "channel": lambda shape: shape[2] * shape[3]}
+    return kernels.block_mask(tuple(mask.shape), blocks).to(mask), blocks
 
 
 def regroup(masks, unit="position", **knobs):
-    """Regroup every layer: {name: mask} -> ({name: block mask}, {name: blocks}); knobs as regroup_mask."""
+    """Regroup every layer: {name: (O, C, kh, kw) mask} -> ({name: block mask}, {name: blocks});
+    knobs (groups, row_multiple, min_col_nnz, min_block_cols, area, refine_rounds) as regroup_mask."""
     new_masks, blocks = {}, {}
     for name, mask in masks.items():
-        mask2d, blocks[name] = regroup_mask(mask.reshape(mask.shape[0], -1),
-                                            unit=REGROUP_UNITS[unit](mask.shape), **knobs)
-        new_masks[name] = mask2d.reshape(mask.shape)
+        new_masks[name], blocks[name] = regroup_mask(mask, unit, **knobs)
     return new_masks, blocks
 
 
 def layer_stats(before, after, blocks=None):
-    """Per-layer quality of a post-processed mask (SPEC section 3), as a dict of plain numbers.
+    """Per-layer quality of a post-processed mask, as a dict of plain numbers.
 
-    coverage = kept original nonzeros / original nonzeros; flop_ratio = sum |rows|*|cols| / (O*K)
-    (equals the new density: rows are disjoint); channel_density = fraction of non-empty output rows.
+    coverage = kept original nonzeros / original nonzeros; density of the new mask; channel_density =
+    fraction of non-empty output rows; with blocks: their count, sizes and the FLOP ratio
+    sum |rows|*|cols| / (O*K) (equal to the new density: rows are disjoint).
     """
     out_rows = before.shape[0]
     b2, a2 = before.reshape(out_rows, -1), after.reshape(out_rows, -1)
@@ -398,8 +572,7 @@ def layer_stats(before, after, blocks=None):
                  coverage=float((b2 * a2).sum()) / nnz if nnz else 1.0,
                  channel_density=float((a2.sum(1) > 0).float().mean()))
     if blocks is not None:
-        stats.update(blocks=len(blocks),
-                     flop_ratio=sum(len(r) * len(c) for r, c in blocks) / a2.numel(),
+        stats.update(blocks=len(blocks), flop_ratio=kernels.flop_ratio(tuple(a2.shape), blocks),
                      block_sizes=" ".join(f"{len(r)}x{len(c)}" for r, c in blocks))
     return stats
 
@@ -415,16 +588,41 @@ def channel_blocks(mask):
     return [(rows, torch.arange(mask2d.shape[1]))] if len(rows) else []
 
 
-# ---- the post-processing table: what each --method does after a pruning round ----
-POSTPROCESS = {  # (trained weights, pruned masks, config, conv_channel_stats or None) -> (masks, blocks)
-    "imp": lambda weights, masks, cfg, feats: (masks, None),
-    "refill": lambda weights, masks, cfg, feats: (refill(weights, masks, 0.0, cfg.refill_score, feats), None),
-    "refill+": lambda weights, masks, cfg, feats: (
-        refill(weights, masks, cfg.refill_extra, cfg.refill_score, feats), None),
-    "regroup": lambda weights, masks, cfg, feats: regroup(
-        masks, unit=cfg.regroup_unit, groups=cfg.groups, row_multiple=cfg.row_multiple,
-        min_col_nnz=cfg.min_col_nnz, min_block_cols=cfg.min_block_cols),
+# ---- post-processing: what a branch does to the trunk's mask of a level ----
+POSTPROCESS = {  # method -> fn(weights, masks, feats, knobs) -> (masks, blocks or None)
+    "imp": lambda weights, masks, feats, k: (masks, None),
+    "refill": lambda weights, masks, feats, k: (refill(weights, masks, 0.0, k["refill_score"], feats), None),
+    "refill+": lambda weights, masks, feats, k: (
+        refill(weights, masks, k["refill_extra"], k["refill_score"], feats), None),
+    "regroup": lambda weights, masks, feats, k: regroup(
+        masks, k["regroup_unit"], groups=k["groups"], row_multiple=k["row_multiple"],
+        min_col_nnz=k["min_col_nnz"], min_block_cols=k["min_block_cols"]),
 }
+# the knobs that shape each method's masks (Config fields) and their short label in a branch's name
+BRANCH_KNOBS = {"imp": (), "refill": ("refill_score",), "refill+": ("refill_score", "refill_extra"),
+                "regroup": ("regroup_unit", "groups", "row_multiple", "min_col_nnz", "min_block_cols")}
+KNOB_LABELS = {"refill_score": "score", "refill_extra": "extra", "regroup_unit": "unit", "groups": "groups",
+               "row_multiple": "rows", "min_col_nnz": "colnnz", "min_block_cols": "cols"}
+
+
+def postprocess(method, weights, masks, feats=None, **knobs):
+    """Turn unstructured masks into a structural ticket's masks: (masks, blocks or None).
+
+    Paper: Alg. 2 (refill, refill+) and Alg. 3 (regroup), applied to "the unstructured mask from
+    Alg. 1"; bring your own masks from any pruning loop. method: a POSTPROCESS key; weights, masks:
+    {name: (O, C, kh, kw)} (weights: the trained weights the masks were pruned from, for refill's
+    scores); feats: conv_channel_stats for the feature-map refill scores; knobs: BRANCH_KNOBS[method]
+    by name (defaults: the CLI's). blocks: {name: [(rows, cols)]} for regroup, None otherwise.
+    """
+    if method not in POSTPROCESS:
+        raise ValueError(f"unknown method {method!r}; expected one of {list(POSTPROCESS)}")
+    unknown = sorted(set(knobs) - set(BRANCH_KNOBS[method]))
+    if unknown:
+        raise ValueError(f"{method} takes the knobs {list(BRANCH_KNOBS[method])}, not {unknown}")
+    check_pairs(weights, masks, "postprocess")
+    defaults = Config()
+    return POSTPROCESS[method](weights, masks, feats,
+                              {k: knobs.get(k, getattr(defaults, k)) for k in BRANCH_KNOBS[method]})
 
 
 # ---- training and evaluation ----
@@ -434,8 +632,13 @@ def lr_at(epoch, cfg):
     return cfg.lr * 0.1 ** drops
 
 
+# seeded draws outside the training epochs use "epochs" that no training epoch uses
+SCORE_BATCH, REINIT, RANDOM_MASK = -1, -2, -3
+
+
 def epoch_generator(cfg, level, epoch, device):
-    """The only source of data randomness: seeded by (seed, level, epoch), so resume is exact."""
+    """The only source of data randomness: seeded by (seed, level, epoch), so resume is exact. The
+    trunk and the branches of a level see the same batches (paired comparisons)."""
     g = torch.Generator(device=device)
     g.manual_seed(cfg.seed * 1_000_003 + level * 10_007 + epoch)
     return g
@@ -477,7 +680,7 @@ def evaluate(model, data, batch_size=500):
     return correct.item() / len(data.test_y)
 
 
-# ---- files: atomic writes, config, tickets ----
+# ---- files: atomic writes, safe loading, configs ----
 def atomic_save(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -493,23 +696,47 @@ def atomic_write_text(text, path):
     os.replace(tmp, path)
 
 
-def load_file(path, what):
-    """torch.load a file we wrote; a missing or corrupt one is a UsageError naming it."""
+def load_file(path, what, mmap=False):
+    """torch.load a file we wrote, tensors and plain data only (weights_only: a file that would run
+    code when unpickled is refused, not run). A missing, corrupt or unsafe file is a UsageError naming it.
+    mmap: map the tensors instead of reading them (cheap when only a small entry is needed)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, wrong format, pickling errors: all mean "corrupt"
-        raise UsageError(f"cannot read the {what} {path} ({type(e).__name__}: {e}); delete it to "
-                         f"recompute that step, or point --out-dir elsewhere") from None
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # truncated zip, wrong format, disallowed globals: all mean "not ours"
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise UsageError(f"cannot read the {what} {path} ({type(e).__name__}: {first}); lth_ref writes "
+                         f"only tensors and plain data, so the file is corrupt or was not written by "
+                         f"lth_ref. Delete it to recompute that step, or point --out-dir elsewhere") from None
+
+
+TICKET_KEYS = {"level": (int, type(None)), "masks": dict, "blocks": (dict, type(None)), "state_dict": dict,
+               "metrics": dict, "config": dict, "num_classes": int}
+
+
+def load_ticket(path, model=None, mmap=False):
+    """Load a ticket.pt and check its structure (and, given a model, that its masks fit it)."""
+    if not os.path.exists(path):
+        raise UsageError(f"ticket {path} does not exist")
+    ticket = load_file(path, "ticket", mmap=mmap)
+    problems = [k for k, types in TICKET_KEYS.items()
+                if not isinstance(ticket, dict) or not isinstance(ticket.get(k), types)]
+    if not problems and "arch" not in ticket["config"]:
+        problems = ["config['arch']"]
+    if problems:
+        raise UsageError(f"{path} is not a ticket: it lacks {problems} (a ticket is the level_NN/ticket.pt "
+                         f"of an lth_ref run: a dict with {sorted(TICKET_KEYS)})")
+    if model is not None:
+        check_masks_fit(model, ticket["masks"], f"ticket {path}")
+    return ticket
 
 
 @dataclasses.dataclass
 class Config:
-    """Everything that determines a run; saved as config.json in the out-dir."""
+    """Everything that determines an experiment (trunk) and the branch a command trains."""
     arch: str = "resnet20"
-    method: str = "imp"
     dataset: str = "cifar10"
     data_dir: str = "data"
-    out_dir: str = "runs/resnet20_imp"
+    out_dir: str = "runs/resnet20_cifar10_imp"
     levels: int = PAPER["levels"]
     epochs: int = PAPER["epochs"]
     rewind_epoch: int = 8
@@ -521,6 +748,11 @@ class Config:
     train_subset: int | None = None
     seed: int = 0
     device: str = "auto"
+    mask_source: str = "imp"
+    synflow_rounds: int = SYNFLOW_ROUNDS
+    method: str = "imp"
+    init: str = "rewind"
+    group_aware: bool = False
     refill_score: str = "l1"
     refill_extra: float = 0.1
     regroup_unit: str = "position"
@@ -531,99 +763,244 @@ class Config:
     verbose: bool = False
 
 
-RUN_ONLY = ("levels", "device", "out_dir", "data_dir", "verbose")  # may change between runs of one out-dir
+TRUNK_KEYS = ("arch", "dataset", "seed", "epochs", "rewind_epoch", "prune_rate", "lr", "momentum",
+              "weight_decay", "batch_size", "train_subset", "mask_source")
+SOURCE_KEYS = {"synflow": ("synflow_rounds",)}   # settings only one mask source has
+RUN_ONLY = ("levels", "device", "out_dir", "data_dir", "verbose")  # may change between commands
 
 
-def check_config(cfg):
-    """Write config.json on the first run; refuse a changed config (other than RUN_ONLY) later."""
-    path = os.path.join(cfg.out_dir, "config.json")
-    new = dataclasses.asdict(cfg)
-    if os.path.exists(path):
+def trunk_config(cfg):
+    """The settings that define the experiment's trunk (a changed one is a new experiment)."""
+    keys = TRUNK_KEYS + SOURCE_KEYS.get(cfg.mask_source, ())
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def branch_config(cfg):
+    """The settings that define a branch: method, init, group-aware and the method's knobs."""
+    return {"method": cfg.method, "init": cfg.init, "group_aware": cfg.group_aware,
+            **{k: getattr(cfg, k) for k in BRANCH_KNOBS[cfg.method]}}
+
+
+def check_config(path, settings, started):
+    """Refuse settings that differ from the config.json at `path` once training has started there
+    (before that, a corrected command simply replaces it)."""
+    if not (started and os.path.exists(path)):
+        return
+    try:
         with open(path) as f:
-            try:
-                old = json.load(f)
-            except json.JSONDecodeError:
-                raise UsageError(f"{path} is corrupt; delete the out-dir or fix the file") from None
-        changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {new[k]}" for k in new
-                   if k not in RUN_ONLY and old.get(k) != new[k]]
-        if changed:
-            raise UsageError(f"{cfg.out_dir} holds a run with another config ({'; '.join(changed)}); "
-                             "use the same flags to resume (only --levels may grow), or a new --out-dir")
-    atomic_write_text(json.dumps(new, indent=1), path)
+            old = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError(f"{path} is corrupt; delete its folder or fix the file") from None
+    changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v]
+    if changed:
+        raise UsageError(f"{os.path.dirname(path) or '.'} holds an experiment with other settings "
+                         f"({'; '.join(changed)}); use the same flags to go on (only --levels may grow), "
+                         "or another --out-dir")
 
 
-def level_dir(cfg, level):
-    return os.path.join(cfg.out_dir, f"level_{level:02d}")
+# ---- the experiment: an unstructured trunk and structural branches (SPEC loop) ----
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A chain of tickets in an experiment directory: the trunk (the mask source's unstructured
+    tickets) or a branch (a post-processor and an initialization applied to each trunk level's mask)."""
+    name: str           # "trunk", or the branch's directory name
+    path: str           # the directory holding its level_NN/
+    method: str         # POSTPROCESS key; "imp" (none) for the trunk
+    init: str           # INITS key
+    group_aware: bool   # prune the branch's own previous level instead of the trunk's (Alg. 4)
 
 
-# ---- the pipeline: IMP with rewinding and a post-processor per level (SPEC section 1) ----
-def find_ticket(cfg, log=print):
-    """Find a (structured) lottery ticket: dense level 0, then cfg.levels pruning levels.
-
-    Paper: Sec. 3.1 / Alg. 1 with the post-processing step of Alg. 2-3. Each level: prune the
-    previous level's trained weights (global magnitude), post-process the mask (POSTPROCESS[method]),
-    rewind to the end of epoch `rewind_epoch`, retrain to the end of the schedule, record test accuracy
-    of the final epoch. Official: restarts the LR schedule at epoch 0 after rewinding; we resume it at
-    the rewind epoch (Frankle et al. 2020). Finished levels are skipped; an unfinished level resumes
-    from its last epoch checkpoint. Returns the list of per-level result rows.
-    """
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    check_config(cfg)
-    device = resolve_device(cfg.device)
-    data = datasets.load_dataset(cfg.dataset, cfg.data_dir, device, cfg.train_subset, cfg.seed,
-                                   log=log)
-    torch.manual_seed(cfg.seed)
-    model = model_zoo.MODELS[cfg.arch](data.num_classes).to(device)
-    eta = Eta(cfg)
-    rows = []
-    for level in range(cfg.levels + 1):
-        path = os.path.join(level_dir(cfg, level), "ticket.pt")
-        if os.path.exists(path):
-            rows.append(load_file(path, "ticket")["metrics"])
-            log(f"level {level}: finished earlier, skipped ({path})")
-            continue
-        rows.append(run_level(model, data, cfg, level, device, eta, log))
-        write_results(cfg, rows)
-        log(summary_line(rows[-1]))
-    write_results(cfg, rows)
-    log("\n" + markdown_table(rows))
-    return rows
+INITS = ("rewind", "reinit")  # a ticket's weights: theta_k * mask, or a fresh seeded init * mask
 
 
-def start_level(model, data, cfg, level, device):
-    """The state a level starts from: (masks, blocks, per-layer stats).
+def trunk_run(cfg):
+    return Run("trunk", cfg.out_dir, "imp", "rewind", False)
 
-    Level 0 is the dense run from the seeded initialization. Level L > 0 prunes level L-1's trained
-    weights, post-processes the mask, and rewinds (SPEC section 1, the loop body).
-    """
-    weights = prunable_weights(model)
-    if level == 0:
-        masks = ones_masks(weights)
-        if cfg.rewind_epoch == 0:
-            atomic_save(model.state_dict(), os.path.join(cfg.out_dir, "rewind.pt"))
-        return masks, None, None
-    prev = load_file(os.path.join(level_dir(cfg, level - 1), "ticket.pt"), "ticket")
-    check_masks_fit(model, prev["masks"], "previous level's ticket")
-    trained = {n: prev["state_dict"][n] for n in weights}
-    pruned = magnitude_prune(trained, prev["masks"], cfg.prune_rate)
+
+def branch_name(cfg):
+    """Readable and unique: the method, each knob that differs from its default, the init, group-aware."""
+    default = Config()
+    parts = [cfg.method] + [f"{KNOB_LABELS[k]}-{getattr(cfg, k)}" for k in BRANCH_KNOBS[cfg.method]
+                            if getattr(cfg, k) != getattr(default, k)]
+    return "_".join(parts + ["reinit"] * (cfg.init == "reinit") + ["group-aware"] * cfg.group_aware)
+
+
+def branch_run(cfg):
+    """The branch a command trains; None for --method imp --init rewind (the trunk is that ticket)."""
+    if cfg.method == "imp" and cfg.init == "rewind":
+        return None
+    name = branch_name(cfg)
+    return Run(name, os.path.join(cfg.out_dir, name), cfg.method, cfg.init, cfg.group_aware)
+
+
+def schedule(cfg, trunk, branch):
+    """(run, level) in training order: branch level L right after trunk level L-1, so structural
+    tickets come early; a group-aware branch is its own chain from the dense level 0."""
+    order = [(trunk, 0)]
+    for level in range(1, cfg.levels + 1):
+        if branch is not None:
+            order.append((branch, level))
+        if branch is None or not branch.group_aware:
+            order.append((trunk, level))
+    return order
+
+
+def ticket_path(run, level):
+    return os.path.join(run.path, f"level_{level:02d}", "ticket.pt")
+
+
+@dataclasses.dataclass
+class Experiment:
+    """What every step of an experiment reads: settings, the (reused) model, data, device, log."""
+    cfg: Config
+    model: nn.Module
+    data: object
+    device: str
+    log: object = print
+
+
+def init_path(cfg):
+    return os.path.join(cfg.out_dir, "init.pt")
+
+
+def rewind_state(exp):
+    """theta_k: the full state at the end of epoch k of the dense level 0 (k = 0: the initialization)."""
+    name = "init.pt" if exp.cfg.rewind_epoch == 0 else "rewind.pt"
+    return load_file(os.path.join(exp.cfg.out_dir, name), "rewind state")
+
+
+def fresh_init(exp, level):
+    """A new seeded initialization of the same network: the paper's random tickets (Tables A3, A4)."""
+    torch.manual_seed(exp.cfg.seed * 1_000_003 + level * 10_007 + REINIT)
+    return model_zoo.MODELS[exp.cfg.arch](exp.data.num_classes).state_dict()
+
+
+def score_batch(exp, level, stream):
+    """One seeded training batch (the first of a draw no training epoch uses)."""
+    g = epoch_generator(exp.cfg, level, stream, exp.device)
+    return next(datasets.train_batches(exp.data, exp.cfg.batch_size, g))
+
+
+def loaded(exp, state):
+    """The experiment's model holding `state` (a scratch use: every level loads its own state)."""
+    exp.model.load_state_dict(state)
+    return exp.model
+
+
+def level_density(cfg, level):
+    """Target density of one-shot sources at a level: (1 - prune_rate)^level, IMP's compounding."""
+    return (1.0 - cfg.prune_rate) ** level
+
+
+# mask sources: (experiment, level) -> (trunk mask m_L, the state its weights come from)
+def imp_source(exp, level):
+    """IMP (Alg. 1): prune prune_rate of the remaining weights of trunk level L-1, by global magnitude."""
+    prev = load_ticket(ticket_path(trunk_run(exp.cfg), level - 1), exp.model)
+    weights = {n: prev["state_dict"][n] for n in prev["masks"]}
+    return magnitude_prune(weights, prev["masks"], exp.cfg.prune_rate), prev["state_dict"]
+
+
+def omp_source(exp, level):
+    """OMP: one-shot global magnitude pruning of the trained dense network (level 0) to density 0.8^L."""
+    dense = load_ticket(ticket_path(trunk_run(exp.cfg), 0), exp.model)
+    scores = {n: dense["state_dict"][n].abs() for n in dense["masks"]}
+    return prune_to_density(scores, level_density(exp.cfg, level)), dense["state_dict"]
+
+
+def random_source(exp, level):
+    """RP: uniformly random masks with OMP's layerwise densities at this level."""
+    masks, state = omp_source(exp, level)
+    g = torch.Generator().manual_seed(exp.cfg.seed * 1_000_003 + level * 10_007 + RANDOM_MASK)
+    return random_masks(masks, g), state
+
+
+def init_scores_source(criterion):
+    """A pruning-at-initialization source: `criterion` scores theta_0 on one seeded training batch."""
+    def source(exp, level):
+        state = load_file(init_path(exp.cfg), "initialization")
+        names = list(prunable_weights(exp.model))
+        images, labels = score_batch(exp, 0, SCORE_BATCH)
+        scores = criterion(loaded(exp, state), names, images, labels)
+        return prune_to_density(scores, level_density(exp.cfg, level)), state
+    return source
+
+
+def synflow_source(exp, level):
+    """SynFlow: data-free, iterative (--synflow-rounds) at theta_0, to density 0.8^L."""
+    state = load_file(init_path(exp.cfg), "initialization")
+    names = list(prunable_weights(exp.model))
+    masks = synflow_masks(loaded(exp, state), names, level_density(exp.cfg, level), exp.cfg.synflow_rounds,
+                          tuple(exp.data.train_x.shape[1:]))
+    return masks, state
+
+
+MASK_SOURCES = {
+    "imp": imp_source,                            # iterative magnitude pruning (the paper's default)
+    "omp": omp_source,                            # one-shot magnitude pruning
+    "random": random_source,                      # random pruning at OMP's layer densities
+    "snip": init_scores_source(snip_scores),      # Lee et al. 2019
+    "grasp": init_scores_source(grasp_scores),    # Wang et al. 2020
+    "synflow": synflow_source,                    # Tanaka et al. 2020
+}
+
+
+def group_aware_source(exp, run, level):
+    """Group-aware IMP (App. A1, Alg. 4): prune the branch's own post-processed ticket of level L-1
+    (level 0: the dense trunk) instead of the unstructured trunk's."""
+    prev = load_ticket(ticket_path(run if level > 1 else trunk_run(exp.cfg), level - 1), exp.model)
+    weights = {n: prev["state_dict"][n] for n in prev["masks"]}
+    return magnitude_prune(weights, prev["masks"], exp.cfg.prune_rate), prev["state_dict"]
+
+
+def branch_masks(exp, run, level):
+    """A branch level's (masks, blocks, per-layer stats): the trunk's m_L (or, group-aware, the branch's
+    own previous level pruned), post-processed; refill scores use the weights m_L was pruned from."""
+    cfg = exp.cfg
+    source = group_aware_source(exp, run, level) if run.group_aware else \
+        MASK_SOURCES[cfg.mask_source](exp, level)
+    masks, state = source
+    weights = {n: state[n] for n in masks}
     feats = None
-    if needs_feats(cfg.method, cfg.refill_score):
-        model.load_state_dict(prev["state_dict"])          # level L-1's trained network (rewound below)
-        batch_rng = epoch_generator(cfg, level, -1, device)  # "epoch -1": a seeded draw no epoch uses
-        images, labels = next(datasets.train_batches(data, cfg.batch_size, batch_rng))
-        feats = conv_channel_stats(model, list(weights), images, labels)
-    masks, blocks = POSTPROCESS[cfg.method](trained, pruned, cfg, feats)
-    stats = {n: layer_stats(pruned[n], masks[n], None if blocks is None else blocks[n])
-             for n in masks}
-    masks = {n: m.to(device) for n, m in masks.items()}
-    rewind(model, load_file(os.path.join(cfg.out_dir, "rewind.pt"), "rewind state"), masks)
-    return masks, blocks, stats
+    if needs_feats(run.method, cfg.refill_score):
+        images, labels = score_batch(exp, level, SCORE_BATCH)
+        feats = conv_channel_stats(loaded(exp, state), list(masks), images, labels)
+    knobs = {k: getattr(cfg, k) for k in BRANCH_KNOBS[run.method]}
+    new, blocks = postprocess(run.method, weights, masks, feats, **knobs)
+    stats = {n: layer_stats(masks[n], new[n], None if blocks is None else blocks[n]) for n in new}
+    return new, blocks, stats
 
 
-def run_level(model, data, cfg, level, device, eta, log):
-    """Train one level to the end of the schedule, with epoch checkpoints; write its ticket."""
-    os.makedirs(level_dir(cfg, level), exist_ok=True)
-    ckpt_path = os.path.join(level_dir(cfg, level), "checkpoint.pt")
+def start_level(exp, run, level):
+    """The state a level starts from: (masks, blocks, per-layer stats, model state, first epoch).
+
+    Level 0: the dense network at theta_0. Trunk level L: the mask source's m_L. Branch level L:
+    branch_masks. Then rewind to theta_k and resume the schedule at epoch k, or (--init reinit) a fresh
+    seeded initialization, an epoch-0 network that trains the whole schedule.
+    """
+    names = list(prunable_weights(exp.model))
+    if level == 0:
+        state = load_file(init_path(exp.cfg), "initialization")
+        return ones_masks({n: state[n] for n in names}), None, None, state, 0
+    if run.name == "trunk":
+        masks, blocks, stats = MASK_SOURCES[exp.cfg.mask_source](exp, level)[0], None, None
+    else:
+        masks, blocks, stats = branch_masks(exp, run, level)
+    if run.init == "rewind":
+        return masks, blocks, stats, rewind_state(exp), exp.cfg.rewind_epoch
+    return masks, blocks, stats, fresh_init(exp, level), 0
+
+
+def train_level(exp, run, level, eta):
+    """Train one level to the end of the schedule, with epoch checkpoints; write its ticket.
+
+    Paper: Sec. 3.1, rewind and retrain; the final epoch's test accuracy is recorded (nothing is chosen
+    on the test set). Official: restarts the LR schedule at epoch 0 after rewinding; we resume it at the
+    rewind epoch (Frankle et al. 2020). An unfinished level resumes from its last epoch checkpoint.
+    """
+    cfg, model, device, log = exp.cfg, exp.model, exp.device, exp.log
+    where = os.path.dirname(ticket_path(run, level))
+    os.makedirs(where, exist_ok=True)
+    ckpt_path = os.path.join(where, "checkpoint.pt")
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     if os.path.exists(ckpt_path):
@@ -634,18 +1011,20 @@ def run_level(model, data, cfg, level, device, eta, log):
         masks = {n: m.to(device) for n, m in ckpt["masks"].items()}
         blocks, stats, epoch, seconds = ckpt["blocks"], ckpt["stats"], ckpt["epoch"], ckpt["seconds"]
         loss, test_acc = ckpt["loss"], ckpt["test_acc"]
-        log(f"level {level}: resuming at epoch {epoch} from {ckpt_path}")
+        log(f"{run.name} level {level}: resuming at epoch {epoch} from {ckpt_path}")
     else:
-        masks, blocks, stats = start_level(model, data, cfg, level, device)
-        epoch, seconds = (0 if level == 0 else cfg.rewind_epoch), 0.0
+        masks, blocks, stats, state, epoch = start_level(exp, run, level)
+        masks = {n: m.to(device) for n, m in masks.items()}
+        rewind(model, state, masks)
+        seconds = 0.0
     dens = density(masks)
     while epoch < cfg.epochs:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch, cfg)
-        loss, train_acc = train_epoch(model, data, optimizer, masks, cfg.batch_size,
+        loss, train_acc = train_epoch(model, exp.data, optimizer, masks, cfg.batch_size,
                                       epoch_generator(cfg, level, epoch, device))
-        test_acc = evaluate(model, data)
+        test_acc = evaluate(model, exp.data)
         epoch += 1
         if level == 0 and epoch == cfg.rewind_epoch:
             atomic_save(model.state_dict(), os.path.join(cfg.out_dir, "rewind.pt"))
@@ -654,41 +1033,93 @@ def run_level(model, data, cfg, level, device, eta, log):
         atomic_save(dict(level=level, epoch=epoch, model=model.state_dict(),
                          optimizer=optimizer.state_dict(), masks=masks, blocks=blocks, stats=stats,
                          seconds=seconds, loss=loss, test_acc=test_acc), ckpt_path)
-        log(f"level {level:2d} epoch {epoch:3d}/{cfg.epochs} loss {loss:.4f} train {train_acc:.4f} "
-            f"test {test_acc:.4f} density {dens:.4f} {dt:6.1f}s ETA {eta.update(level, epoch, dt)}")
-    metrics = level_metrics(level, masks, blocks, stats, test_acc, loss, seconds)
+        log(f"{run.name} level {level:2d} epoch {epoch:3d}/{cfg.epochs} loss {loss:.4f} train "
+            f"{train_acc:.4f} test {test_acc:.4f} density {dens:.4f} {dt:6.1f}s ETA {eta.update(dt)}")
+    metrics = level_metrics(exp, run, level, masks, blocks, stats, test_acc, loss, seconds)
     ticket = dict(level=level, masks={n: m.cpu() for n, m in masks.items()}, blocks=blocks,
                   state_dict={k: v.cpu() for k, v in model.state_dict().items()}, metrics=metrics,
-                  layer_stats=stats, config=dataclasses.asdict(cfg), num_classes=data.num_classes)
-    atomic_save(ticket, os.path.join(level_dir(cfg, level), "ticket.pt"))
+                  layer_stats=stats, config={**dataclasses.asdict(cfg), "method": run.method, "init": run.init,
+                                             "group_aware": run.group_aware, "branch": run.name},
+                  num_classes=exp.data.num_classes)
+    atomic_save(ticket, ticket_path(run, level))
     if stats:
-        write_layer_csv(stats, os.path.join(level_dir(cfg, level), "layers.csv"))
+        write_csv([dict(name=n, **s) for n, s in stats.items()], os.path.join(where, "layers.csv"))
         if cfg.verbose:
             log(markdown_table([dict(name=n, **s) for n, s in stats.items()]))
     os.remove(ckpt_path)
     return metrics
 
 
-# ---- reporting ----
+def open_experiment(cfg, log=print):
+    """Check the settings against the experiment directory, load the data, build the model, then (only
+    now: a failed start leaves nothing behind) write the configs and theta_0. Returns (experiment,
+    trunk, branch or None)."""
+    device = resolve_device(cfg.device)
+    trunk, branch = trunk_run(cfg), branch_run(cfg)
+    started = any(os.path.exists(os.path.join(cfg.out_dir, f)) for f in ("init.pt", "level_00"))
+    check_config(os.path.join(cfg.out_dir, "config.json"), trunk_config(cfg), started)
+    if branch is not None:
+        check_config(os.path.join(branch.path, "branch.json"), branch_config(cfg),
+                     os.path.exists(os.path.join(branch.path, "level_01")))
+    data = datasets.load_dataset(cfg.dataset, cfg.data_dir, device, cfg.train_subset, cfg.seed, log=log)
+    torch.manual_seed(cfg.seed)
+    model = model_zoo.MODELS[cfg.arch](data.num_classes).to(device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    atomic_write_text(json.dumps({**trunk_config(cfg), **{k: getattr(cfg, k) for k in RUN_ONLY}}, indent=1),
+                      os.path.join(cfg.out_dir, "config.json"))
+    if not os.path.exists(init_path(cfg)):
+        atomic_save(model.state_dict(), init_path(cfg))
+    if branch is not None:
+        os.makedirs(branch.path, exist_ok=True)
+        atomic_write_text(json.dumps(branch_config(cfg), indent=1), os.path.join(branch.path, "branch.json"))
+    return Experiment(cfg, model, data, device, log), trunk, branch
+
+
+def run_experiment(cfg, log=print):
+    """One trunk and (per --method/--init) one branch: train whatever is missing, reuse the rest.
+
+    Paper: Sec. 3.1-3.2 with Alg. 1-3: trunk level 0 is the dense network, trunk level L the mask
+    source's unstructured ticket (IMP: level L-1 pruned by 20%), branch level L that mask refilled or
+    regrouped, rewound (or re-initialized) and retrained. Writes each run's results, the experiment's
+    combined results.csv, and returns the combined rows.
+    """
+    exp, trunk, branch = open_experiment(cfg, log)
+    order = schedule(cfg, trunk, branch)
+    todo = [(run, level) for run, level in order if not os.path.exists(ticket_path(run, level))]
+    eta = Eta(sum(cfg.epochs - (0 if level == 0 or run.init == "reinit" else cfg.rewind_epoch)
+                  for run, level in todo))
+    for run, level in order:
+        if (run, level) not in todo:
+            log(f"{run.name} level {level}: finished earlier, reused ({ticket_path(run, level)})")
+            continue
+        log(summary_line(train_level(exp, run, level, eta)))
+        write_results(cfg.out_dir)
+    rows = write_results(cfg.out_dir)
+    log("\n" + markdown_table(rows))
+    return rows
+
+
+# ---- results: one row per ticket, per run and for the whole experiment ----
 class Eta:
-    """Remaining time of the whole run from the mean epoch time seen in this process."""
+    """Remaining time of this command from the mean epoch time seen so far."""
 
-    def __init__(self, cfg):
-        self.cfg, self.seconds, self.epochs = cfg, 0.0, 0
+    def __init__(self, epochs_left):
+        self.left, self.seconds, self.epochs = epochs_left, 0.0, 0
 
-    def update(self, level, epoch, dt):
-        self.seconds, self.epochs = self.seconds + dt, self.epochs + 1
-        left = (self.cfg.epochs - epoch) + (self.cfg.levels - level) * (
-            self.cfg.epochs - self.cfg.rewind_epoch)
-        s = int(left * self.seconds / self.epochs)
+    def update(self, dt):
+        self.seconds, self.epochs, self.left = self.seconds + dt, self.epochs + 1, self.left - 1
+        s = int(max(0, self.left) * self.seconds / self.epochs)
         return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
 
 
-def level_metrics(level, masks, blocks, stats, test_acc, loss, seconds):
-    """One result row: the README's keys plus the structure of the level's mask."""
+def level_metrics(exp, run, level, masks, blocks, stats, test_acc, loss, seconds):
+    """One result row: which ticket (run, source, method, init, level), its accuracy and the structure
+    of its mask (density over the prunable weights, kept channels, blocks, coverage, FLOP ratio)."""
     rows = sum(m.shape[0] for m in masks.values())
     kept_rows = sum(int((m.reshape(m.shape[0], -1).sum(1) > 0).sum()) for m in masks.values())
-    row = dict(level=level, density=round(density(masks), 6), test_acc=round(test_acc, 6),
+    row = dict(branch=run.name, source=exp.cfg.mask_source,
+               method=exp.cfg.mask_source if run.name == "trunk" else run.method, init=run.init,
+               level=level, density=round(density(masks), 6), test_acc=round(test_acc, 6),
                train_loss=round(loss, 6), seconds=round(seconds, 1),
                channel_density=round(kept_rows / rows, 6), blocks="", coverage="", flop_ratio="")
     if stats:
@@ -700,10 +1131,32 @@ def level_metrics(level, masks, blocks, stats, test_acc, loss, seconds):
     return row
 
 
+def run_rows(path):
+    """The result rows of the finished levels of the run in `path` (tickets mapped, not read)."""
+    levels = sorted(d for d in os.listdir(path) if d.startswith("level_")) if os.path.isdir(path) else []
+    tickets = [os.path.join(path, d, "ticket.pt") for d in levels]
+    return [load_ticket(t, mmap=True)["metrics"] for t in tickets if os.path.exists(t)]
+
+
+def write_results(exp_dir):
+    """results.json/csv per branch and, combined with the trunk's rows, for the experiment. Returns
+    the combined rows (trunk first, then branches by name; by level within a run)."""
+    branches = sorted(d for d in os.listdir(exp_dir) if os.path.exists(os.path.join(exp_dir, d, "branch.json")))
+    rows = run_rows(exp_dir)
+    for name in branches:
+        branch_rows = run_rows(os.path.join(exp_dir, name))
+        if branch_rows:
+            write_table(branch_rows, os.path.join(exp_dir, name, "results"))
+        rows += branch_rows
+    if rows:
+        write_table(rows, os.path.join(exp_dir, "results"))
+    return rows
+
+
 def summary_line(row):
     extra = "".join(f" {k} {row[k]}" for k in ("channel_density", "blocks", "coverage", "flop_ratio")
                     if row[k] != "")
-    return (f"== level {row['level']} done: density {row['density']:.4f} test_acc "
+    return (f"== {row['branch']} level {row['level']} done: density {row['density']:.4f} test_acc "
             f"{row['test_acc']:.4f} train_loss {row['train_loss']:.4f} {row['seconds']:.0f}s{extra}")
 
 
@@ -726,14 +1179,10 @@ def write_csv(rows, path):
     os.replace(tmp, path)
 
 
-def write_results(cfg, rows):
-    """results.json and results.csv in the out-dir: one row per finished level."""
-    atomic_write_text(json.dumps(rows, indent=1), os.path.join(cfg.out_dir, "results.json"))
-    write_csv(rows, os.path.join(cfg.out_dir, "results.csv"))
-
-
-def write_layer_csv(stats, path):
-    write_csv([dict(name=n, **s) for n, s in stats.items()], path)
+def write_table(rows, stem):
+    """stem.json and stem.csv, atomically."""
+    atomic_write_text(json.dumps(rows, indent=1), f"{stem}.json")
+    write_csv(rows, f"{stem}.csv")
 
 
 def resolve_device(name):
@@ -749,7 +1198,7 @@ def resolve_device(name):
     return name
 
 
-# ---- benchmarks (python lth_ref.py --bench [kernels|paper|mask]) ----
+# ---- benchmarks (python lth_ref.py --bench [kernels|paper|regroup|mask]) ----
 def bench_mask(args, log=print):
     """Cost of keeping pruned weights at 0: median train step with and without the masks.
 
@@ -812,7 +1261,7 @@ def partition_coverage(mask2d, parts, unit=1):
     found = choose_block_columns(units, parts, unit, float(mask2d.sum()), 1, 1)
     blocks = [(torch.from_numpy(r), torch.from_numpy((c[:, None] * unit + np.arange(unit)).ravel()))
               for r, c in found]
-    return layer_stats(mask2d, blocks_to_mask(blocks, *mask2d.shape), blocks)["coverage"]
+    return layer_stats(mask2d, kernels.block_mask(tuple(mask2d.shape), blocks), blocks)["coverage"]
 
 
 def official_width_blocks(mask2d, parts, ratio=1.5):
@@ -854,17 +1303,17 @@ def bench_regroup(args, log=print):
     for name, mask in masks.items():
         m2, unit = mask.reshape(mask.shape[0], -1).cpu(), REGROUP_UNITS[args.regroup_unit](mask.shape)
         t0 = time.perf_counter()
-        new, blocks = regroup_mask(m2, groups=args.groups, row_multiple=args.row_multiple,
-                                   min_col_nnz=args.min_col_nnz, min_block_cols=args.min_block_cols,
-                                   unit=unit)
+        new, blocks = regroup_mask(mask.cpu(), args.regroup_unit, groups=args.groups, row_multiple=args.row_multiple,
+                                   min_col_nnz=args.min_col_nnz, min_block_cols=args.min_block_cols)
         seconds = time.perf_counter() - t0
+        new = new.reshape(m2.shape)
         size = max(len(r) for r, _ in blocks)
         nonempty = np.flatnonzero(m2.sum(1).numpy() > 0)
         chunks = lambda order: [np.sort(order[i:i + size]) for i in range(0, len(order), size)]
         by_nnz = nonempty[np.argsort(-m2[nonempty].sum(1).numpy(), kind="stable")]
         official = [(torch.from_numpy(r), torch.from_numpy(c))
                     for r, c in official_width_blocks(m2, [b[0].numpy() for b in blocks])]
-        official_stats = layer_stats(m2, blocks_to_mask(official, *m2.shape), official)
+        official_stats = layer_stats(m2, kernels.block_mask(tuple(m2.shape), official), official)
         rows.append(dict(name=name, shape="x".join(map(str, m2.shape)),
                          density=round(float(m2.mean()), 4), group_rows=size, blocks=len(blocks),
                          coverage=round(layer_stats(m2, new, blocks)["coverage"], 4),
@@ -885,21 +1334,25 @@ def bench_regroup(args, log=print):
 
 
 def find_bench_ticket(args, required=True):
-    """(path, ticket) to benchmark: --ticket, else the last finished level in --out-dir."""
+    """(path, ticket) to benchmark: --ticket, else the last finished level, in the experiment
+    --out-dir, of the run that --method/--init and the knobs name (the trunk for imp)."""
     path = args.ticket
     if path is None and args.out_dir and os.path.isdir(args.out_dir):
-        levels = sorted(d for d in os.listdir(args.out_dir)
-                        if d.startswith("level_") and
-                        os.path.exists(os.path.join(args.out_dir, d, "ticket.pt")))
-        path = os.path.join(args.out_dir, levels[-1], "ticket.pt") if levels else None
+        cfg = config_from_args(args)
+        run = branch_run(cfg) or trunk_run(cfg)
+        levels = [L for L in range(1000) if os.path.exists(ticket_path(run, L))]
+        if not levels:
+            branches = sorted(d for d in os.listdir(cfg.out_dir)
+                              if os.path.exists(os.path.join(cfg.out_dir, d, "branch.json")))
+            raise UsageError(f"{args.out_dir} has no finished level of the {run.name} (branches here: "
+                             f"{branches or 'none'}); name one with --method and its knobs, or pass --ticket")
+        path = ticket_path(run, levels[-1])
     if path is None:
         if required:
-            raise UsageError("no ticket to benchmark: pass --ticket PATH, or --out-dir of a run "
-                             "with at least one finished level")
+            raise UsageError("no ticket to benchmark: pass --ticket PATH, or --out-dir of an experiment "
+                             "with at least one finished level (and --method for a branch)")
         return None, None
-    if not os.path.exists(path):
-        raise UsageError(f"ticket {path} does not exist")
-    return path, load_file(path, "ticket")
+    return path, load_ticket(path)
 
 
 def bench_kernels(args, log=print):
@@ -951,12 +1404,13 @@ def fresh_ticket(args):
     torch.manual_seed(args.seed)
     model = model_zoo.MODELS[args.arch](10)
     weights = prunable_weights(model)
-    masks = magnitude_prune(weights, ones_masks(weights), 1.0 - args.bench_density)
+    masks = prune_to_density({n: w.detach().abs() for n, w in weights.items()}, args.bench_density)
     feats = None
     if needs_feats(args.method, args.refill_score):        # an untrained model: a random batch will do
         calibrate_batchnorm(model)
         feats = conv_channel_stats(model, list(weights), torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)))
-    masks, blocks = POSTPROCESS[args.method](weights, masks, args, feats)
+    knobs = {k: getattr(args, k) for k in BRANCH_KNOBS[args.method]}
+    masks, blocks = postprocess(args.method, {n: w.detach() for n, w in weights.items()}, masks, feats, **knobs)
     apply_masks(model, masks)
     calibrate_batchnorm(model)
     out_dir = args.out_dir or os.path.join("runs", f"bench_{args.arch}_{args.method}")
@@ -999,31 +1453,58 @@ BENCHES = {"kernels": bench_kernels, "paper": bench_kernels, "regroup": bench_re
 
 
 # ---- CLI ----
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows a flag's default once: '(default: X)' unless the help already names it or it is
+    derived (None: the help says how)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, argparse.SUPPRESS, False) and "default" not in text \
+                and action.option_strings:
+            default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+            text += f" (default: {default})"
+        return text
+
+
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Find structurally sparse lottery tickets (Chen et al., ICML 2022).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Find structurally sparse lottery tickets (Chen et al., ICML 2022): an unstructured "
+                    "trunk (--mask-source) and a structural branch (--method, --init) per level.",
+        formatter_class=HelpFormatter)
     a = p.add_argument
     a("--arch", default="resnet20", choices=sorted(model_zoo.MODELS), help="network")
     a("--method", default="imp", choices=list(POSTPROCESS),
-      help="mask post-processing after each pruning level: imp (none), refill (channel-wise), "
-           "refill+ (channel-wise, extra channels), regroup (group-wise dense blocks)")
+      help="the branch: how each trunk level's mask is post-processed: imp (not at all: with --init "
+           "rewind the trunk is the ticket), refill (channel-wise), refill+ (channel-wise, extra "
+           "channels), regroup (group-wise dense blocks)")
+    a("--mask-source", default="imp", choices=list(MASK_SOURCES),
+      help="the trunk's unstructured masks: imp (iterative magnitude pruning), omp (one-shot magnitude "
+           "of the trained dense net), random (random at omp's layer densities), snip, grasp, synflow "
+           "(scores at initialization); one-shot sources reach density (1 - prune rate)^level")
+    a("--init", default="rewind", choices=INITS,
+      help="the branch's weights: rewind (theta_k, the paper's tickets) or reinit (a fresh seeded "
+           "initialization trained from epoch 0: random tickets)")
+    a("--group-aware", action="store_true",
+      help="group-aware IMP (paper App. A1, Alg. 4): the branch prunes its own previous level instead "
+           "of the trunk's (official main_imp_regroup.py); needs --mask-source imp and a --method other than imp")
     a("--dataset", default="cifar10", choices=list(datasets.DATASETS),
       help="synthetic = small deterministic CIFAR-shaped data for smoke runs")
     a("--data-dir", default="data", help="where CIFAR archives / extracted folders live")
-    a("--out-dir", default=None, help="run directory (default runs/ARCH_METHOD_DATASET)")
+    a("--out-dir", default=None,
+      help="experiment directory (default: runs/ARCH_DATASET_SOURCE, plus _seedN for --seed N != 0)")
     a("--levels", type=int, default=PAPER["levels"], help="pruning levels after the dense level 0")
     a("--epochs", type=int, default=PAPER["epochs"], help="epochs per level")
     a("--rewind-epoch", type=int, default=None,
-      help="rewind to the end of this epoch (0 = initialization); default 5%% of --epochs (8 of 160)")
+      help="rewind to the end of this epoch (0 = initialization); default: 5%% of --epochs (8 of 160)")
     a("--prune-rate", type=float, default=PAPER["prune_rate"],
       help="fraction of the remaining prunable weights removed per level")
-    a("--lr", type=float, default=PAPER["lr"], help="SGD learning rate (x0.1 at 50%% and 75%%)")
+    a("--synflow-rounds", type=int, default=SYNFLOW_ROUNDS, help="pruning rounds of --mask-source synflow")
+    a("--lr", type=float, default=PAPER["lr"], help="SGD learning rate (x0.1 at 50%% and 75%% of --epochs)")
     a("--momentum", type=float, default=PAPER["momentum"], help="SGD momentum")
     a("--weight-decay", type=float, default=None,
-      help=f"L2 weight decay; default {PAPER['weight_decay']}, per arch {WEIGHT_DECAY_BY_ARCH}")
+      help=f"L2 weight decay; default: {PAPER['weight_decay']}, per arch {WEIGHT_DECAY_BY_ARCH}")
     a("--batch-size", type=int, default=PAPER["batch_size"], help="examples per SGD step")
-    a("--train-subset", type=int, default=None, help="train on a seeded random subset of N examples")
+    a("--train-subset", type=int, default=None, help="train on a seeded random subset of N examples (default: all)")
     a("--seed", type=int, default=0, help="seed for init, data order and augmentation")
     a("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
     a("--refill-score", default="l1", choices=list(CHANNEL_SCORES),
@@ -1043,10 +1524,11 @@ def build_parser():
       help="regroup: columns a group needs to become a block (paper b2)")
     a("--verbose", action="store_true", help="print the per-layer table of every level")
     a("--bench", nargs="?", const="kernels", default=None, choices=list(BENCHES),
-      help="benchmark instead of training: kernels = dense vs grouped GEMM on a ticket, paper = "
-           "the same in the paper's per-layer setting (batch 64, 127x127), regroup = partitioner "
-           "coverage and speed vs baselines, mask = mask cost per train step")
-    a("--ticket", default=None, help="ticket.pt to benchmark (default: last level in --out-dir)")
+      help="benchmark instead of training: kernels (the default when given alone) = dense vs grouped "
+           "GEMM on a ticket, paper = the same in the paper's per-layer setting (batch 64, 127x127), "
+           "regroup = partitioner coverage and speed vs baselines, mask = mask cost per train step")
+    a("--ticket", default=None,
+      help="ticket.pt to benchmark (default: the last level, in --out-dir, of the run --method names)")
     a("--bench-density", type=float, default=None,
       help="bench a fresh --arch pruned to this density and post-processed by --method (with the "
            "regroup/refill flags) instead of a saved ticket")
@@ -1072,30 +1554,39 @@ def config_from_args(args):
          f"--rewind-epoch must be in [0, --epochs), got {rewind_epoch} with --epochs {args.epochs}")
     need(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     need(args.train_subset is None or args.train_subset >= 1, "--train-subset must be >= 1")
+    need(args.synflow_rounds >= 1, f"--synflow-rounds must be >= 1, got {args.synflow_rounds}")
     need(0.0 <= args.refill_extra <= 1.0, f"--refill-extra must be in [0, 1], got {args.refill_extra}")
     for flag in ("groups", "row_multiple", "min_col_nnz", "min_block_cols"):
         need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be >= 1")
+    need(not args.group_aware or args.method != "imp",
+         "--group-aware post-processes every level of its own chain: give it a --method (refill, "
+         "refill+ or regroup)")
+    need(not args.group_aware or args.mask_source == "imp",
+         f"--group-aware prunes its own previous level iteratively: it needs --mask-source imp, not "
+         f"{args.mask_source} (one-shot sources have no chain)")
     wd = args.weight_decay if args.weight_decay is not None else \
         WEIGHT_DECAY_BY_ARCH.get(args.arch, PAPER["weight_decay"])
-    out_dir = args.out_dir or os.path.join("runs", f"{args.arch}_{args.method}_{args.dataset}")
+    out_dir = args.out_dir or os.path.join(
+        "runs", f"{args.arch}_{args.dataset}_{args.mask_source}" + (f"_seed{args.seed}" if args.seed else ""))
     return Config(
-        arch=args.arch, method=args.method, dataset=args.dataset, data_dir=args.data_dir,
-        out_dir=out_dir, levels=args.levels, epochs=args.epochs, rewind_epoch=rewind_epoch,
-        prune_rate=args.prune_rate, lr=args.lr, momentum=args.momentum, weight_decay=wd,
-        batch_size=args.batch_size, train_subset=args.train_subset, seed=args.seed,
-        device=args.device, refill_score=args.refill_score, refill_extra=args.refill_extra,
-        regroup_unit=args.regroup_unit, groups=args.groups, row_multiple=args.row_multiple,
-        min_col_nnz=args.min_col_nnz, min_block_cols=args.min_block_cols, verbose=args.verbose)
+        arch=args.arch, dataset=args.dataset, data_dir=args.data_dir, out_dir=out_dir, levels=args.levels,
+        epochs=args.epochs, rewind_epoch=rewind_epoch, prune_rate=args.prune_rate, lr=args.lr,
+        momentum=args.momentum, weight_decay=wd, batch_size=args.batch_size, train_subset=args.train_subset,
+        seed=args.seed, device=args.device, mask_source=args.mask_source, synflow_rounds=args.synflow_rounds,
+        method=args.method, init=args.init, group_aware=args.group_aware, refill_score=args.refill_score,
+        refill_extra=args.refill_extra, regroup_unit=args.regroup_unit, groups=args.groups,
+        row_multiple=args.row_multiple, min_col_nnz=args.min_col_nnz, min_block_cols=args.min_block_cols,
+        verbose=args.verbose)
 
 
 def main(argv=None):
-    """The single entry point: find a ticket (default) or run a benchmark (--bench)."""
+    """The single entry point: run an experiment (default) or a benchmark (--bench)."""
     args = build_parser().parse_args(argv)
     try:
         if args.bench:
             BENCHES[args.bench](args)
         else:
-            find_ticket(config_from_args(args))
+            run_experiment(config_from_args(args))
     except (UsageError, datasets.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

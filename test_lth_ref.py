@@ -14,6 +14,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import tarfile
 import urllib.error
 import urllib.request
@@ -833,7 +834,7 @@ def realistic_mask(out_rows, k, dens=0.2, seed=0):
 def check_blocks(mask2d, blocks, row_multiple=8):
     rows = torch.cat([r for r, _ in blocks])
     assert len(rows) == len(set(rows.tolist()))             # rows disjoint
-    assert torch.equal(L.blocks_to_mask(blocks, *mask2d.shape), mask2d)   # union of rectangles
+    assert torch.equal(kernels.block_mask(tuple(mask2d.shape), blocks), mask2d)   # union of rectangles
     sizes = sorted(len(r) for r, _ in blocks)
     assert sum(s % row_multiple != 0 for s in sizes) <= 2   # only a pass's last group may be ragged
 
@@ -884,6 +885,49 @@ def test_regroup_channel_unit_selects_whole_input_channels():
         assert len(cols) % 9 == 0 and torch.equal(cols.view(-1, 9) % 9, torch.arange(9).expand(len(cols) // 9, 9))
 
 
+def test_regroup_mask_takes_the_conv_mask_with_either_unit_or_its_2d_view():
+    m = realistic_mask(32, 32 * 9).reshape(32, 32, 3, 3)
+    for unit in L.REGROUP_UNITS:
+        new, blocks = L.regroup_mask(m, unit)
+        assert new.shape == m.shape and torch.equal(kernels.block_mask(tuple(m.shape), blocks), new)
+    flat, flat_blocks = L.regroup_mask(m.reshape(32, -1))
+    assert torch.equal(flat, L.regroup_mask(m, "position")[0].reshape(32, -1))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: L.regroup_mask(torch.ones(8, 18), unit="channel"), "expected the conv's mask"),
+    (lambda: L.regroup_mask(torch.ones(8, 18), unit=9), "unknown regroup unit 9"),
+    (lambda: L.regroup_mask(torch.ones(2, 8, 3, 3, 1)), "got shape"),
+    (lambda: L.regroup_mask(torch.ones(8, 18), groups=0), "groups must be an integer >= 1"),
+    (lambda: L.regroup_mask(torch.full((8, 18), 0.5)), "only 0 and 1"),
+    (lambda: L.refill_mask(torch.ones(4, 2, 3, 3), torch.ones(4, 18)), "must have the same shape"),
+    (lambda: L.refill_mask(torch.ones(4, 18), torch.ones(4, 18), extra=2), "must be in [0, 1]"),
+    (lambda: L.postprocess("prune", {}, {}), "unknown method 'prune'"),
+    (lambda: L.postprocess("refill", {}, {}, groups=4), "refill takes the knobs ['refill_score']"),
+    (lambda: L.magnitude_prune({}, {}, 1.5), "rate must be in [0, 1)"),
+    (lambda: L.magnitude_prune({"a": torch.ones(3)}, {"a": torch.ones(4)}, 0.5), "same names and shapes"),
+])
+def test_public_functions_say_what_they_expected(call, message):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert message in str(e.value)
+
+
+def test_prunable_weights_skip_the_stem_unless_asked_and_never_depthwise():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1))
+    assert list(L.prunable_weights(model)) == ["2.weight"]
+    assert list(L.prunable_weights(model, skip_stem=False)) == ["0.weight", "2.weight"]
+
+
+def test_postprocess_is_the_pipelines_step_on_your_own_masks():
+    weights = random_weights(3)
+    masks = L.magnitude_prune(weights, L.ones_masks(weights), 0.7)
+    new, blocks = L.postprocess("refill+", weights, masks, refill_extra=0.5, refill_score="remain")
+    assert blocks is None and all(torch.equal(new[n], L.refill(weights, masks, 0.5, "remain")[n]) for n in masks)
+    new, blocks = L.postprocess("regroup", weights, masks, groups=2)
+    assert set(blocks) == set(masks) and all(torch.equal(new[n], L.regroup(masks, groups=2)[0][n]) for n in masks)
+
+
 def test_refine_partition_does_not_lower_within_group_similarity():
     m = realistic_mask(128, 1152).numpy()
     sim = L.row_similarity(m)
@@ -894,63 +938,229 @@ def test_refine_partition_does_not_lower_within_group_similarity():
     assert score(refined) >= score(parts) - 1e-6
 
 
-# ---- the CLI end to end ----
+# ---- mask sources ----
+def source_model(seed=0):
+    torch.manual_seed(seed)
+    return models.MODELS["resnet20"](10)
+
+
+def test_keep_top_is_global_exact_and_breaks_ties_by_position():
+    scores = {"a": torch.tensor([[1.0, 5.0], [3.0, 3.0]]), "b": torch.tensor([3.0, 0.5, 9.0])}
+    keep = L.keep_top(scores, 4)
+    assert keep["a"].tolist() == [[0.0, 1.0], [1.0, 1.0]] and keep["b"].tolist() == [0.0, 0.0, 1.0]
+    assert L.density(L.prune_to_density(scores, 3 / 7)) == pytest.approx(3 / 7)
+
+
+def test_snip_scores_equal_an_independent_computation():
+    model = source_model()
+    d = data.load_dataset("synthetic", "unused", "cpu", train_subset=32, seed=0)
+    x, y = next(data.train_batches(d, 16, torch.Generator().manual_seed(1)))
+    names = list(L.prunable_weights(model))
+    before = copy.deepcopy(model.state_dict())
+    scores = L.snip_scores(model, names, x, y)
+    reference = copy.deepcopy(model).train()                  # |w * dL/dw|, computed by hand
+    F.cross_entropy(reference(x), y).backward()
+    params = dict(reference.named_parameters())
+    for n in names:
+        assert torch.allclose(scores[n], (params[n] * params[n].grad).abs(), rtol=1e-5, atol=1e-9), n
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())   # model untouched
+
+
+def test_grasp_scores_are_w_times_hessian_gradient_product():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.Conv2d(4, 5, 3, bias=False), nn.Flatten(),
+                          nn.Linear(5 * 3 * 3, 3)).double()    # float64: finite differences below
+    x, y = torch.randn(6, 3, 7, 7, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    names = ["1.weight"]
+    scores = L.grasp_scores(model, names, x, y, temperature=2.0)
+    weights = [model[0].weight, model[1].weight, model[3].weight]
+    loss = lambda xs, ys: F.cross_entropy(model(xs) / 2.0, ys)
+    g = [a + b for a, b in zip(torch.autograd.grad(loss(x[:3], y[:3]), weights),
+                               torch.autograd.grad(loss(x[3:], y[3:]), weights))]
+    hg = torch.zeros_like(model[1].weight)                    # H g by finite differences of the gradient
+    eps = 1e-5
+    for sign in (1, -1):
+        shifted = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, gi in zip([shifted[0].weight, shifted[1].weight, shifted[3].weight], g):
+                p.add_(sign * eps * gi)
+        lf = lambda xs, ys: F.cross_entropy(shifted(xs) / 2.0, ys)
+        grad = sum(torch.autograd.grad(lf(xs, ys), shifted[1].weight)[0] for xs, ys in ((x[:3], y[:3]), (x[3:], y[3:])))
+        hg += sign * grad / (2 * eps)
+    expected = model[1].weight.detach() * hg
+    assert torch.allclose(scores["1.weight"], expected, rtol=1e-5, atol=1e-7 * expected.abs().max())
+
+
+@pytest.mark.parametrize("target", [0.5, 0.2])
+def test_synflow_hits_the_density_is_deterministic_and_scores_like_published(target):
+    model = source_model()
+    names = list(L.prunable_weights(model))
+    a = L.synflow_masks(model, names, target, rounds=5)
+    b = L.synflow_masks(model, names, target, rounds=5)
+    total = sum(m.numel() for m in a.values())
+    assert sum(int(m.sum()) for m in a.values()) == round(target * total)
+    assert all(torch.equal(a[n], b[n]) for n in names)
+    one = L.synflow_masks(model, names, target, rounds=1)     # one round = |w dR/dw| of |theta|, top-k
+    lin = copy.deepcopy(model).eval().double()
+    with torch.no_grad():
+        for t in lin.state_dict().values():
+            t.abs_()
+    lin(torch.ones(1, 3, 32, 32, dtype=torch.float64)).sum().backward()
+    params = dict(lin.named_parameters())
+    ref = L.prune_to_density({n: (params[n] * params[n].grad).abs() for n in names}, target)
+    assert all(torch.equal(one[n], ref[n]) for n in names)
+
+
+def test_random_masks_keep_each_layers_count_and_follow_the_seed():
+    model = source_model()
+    weights = L.prunable_weights(model)
+    omp = L.prune_to_density({n: w.detach().abs() for n, w in weights.items()}, 0.3)
+    r1 = L.random_masks(omp, torch.Generator().manual_seed(5))
+    r2 = L.random_masks(omp, torch.Generator().manual_seed(5))
+    r3 = L.random_masks(omp, torch.Generator().manual_seed(6))
+    assert all(int(r1[n].sum()) == int(omp[n].sum()) for n in omp)
+    assert all(torch.equal(r1[n], r2[n]) for n in omp) and not all(torch.equal(r1[n], r3[n]) for n in omp)
+
+
+# ---- the experiment end to end: trunk and branches ----
 FAST = ["--dataset", "synthetic", "--arch", "resnet20", "--train-subset", "128", "--epochs", "2",
-        "--batch-size", "64"]
+        "--batch-size", "64", "--device", "cpu"]
 
 
 def run_cli(tmp_path, *extra, name="run"):
+    """Run the CLI into tmp_path/name; returns (experiment dir, combined result rows)."""
     out = str(tmp_path / name)
     assert L.main(FAST + ["--out-dir", out, *extra]) == 0
     with open(os.path.join(out, "results.json")) as f:
         return out, json.load(f)
 
 
-def test_cli_imp_two_levels_densities_and_files(tmp_path):
+def ticket(out, level, branch=""):
+    return L.load_ticket(os.path.join(out, branch, f"level_{level:02d}", "ticket.pt"))
+
+
+def rows_of(rows, branch):
+    return [r for r in rows if r["branch"] == branch]
+
+
+def trunk_mask(out, level):
+    """m_L recomputed from trunk level L-1, independently of the pipeline."""
+    prev = ticket(out, level - 1)
+    return L.magnitude_prune({n: prev["state_dict"][n] for n in prev["masks"]}, prev["masks"], 0.2)
+
+
+def test_imp_trunk_levels_densities_and_files(tmp_path):
     out, rows = run_cli(tmp_path, "--levels", "2")
-    assert [r["level"] for r in rows] == [0, 1, 2]
+    assert [r["level"] for r in rows] == [0, 1, 2] and {r["branch"] for r in rows} == {"trunk"}
     assert [round(r["density"], 3) for r in rows] == [1.0, 0.8, 0.64]
     for level in range(3):
-        ticket = torch.load(os.path.join(out, f"level_{level:02d}", "ticket.pt"), weights_only=False)
-        assert set(ticket["metrics"]) >= {"level", "density", "test_acc", "train_loss", "seconds"}
+        t = ticket(out, level)
+        assert set(t["metrics"]) >= {"level", "density", "test_acc", "train_loss", "seconds", "method"}
         assert not os.path.exists(os.path.join(out, f"level_{level:02d}", "checkpoint.pt"))
-    assert open(os.path.join(out, "results.csv")).readline().startswith("level,density,test_acc")
+    assert open(os.path.join(out, "results.csv")).readline().startswith("branch,source,method,init,level")
+    assert sorted(os.listdir(out)) == ["config.json", "init.pt", "level_00", "level_01", "level_02",
+                                       "results.csv", "results.json"]
 
 
 @pytest.mark.parametrize("method, flags", [("refill", []), ("refill+", []), ("regroup", []),
                                            ("refill", ["--refill-score", "saliency"])])
-def test_cli_structured_methods(tmp_path, method, flags):
-    out, rows = run_cli(tmp_path, "--levels", "1", "--method", method, *flags)
-    ticket = torch.load(os.path.join(out, "level_01", "ticket.pt"), weights_only=False)
-    assert 0.8 / 1.5 <= rows[1]["density"] <= 0.8 * 1.5
-    for n, m in ticket["masks"].items():
-        m2 = m.reshape(m.shape[0], -1)
-        if method == "regroup":
-            assert torch.equal(L.blocks_to_mask(ticket["blocks"][n], *m2.shape), m2)
-        else:
-            assert torch.all((m2.sum(1) == 0) | (m2.sum(1) == m2.shape[1]))
-        assert torch.all(ticket["state_dict"][n][m == 0] == 0)
-    assert os.path.exists(os.path.join(out, "level_01", "layers.csv"))
+def test_branches_post_process_the_unstructured_trunk(tmp_path, method, flags):
+    out, rows = run_cli(tmp_path, "--levels", "2", "--method", method, *flags)
+    name = L.branch_name(L.config_from_args(L.build_parser().parse_args(FAST + ["--method", method, *flags])))
+    assert [r["level"] for r in rows_of(rows, "trunk")] == [0, 1, 2]
+    assert [r["level"] for r in rows_of(rows, name)] == [1, 2]
+    for level in (1, 2):
+        trunk, branch, m_level = ticket(out, level), ticket(out, level, name), trunk_mask(out, level)
+        assert all(torch.equal(trunk["masks"][n], m_level[n]) for n in m_level)   # trunk stays unstructured IMP
+        assert round(trunk["metrics"]["density"], 3) == round(0.8 ** level, 3)
+        for n, m in branch["masks"].items():
+            m2, before = m.reshape(m.shape[0], -1), m_level[n].reshape(m.shape[0], -1)
+            if method == "regroup":
+                assert torch.equal(kernels.block_mask(tuple(m2.shape), branch["blocks"][n]), m2)
+            else:
+                kept = m2.sum(1)
+                assert torch.all((kept == 0) | (kept == m2.shape[1]))
+                if method == "refill":                   # n = nnz(m_L) / K channels of the trunk's mask
+                    assert int((kept > 0).sum()) == max(1, round(float(before.sum()) / m2.shape[1]))
+            stats = L.layer_stats(m_level[n], m)         # coverage is measured against m_L
+            assert branch["layer_stats"][n]["coverage"] == pytest.approx(stats["coverage"])
+            assert torch.all(branch["state_dict"][n][m == 0] == 0)
+        assert os.path.exists(os.path.join(out, name, "level_01", "layers.csv"))
+    assert json.load(open(os.path.join(out, name, "results.json")))[0]["branch"] == name
 
 
-def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path):
-    _, straight = run_cli(tmp_path, "--levels", "1", "--method", "regroup", name="straight")
-    out = str(tmp_path / "cut")
-    args = L.config_from_args(L.build_parser().parse_args(
-        FAST + ["--out-dir", out, "--levels", "1", "--method", "regroup"]))
+def test_a_second_method_reuses_the_trunk(tmp_path):
+    out, _ = run_cli(tmp_path, "--levels", "1", "--method", "regroup")
+    trunk_bytes = [open(os.path.join(out, f"level_0{i}", "ticket.pt"), "rb").read() for i in (0, 1)]
+    lines = []
+    assert L.main(FAST + ["--out-dir", out, "--levels", "1", "--method", "refill"]) == 0
+    L.run_experiment(L.config_from_args(L.build_parser().parse_args(
+        FAST + ["--out-dir", out, "--levels", "1", "--method", "refill+"])), log=lines.append)
+    assert not any(line.startswith("trunk level") and " epoch " in line for line in lines)
+    assert sum("finished earlier, reused" in line for line in lines) == 2
+    assert trunk_bytes == [open(os.path.join(out, f"level_0{i}", "ticket.pt"), "rb").read() for i in (0, 1)]
+    rows = json.load(open(os.path.join(out, "results.json")))
+    assert {(r["branch"], r["method"]) for r in rows} == {
+        ("trunk", "imp"), ("regroup", "regroup"), ("refill", "refill"), ("refill+", "refill+")}
 
-    def cut(line):                      # stop after the first epoch of level 1 (checkpoint written)
-        if line.startswith("level  1 epoch   1/"):
+
+def test_group_aware_prunes_its_own_previous_level(tmp_path):
+    out, rows = run_cli(tmp_path, "--levels", "2", "--method", "refill", "--group-aware")
+    assert [(r["branch"], r["level"]) for r in rows] == [("trunk", 0), ("refill_group-aware", 1),
+                                                         ("refill_group-aware", 2)]
+    for level in (1, 2):                  # the old loop: prune the previous post-processed ticket, refill it
+        prev = ticket(out, level - 1, "" if level == 1 else "refill_group-aware")
+        weights = {n: prev["state_dict"][n] for n in prev["masks"]}
+        expected, _ = L.postprocess("refill", weights, L.magnitude_prune(weights, prev["masks"], 0.2))
+        got = ticket(out, level, "refill_group-aware")["masks"]
+        assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+@pytest.mark.parametrize("source", ["omp", "random", "snip", "grasp", "synflow"])
+def test_every_mask_source_runs_hits_its_density_and_is_deterministic(tmp_path, source):
+    flags = ["--levels", "1", "--epochs", "1", "--mask-source", source, "--method", "regroup",
+             "--synflow-rounds", "3"]
+    out, rows = run_cli(tmp_path, *flags)
+    assert rows_of(rows, "trunk")[1]["density"] == pytest.approx(0.8, abs=1e-4)
+    assert rows_of(rows, "regroup")[0]["coverage"] > 0
+    cfg = L.config_from_args(L.build_parser().parse_args(FAST + ["--out-dir", out, *flags]))
+    exp, _, _ = L.open_experiment(cfg, log=lambda *_: None)
+    again, _ = L.MASK_SOURCES[source](exp, 1)
+    assert all(torch.equal(again[n].cpu(), ticket(out, 1)["masks"][n]) for n in again)
+
+
+def test_reinit_starts_from_a_fresh_initialization(tmp_path):
+    out, rows = run_cli(tmp_path, "--levels", "1", "--init", "reinit")
+    assert [r["branch"] for r in rows] == ["trunk", "trunk", "imp_reinit"]
+    cfg = L.config_from_args(L.build_parser().parse_args(FAST + ["--out-dir", out, "--init", "reinit"]))
+    exp, trunk, branch = L.open_experiment(cfg, log=lambda *_: None)
+    masks, _, _, state, epoch = L.start_level(exp, branch, 1)
+    _, _, _, rewound, k = L.start_level(exp, trunk, 1)
+    assert epoch == 0 and all(torch.equal(masks[n], ticket(out, 1)["masks"][n]) for n in masks)
+    assert not torch.equal(state["layer1.0.conv1.weight"], rewound["layer1.0.conv1.weight"])
+
+
+def cut_after_first_epoch_of(prefix):
+    def log(line):
+        if line.startswith(prefix):
             raise KeyboardInterrupt
+    return log
+
+
+@pytest.mark.parametrize("prefix", ["trunk level  1 epoch   1/", "regroup level  1 epoch   1/"])
+def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, prefix):
+    flags = ["--levels", "1", "--method", "regroup"]
+    straight_dir, straight = run_cli(tmp_path, *flags, name="straight")
+    out = str(tmp_path / "cut")
+    args = L.config_from_args(L.build_parser().parse_args(FAST + ["--out-dir", out, *flags]))
     with pytest.raises(KeyboardInterrupt):
-        L.find_ticket(args, log=cut)
-    assert os.path.exists(os.path.join(out, "level_01", "checkpoint.pt"))
-    _, resumed = run_cli(tmp_path, "--levels", "1", "--method", "regroup", name="cut")
-    for a, b in zip(straight, resumed):
-        assert {k: v for k, v in a.items() if k != "seconds"} == \
-               {k: v for k, v in b.items() if k != "seconds"}
-    t1 = torch.load(tmp_path / "straight" / "level_01" / "ticket.pt", weights_only=False)
-    t2 = torch.load(tmp_path / "cut" / "level_01" / "ticket.pt", weights_only=False)
+        L.run_experiment(args, log=cut_after_first_epoch_of(prefix))
+    branch = "" if prefix.startswith("trunk") else "regroup"
+    assert os.path.exists(os.path.join(out, branch, "level_01", "checkpoint.pt"))
+    _, resumed = run_cli(tmp_path, *flags, name="cut")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(straight) == strip(resumed)
+    t1, t2 = ticket(straight_dir, 1, branch), ticket(out, 1, branch)
     assert all(torch.equal(t1["masks"][n], t2["masks"][n]) for n in t1["masks"])
     assert all(torch.equal(t1["state_dict"][k], t2["state_dict"][k]) for k in t1["state_dict"])
 
@@ -963,10 +1173,20 @@ def test_raising_levels_continues_like_asking_at_start(tmp_path):
     assert strip(two) == strip(grown)
 
 
-def test_changed_config_under_an_existing_out_dir_is_refused(tmp_path, capsys):
+def test_changed_trunk_setting_is_refused_once_training_started(tmp_path, capsys):
     run_cli(tmp_path, "--levels", "0")
     assert L.main(FAST + ["--out-dir", str(tmp_path / "run"), "--levels", "0", "--lr", "0.05"]) == 2
     assert "--lr 0.1 -> 0.05" in capsys.readouterr().err
+
+
+def test_a_failed_start_leaves_the_experiment_free(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert L.main(FAST[:4] + ["--train-subset", "10000", "--epochs", "1", "--out-dir", out]) == 2
+    assert "train_subset=10000 is out of range" in capsys.readouterr().err and not os.path.exists(out)
+    os.makedirs(out)
+    with open(os.path.join(out, "config.json"), "w") as f:   # an older start that trained nothing
+        json.dump({"lr": 0.5}, f)
+    run_cli(tmp_path, "--levels", "0")                        # the corrected command is accepted
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -974,6 +1194,8 @@ def test_changed_config_under_an_existing_out_dir_is_refused(tmp_path, capsys):
     (["--levels", "-1"], "--levels must be >= 0"),
     (["--rewind-epoch", "5"], "--rewind-epoch must be in [0, --epochs)"),
     (["--refill-extra", "2"], "--refill-extra must be in [0, 1]"),
+    (["--group-aware"], "--group-aware post-processes every level of its own chain"),
+    (["--group-aware", "--method", "regroup", "--mask-source", "omp"], "it needs --mask-source imp"),
 ])
 def test_bad_values_exit_2_with_a_clear_message(tmp_path, capsys, flags, message):
     assert L.main(FAST + ["--out-dir", str(tmp_path / "x")] + flags) == 2
@@ -981,10 +1203,21 @@ def test_bad_values_exit_2_with_a_clear_message(tmp_path, capsys, flags, message
     assert message in err and "Traceback" not in err
 
 
-def test_unknown_arch_is_an_argparse_error(capsys):
+@pytest.mark.parametrize("flags, phrase", [(["--arch", "resnet9000"], "invalid choice: 'resnet9000'"),
+                                           (["--mask-source", "magic"], "invalid choice: 'magic'")])
+def test_unknown_choices_are_argparse_errors(capsys, flags, phrase):
     with pytest.raises(SystemExit) as e:
-        L.main(["--arch", "resnet9000"])
-    assert e.value.code == 2 and "invalid choice: 'resnet9000'" in capsys.readouterr().err
+        L.main(flags)
+    assert e.value.code == 2 and phrase in capsys.readouterr().err
+
+
+def test_help_states_each_default_once():
+    text = L.build_parser().format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for action in L.build_parser()._actions:
+        helped = L.HelpFormatter("x")._get_help_string(action)
+        assert helped.count("default") <= 1, action.option_strings
+    assert "(default: resnet20)" in text and "runs/ARCH_DATASET_SOURCE" in text
 
 
 def test_corrupt_checkpoint_is_named_in_the_error(tmp_path, capsys):
@@ -993,21 +1226,61 @@ def test_corrupt_checkpoint_is_named_in_the_error(tmp_path, capsys):
     (out / "level_00" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert L.main(FAST + ["--out-dir", str(out), "--levels", "0"]) == 2
     err = capsys.readouterr().err
-    assert "checkpoint.pt" in err and "delete it" in err
+    assert "checkpoint.pt" in err and "Delete it" in err
 
 
 def test_ticket_of_another_arch_is_refused(tmp_path, capsys):
     run_cli(tmp_path, "--levels", "0")
-    ticket = torch.load(tmp_path / "run" / "level_00" / "ticket.pt", weights_only=False)
-    ticket["masks"] = L.ones_masks(L.prunable_weights(models.MODELS["resnet32"](10)))
-    torch.save(ticket, tmp_path / "run" / "level_00" / "ticket.pt")
+    path = tmp_path / "run" / "level_00" / "ticket.pt"
+    t = L.load_ticket(str(path))
+    t["masks"] = L.ones_masks(L.prunable_weights(models.MODELS["resnet32"](10)))
+    torch.save(t, path)
     assert L.main(FAST + ["--out-dir", str(tmp_path / "run"), "--levels", "1"]) == 2
     assert "does not fit the model" in capsys.readouterr().err
 
 
+class RunsCode:
+    """Unpickling this runs os.system: what a malicious 'ticket' would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_ticket_that_would_run_code_is_refused_not_run(tmp_path, capsys):
+    marker, evil = tmp_path / "pwned", tmp_path / "ticket.pt"
+    torch.save({"config": {"arch": "resnet20"}, "masks": RunsCode(marker)}, evil)
+    assert L.main(["--bench", "--ticket", str(evil)]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists() and "not written by lth_ref" in err and "Traceback" not in err
+
+
+def test_a_ticket_missing_a_key_says_what_a_ticket_is(tmp_path, capsys):
+    path = tmp_path / "ticket.pt"
+    torch.save({"masks": {}, "level": 1}, path)
+    assert L.main(["--bench", "--ticket", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a ticket" in err and "state_dict" in err and "level_NN/ticket.pt" in err
+
+
+def test_lth_ref_imports_next_to_a_foreign_data_package(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "__init__.py").write_text("USER_DATA = True\n")
+    (tmp_path / "models.py").write_text("USER_MODELS = True\n")
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import data, models, lth_ref; assert data.USER_DATA and models.USER_MODELS; "
+            "assert 'synthetic' in lth_ref.datasets.DATASETS and 'resnet20' in lth_ref.model_zoo.MODELS; "
+            "print('ok')")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), here])}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
 def test_bench_regroup_on_a_ticket_reports_every_layer_and_beats_random(tmp_path, capsys):
     run_cli(tmp_path, "--levels", "0")
-    args = L.build_parser().parse_args(["--bench", "regroup", "--out-dir", str(tmp_path / "run")])
+    args = L.build_parser().parse_args(["--bench", "regroup", "--out-dir", str(tmp_path / "run")] + FAST)
     rows = L.bench_regroup(args, log=lambda *_: None)
     assert len(rows) == 18 and all(r["blocks"] > 0 for r in rows)
     assert np.mean([r["coverage"] for r in rows]) > np.mean([r["random"] for r in rows])
@@ -1016,6 +1289,12 @@ def test_bench_regroup_on_a_ticket_reports_every_layer_and_beats_random(tmp_path
 def test_bench_without_a_ticket_says_how_to_get_one(tmp_path, capsys):
     assert L.main(["--bench", "kernels", "--out-dir", str(tmp_path / "none")]) == 2
     assert "no ticket to benchmark" in capsys.readouterr().err
+
+
+def test_bench_names_the_branches_when_the_run_asked_for_has_none(tmp_path, capsys):
+    run_cli(tmp_path, "--levels", "1", "--epochs", "1", "--method", "refill")
+    assert L.main(["--bench", "--out-dir", str(tmp_path / "run"), "--method", "regroup"] + FAST) == 2
+    assert "branches here: ['refill']" in capsys.readouterr().err
 
 
 # ---- kernels (grouped GEMM) ----
@@ -1382,11 +1661,11 @@ def test_cuda_thick_blocks_and_model():
 
 def test_regrouped_model_of_a_pipeline_ticket_equals_the_masked_dense_model(tmp_path):
     out, _ = run_cli(tmp_path, "--levels", "1", "--method", "regroup")
-    ticket = torch.load(os.path.join(out, "level_01", "ticket.pt"), weights_only=False)
+    t = ticket(out, 1, "regroup")
     model = models.MODELS["resnet20"](10)
-    model.load_state_dict(ticket["state_dict"])
+    model.load_state_dict(t["state_dict"])
     model.eval()
-    fast = kernels.regrouped_model(model, ticket["blocks"])
+    fast = kernels.regrouped_model(model, t["blocks"])
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         ref, y = model(x), fast(x)          # the ticket's weights are already zero outside the blocks
