@@ -1641,3 +1641,23 @@ def test_a_new_block_type_is_one_link_rule(monkeypatch, one_thread):
 def test_channel_links_of_an_unknown_model_say_how_to_add_a_rule():
     with pytest.raises(ValueError, match="add one to models.LINK_RULES"):
         models.channel_links(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+
+
+def test_dead_bn_stays_zero_through_training_and_the_trained_ticket_slims_exactly():
+    torch.manual_seed(0)
+    model = models.MODELS["resnet20"](10)
+    masks = random_channel_masks(model, seed=6)
+    train_masks = {**masks, **models.bn_masks(model, masks)}  # conv weights and the BN of dead rows
+    L.apply_masks(model, train_masks)
+    d = data.load_dataset("synthetic", "unused", "cpu", train_subset=64, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    bn_before = model.layer1[0].bn1.weight.detach().clone()
+    L.train_epoch(model, d, opt, train_masks, 16, torch.Generator().manual_seed(0))
+    params = dict(model.named_parameters())
+    for name, mask in models.bn_masks(model, masks).items():
+        assert torch.all(params[name][mask == 0] == 0)
+    alive = masks["layer1.0.conv1.weight"][:, 0, 0, 0] == 1
+    assert not torch.equal(model.layer1[0].bn1.weight[alive], bn_before[alive])  # the rest did train
+    ticket = model.double().eval()
+    slim = models.slim_model(ticket, masks)
+    assert slim_err(ticket, slim) < SLIM_TOL and slim.layer1[0].conv1.out_channels == int(alive.sum())
