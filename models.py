@@ -21,8 +21,11 @@ Parameter counts (count_params, 10 classes; paper numbers from Chen et al. 2022,
 (272,474 for resnet20 is the 1x1-conv "option B" variant; option A adds no shortcut parameters.)
 """
 
+import copy
+import dataclasses
 from typing import Callable
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -221,3 +224,323 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
     "vgg16": vgg16,
     "wrn32_2": wrn32_2,
 }
+
+
+# ---- slim: channel-wise tickets as smaller dense networks ----
+# A channel-wise (refill) ticket keeps whole output channels. A channel whose conv row is pruned AND whose
+# BN scale and shift are 0 outputs relu(bn(0)) = 0 exactly, so removing it from its conv and BN, and from
+# the input side of every layer that reads it, leaves the network's function unchanged: the ticket runs
+# as a smaller dense network on stock kernels. `channel_links` says which modules share a set of
+# channels, built from one small rule per model or block type (LINK_RULES); a new block type (Bottleneck,
+# a depthwise-separable block) is one more rule.
+
+
+@dataclasses.dataclass
+class ChannelLink:
+    """One set of channels: the convs that produce it, the BNs that normalize it, the layers that read it.
+
+    producers: (conv, bn) module names; the conv's output channels are this set and the bn normalizes
+        them. A residual stream has one producer per branch of every add into it (conv2/bn2 of each
+        block, 1x1 shortcut conv/bn); a depthwise conv (groups = channels) is a producer that also reads
+        the set (it is listed in readers too), its channel c depending on input channel c only.
+    readers: module names that read the set on their input side: convs (in_channels) and the Linear
+        classifier (in_features).
+    fixed: a module that cannot be resized touches the set (the parameter-free option-A pad shortcut
+        shifts channels by a fixed offset): every channel stays.
+    """
+
+    producers: list = dataclasses.field(default_factory=list)
+    readers: list = dataclasses.field(default_factory=list)
+    fixed: bool = False
+
+
+def _residual_add(shortcut, name, stream, branch, links):
+    """out = relu(branch + shortcut(stream)): the channel set of the block's output.
+
+    Identity: the output is the input stream, one more producer. 1x1 conv + BN: a new set produced by
+    the branch and the shortcut conv (which reads the input stream). Pad (option A): a new set, and both
+    sets stay whole (the pad's fixed channel offset cannot be resized); the pad is an alive producer.
+    branch: (conv, bn) names of the last conv of the block's residual branch.
+    """
+    if isinstance(shortcut, nn.Identity):
+        stream.producers.append(branch)
+        return stream
+    if isinstance(shortcut, PadShortcut):
+        stream.fixed = True
+        out = ChannelLink([branch], fixed=True)
+    elif isinstance(shortcut, nn.Sequential) and len(shortcut) == 2 and isinstance(shortcut[0], nn.Conv2d) \
+            and isinstance(shortcut[1], nn.BatchNorm2d):
+        stream.readers.append(f"{name}.0")
+        out = ChannelLink([branch, (f"{name}.0", f"{name}.1")])
+    else:
+        raise ValueError(f"{name}: no channel-link rule for shortcut {type(shortcut).__name__}: "
+                         "extend _residual_add (identity, PadShortcut and 1x1 conv + BN are known)")
+    links.append(out)
+    return out
+
+
+def _basic_block_links(block, prefix, stream, links):
+    """BasicBlock: conv1 -> bn1 is the block's inner set (read by conv2 only); conv2 -> bn2 adds to the
+    shortcut. Reads `stream` (conv1, and a conv shortcut); returns the link of the block's output."""
+    stream.readers.append(prefix + "conv1")
+    links.append(ChannelLink([(prefix + "conv1", prefix + "bn1")], [prefix + "conv2"]))
+    return _residual_add(block.shortcut, prefix + "shortcut", stream, (prefix + "conv2", prefix + "bn2"), links)
+
+
+def _resnet_links(model, links):
+    """ResNet: the stem starts the first stream (an alive producer: it has no mask); each block reads
+    the current stream and hands on its output's; the classifier reads the last stream."""
+    stream = ChannelLink([("conv1", "bn1")])
+    links.append(stream)
+    for i in range(model.num_stages):
+        for j, block in enumerate(getattr(model, f"layer{i + 1}")):
+            stream = _link_rule(block)(block, f"layer{i + 1}.{j}.", stream, links)
+    stream.readers.append("fc")
+
+
+def _vgg_links(model, links):
+    """VGG: each conv -> BN is one set, read by the next conv (through ReLU and max-pool, which act per
+    channel) or, for the last conv, by the classifier (global avg pool keeps channel order)."""
+    stream, layers = None, list(model.features.named_children())
+    for (name, m), (bn_name, bn) in zip(layers, layers[1:]):
+        if isinstance(m, nn.Conv2d):
+            if not isinstance(bn, nn.BatchNorm2d):
+                raise ValueError(f"features.{name}: a VGG conv must be followed by its BatchNorm2d")
+            if stream is not None:
+                stream.readers.append(f"features.{name}")
+            stream = ChannelLink([(f"features.{name}", f"features.{bn_name}")])
+            links.append(stream)
+    stream.readers.append("fc")
+
+
+# Model rules: fn(model, links) appends the model's ChannelLinks. Block rules (called by a model rule):
+# fn(block, prefix, stream, links) -> the link of the block's output; `stream` is the link of its input.
+LINK_RULES: dict[type, Callable] = {ResNet: _resnet_links, VGG: _vgg_links, BasicBlock: _basic_block_links}
+
+
+def _link_rule(module):
+    """The LINK_RULES entry of a module's exact type, or a ValueError that says how to add one."""
+    rule = LINK_RULES.get(type(module))
+    if rule is None:
+        raise ValueError(f"no channel-link rule for {type(module).__name__}: add one to models.LINK_RULES "
+                         "(see _basic_block_links for a block, _vgg_links for a model)")
+    return rule
+
+
+def _check_links(model, links):
+    """Every conv produces exactly one set; every conv but the stem and the classifier read exactly one."""
+    modules = dict(model.named_modules())
+    produced = [conv for link in links for conv, _ in link.producers]
+    read = [name for link in links for name in link.readers]
+    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    bns = [bn for link in links for _, bn in link.producers]
+    if sorted(produced) != sorted(convs) or sorted(read) != sorted(convs[1:] + linears) or \
+            not all(isinstance(modules.get(bn), nn.BatchNorm2d) for bn in bns):
+        raise ValueError(f"the channel-link rules of {type(model).__name__} do not cover every conv, BN and "
+                         "Linear exactly once: fix its entry in models.LINK_RULES")
+
+
+def channel_links(model: nn.Module) -> list:
+    """The model's channel sets as ChannelLinks (producers, readers, fixed), from LINK_RULES.
+
+    Paper: A2, "Refill and Refill+ trim down the input and output channels": which input channels a
+    removed output channel takes with it. Official: models/resnet_cfg.py builds a ResNet whose inner
+    block widths come from a cfg list (residual streams full width); here the widths follow the mask,
+    and a residual stream also shrinks where every branch of every add into it drops a channel.
+    """
+    links = []
+    _link_rule(model)(model, links)
+    _check_links(model, links)
+    return links
+
+
+def conv_bn_pairs(model: nn.Module) -> dict:
+    """{conv weight name: BatchNorm module name} for every prunable conv (groups 1, not the stem): the
+    BN whose scale and shift must be masked with the conv's output channels."""
+    stem = next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    modules = dict(model.named_modules())
+    return {f"{conv}.weight": bn for link in channel_links(model) for conv, bn in link.producers
+            if conv != stem and modules[conv].groups == 1}
+
+
+def _dead_rows(modules, link, masks):
+    """{producer conv: bool (C,)}: True where the conv's output channel is zero for every input.
+
+    A conv with a mask: rows whose mask is all 0 (and bias 0). A depthwise conv that reads its own set:
+    where every other producer's row is dead (its channel c reads only input channel c). A conv with no
+    mask (the stem): none.
+    """
+    rows = {}
+    for conv, _ in link.producers:
+        m, name = modules[conv], f"{conv}.weight"
+        rows[conv] = torch.zeros(m.out_channels, dtype=torch.bool, device=m.weight.device)
+        if name in masks:
+            rows[conv] = masks[name].reshape(m.out_channels, -1).sum(1).to(m.weight.device) == 0
+            if m.bias is not None:
+                rows[conv] &= m.bias.detach() == 0
+    for conv, _ in link.producers:
+        others = [rows[c] for c, _ in link.producers if c != conv and c not in link.readers]
+        if conv in link.readers and others:
+            rows[conv] = torch.stack(others).all(0)
+    return rows
+
+
+def dead_channels(model: nn.Module, link: ChannelLink, masks: dict) -> torch.Tensor:
+    """Bool (C,): channels of `link` that are exactly 0 after every producer (and so removable).
+
+    Paper: A2 (refill trims channels). A channel is dead when, for every producer (conv, bn), the conv's
+    row is dead (_dead_rows) and the BN's scale and shift are 0 (then bn(0) = 0 whatever the running
+    statistics, and relu(0 + 0) = 0 at a residual add). A fixed link has no dead channel.
+    masks: {conv weight name: 0/1 tensor of the weight's shape} (convs without a mask count as alive).
+    """
+    modules = dict(model.named_modules())
+    rows = _dead_rows(modules, link, masks)
+    dead = torch.stack([rows[conv] & (modules[bn].weight.detach() == 0) & (modules[bn].bias.detach() == 0)
+                        for conv, bn in link.producers]).all(0)
+    return dead & (not link.fixed)
+
+
+def bn_masks(model: nn.Module, masks: dict) -> dict:
+    """{BN parameter name: 0/1 float (C,)} that is 0 exactly on the output channels whose conv row is
+    dead, for the BN of every masked conv (and of a depthwise conv that reads a dead channel).
+
+    Paper: none (the paper leaves BN unmasked); needed so that dead channels are exactly 0 and a
+    channel-wise ticket equals its slim network. Official: no BN masking. Apply like the conv masks:
+    multiply the BN weight and bias after every optimizer step.
+    """
+    modules, out = dict(model.named_modules()), {}
+    for link in channel_links(model):
+        rows = _dead_rows(modules, link, masks)
+        for conv, bn in link.producers:
+            if f"{conv}.weight" in masks or conv in link.readers:
+                keep = (~rows[conv]).float()
+                out[f"{bn}.weight"], out[f"{bn}.bias"] = keep, keep.clone()
+    return out
+
+
+def _take(module, attr, dim, keep):
+    """module.attr <- module.attr.index_select(dim, keep), kept as a Parameter or a buffer."""
+    t = getattr(module, attr)
+    if t is None:
+        return
+    new = t.detach().index_select(dim, keep.to(t.device)).clone()
+    setattr(module, attr, nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new)
+
+
+def resize_link(model: nn.Module, link: ChannelLink, keep: torch.Tensor) -> None:
+    """Keep only channels `keep` (sorted int64 indices) of one set, in place: producer convs' output
+    rows (and bias), their BNs (scale, shift, running stats), readers' input columns."""
+    modules, n = dict(model.named_modules()), len(keep)
+    for conv, bn in link.producers:
+        _take(modules[conv], "weight", 0, keep)
+        _take(modules[conv], "bias", 0, keep)
+        modules[conv].out_channels = n
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            _take(modules[bn], attr, 0, keep)
+        modules[bn].num_features = n
+    for name in link.readers:
+        m = modules[name]
+        if isinstance(m, nn.Linear):
+            _take(m, "weight", 1, keep)
+            m.in_features = n
+        elif m.groups == 1:
+            _take(m, "weight", 1, keep)
+            m.in_channels = n
+        elif m.groups == m.in_channels and name in [c for c, _ in link.producers]:
+            m.in_channels = m.groups = n  # depthwise: its weight rows were taken as a producer
+        else:
+            raise ValueError(f"{name}: grouped conv (groups={m.groups}) that is not depthwise cannot be resized")
+
+
+@torch.no_grad()
+def slim_model(model: nn.Module, masks: dict) -> nn.Module:
+    """A smaller dense copy of a masked model: every dead channel (dead_channels) removed from its convs
+    and BNs and from the input side of every conv and Linear that reads it.
+
+    Paper: A2 (channel-wise tickets trim input and output channels; FLOPs counted that way).
+    Official: no equivalent (channel-wise tickets run as masked dense networks).
+    masks: {conv weight name: 0/1 tensor of the weight's shape}, any structure (refill, refill+,
+    regroup: rows in no block are dead rows; unstructured: little or nothing to remove). The copy has
+    weight * mask and is eval-equivalent to the masked model when the BN scale and shift of dead rows
+    are 0 (bn_masks); a channel whose BN shift is not 0 stays. The model is not changed.
+    """
+    slim = copy.deepcopy(model)
+    params = dict(slim.named_parameters())
+    for name, mask in masks.items():
+        if name not in params or tuple(params[name].shape) != tuple(mask.shape):
+            raise ValueError(f"mask {name!r} does not fit the model (no such weight, or another shape): "
+                             "pass the masks made for this architecture")
+        params[name].mul_(mask.to(params[name]))
+    links = channel_links(slim)
+    deads = [dead_channels(slim, link, masks) for link in links]  # all before any resize
+    for link, dead in zip(links, deads):
+        keep = torch.nonzero(~dead).flatten().cpu()
+        if len(keep) == 0:  # a 0-channel conv is not a valid nn.Conv2d: keep channel 0 (exact zeros)
+            keep = torch.zeros(1, dtype=torch.int64)
+        if len(keep) < len(dead):
+            resize_link(slim, link, keep)
+    return slim
+
+
+def slim_state(slim: nn.Module, arch: str, num_classes: int) -> dict:
+    """A slim network as plain data (loads with torch.load(weights_only=True), no lth_ref needed):
+    {"arch", "num_classes", "channels": {conv name: output channels}, "state_dict"} (CPU tensors)."""
+    if arch not in MODELS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(MODELS)}")
+    channels = {n: m.out_channels for n, m in slim.named_modules() if isinstance(m, nn.Conv2d)}
+    state = {k: v.detach().cpu().clone() for k, v in slim.state_dict().items()}
+    return {"arch": arch, "num_classes": int(num_classes), "channels": channels, "state_dict": state}
+
+
+def _link_width(model, link):
+    """Current number of channels of a link (its first producer conv's out_channels)."""
+    return model.get_submodule(link.producers[0][0]).out_channels
+
+
+def load_slim(state: dict) -> nn.Module:
+    """Rebuild a slim network from slim_state's dict: MODELS[arch](num_classes), every channel set cut
+    to the saved width, then the saved weights (strict). No masks are involved."""
+    arch = state.get("arch")
+    if arch not in MODELS:
+        raise ValueError(f"unknown arch {arch!r} in the slim state; expected one of {sorted(MODELS)}")
+    model = MODELS[arch](state["num_classes"])
+    for link in channel_links(model):
+        widths = {state["channels"].get(conv) for conv, _ in link.producers}
+        if len(widths) != 1 or None in widths:
+            raise ValueError(f"slim state: convs {[c for c, _ in link.producers]} share their output channels "
+                             f"but have widths {sorted(widths, key=str)}: was it saved by slim_state for {arch}?")
+        width = widths.pop()
+        if width != _link_width(model, link):
+            resize_link(model, link, torch.arange(width))
+    model.load_state_dict(state["state_dict"])
+    return model
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_shape=(3, 32, 32)) -> int:
+    """Multiply-accumulates of every Conv2d and Linear for one image (forward hooks, eval mode).
+
+    Conv: output elements x (in_channels / groups) x kh x kw; Linear: out_features x in_features.
+    BN, ReLU, pooling and adds are not counted (the paper counts conv and FC FLOPs).
+    """
+    total = [0]
+
+    def conv_hook(m, inputs, out):
+        total[0] += out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear_hook(m, inputs, out):
+        total[0] += out[0].numel() * m.in_features
+
+    hooks = [m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else linear_hook)
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    p = next(model.parameters())
+    try:
+        model.eval()
+        model(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return total[0]

@@ -1724,3 +1724,219 @@ def test_kernel_fallback_warning_is_one_stderr_line_per_message(capsys):
     kernels._warn_once("test fallback message")
     captured = capsys.readouterr()
     assert captured.err == "WARNING: test fallback message\n" and captured.out == ""
+
+
+# ---- slim: channel-wise tickets as smaller dense networks ----
+# Exactness is checked in float64: fp32 summation-order noise (a slim conv adds fewer zeros, in another
+# order) is amplified by deep untrained networks to ~1e-5 on VGG-16, while a wrong removal gives O(1).
+SLIM_TOL = 1e-9
+
+
+def channel_mask(weight, alive):
+    """A refill-style mask: whole output rows, alive (O,) bool."""
+    return alive.float()[:, None, None, None].expand_as(weight).clone()
+
+
+def random_channel_masks(model, seed, one_alive=None):
+    """Random whole-row masks for the prunable convs: about half the rows dead, every row with index
+    % 4 == 1 dead in every conv (so every branch of a residual add drops it), row 0 always alive;
+    in conv `one_alive` only row 0 survives."""
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, w in L.prunable_weights(model).items():
+        rows = torch.arange(w.shape[0])
+        alive = (torch.rand(w.shape[0], generator=g) > 0.5) & (rows % 4 != 1) | (rows == 0)
+        if name == one_alive:
+            alive = rows == 0
+        masks[name] = channel_mask(w, alive)
+    return masks
+
+
+@torch.no_grad()
+def masked_ticket(model, masks, seed=0):
+    """The ticket as training leaves it: random BN (so a kept channel is not trivially zero), then
+    conv weights * masks and the BN scale and shift of dead rows * bn_masks; float64, eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    model = copy.deepcopy(model).double().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.uniform_(0.5, 1.5, generator=g)
+            m.bias.normal_(0, 0.3, generator=g)
+            m.running_mean.normal_(0, 0.1, generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+    L.apply_masks(model, masks)
+    L.apply_masks(model, models.bn_masks(model, masks))
+    return model
+
+
+def slim_err(model, slim, batch=2, seed=0):
+    """Largest |slim - ticket| over the spread of the ticket's logits (the classifier bias alone is
+    not evidence: it is the same in both)."""
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    with torch.no_grad():
+        ref, y = model(x), slim.eval()(x)
+    return ((y - ref).abs().max() / (ref - ref.mean(0)).abs().max()).item()
+
+
+@pytest.mark.parametrize("name, one_alive, stream", [
+    ("vgg16", "features.24.weight", None),
+    ("resnet20", "layer2.1.conv1.weight", "whole"),
+    ("resnet18", "layer3.0.conv1.weight", "layer2.0.shortcut.0"),
+    ("wrn32_2", "layer1.2.conv1.weight", "layer3.0.shortcut.0"),
+])
+def test_slim_model_equals_the_masked_ticket(name, one_alive, stream, one_thread):
+    masks = random_channel_masks(built(name), seed=1, one_alive=one_alive)
+    ticket = masked_ticket(built(name), masks)
+    slim = models.slim_model(ticket, masks)
+    assert slim_err(ticket, slim) < SLIM_TOL
+    widths = {n: m.out_channels for n, m in slim.named_modules() if isinstance(m, nn.Conv2d)}
+    assert widths[one_alive[:-len(".weight")]] == 1
+    assert count_params(slim) < count_params(ticket) and models.count_macs(slim) < models.count_macs(ticket)
+    if stream == "whole":  # option-A pad shortcuts: the streams (every conv2's output) keep every channel
+        assert all(widths[n] == m.out_channels for n, m in ticket.named_modules() if n.endswith("conv2"))
+    elif stream:  # every branch into this stream drops rows % 4 == 1: the stream shrinks by at least 1/4
+        assert widths[stream] <= 3 * ticket.get_submodule(stream).out_channels // 4
+    assert all(torch.equal(p, q) for p, q in zip(ticket.parameters(), masked_ticket(built(name), masks).parameters()))
+
+
+def test_a_dead_row_with_a_live_bn_shift_is_kept(one_thread):
+    masks = random_channel_masks(built("resnet20"), seed=2)
+    ticket = masked_ticket(built("resnet20"), masks)
+    dead_row = int(torch.nonzero(masks["layer1.0.conv1.weight"][:, 0, 0, 0] == 0)[0])
+    ticket.layer1[0].bn1.bias.data[dead_row] = 0.5  # relu(bn(0)) = 0.5: conv2 reads it
+    slim = models.slim_model(ticket, masks)
+    kept = int(masks["layer1.0.conv1.weight"][:, 0, 0, 0].sum())
+    assert slim.layer1[0].conv1.out_channels == kept + 1 == slim.layer1[0].conv2.in_channels
+    assert slim_err(ticket, slim) < SLIM_TOL
+
+
+def test_slim_param_and_mac_counts_match_a_hand_count():
+    torch.manual_seed(0)
+    model = models.VGG([4, 8, "M", 6], num_classes=3)  # convs features.0 (stem), .3, .7; fc
+    alive3, alive7 = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1]), torch.tensor([0, 0, 1, 0, 0, 1])
+    masks = {"features.3.weight": channel_mask(model.features[3].weight, alive3.bool()),
+             "features.7.weight": channel_mask(model.features[7].weight, alive7.bool())}
+    L.apply_masks(model, models.bn_masks(model, masks))
+    slim = models.slim_model(model, masks)
+    # stem 3->4: 3*9*4 = 108 + BN 8; conv 4->5: 4*9*5 = 180 + BN 10; conv 5->2: 5*9*2 = 90 + BN 4;
+    # fc 2->3: 6 + 3 bias
+    assert count_params(slim) == 108 + 8 + 180 + 10 + 90 + 4 + 6 + 3 == 409
+    # 32x32: stem 1024*4*27; conv 1024*5*36; max-pool -> 16x16: conv 256*2*45; fc 2*3
+    assert models.count_macs(slim) == 1024 * 4 * 27 + 1024 * 5 * 36 + 256 * 2 * 45 + 6 == 317_958
+    assert models.count_macs(model) == 1024 * 4 * 27 + 1024 * 8 * 36 + 256 * 6 * 72 + 18
+
+
+def test_bn_masks_are_zero_exactly_on_dead_rows():
+    model = built("wrn32_2")
+    masks = random_channel_masks(model, seed=3)
+    masks["layer2.0.conv1.weight"][5, 0, 0, 0] = 1  # one weight left: the row is alive
+    pairs, bms = models.conv_bn_pairs(model), models.bn_masks(model, masks)
+    assert set(pairs) == set(L.prunable_weights(model))
+    assert set(bms) == {f"{bn}.{p}" for bn in pairs.values() for p in ("weight", "bias")}
+    for conv, bn in pairs.items():
+        alive = masks[conv].flatten(1).sum(1) > 0
+        for p in ("weight", "bias"):
+            assert torch.equal(bms[f"{bn}.{p}"], alive.float())
+    assert bms["layer2.0.bn1.weight"][5] == 1
+
+
+def test_slim_export_loads_with_weights_only_into_a_fresh_module(one_thread):
+    masks = random_channel_masks(built("wrn32_2"), seed=4, one_alive="layer3.4.conv1.weight")
+    ticket = masked_ticket(built("wrn32_2"), masks).float()
+    slim = models.slim_model(ticket, masks)
+    buf = io.BytesIO()
+    torch.save(models.slim_state(slim, "wrn32_2", 10), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert state["channels"]["layer3.4.conv1"] == 1 and state["arch"] == "wrn32_2"
+    loaded = models.load_slim(state).eval()
+    assert type(loaded) is type(slim) and count_params(loaded) == count_params(slim)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), slim.eval()(x), rtol=0, atol=1e-6)
+    state["channels"]["layer3.0.shortcut.0"] -= 1  # no longer the width of the stream it shares
+    with pytest.raises(ValueError, match="share their output channels"):
+        models.load_slim(state)
+
+
+def test_regroup_style_mask_slims_rows_in_no_block(one_thread):
+    model, g = built("resnet20"), torch.Generator().manual_seed(5)
+    masks = {}
+    for name, w in L.prunable_weights(model).items():  # two blocks on 3/4 of the rows, the rest in none
+        out_rows, k = w.shape[0], w[0].numel()
+        rows = torch.randperm(out_rows, generator=g)[:3 * out_rows // 4]
+        blocks = [(r.sort().values, torch.randperm(k, generator=g)[:k // 3].sort().values)
+                  for r in rows.chunk(2)]
+        masks[name] = L.blocks_to_mask(blocks, out_rows, k).view_as(w)
+    ticket = masked_ticket(model, masks)
+    slim = models.slim_model(ticket, masks)
+    assert slim_err(ticket, slim) < SLIM_TOL
+    assert slim.layer3[2].conv1.out_channels == 3 * 64 // 4 == slim.layer3[2].conv2.in_channels
+
+
+class DepthwiseNet(nn.Module):
+    """A stem, two depthwise-separable steps (depthwise 3x3 + BN, pointwise 1x1 + BN), a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        conv_bn = lambda c_in, c_out, k, groups: (
+            nn.Conv2d(c_in, c_out, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out))
+        self.conv1, self.bn1 = conv_bn(3, 8, 3, 1)
+        self.dw1, self.bn_dw1 = conv_bn(8, 8, 3, 8)
+        self.pw1, self.bn_pw1 = conv_bn(8, 12, 1, 1)
+        self.dw2, self.bn_dw2 = conv_bn(12, 12, 3, 12)
+        self.pw2, self.bn_pw2 = conv_bn(12, 6, 1, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        for conv, bn in [("conv1", "bn1"), ("dw1", "bn_dw1"), ("pw1", "bn_pw1"), ("dw2", "bn_dw2"),
+                         ("pw2", "bn_pw2")]:
+            x = F.relu(getattr(self, bn)(getattr(self, conv)(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def depthwise_links(model, links):
+    """A depthwise conv produces the channels it reads: listed as producer and reader of one link."""
+    links += [models.ChannelLink([("conv1", "bn1"), ("dw1", "bn_dw1")], ["dw1", "pw1"]),
+              models.ChannelLink([("pw1", "bn_pw1"), ("dw2", "bn_dw2")], ["dw2", "pw2"]),
+              models.ChannelLink([("pw2", "bn_pw2")], ["fc"])]
+
+
+def test_a_new_block_type_is_one_link_rule(monkeypatch, one_thread):
+    monkeypatch.setitem(models.LINK_RULES, DepthwiseNet, depthwise_links)
+    torch.manual_seed(0)
+    model = DepthwiseNet()
+    masks = {"pw1.weight": channel_mask(model.pw1.weight, torch.arange(12) % 3 == 0),
+             "pw2.weight": channel_mask(model.pw2.weight, torch.arange(6) < 4)}
+    assert set(models.conv_bn_pairs(model)) == set(masks)  # depthwise convs are not prunable
+    assert torch.equal(models.bn_masks(model, masks)["bn_dw2.bias"], (torch.arange(12) % 3 == 0).float())
+    ticket = masked_ticket(model, masks)
+    slim = models.slim_model(ticket, masks)
+    assert slim_err(ticket, slim) < SLIM_TOL
+    assert (slim.dw2.in_channels, slim.dw2.groups, slim.dw2.out_channels, slim.fc.in_features) == (4, 4, 4, 4)
+    assert models.count_macs(slim) == 1024 * (8 * 27 + 8 * 9 + 4 * 8 + 4 * 9 + 4 * 4) + 4 * 3
+
+
+def test_channel_links_of_an_unknown_model_say_how_to_add_a_rule():
+    with pytest.raises(ValueError, match="add one to models.LINK_RULES"):
+        models.channel_links(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+
+
+def test_dead_bn_stays_zero_through_training_and_the_trained_ticket_slims_exactly():
+    torch.manual_seed(0)
+    model = models.MODELS["resnet20"](10)
+    masks = random_channel_masks(model, seed=6)
+    train_masks = {**masks, **models.bn_masks(model, masks)}  # conv weights and the BN of dead rows
+    L.apply_masks(model, train_masks)
+    d = data.load_dataset("synthetic", "unused", "cpu", train_subset=64, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    bn_before = model.layer1[0].bn1.weight.detach().clone()
+    L.train_epoch(model, d, opt, train_masks, 16, torch.Generator().manual_seed(0))
+    params = dict(model.named_parameters())
+    for name, mask in models.bn_masks(model, masks).items():
+        assert torch.all(params[name][mask == 0] == 0)
+    alive = masks["layer1.0.conv1.weight"][:, 0, 0, 0] == 1
+    assert not torch.equal(model.layer1[0].bn1.weight[alive], bn_before[alive])  # the rest did train
+    ticket = model.double().eval()
+    slim = models.slim_model(ticket, masks)
+    assert slim_err(ticket, slim) < SLIM_TOL and slim.layer1[0].conv1.out_channels == int(alive.sum())
