@@ -69,6 +69,8 @@ PAPER = dict(
     rewind_fraction=0.05, # rewind point: end of epoch 8 of 160 (5% of training)
 )
 WEIGHT_DECAY_BY_ARCH = {"vgg16": 2e-4}  # the paper uses 2e-4 for VGG-16 (CIFAR-10)
+INPUT_SHAPE = (3, 32, 32)   # (C, H, W) of the CIFAR images the benchmarks and exports feed
+EXPORT_CHECK_BATCH = 8      # random images on which an export is checked against its ticket
 
 
 class UsageError(Exception):
@@ -625,6 +627,17 @@ def postprocess(method, weights, masks, feats=None, **knobs):
                               {k: knobs.get(k, getattr(defaults, k)) for k in BRANCH_KNOBS[method]})
 
 
+STRUCTURAL = ("refill", "refill+", "regroup")  # methods whose dead output channels are made exactly dead
+
+
+def training_masks(model, masks, method):
+    """What is multiplied into the parameters after every step: the conv masks and, for structural
+    methods, the BN scale and shift of every output channel whose conv row is pruned (models.bn_masks).
+    Such a channel then outputs relu(0) = 0 exactly, and models.slim_model can remove it. The trunk and
+    imp branches stay the paper's IMP (BN free)."""
+    return {**masks, **model_zoo.bn_masks(model, masks)} if method in STRUCTURAL else masks
+
+
 # ---- training and evaluation ----
 def lr_at(epoch, cfg):
     """Step schedule: cfg.lr, x0.1 at each fraction in PAPER['lr_drops'] of cfg.epochs."""
@@ -1015,14 +1028,14 @@ def train_level(exp, run, level, eta):
     else:
         masks, blocks, stats, state, epoch = start_level(exp, run, level)
         masks = {n: m.to(device) for n, m in masks.items()}
-        rewind(model, state, masks)
+        rewind(model, state, training_masks(model, masks, run.method))
         seconds = 0.0
-    dens = density(masks)
+    dens, step_masks = density(masks), training_masks(model, masks, run.method)
     while epoch < cfg.epochs:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch, cfg)
-        loss, train_acc = train_epoch(model, exp.data, optimizer, masks, cfg.batch_size,
+        loss, train_acc = train_epoch(model, exp.data, optimizer, step_masks, cfg.batch_size,
                                       epoch_generator(cfg, level, epoch, device))
         test_acc = evaluate(model, exp.data)
         epoch += 1
@@ -1198,6 +1211,46 @@ def resolve_device(name):
     return name
 
 
+# ---- slim export: a channel-wise ticket as a smaller dense network ----
+def kept_dead_rows(model, masks):
+    """Output channels whose conv row is pruned but whose BN scale or shift is not 0: they still feed
+    relu(BN shift) to the next layer, so slim_model keeps them (tickets trained without BN masks)."""
+    modules, pairs, kept = dict(model.named_modules()), model_zoo.conv_bn_pairs(model), 0
+    for name, mask in masks.items():
+        bn = modules[pairs[name]]
+        dead = mask.reshape(mask.shape[0], -1).sum(1) == 0
+        kept += int((dead & ((bn.weight != 0) | (bn.bias != 0))).sum())
+    return kept
+
+
+def export_slim(args, log=print):
+    """--export PATH: the ticket (--ticket, or --out-dir with --method) without its dead channels, saved as
+    models.slim_state (arch, widths, state_dict: loads with models.load_slim, no masks needed).
+
+    Paper: A2, refill's FLOPs count the trimmed input and output channels. The slim network's outputs
+    are checked against the masked ticket's on a random batch before saving."""
+    path, ticket = find_bench_ticket(args)
+    arch, num_classes = ticket["config"]["arch"], ticket["num_classes"]
+    model = model_zoo.MODELS[arch](num_classes)
+    check_masks_fit(model, ticket["masks"], "ticket")
+    model.load_state_dict(ticket["state_dict"])
+    model.eval()
+    slim = model_zoo.slim_model(model, ticket["masks"]).eval()
+    kept = kept_dead_rows(model, ticket["masks"])
+    if kept:
+        print(f"WARNING: {kept} pruned output channels keep a BN scale or shift (ticket trained without BN "
+              "masks): they stay in the slim network", file=sys.stderr)
+    x = torch.randn(EXPORT_CHECK_BATCH, *INPUT_SHAPE)
+    with torch.no_grad():
+        err = kernels._rel_err(slim(x), model(x), centered=True)
+    atomic_save(model_zoo.slim_state(slim, arch, num_classes), args.export)
+    row = dict(ticket=path, params=model_zoo.count_params(model), params_slim=model_zoo.count_params(slim),
+               macs=model_zoo.count_macs(model, INPUT_SHAPE), macs_slim=model_zoo.count_macs(slim, INPUT_SHAPE),
+               max_rel_err=err, wrote=args.export)
+    log(markdown_table([row]))
+    return row
+
+
 # ---- benchmarks (python lth_ref.py --bench [kernels|paper|regroup|mask]) ----
 def bench_mask(args, log=print):
     """Cost of keeping pruned weights at 0: median train step with and without the masks.
@@ -1349,7 +1402,7 @@ def find_bench_ticket(args, required=True):
         path = ticket_path(run, levels[-1])
     if path is None:
         if required:
-            raise UsageError("no ticket to benchmark: pass --ticket PATH, or --out-dir of an experiment "
+            raise UsageError("no ticket to benchmark or export: pass --ticket PATH, or --out-dir of an experiment "
                              "with at least one finished level (and --method for a branch)")
         return None, None
     return path, load_ticket(path)
@@ -1527,6 +1580,9 @@ def build_parser():
       help="benchmark instead of training: kernels (the default when given alone) = dense vs grouped "
            "GEMM on a ticket, paper = the same in the paper's per-layer setting (batch 64, 127x127), "
            "regroup = partitioner coverage and speed vs baselines, mask = mask cost per train step")
+    a("--export", default=None, metavar="PATH",
+      help="instead of training: save the ticket (--ticket, or the last level in --out-dir of the run "
+           "--method names) without its dead channels, as a smaller dense network (models.load_slim)")
     a("--ticket", default=None,
       help="ticket.pt to benchmark (default: the last level, in --out-dir, of the run --method names)")
     a("--bench-density", type=float, default=None,
@@ -1580,11 +1636,13 @@ def config_from_args(args):
 
 
 def main(argv=None):
-    """The single entry point: run an experiment (default) or a benchmark (--bench)."""
+    """The single entry point: run an experiment (default), a benchmark (--bench) or an export (--export)."""
     args = build_parser().parse_args(argv)
     try:
         if args.bench:
             BENCHES[args.bench](args)
+        elif args.export:
+            export_slim(args)
         else:
             run_experiment(config_from_args(args))
     except (UsageError, datasets.DataError) as e:

@@ -5,6 +5,9 @@ Everything is built from three pieces: one BasicBlock, one ResNet and one VGG bu
 list. `MODELS` maps an `--arch` name to a constructor `fn(num_classes) -> nn.Module`. Importing this
 file builds nothing.
 
+The last section turns a channel-wise ticket into a smaller dense network: `slim_model` (dead channels
+removed, from `channel_links`), `slim_state` / `load_slim` (export without masks), `count_macs`.
+
 Conventions the rest of lth_ref relies on:
 - the first nn.Conv2d in `model.named_modules()` is the stem conv (3 input channels; never pruned),
   and it is the only conv that reads the image;

@@ -1867,7 +1867,7 @@ def test_regroup_style_mask_slims_rows_in_no_block(one_thread):
         rows = torch.randperm(out_rows, generator=g)[:3 * out_rows // 4]
         blocks = [(r.sort().values, torch.randperm(k, generator=g)[:k // 3].sort().values)
                   for r in rows.chunk(2)]
-        masks[name] = L.blocks_to_mask(blocks, out_rows, k).view_as(w)
+        masks[name] = kernels.block_mask(tuple(w.shape), blocks)
     ticket = masked_ticket(model, masks)
     slim = models.slim_model(ticket, masks)
     assert slim_err(ticket, slim) < SLIM_TOL
@@ -1940,3 +1940,34 @@ def test_dead_bn_stays_zero_through_training_and_the_trained_ticket_slims_exactl
     ticket = model.double().eval()
     slim = models.slim_model(ticket, masks)
     assert slim_err(ticket, slim) < SLIM_TOL and slim.layer1[0].conv1.out_channels == int(alive.sum())
+
+
+def test_a_refill_branch_trains_exactly_dead_channels_and_exports_a_slim_network(tmp_path, capsys):
+    out, _ = run_cli(tmp_path, "--levels", "1", "--method", "refill")
+    t = ticket(out, 1, "refill")
+    model = models.MODELS["resnet20"](10)
+    model.load_state_dict(t["state_dict"])
+    for name, bn in models.conv_bn_pairs(model).items():   # the BN of every pruned row was masked too
+        dead = t["masks"][name].reshape(t["masks"][name].shape[0], -1).sum(1) == 0
+        assert dead.any() or name.endswith("conv2.weight")
+        assert torch.all(t["state_dict"][bn + ".weight"][dead] == 0) and torch.all(t["state_dict"][bn + ".bias"][dead] == 0)
+    assert all(torch.any(t["state_dict"][models.conv_bn_pairs(model)[n] + ".bias"] != 0) for n in t["masks"])
+    path = tmp_path / "slim.pt"
+    assert L.main(FAST + ["--out-dir", out, "--method", "refill", "--export", str(path)]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+    slim = models.load_slim(torch.load(path, weights_only=True)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(slim(x), model.eval()(x)) < 1e-5
+    assert models.count_params(slim) < models.count_params(model)
+
+
+def test_exporting_an_unstructured_trunk_ticket_warns_that_dead_rows_stay(tmp_path, capsys):
+    out, _ = run_cli(tmp_path, "--levels", "0")
+    path = os.path.join(out, "level_00", "ticket.pt")
+    t = L.load_ticket(path)
+    name = "layer1.0.conv1.weight"
+    t["masks"][name][0] = 0                                   # a pruned row whose BN stays free
+    torch.save(t, path)
+    assert L.main(["--export", str(tmp_path / "slim.pt"), "--ticket", path]) == 0
+    assert "WARNING: 1 pruned output channels keep a BN scale or shift" in capsys.readouterr().err
