@@ -1016,21 +1016,22 @@ def train_level(exp, run, level, eta):
     ckpt_path = os.path.join(where, "checkpoint.pt")
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    if os.path.exists(ckpt_path):
+    resume = os.path.exists(ckpt_path)
+    if resume:
         ckpt = load_file(ckpt_path, "checkpoint")
         check_masks_fit(model, ckpt["masks"], "checkpoint")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        masks = {n: m.to(device) for n, m in ckpt["masks"].items()}
-        blocks, stats, epoch, seconds = ckpt["blocks"], ckpt["stats"], ckpt["epoch"], ckpt["seconds"]
+        masks, blocks, stats, epoch, seconds = (ckpt[k] for k in ("masks", "blocks", "stats", "epoch", "seconds"))
         loss, test_acc = ckpt["loss"], ckpt["test_acc"]
         log(f"{run.name} level {level}: resuming at epoch {epoch} from {ckpt_path}")
     else:
         masks, blocks, stats, state, epoch = start_level(exp, run, level)
-        masks = {n: m.to(device) for n, m in masks.items()}
-        rewind(model, state, training_masks(model, masks, run.method))
         seconds = 0.0
+    masks = {n: m.to(device) for n, m in masks.items()}
     dens, step_masks = density(masks), training_masks(model, masks, run.method)
+    if not resume:
+        rewind(model, state, step_masks)
     while epoch < cfg.epochs:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
@@ -1069,7 +1070,7 @@ def open_experiment(cfg, log=print):
     trunk, branch or None)."""
     device = resolve_device(cfg.device)
     trunk, branch = trunk_run(cfg), branch_run(cfg)
-    started = any(os.path.exists(os.path.join(cfg.out_dir, f)) for f in ("init.pt", "level_00"))
+    started = os.path.isdir(os.path.join(cfg.out_dir, "level_00"))
     check_config(os.path.join(cfg.out_dir, "config.json"), trunk_config(cfg), started)
     if branch is not None:
         check_config(os.path.join(branch.path, "branch.json"), branch_config(cfg),
@@ -1080,7 +1081,7 @@ def open_experiment(cfg, log=print):
     os.makedirs(cfg.out_dir, exist_ok=True)
     atomic_write_text(json.dumps({**trunk_config(cfg), **{k: getattr(cfg, k) for k in RUN_ONLY}}, indent=1),
                       os.path.join(cfg.out_dir, "config.json"))
-    if not os.path.exists(init_path(cfg)):
+    if not started:                            # theta_0 of these settings (arch, seed, classes)
         atomic_save(model.state_dict(), init_path(cfg))
     if branch is not None:
         os.makedirs(branch.path, exist_ok=True)
