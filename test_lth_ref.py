@@ -43,6 +43,9 @@ PARAMS_10 = {
     "resnet18": 11_173_962,
     "vgg16": 14_724_042,
     "wrn32_2": 1_860_522,
+    "mobilenet_v1": 3_217_226,
+    "resnet50": 23_528_522,
+    "resnet50_3x3stem": 23_520_842,
 }
 
 
@@ -77,6 +80,52 @@ def test_param_counts_match_paper():
     assert count_params(built("resnet18", 100)) - count_params(built("resnet18")) == 90 * 513
 
 
+def test_param_counts_of_mobilenet_and_resnet50_match_paper():
+    # MBNet-v1 3.21M (Table 1, Fig. 4) is the count without the classifier; RN-50 25.56M (Table 1,
+    # Fig. 3) is torchvision's 1000-class ResNet-50; RN-50(+) swaps the 7x7 stem for a 3x3 one.
+    mobilenet = built("mobilenet_v1")
+    assert round((count_params(mobilenet) - count_params(mobilenet.fc)) / 1e6, 2) == 3.21
+    assert count_params(built("resnet50", 1000)) == 25_557_032
+    assert count_params(built("resnet50", 1000)) - count_params(built("resnet50_3x3stem", 1000)) \
+        == 64 * 3 * (7 * 7 - 3 * 3)
+    assert count_params(built("resnet50_3x3stem", 200)) == 23_910_152  # Tiny-ImageNet head
+
+
+def test_depthwise_convs_are_a_small_share_and_refused_by_the_grouped_gemm():
+    conv_list = convs(built("mobilenet_v1"))[1:]  # not the stem
+    depthwise = [m for _, m in conv_list if m.groups > 1]
+    assert len(depthwise) == 13 and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
+    share = sum(m.weight.numel() for m in depthwise) / sum(m.weight.numel() for _, m in conv_list)
+    assert 0.013 < share < 0.015  # 44,640 of 3,184,224 weights
+    with pytest.raises(ValueError, match=r"layers\.0\.conv1: grouped convs \(groups=32\)"):
+        kernels.RegroupedConv2d.from_conv(depthwise[0], [], name="layers.0.conv1")
+
+
+def test_resnet50_stems_and_bottlenecks():
+    for name, kernel, stride in (("resnet50", (7, 7), (2, 2)), ("resnet50_3x3stem", (3, 3), (1, 1))):
+        conv_list = convs(built(name))
+        assert (conv_list[0][1].kernel_size, conv_list[0][1].stride) == (kernel, stride)
+        assert len(conv_list) == 1 + 16 * 3 + 4  # stem, 16 bottlenecks of 3 convs, 4 shortcut convs
+        assert [m.kernel_size for _, m in conv_list].count((1, 1)) == 16 * 2 + 4
+        assert built(name).fc.in_features == 2048
+    assert isinstance(built("resnet50").pool, nn.MaxPool2d)
+    assert isinstance(built("resnet50_3x3stem").pool, nn.Identity)
+    with pytest.raises(ValueError, match="unknown stem"):
+        models.BottleneckResNet([1, 1, 1, 1], 10, stem="5x5")
+
+
+@pytest.mark.parametrize("name, size", [("resnet50", 64), ("resnet50_3x3stem", 16), ("mobilenet_v1", 32)])
+def test_new_backbones_train_a_step_on_two_tiny_images(name, size, one_thread):
+    torch.manual_seed(0)
+    model = MODELS[name](5)
+    out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 5)
+    F.cross_entropy(out, torch.tensor([1, 3])).backward()
+    stem = convs(model)[0][1]
+    for p in (stem.weight, model.fc.weight, convs(model)[-1][1].weight):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
 @pytest.fixture
 def one_thread():
     """Batch-2 forwards run faster on one thread and do not stall on an oversubscribed CPU."""
@@ -102,7 +151,7 @@ def test_structure_rules(name):
     model = built(name)
     conv_list = convs(model)
     stem_name, stem = conv_list[0]
-    assert stem.in_channels == 3 and stem.kernel_size == (3, 3)
+    assert stem.in_channels == 3 and stem.kernel_size == ((7, 7) if name == "resnet50" else (3, 3))
     assert [n for n, m in conv_list if m.in_channels == 3] == [stem_name]
     assert all(m.bias is None for _, m in conv_list)
     last_name, last = list(model.named_modules())[-1]
