@@ -65,7 +65,6 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg")  # files read from the folders (case-insens
 MAX_WORKERS = 8  # DataLoader workers per process at most: Pillow decodes + crops ~400 ImageNet-sized
 #                  JPEGs/s per core (measured, 500x375), so 8 feed ~3k images/s, ResNet-50 on one GPU
 SEED_HIGH = 2 ** 62  # per-sample seeds are drawn from [0, SEED_HIGH): int64 on any device
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -365,8 +364,9 @@ class FolderData(SplitSizes):
     def split_train(self, keep: torch.Tensor, held: torch.Tensor) -> "FolderData":
         """Training files `held` (int64 indices) become the validation split, `keep` the training split."""
         files, labels = self.files["train"], self.labels["train"]
-        return dataclasses.replace(self, files={**self.files, "train": files[keep.numpy()], "val": files[held.numpy()]},
-                                   labels={**self.labels, "train": labels[keep], "val": labels[held]})
+        return dataclasses.replace(
+            self, files={**self.files, "train": files[keep.numpy()], "val": files[held.numpy()]},
+            labels={**self.labels, "train": labels[keep], "val": labels[held]})
 
     def to(self, device) -> "FolderData":
         return dataclasses.replace(self, mean=self.mean.to(device), std=self.std.to(device),
@@ -469,7 +469,7 @@ def resize_to(image, size: int):
 
 
 def pad_crop_flip_view(image, rng: np.random.Generator, size: int) -> torch.Tensor:
-    """Training view of a small image: CROP_PAD zero padding, random size x size crop, random flip (as CIFAR)."""
+    """Training view of a small image (as CIFAR): CROP_PAD zero padding, random size x size crop, flip."""
     dy, dx = rng.integers(0, 2 * CROP_PAD + 1, size=2)
     flip = rng.random() < 0.5
     x = to_uint8(resize_to(image, size))[None]  # (1, 3, S, S)
@@ -527,7 +527,8 @@ IMAGENET = FolderSpec(
     "ImageNet", "imagenet",
     "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (ILSVRC2012 train and validation images, the validation "
     "images sorted into class folders). There is no automatic download: get them from https://image-net.org.",
-    IMAGENET_SIZE, IMAGENET_MEAN, IMAGENET_STD, list_imagenet, resized_crop_flip_view, resize_center_crop_view)
+    IMAGENET_SIZE, IMAGENET_MEAN, IMAGENET_STD, list_imagenet,
+    resized_crop_flip_view, resize_center_crop_view)
 
 
 def load_folder(spec: FolderSpec, data_dir: str, download_ok: bool, log) -> FolderData:
@@ -545,7 +546,8 @@ def load_folder(spec: FolderSpec, data_dir: str, download_ok: bool, log) -> Fold
     pixels = lambda values: torch.tensor(values, dtype=torch.float32) * 255
     return FolderData(spec, root, {"train": encode(train_files), "test": encode(test_files)},
                       {"train": torch.tensor(train_labels), "test": torch.tensor(test_labels)},
-                      num_classes, pixels(spec.mean), pixels(spec.std), torch.device("cpu"), default_workers())
+                      num_classes, pixels(spec.mean), pixels(spec.std), torch.device("cpu"),
+                      default_workers())
 
 
 # ---- synthetic data ----
@@ -689,7 +691,7 @@ def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.T
     return padded.gather(2, index.expand(b, c, h * w)).reshape(b, c, h, w)
 
 
-def normalize(x: torch.Tensor, data: "Data | FolderData") -> torch.Tensor:
+def normalize(x: torch.Tensor, data: Data | FolderData) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32, zero mean / unit std per channel."""
     return (x.float() - data.mean.view(1, 3, 1, 1)) / data.std.view(1, 3, 1, 1)
 

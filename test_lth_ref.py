@@ -791,7 +791,8 @@ def test_sharded_batches_of_in_memory_data_do_not_depend_on_world_size():
     one = global_batches(d, 16, seed=5, world_size=1)
     for world_size in (2, 3):
         assert_same_batches(global_batches(d, 16, seed=5, world_size=world_size), one)
-    sizes = [len(y) for y in (b[1] for b in data.train_batches(d, 16, torch.Generator().manual_seed(5), 1, 3))]
+    rank1 = data.train_batches(d, 16, torch.Generator().manual_seed(5), rank=1, world_size=3)
+    sizes = [len(y) for _, y in rank1]
     assert sizes == [5, 5, 5, 1]  # rank 1 of 3: 16 = 6 + 5 + 5, the last global batch 2 = 1 + 1 + 0
     x, y = eval_union(d, 4, world_size=3)
     assert torch.equal(y, d.test_y) and torch.equal(denormalize(x, d), d.test_x)  # each once, in order
