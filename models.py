@@ -1,9 +1,9 @@
-"""
-CIFAR backbones for lth_ref: CIFAR ResNet-20/32/44/56/110, ResNet-18, VGG-16 (BN) and WRN-32-2.
+"""Backbones for lth_ref: CIFAR ResNet-20/32/44/56/110, ResNet-18, VGG-16 (BN), WRN-32-2, MobileNet-v1,
+and ResNet-50 (ImageNet stem, or the 3x3 stem of the paper's RN-50(+) for Tiny-ImageNet).
 
-Everything is built from three pieces: one BasicBlock, one ResNet and one VGG builder from a config
-list. `MODELS` maps an `--arch` name to a constructor `fn(num_classes) -> nn.Module`. Importing this
-file builds nothing.
+Built from a few pieces: BasicBlock + ResNet, a VGG builder from a config list, depthwise-separable
+blocks + MobileNetV1, Bottleneck + BottleneckResNet. `MODELS` maps an `--arch` name to a constructor
+`fn(num_classes) -> nn.Module`. Importing this file builds nothing.
 
 The last section turns a channel-wise ticket into a smaller dense network: `slim_model` (dead channels
 removed, from `channel_links`), `slim_state` / `load_slim` (export without masks), `count_macs`.
@@ -13,14 +13,21 @@ Conventions the rest of lth_ref relies on:
   and it is the only conv that reads the image;
 - the classifier is a single nn.Linear and the last module; every conv has bias=False; no dropout;
 - init: convs kaiming-normal (fan_out, relu gain, as the official Structure-LTH models), BN weight 1
-  and bias 0, Linear PyTorch default; deterministic given torch.manual_seed.
+  and bias 0, Linear PyTorch default; deterministic given torch.manual_seed;
+- MobileNet-v1's 3x3 depthwise convs have groups = channels. lth_ref prunes only convs with
+  groups == 1 (its prunable weights): depthwise weights are 1.40% of MobileNet-v1's non-stem conv
+  weights, a (C, 1, 3, 3) weight has no (O, K) matrix with rows to refill or regroup, and the grouped
+  GEMM (kernels.RegroupedConv2d) refuses groups != 1. The official pruning_utils.pruning_model prunes
+  every nn.Conv2d but the stem, depthwise ones included.
 
-Parameter counts (count_params, 10 classes; paper numbers from Chen et al. 2022, Sec. 3.1):
-    resnet20     269,722  (He et al.: 0.27M)     resnet18  11,173,962  (paper 11.22M = 100 classes)
-    resnet32     464,154  (0.46M)                vgg16     14,724,042  (paper 14.72M, 10 classes)
-    resnet44     658,586  (0.66M)                wrn32_2    1,860,522  (paper 1.86M, 10 classes)
-    resnet56     853,018  (0.85M)
-    resnet110  1,727,962  (1.7M)
+Parameter counts (count_params; paper numbers from Chen et al. 2022, Sec. 3.1 and Table 1):
+    resnet20     269,722  (He et al.: 0.27M)     resnet18      11,173,962  (paper 11.22M = 100 classes)
+    resnet32     464,154  (0.46M)                vgg16         14,724,042  (paper 14.72M, 10 classes)
+    resnet44     658,586  (0.66M)                wrn32_2        1,860,522  (paper 1.86M, 10 classes)
+    resnet56     853,018  (0.85M)                mobilenet_v1   3,217,226  (10 classes; paper 3.21M =
+    resnet110  1,727,962  (1.7M)                                3,206,976 without the classifier)
+    resnet50          25,557,032 at 1000 classes (paper 25.56M); 23,528,522 at 10
+    resnet50_3x3stem  23,910,152 at 200 classes (Tiny-ImageNet); 25,549,352 at 1000; 23,520,842 at 10
 (272,474 for resnet20 is the 1x1-conv "option B" variant; option A adds no shortcut parameters.)
 """
 
@@ -151,6 +158,126 @@ class VGG(nn.Module):
         return self.fc(x)  # (B, num_classes)
 
 
+# ---- MobileNet-v1 (CIFAR) ----
+
+# (output channels, stride) of the 13 depthwise-separable blocks (Howard et al. 2017, Table 1), with
+# the CIFAR change of the official Structure-LTH models/mobilenet.py (kuangliu): the stem has stride 1,
+# so a 32x32 image reaches the last blocks at 2x2 (ImageNet: stem stride 2, 224 -> 7x7).
+MOBILENET_V1 = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+                (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1)]
+
+
+class DepthwiseSeparable(nn.Module):
+    """relu(bn2(conv2(relu(bn1(conv1(x)))))): 3x3 depthwise conv (groups = channels, stride s), then
+    1x1 pointwise conv. The depthwise conv has groups > 1: not prunable (module docstring)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, in_channels, 3, stride=stride, padding=1,
+                               groups=in_channels, bias=False)  # weight (C_in, 1, 3, 3)
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv2 = nn.Conv2d(in_channels, out_channels, 1, bias=False)  # weight (C_out, C_in, 1, 1)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H/s, W/s)
+        x = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(x)))
+
+
+class MobileNetV1(nn.Module):
+    """CIFAR MobileNet-v1: 3x3 stem 3->32 (stride 1), 13 depthwise-separable blocks, avg pool, Linear."""
+
+    def __init__(self, config, num_classes: int, stem_width: int = 32):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, stem_width, 3, stride=1, padding=1, bias=False)  # the stem
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        blocks, in_channels = [], stem_width
+        for width, stride in config:
+            blocks.append(DepthwiseSeparable(in_channels, width, stride))
+            in_channels = width
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(in_channels, num_classes)
+        init_weights(self)
+
+    def forward(self, x):  # (B, 3, 32, 32)
+        x = F.relu(self.bn1(self.conv1(x)))  # (B, 32, 32, 32)
+        x = self.layers(x)  # (B, 1024, 2, 2)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, 1024)
+        return self.fc(x)  # (B, num_classes)
+
+
+# ---- ResNet-50 (bottleneck; ImageNet stem or 3x3 stem) ----
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (stride s), 1x1 expand to 4x; BN after each, ReLU after the sum.
+
+    The stride sits on the 3x3 conv ("ResNet v1.5", torchvision and the official models/resnet.py).
+    Shortcut: identity, or 1x1 conv (stride s) + BN where the shape changes.
+    """
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int):
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        if stride == 1 and in_channels == out_channels:
+            self.shortcut = nn.Identity()
+        else:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, 4*width, H/s, W/s)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class BottleneckResNet(nn.Module):
+    """ResNet-50/101/152 body: a stem, 4 stages of Bottlenecks (widths 64..512, x4 out), avg pool, Linear.
+
+    stem "imagenet": 7x7 conv stride 2 + 3x3 max-pool stride 2 (He et al. 2016; 224 -> 56 -> 7);
+    stem "3x3": 3x3 conv stride 1, no max-pool (the paper's RN-50(+), Appendix A2; the official
+    models/resnet.py always builds this one), for 64x64 Tiny-ImageNet images (64 -> 64 -> 8).
+    """
+
+    def __init__(self, depths, num_classes: int, stem: str, stem_width: int = 64):
+        super().__init__()
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, stem_width, 7, stride=2, padding=3, bias=False)  # the stem
+            self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        elif stem == "3x3":
+            self.conv1 = nn.Conv2d(3, stem_width, 3, stride=1, padding=1, bias=False)  # the stem
+            self.pool = nn.Identity()
+        else:
+            raise ValueError(f"unknown stem {stem!r}, expected 'imagenet' or '3x3'")
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        in_channels = stem_width
+        for i, depth in enumerate(depths):
+            width = 64 * 2 ** i
+            blocks = []
+            for j in range(depth):
+                blocks.append(Bottleneck(in_channels, width, 2 if (i > 0 and j == 0) else 1))
+                in_channels = width * Bottleneck.expansion
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))  # layer1, layer2, ...
+        self.num_stages = len(depths)
+        self.fc = nn.Linear(in_channels, num_classes)
+        init_weights(self)
+
+    def forward(self, x):  # (B, 3, H, W): 224x224 ("imagenet" stem) or 64x64 ("3x3" stem)
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4) or (B, 64, H, W)
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)  # (B, 256 * 2^i, ..)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, 2048)
+        return self.fc(x)  # (B, num_classes)
+
+
 # ---- init, helpers, the table ----
 
 
@@ -217,6 +344,36 @@ def wrn32_2(num_classes: int = 10) -> ResNet:
     return cifar_resnet(32, num_classes, width=32, shortcut="conv")
 
 
+def mobilenet_v1(num_classes: int = 10) -> MobileNetV1:
+    """The paper's MBNet-v1 (3.21M): CIFAR MobileNet-v1 of the official models/mobilenet.py.
+
+    3,217,226 params at 10 classes; 3,206,976 without the classifier, which is the paper's 3.21M
+    (3.22M with the 10-class head, 3.31M with the 100-class one). Depthwise weights: 44,640 of the
+    3,184,224 non-stem conv weights (1.40%). Official init: PyTorch's default (kaiming-uniform,
+    a=sqrt(5)); ours is the kaiming-normal fan_out of every other model here.
+    """
+    return MobileNetV1(MOBILENET_V1, num_classes)
+
+
+def resnet50(num_classes: int = 1000) -> BottleneckResNet:
+    """ImageNet ResNet-50 (He et al. 2016, torchvision layout): 7x7/2 stem + max-pool, 3+4+6+3 bottlenecks.
+
+    25,557,032 params at 1000 classes (the paper's 25.56M, Table 1 and Fig. 3).
+    """
+    return BottleneckResNet([3, 4, 6, 3], num_classes, stem="imagenet")
+
+
+def resnet50_3x3stem(num_classes: int = 200) -> BottleneckResNet:
+    """The paper's RN-50(+) for Tiny-ImageNet: ResNet-50 with a 3x3 stride-1 stem and no max-pool.
+
+    Paper: Appendix A2 "RN-50(+)": first conv kernel 3, padding 1, stride 1 (Table A7). Official:
+    models/resnet.py builds this stem for every ResNet (`if True:`), max-pool replaced by Identity;
+    its GPU profiling of ResNet-50 uses (64, 64, 64, 64) inputs to layer1, i.e. 64x64 images without
+    the max-pool. 25,549,352 params at 1000 classes, 23,910,152 at Tiny-ImageNet's 200.
+    """
+    return BottleneckResNet([3, 4, 6, 3], num_classes, stem="3x3")
+
+
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "resnet20": resnet20,
     "resnet32": resnet32,
@@ -226,6 +383,9 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
     "resnet18": resnet18,
     "vgg16": vgg16,
     "wrn32_2": wrn32_2,
+    "mobilenet_v1": mobilenet_v1,
+    "resnet50": resnet50,
+    "resnet50_3x3stem": resnet50_3x3stem,
 }
 
 

@@ -44,6 +44,9 @@ PARAMS_10 = {
     "resnet18": 11_173_962,
     "vgg16": 14_724_042,
     "wrn32_2": 1_860_522,
+    "mobilenet_v1": 3_217_226,
+    "resnet50": 23_528_522,
+    "resnet50_3x3stem": 23_520_842,
 }
 
 
@@ -78,6 +81,52 @@ def test_param_counts_match_paper():
     assert count_params(built("resnet18", 100)) - count_params(built("resnet18")) == 90 * 513
 
 
+def test_param_counts_of_mobilenet_and_resnet50_match_paper():
+    # MBNet-v1 3.21M (Table 1, Fig. 4) is the count without the classifier; RN-50 25.56M (Table 1,
+    # Fig. 3) is torchvision's 1000-class ResNet-50; RN-50(+) swaps the 7x7 stem for a 3x3 one.
+    mobilenet = built("mobilenet_v1")
+    assert round((count_params(mobilenet) - count_params(mobilenet.fc)) / 1e6, 2) == 3.21
+    assert count_params(built("resnet50", 1000)) == 25_557_032
+    assert count_params(built("resnet50", 1000)) - count_params(built("resnet50_3x3stem", 1000)) \
+        == 64 * 3 * (7 * 7 - 3 * 3)
+    assert count_params(built("resnet50_3x3stem", 200)) == 23_910_152  # Tiny-ImageNet head
+
+
+def test_depthwise_convs_are_a_small_share_and_refused_by_the_grouped_gemm():
+    conv_list = convs(built("mobilenet_v1"))[1:]  # not the stem
+    depthwise = [m for _, m in conv_list if m.groups > 1]
+    assert len(depthwise) == 13 and all(m.groups == m.in_channels == m.out_channels for m in depthwise)
+    share = sum(m.weight.numel() for m in depthwise) / sum(m.weight.numel() for _, m in conv_list)
+    assert 0.013 < share < 0.015  # 44,640 of 3,184,224 weights
+    with pytest.raises(ValueError, match=r"layers\.0\.conv1: grouped convs \(groups=32\)"):
+        kernels.RegroupedConv2d.from_conv(depthwise[0], [], name="layers.0.conv1")
+
+
+def test_resnet50_stems_and_bottlenecks():
+    for name, kernel, stride in (("resnet50", (7, 7), (2, 2)), ("resnet50_3x3stem", (3, 3), (1, 1))):
+        conv_list = convs(built(name))
+        assert (conv_list[0][1].kernel_size, conv_list[0][1].stride) == (kernel, stride)
+        assert len(conv_list) == 1 + 16 * 3 + 4  # stem, 16 bottlenecks of 3 convs, 4 shortcut convs
+        assert [m.kernel_size for _, m in conv_list].count((1, 1)) == 16 * 2 + 4
+        assert built(name).fc.in_features == 2048
+    assert isinstance(built("resnet50").pool, nn.MaxPool2d)
+    assert isinstance(built("resnet50_3x3stem").pool, nn.Identity)
+    with pytest.raises(ValueError, match="unknown stem"):
+        models.BottleneckResNet([1, 1, 1, 1], 10, stem="5x5")
+
+
+@pytest.mark.parametrize("name, size", [("resnet50", 64), ("resnet50_3x3stem", 16), ("mobilenet_v1", 32)])
+def test_new_backbones_train_a_step_on_two_tiny_images(name, size, one_thread):
+    torch.manual_seed(0)
+    model = MODELS[name](5)
+    out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 5)
+    F.cross_entropy(out, torch.tensor([1, 3])).backward()
+    stem = convs(model)[0][1]
+    for p in (stem.weight, model.fc.weight, convs(model)[-1][1].weight):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
 @pytest.fixture
 def one_thread():
     """Batch-2 forwards run faster on one thread and do not stall on an oversubscribed CPU."""
@@ -103,7 +152,7 @@ def test_structure_rules(name):
     model = built(name)
     conv_list = convs(model)
     stem_name, stem = conv_list[0]
-    assert stem.in_channels == 3 and stem.kernel_size == (3, 3)
+    assert stem.in_channels == 3 and stem.kernel_size == ((7, 7) if name == "resnet50" else (3, 3))
     assert [n for n, m in conv_list if m.in_channels == 3] == [stem_name]
     assert all(m.bias is None for _, m in conv_list)
     last_name, last = list(model.named_modules())[-1]
@@ -563,8 +612,9 @@ def test_train_subset_is_seeded_and_deterministic(tmp_path):
 
 
 def test_unknown_dataset():
-    assert set(data.DATASETS) == {"cifar10", "cifar100", "synthetic"}
-    with pytest.raises(DataError, match="cifar10, cifar100, synthetic"):
+    assert set(data.DATASETS) == {"cifar10", "cifar100", "tinyimagenet", "imagenet", "synthetic"}
+    assert set(data.IMAGE_SHAPES) == set(data.DATASETS)
+    with pytest.raises(DataError, match="cifar10, cifar100, tinyimagenet, imagenet, synthetic"):
         data.load_dataset("mnist", ".", log=quiet)
 
 
@@ -669,6 +719,271 @@ def test_synthetic_deterministic_balanced_and_learnable():
     centers = torch.stack([ptr[a.train_y == k].mean(0) for k in range(10)])
     acc_pixels = (torch.cdist(a.test_x.flatten(1).float(), centers).argmin(1) == a.test_y).float().mean()
     assert acc_pixels < 0.5
+
+
+# ---- data: folder datasets and validation split ----
+def rows_in(full_x, part_x):
+    """Index in full_x of every image of part_x (images are distinct random pixels)."""
+    flat = full_x.reshape(len(full_x), -1)
+    return [int((flat == img.flatten()).all(1).nonzero()[0, 0]) for img in part_x]
+
+
+def test_val_split_is_disjoint_from_training_and_stable_for_a_seed(tmp_path):
+    write_cifar(tmp_path, data.CIFAR10, train_rows=(40, 30, 20, 10, 9), test_rows=(3,))
+    load = lambda **kw: data.load_dataset("cifar10", str(tmp_path), download=False, log=quiet, **kw)
+    full = load()
+    assert full.num_val == 0 and full.num_train == 109
+    a, b, c = load(val_split=20, seed=1), load(val_split=20, seed=1), load(val_split=20, seed=2)
+    assert torch.equal(a.val_x, b.val_x) and torch.equal(a.train_x, b.train_x)
+    assert not torch.equal(a.val_x, c.val_x)
+    assert (a.num_train, a.num_val, a.num_test) == (89, 20, 3) and torch.equal(a.mean, full.mean)
+    val_rows, train_rows = rows_in(full.train_x, a.val_x), rows_in(full.train_x, a.train_x)
+    assert sorted(val_rows + train_rows) == list(range(109))  # disjoint, together the training set
+    assert torch.equal(full.train_y[val_rows], a.val_y)
+    # the validation set is drawn first: a training subset of the rest leaves it unchanged
+    d = load(val_split=20, seed=1, train_subset=30)
+    assert torch.equal(d.val_x, a.val_x) and d.num_train == 30
+    assert not set(rows_in(full.train_x, d.train_x)) & set(val_rows)
+    # without a validation split the subset is the one drawn before validation splits existed
+    keep = torch.randperm(109, generator=torch.Generator().manual_seed(1))[:30].sort().values
+    assert torch.equal(load(train_subset=30, seed=1).train_x, full.train_x[keep])
+    x = torch.cat([x for x, _ in data.eval_batches(a, 7, "val")])
+    assert torch.equal(denormalize(x, a), a.val_x)  # in order, no augmentation
+    with pytest.raises(DataError, match="no validation set.*val_split=N"):
+        next(data.eval_batches(full, 7, "val"))
+    for bad in (-1, 109):
+        with pytest.raises(DataError, match=f"val_split={bad} is out of range"):
+            load(val_split=bad)
+    with pytest.raises(DataError, match="90 training examples after holding out val_split=19"):
+        load(val_split=19, train_subset=91)
+
+
+def test_synthetic_val_split_is_disjoint_and_seeded():
+    full = data.load_dataset("synthetic", "unused", log=quiet)
+    a = data.load_dataset("synthetic", "unused", log=quiet, val_split=500, seed=3)
+    b = data.load_dataset("synthetic", "unused", log=quiet, val_split=500, seed=3)
+    assert (a.num_train, a.num_val, a.num_test) == (data.SYNTH_TRAIN - 500, 500, data.SYNTH_TEST)
+    assert torch.equal(a.val_x, b.val_x) and torch.equal(a.val_y, b.val_y)
+    flat = lambda x: {bytes(img.flatten().numpy()) for img in x}
+    assert not flat(a.val_x) & flat(a.train_x) and flat(a.val_x) | flat(a.train_x) == flat(full.train_x)
+
+
+def global_batches(d, batch_size, seed, world_size, **kw):
+    """Per global step, the concatenation over ranks of their slices: [(x, y), ...]."""
+    per_rank = [list(data.train_batches(d, batch_size, torch.Generator().manual_seed(seed), r, world_size))
+                for r in range(world_size)]
+    assert len({len(batches) for batches in per_rank}) == 1  # every rank takes the same number of steps
+    return [(torch.cat([b[step][0] for b in per_rank]), torch.cat([b[step][1] for b in per_rank]))
+            for step in range(len(per_rank[0]))]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
+def eval_union(d, batch_size, world_size, split="test"):
+    parts = [list(data.eval_batches(d, batch_size, split, r, world_size)) for r in range(world_size)]
+    return torch.cat([x for p in parts for x, _ in p]), torch.cat([y for p in parts for _, y in p])
+
+
+def test_sharded_batches_of_in_memory_data_do_not_depend_on_world_size():
+    d = tiny_data(50)
+    one = global_batches(d, 16, seed=5, world_size=1)
+    for world_size in (2, 3):
+        assert_same_batches(global_batches(d, 16, seed=5, world_size=world_size), one)
+    rank1 = data.train_batches(d, 16, torch.Generator().manual_seed(5), rank=1, world_size=3)
+    sizes = [len(y) for _, y in rank1]
+    assert sizes == [5, 5, 5, 1]  # rank 1 of 3: 16 = 6 + 5 + 5, the last global batch 2 = 1 + 1 + 0
+    x, y = eval_union(d, 4, world_size=3)
+    assert torch.equal(y, d.test_y) and torch.equal(denormalize(x, d), d.test_x)  # each once, in order
+    with pytest.raises(ValueError, match="rank 2"):
+        data.train_batches(d, 16, torch.Generator(), rank=2, world_size=2)
+
+
+# Tiny-ImageNet / ImageNet-style folders of JPEGs, written with Pillow
+TINY_WNIDS = ["n0300", "n0100", "n0200"]  # unsorted, as in the real wnids.txt: labels follow sorted order
+
+
+def write_jpeg(path, seed, size):
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1] // 8 + 1, size[0] // 8 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).resize(size, Image.Resampling.NEAREST)  # 8x8 tiles: survives JPEG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, "JPEG", quality=95)
+
+
+def write_tiny_imagenet(root, per_class=3, val=5):
+    """tiny-imagenet-200/ with 3 classes; returns {relative path: label} of train and of val (test)."""
+    folder = root / "tiny-imagenet-200"
+    folder.mkdir(parents=True)
+    (folder / "wnids.txt").write_text("\n".join(TINY_WNIDS) + "\n")
+    label = {w: i for i, w in enumerate(sorted(TINY_WNIDS))}
+    train, test, seed = {}, {}, 0
+    for wnid in TINY_WNIDS:
+        for i in range(per_class):
+            rel = f"train/{wnid}/images/{wnid}_{i}.JPEG"
+            write_jpeg(folder / rel, seed := seed + 1, (64, 64))
+            train[rel] = label[wnid]
+    lines = []
+    for i in range(val):
+        wnid = TINY_WNIDS[i % 3]
+        write_jpeg(folder / f"val/images/val_{i}.JPEG", seed := seed + 1, (64, 64))
+        lines.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t63\t63")
+        test[f"val/images/val_{i}.JPEG"] = label[wnid]
+    (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return folder, train, test
+
+
+def decoded(path):
+    Image = pytest.importorskip("PIL.Image")
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
+def load_folder_data(name, root, workers=0, **kw):
+    d = data.load_dataset(name, str(root), log=quiet, **kw)
+    d.num_workers = workers
+    return d
+
+
+def test_tiny_imagenet_folder_labels_shapes_and_test_split(tmp_path):
+    folder, train, test = write_tiny_imagenet(tmp_path)
+    d = load_folder_data("tinyimagenet", tmp_path)
+    assert (d.num_classes, d.image_shape, d.num_train, d.num_val, d.num_test) == (3, (3, 64, 64), 9, 0, 5)
+    assert {os.fsdecode(f): int(y) for f, y in zip(d.files["train"], d.labels["train"])} == train
+    x, y = map(torch.cat, zip(*data.eval_batches(d, 2)))
+    assert y.tolist() == list(test.values())  # val_annotations.txt order
+    assert x.shape == (5, 3, 64, 64) and x.dtype == torch.float32
+    expected = torch.stack([decoded(folder / rel) for rel in test])
+    assert torch.equal(denormalize(x, d), expected)  # decoded as is, normalized with the constants
+    torch.testing.assert_close(d.mean, torch.tensor(data.TINY_IMAGENET_MEAN) * 255)
+
+
+def test_tiny_imagenet_training_views_are_seeded_pad_crop_flips(tmp_path):
+    folder, train, _ = write_tiny_imagenet(tmp_path)
+    d = load_folder_data("tinyimagenet", tmp_path)
+    run = lambda seed: list(data.train_batches(d, 4, torch.Generator().manual_seed(seed)))
+    a, b, c = run(7), run(7), run(8)
+    assert_same_batches(a, b)
+    assert not torch.equal(a[0][0], c[0][0])
+    assert [len(y) for _, y in a] == [4, 4, 1]
+    seen = torch.cat([y for _, y in a])
+    assert sorted(seen.tolist()) == sorted(train.values())  # every image once
+    sources = {rel: decoded(folder / rel) for rel in train}
+    flips = 0
+    for xb, yb in a:
+        for img, label in zip(denormalize(xb, d), yb):
+            views = torch.cat([torch.stack([v, v.flip(-1)]) for rel, src in sources.items()
+                               if train[rel] == label
+                               for v in F.pad(src, (4, 4, 4, 4)).unfold(1, 64, 1).unfold(2, 64, 1)
+                               .permute(1, 2, 0, 3, 4).reshape(-1, 3, 64, 64)])
+            match = (views == img).flatten(1).all(1).nonzero().flatten()
+            assert len(match) > 0  # a padded crop (maybe flipped) of an image of its class
+            flips += int(match[0] % 2)
+    assert 0 < flips < 9
+
+
+def test_folder_batches_do_not_depend_on_world_size_or_workers(tmp_path):
+    write_tiny_imagenet(tmp_path)
+    d = load_folder_data("tinyimagenet", tmp_path, val_split=2, seed=4)
+    one = global_batches(d, 4, seed=9, world_size=1)
+    assert_same_batches(global_batches(d, 4, seed=9, world_size=2), one)
+    d.num_workers = 2
+    assert_same_batches(global_batches(d, 4, seed=9, world_size=1), one)
+    for split in ("test", "val"):
+        x1, y1 = eval_union(d, 2, world_size=1, split=split)
+        x3, y3 = eval_union(d, 2, world_size=3, split=split)
+        assert torch.equal(x1, x3) and torch.equal(y1, y3) and len(y1) == len(d.split_labels(split))
+
+
+def test_folder_val_split_is_disjoint_and_stable(tmp_path):
+    write_tiny_imagenet(tmp_path)
+    a = load_folder_data("tinyimagenet", tmp_path, val_split=3, seed=1)
+    b = load_folder_data("tinyimagenet", tmp_path, val_split=3, seed=1)
+    full = load_folder_data("tinyimagenet", tmp_path)
+    assert (a.num_train, a.num_val) == (6, 3) and list(a.files["val"]) == list(b.files["val"])
+    assert sorted(list(a.files["val"]) + list(a.files["train"])) == sorted(full.files["train"])
+    assert not set(a.files["val"]) & set(a.files["train"])
+
+
+def write_imagenet(root):
+    """imagenet/train/<wnid>/ of odd-sized JPEGs, val/<wnid>/ for two of the three classes."""
+    sizes = [(48, 40), (30, 50), (320, 256)]
+    for i, wnid in enumerate(["n02", "n01", "n03"]):
+        for j, size in enumerate(sizes):
+            write_jpeg(root / "imagenet" / "train" / wnid / f"{wnid}_{j}.JPEG", 10 * i + j, size)
+    write_jpeg(root / "imagenet" / "val" / "n03" / "v0.JPEG", 100, (320, 256))
+    write_jpeg(root / "imagenet" / "val" / "n01" / "v1.jpeg", 101, (256, 300))
+
+
+def test_imagenet_folder_views_labels_and_seeds(tmp_path):
+    write_imagenet(tmp_path)
+    d = load_folder_data("imagenet", tmp_path)
+    assert (d.num_classes, d.image_shape, d.num_train, d.num_test) == (3, (3, 224, 224), 9, 2)
+    assert d.labels["train"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # n01, n02, n03 sorted
+    x, y = next(data.eval_batches(d, 8))
+    assert y.tolist() == [0, 2] and x.shape == (2, 3, 224, 224)
+    # test view of a 320x256 image: shorter side already 256, so the central 224 x 224 of the pixels
+    src = decoded(tmp_path / "imagenet" / "val" / "n03" / "v0.JPEG")
+    assert torch.equal(denormalize(x[1:], d)[0], src[:, 16:240, 48:272])
+    run = lambda seed: list(data.train_batches(d, 5, torch.Generator().manual_seed(seed)))
+    a, b = run(1), run(1)
+    assert_same_batches(a, b)
+    assert [tuple(x.shape) for x, _ in a] == [(5, 3, 224, 224), (4, 3, 224, 224)]
+    assert not torch.equal(a[0][0], run(2)[0][0])
+
+
+def test_resized_crop_box_stays_inside_and_falls_back_to_the_center():
+    rng = np.random.default_rng(0)
+    for width, height in ((500, 375), (64, 300), (7, 5)):
+        for _ in range(50):
+            left, top, w, h = data.resized_crop_box(width, height, rng)
+            assert 0 <= left and left + w <= width and 0 <= top and top + h <= height and w > 0 < h
+    # a 1000 x 10 strip admits no box of area >= 8% with aspect <= 4/3: central box at aspect 4/3
+    assert data.resized_crop_box(1000, 10, rng) == ((1000 - 13) // 2, 0, 13, 10)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_jpeg_raises_data_error_naming_the_file(tmp_path, workers):
+    folder, _, _ = write_tiny_imagenet(tmp_path)
+    bad = folder / "train" / "n0200" / "images" / "n0200_1.JPEG"
+    bad.write_bytes(bad.read_bytes()[:300])
+    d = load_folder_data("tinyimagenet", tmp_path, workers=workers)
+    with pytest.raises(DataError) as e:
+        list(data.train_batches(d, 4, torch.Generator().manual_seed(0)))
+    msg = str(e.value)
+    assert msg.startswith(f"cannot decode {bad}") and "truncated or corrupt" in msg
+    assert "Traceback" not in msg and "worker" not in msg  # raised here, not a worker's traceback
+
+
+def test_missing_pillow_gives_a_one_line_install_hint(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "PIL", None)  # `from PIL import Image` now raises ImportError
+    for name in ("tinyimagenet", "imagenet"):
+        with pytest.raises(DataError) as e:
+            data.load_dataset(name, str(tmp_path), log=quiet)
+        assert "pip install pillow" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_folders_say_where_to_put_what(tmp_path):
+    pytest.importorskip("PIL.Image")
+    with pytest.raises(DataError) as e:
+        data.load_dataset("tinyimagenet", str(tmp_path), log=quiet)
+    msg = str(e.value)
+    assert str(tmp_path / "tiny-imagenet-200") in msg and "wnids.txt" in msg and "tiny-imagenet-200.zip" in msg
+    with pytest.raises(DataError, match=r"no automatic download.*image-net\.org") as e:
+        data.load_dataset("imagenet", str(tmp_path), log=quiet)
+    assert str(tmp_path / "imagenet") in str(e.value) and "val/<wnid>/*.JPEG" in str(e.value)
+    (tmp_path / "imagenet" / "train" / "n01").mkdir(parents=True)
+    (tmp_path / "imagenet" / "val" / "n09").mkdir(parents=True)
+    with pytest.raises(DataError, match="val/ has class folders missing from train/: n09"):
+        data.load_dataset("imagenet", str(tmp_path), log=quiet)
+    folder, _, _ = write_tiny_imagenet(tmp_path / "t")
+    shutil.rmtree(folder / "train" / "n0100")
+    with pytest.raises(DataError, match=r"no folder train/n0100/images/ for class n0100"):
+        data.load_dataset("tinyimagenet", str(tmp_path / "t"), log=quiet)
 
 
 # ---- IMP: global magnitude pruning, masking, rewinding ----
