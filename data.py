@@ -768,11 +768,6 @@ def eval_batches(data: Data | FolderData, batch_size: int, split: str = "test", 
     return ((normalize(x[a:b], data), y[a:b]) for a, b in spans)
 
 
-def test_batches(data: Data | FolderData, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """eval_batches(data, batch_size, "test") in one process."""
-    return eval_batches(data, batch_size, "test")
-
-
 class ItemBatches:
     """A batch_sampler: this rank's slice of each global batch of `order`, as lists of (index, seed)
     items (seed None: no augmentation). Made lazily: an ImageNet epoch is 1.28M items."""

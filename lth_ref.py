@@ -19,6 +19,8 @@ import argparse
 import copy
 import csv
 import dataclasses
+import datetime
+import functools
 import importlib
 import importlib.util
 import json
@@ -56,20 +58,37 @@ datasets = _sibling("data")      # data.py (local variables are called `data`)
 kernels = _sibling("kernels")
 model_zoo = _sibling("models")   # models.py
 
-# ---- hyperparameters (the paper's, Table 1 and Sec. 3.1) ----
+# ---- hyperparameters (the paper's Table 1 and Sec. 3.1) ----
 PAPER = dict(
-    epochs=160,           # epochs per IMP level
-    lr=0.1,               # SGD learning rate
-    momentum=0.9,         # SGD momentum
-    weight_decay=1e-4,    # L2 on every parameter
-    batch_size=128,       # examples per step
-    lr_drops=(0.5, 0.75), # LR x0.1 at these fractions of training (epochs 80 and 120 of 160)
-    prune_rate=0.2,       # fraction of the *remaining* prunable weights removed per level
-    levels=10,            # pruning levels after the dense level 0
-    rewind_fraction=0.05, # rewind point: end of epoch 8 of 160 (5% of training)
+    momentum=0.9,    # SGD momentum, every setting
+    prune_rate=0.2,  # fraction of the *remaining* prunable weights removed per level
+    levels=10,       # pruning levels after the dense level 0
 )
-WEIGHT_DECAY_BY_ARCH = {"vgg16": 2e-4}  # the paper uses 2e-4 for VGG-16 (CIFAR-10)
-INPUT_SHAPE = (3, 32, 32)   # (C, H, W) of the CIFAR images the benchmarks and exports feed
+# Table 1 per dataset: epochs per level, SGD learning rate, LR x0.1 at these epochs, examples per step,
+# L2 weight decay, rewind point (end of epoch 8 for every dataset, Sec. 3.1). The CIFAR-100 and ImageNet
+# batch cells are blank in the table: 128 is the official README's CIFAR batch, 256 the batch of lr 0.1
+# under the linear scaling rule (the official ImageNet script: 1024 at lr 0.4, the same ratio).
+SCHEDULES = {
+    "cifar10": dict(epochs=160, lr=0.1, lr_drops=(80, 120), batch_size=128, weight_decay=1e-4, rewind_epoch=8),
+    "cifar100": dict(epochs=160, lr=0.1, lr_drops=(80, 120), batch_size=128, weight_decay=2e-4, rewind_epoch=8),
+    "tinyimagenet": dict(epochs=95, lr=0.1, lr_drops=(30, 60), batch_size=32, weight_decay=5e-4, rewind_epoch=8),
+    "imagenet": dict(epochs=95, lr=0.1, lr_drops=(30, 60), batch_size=256, weight_decay=1e-4, rewind_epoch=8),
+}
+SCHEDULES["synthetic"] = SCHEDULES["cifar10"]   # a CIFAR-shaped stand-in for smoke runs
+SCHEDULE_BY_ARCH = {  # (arch, dataset) cells of Table 1 that differ from their dataset's row
+    ("vgg16", "cifar10"): dict(weight_decay=2e-4),
+    ("vgg16", "synthetic"): dict(weight_decay=2e-4),
+    ("vgg16", "cifar100"): dict(weight_decay=5e-4),
+    ("mobilenet_v1", "cifar100"): dict(batch_size=64),
+}
+
+
+def paper_schedule(arch, dataset):
+    """Table 1's settings for --arch on --dataset (the defaults of the flags)."""
+    return {**SCHEDULES[dataset], **SCHEDULE_BY_ARCH.get((arch, dataset), {})}
+
+
+INPUT_SHAPE = (3, 32, 32)   # (C, H, W) of the CIFAR images the benchmarks feed by default
 EXPORT_CHECK_BATCH = 8      # random images on which an export is checked against its ticket
 
 
@@ -638,15 +657,17 @@ def training_masks(model, masks, method):
     return {**masks, **model_zoo.bn_masks(model, masks)} if method in STRUCTURAL else masks
 
 
-# ---- training and evaluation ----
+# ---- training and evaluation: one process, or one per device under torchrun ----
 def lr_at(epoch, cfg):
-    """Step schedule: cfg.lr, x0.1 at each fraction in PAPER['lr_drops'] of cfg.epochs."""
-    drops = sum(epoch >= round(f * cfg.epochs) for f in PAPER["lr_drops"])
-    return cfg.lr * 0.1 ** drops
+    """Step schedule: cfg.lr, x0.1 at each epoch of cfg.lr_drops."""
+    return cfg.lr * 0.1 ** sum(epoch >= drop for drop in cfg.lr_drops)
 
 
 # seeded draws outside the training epochs use "epochs" that no training epoch uses
 SCORE_BATCH, REINIT, RANDOM_MASK = -1, -2, -3
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # --amp: autocast dtype
+DIST_TIMEOUT = datetime.timedelta(minutes=30)  # a rank waits this long at a collective (rank 0 writes
+                                               # tickets meanwhile) before the job fails
 
 
 def epoch_generator(cfg, level, epoch, device):
@@ -657,52 +678,149 @@ def epoch_generator(cfg, level, epoch, device):
     return g
 
 
-def train_epoch(model, data, optimizer, masks, batch_size, generator):
-    """One epoch of SGD; pruned weights are zeroed after every step (they stay exactly 0).
+def process_group():
+    """(rank, world size) of this process: (0, 1) unless torchrun started it (init_distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
-    Returns (mean train loss, train accuracy); sums stay on the device (one sync per epoch).
-    """
-    model.train()
+
+def init_distributed(device):
+    """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on CUDA, gloo on the CPU.
+    Returns this process's device (cuda:LOCAL_RANK on GPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or torch.distributed.is_initialized():
+        return device
+    cuda = device == "cuda"
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=DIST_TIMEOUT)
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
+
+
+def all_sum(values, device):
+    """Sum a list of numbers over every process (one collective); unchanged in one process."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if process_group()[1] > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def barrier():
+    """Wait for every process (after rank 0 wrote a file the others read)."""
+    if process_group()[1] > 1:
+        torch.distributed.barrier()
+
+
+def check_same_on_every_rank(masks, device):
+    """Masks are computed by every process from the same files and seeds: check that they agree."""
+    if process_group()[1] == 1:
+        return
+    digest = torch.tensor([float((m.flatten().double() * torch.arange(1, m.numel() + 1, device=m.device)).sum())
+                           for m in masks.values()], dtype=torch.float64, device=device)
+    low, high = digest.clone(), digest.clone()
+    torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, torch.distributed.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError("the processes computed different masks: every rank must read the same "
+                           "experiment directory (a shared file system) with the same torch version")
+
+
+def autocast(cfg, device):
+    """--amp's autocast context (a no-op for off)."""
+    dtype = AMP_DTYPES[cfg.amp]
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_step(net, optimizer, pairs, x, y, global_size, cfg, scaler):
+    """One SGD step on this process's slice (x, y) of a global batch of global_size examples, then
+    every (parameter, mask) pair multiplied: pruned weights stay exactly 0. The loss is scaled so that
+    the gradient, averaged over processes, is the global batch's mean. Returns (loss sum, correct)."""
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(cfg, x.device):
+        out = net(x)
+        loss = F.cross_entropy(out.float(), y, reduction="sum")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss * (process_group()[1] / global_size)).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    with torch.no_grad():
+        for p, m in pairs:
+            p.mul_(m)
+    return loss.detach(), (out.argmax(1) == y).sum()
+
+
+def mask_pairs(model, masks):
+    """[(parameter, mask)] of the unwrapped model (DDP and torch.compile share its parameters)."""
     params = dict(model.named_parameters())
-    pairs = [(params[n], m) for n, m in masks.items()]
-    loss_sum = torch.zeros((), device=data.train_x.device)
-    correct = torch.zeros((), device=data.train_x.device, dtype=torch.long)
-    seen = 0
-    for x, y in datasets.train_batches(data, batch_size, generator):
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            for p, m in pairs:
-                p.mul_(m)
-            loss_sum += loss.detach() * len(y)
-            correct += (out.argmax(1) == y).sum()
-        seen += len(y)
-    return loss_sum.item() / seen, correct.item() / seen
+    return [(params[n], m) for n, m in masks.items()]
+
+
+def train_epoch(net, data, optimizer, pairs, cfg, generator, scaler):
+    """One epoch of SGD over the global batches of cfg.batch_size (this process: its slice of each).
+
+    pairs: mask_pairs, applied after every step. A last global batch smaller than the number of
+    processes is skipped (some would get no example). Returns (mean train loss, train accuracy) over
+    all processes; sums stay on the device until the end (one sync per epoch).
+    """
+    net.train()
+    rank, world = process_group()
+    sums = torch.zeros(2, device=data.device)
+    seen, n = 0, data.num_train
+    for i, (x, y) in enumerate(datasets.train_batches(data, cfg.batch_size, generator, rank, world)):
+        global_size = min(cfg.batch_size, n - i * cfg.batch_size)
+        if global_size < world:
+            break
+        loss_sum, correct = train_step(net, optimizer, pairs, x, y, global_size, cfg, scaler)
+        sums += torch.stack([loss_sum, correct.float()])
+        seen += global_size
+    loss_sum, correct = all_sum(sums.tolist(), data.device)
+    return loss_sum / seen, correct / seen
 
 
 @torch.no_grad()
-def evaluate(model, data, batch_size=500):
-    """Test accuracy (fraction correct) of the model in eval mode."""
+def evaluate(model, data, cfg, split="test", batch_size=500):
+    """Accuracy (fraction correct) on the test (or val) split, in eval mode; each process evaluates
+    its shard and the counts are summed."""
     model.eval()
-    correct = torch.zeros((), device=data.test_x.device, dtype=torch.long)
-    for x, y in datasets.test_batches(data, batch_size):
-        correct += (model(x).argmax(1) == y).sum()
-    return correct.item() / len(data.test_y)
+    rank, world = process_group()
+    correct = torch.zeros((), device=data.device)
+    for x, y in datasets.eval_batches(data, batch_size, split, rank, world):
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(cfg, data.device):
+            correct += (model(x).argmax(1) == y).sum()
+    return all_sum([correct.item()], data.device)[0] / len(data.split_labels(split))
+
+
+def training_net(model, cfg, device):
+    """What the training steps call: the model, wrapped in DistributedDataParallel under torchrun
+    (SyncBatchNorm with --sync-bn) and compiled with --compile."""
+    net = model
+    if process_group()[1] > 1:
+        if cfg.sync_bn:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        cuda = torch.device(device).type == "cuda"
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[torch.device(device).index] if cuda else None)
+    return torch.compile(net) if cfg.compile else net
 
 
 # ---- files: atomic writes, safe loading, configs ----
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file. Under
+    torchrun only rank 0 writes files (every rank computes the same thing)."""
+    if process_group()[0] != 0:
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
 def atomic_write_text(text, path):
-    """Write text to a temporary file, then rename."""
+    """Write text to a temporary file, then rename (rank 0 only, as atomic_save)."""
+    if process_group()[0] != 0:
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -745,22 +863,29 @@ def load_ticket(path, model=None, mmap=False):
 
 @dataclasses.dataclass
 class Config:
-    """Everything that determines an experiment (trunk) and the branch a command trains."""
+    """Everything that determines an experiment (trunk) and the branch a command trains. The defaults
+    are Table 1's for ResNet-20 on CIFAR-10; config_from_args fills in the row of --arch/--dataset."""
     arch: str = "resnet20"
     dataset: str = "cifar10"
     data_dir: str = "data"
     out_dir: str = "runs/resnet20_cifar10_imp"
     levels: int = PAPER["levels"]
-    epochs: int = PAPER["epochs"]
-    rewind_epoch: int = 8
+    epochs: int = SCHEDULES["cifar10"]["epochs"]
+    lr_drops: list = dataclasses.field(default_factory=lambda: list(SCHEDULES["cifar10"]["lr_drops"]))
+    rewind_epoch: int = SCHEDULES["cifar10"]["rewind_epoch"]
     prune_rate: float = PAPER["prune_rate"]
-    lr: float = PAPER["lr"]
+    lr: float = SCHEDULES["cifar10"]["lr"]
     momentum: float = PAPER["momentum"]
-    weight_decay: float = PAPER["weight_decay"]
-    batch_size: int = PAPER["batch_size"]
+    weight_decay: float = SCHEDULES["cifar10"]["weight_decay"]
+    batch_size: int = SCHEDULES["cifar10"]["batch_size"]
     train_subset: int | None = None
+    val_split: int = 0
     seed: int = 0
     device: str = "auto"
+    amp: str = "off"
+    sync_bn: bool = False
+    channels_last: bool = False
+    compile: bool = False
     mask_source: str = "imp"
     synflow_rounds: int = SYNFLOW_ROUNDS
     method: str = "imp"
@@ -776,10 +901,10 @@ class Config:
     verbose: bool = False
 
 
-TRUNK_KEYS = ("arch", "dataset", "seed", "epochs", "rewind_epoch", "prune_rate", "lr", "momentum",
-              "weight_decay", "batch_size", "train_subset", "mask_source")
+TRUNK_KEYS = ("arch", "dataset", "seed", "epochs", "lr_drops", "rewind_epoch", "prune_rate", "lr", "momentum",
+              "weight_decay", "batch_size", "train_subset", "val_split", "amp", "sync_bn", "mask_source")
 SOURCE_KEYS = {"synflow": ("synflow_rounds",)}   # settings only one mask source has
-RUN_ONLY = ("levels", "device", "out_dir", "data_dir", "verbose")  # may change between commands
+RUN_ONLY = ("levels", "device", "out_dir", "data_dir", "verbose", "channels_last", "compile")  # may change
 
 
 def trunk_config(cfg):
@@ -864,9 +989,11 @@ def ticket_path(run, level):
 
 @dataclasses.dataclass
 class Experiment:
-    """What every step of an experiment reads: settings, the (reused) model, data, device, log."""
+    """What every step of an experiment reads: settings, the (reused) model and what trains it (net:
+    DDP / compiled, sharing the model's parameters), data, device, log."""
     cfg: Config
     model: nn.Module
+    net: nn.Module
     data: object
     device: str
     log: object = print
@@ -943,7 +1070,7 @@ def synflow_source(exp, level):
     state = load_file(init_path(exp.cfg), "initialization")
     names = list(prunable_weights(exp.model))
     masks = synflow_masks(loaded(exp, state), names, level_density(exp.cfg, level), exp.cfg.synflow_rounds,
-                          tuple(exp.data.train_x.shape[1:]))
+                          exp.data.image_shape)
     return masks, state
 
 
@@ -1016,40 +1143,45 @@ def train_level(exp, run, level, eta):
     ckpt_path = os.path.join(where, "checkpoint.pt")
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=cfg.amp == "fp16")
     resume = os.path.exists(ckpt_path)
     if resume:
         ckpt = load_file(ckpt_path, "checkpoint")
         check_masks_fit(model, ckpt["masks"], "checkpoint")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
         masks, blocks, stats, epoch, seconds = (ckpt[k] for k in ("masks", "blocks", "stats", "epoch", "seconds"))
-        loss, test_acc = ckpt["loss"], ckpt["test_acc"]
+        loss, accs = ckpt["loss"], ckpt["accs"]
         log(f"{run.name} level {level}: resuming at epoch {epoch} from {ckpt_path}")
     else:
         masks, blocks, stats, state, epoch = start_level(exp, run, level)
         seconds = 0.0
     masks = {n: m.to(device) for n, m in masks.items()}
+    check_same_on_every_rank(masks, device)
     dens, step_masks = density(masks), training_masks(model, masks, run.method)
     if not resume:
         rewind(model, state, step_masks)
+    splits = ("test", "val") if cfg.val_split else ("test",)
     while epoch < cfg.epochs:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch, cfg)
-        loss, train_acc = train_epoch(model, exp.data, optimizer, step_masks, cfg.batch_size,
-                                      epoch_generator(cfg, level, epoch, device))
-        test_acc = evaluate(model, exp.data)
+        loss, train_acc = train_epoch(exp.net, exp.data, optimizer, mask_pairs(model, step_masks), cfg,
+                                      epoch_generator(cfg, level, epoch, device), scaler)
+        accs = {split: evaluate(model, exp.data, cfg, split) for split in splits}
         epoch += 1
         if level == 0 and epoch == cfg.rewind_epoch:
             atomic_save(model.state_dict(), os.path.join(cfg.out_dir, "rewind.pt"))
         dt = time.perf_counter() - t0
         seconds += dt
-        atomic_save(dict(level=level, epoch=epoch, model=model.state_dict(),
-                         optimizer=optimizer.state_dict(), masks=masks, blocks=blocks, stats=stats,
-                         seconds=seconds, loss=loss, test_acc=test_acc), ckpt_path)
+        atomic_save(dict(level=level, epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                         scaler=scaler.state_dict(), masks=masks, blocks=blocks, stats=stats, seconds=seconds,
+                         loss=loss, accs=accs), ckpt_path)
+        val = f" val {accs['val']:.4f}" if cfg.val_split else ""
         log(f"{run.name} level {level:2d} epoch {epoch:3d}/{cfg.epochs} loss {loss:.4f} train "
-            f"{train_acc:.4f} test {test_acc:.4f} density {dens:.4f} {dt:6.1f}s ETA {eta.update(dt)}")
-    metrics = level_metrics(exp, run, level, masks, blocks, stats, test_acc, loss, seconds)
+            f"{train_acc:.4f} test {accs['test']:.4f}{val} density {dens:.4f} {dt:6.1f}s ETA {eta.update(dt)}")
+    metrics = level_metrics(exp, run, level, masks, blocks, stats, accs, loss, seconds)
     ticket = dict(level=level, masks={n: m.cpu() for n, m in masks.items()}, blocks=blocks,
                   state_dict={k: v.cpu() for k, v in model.state_dict().items()}, metrics=metrics,
                   layer_stats=stats, config={**dataclasses.asdict(cfg), "method": run.method, "init": run.init,
@@ -1060,33 +1192,54 @@ def train_level(exp, run, level, eta):
         write_csv([dict(name=n, **s) for n, s in stats.items()], os.path.join(where, "layers.csv"))
         if cfg.verbose:
             log(markdown_table([dict(name=n, **s) for n, s in stats.items()]))
-    os.remove(ckpt_path)
+    if process_group()[0] == 0:
+        os.remove(ckpt_path)
+    barrier()                                  # the next level reads this ticket on every rank
     return metrics
 
 
 def open_experiment(cfg, log=print):
     """Check the settings against the experiment directory, load the data, build the model, then (only
     now: a failed start leaves nothing behind) write the configs and theta_0. Returns (experiment,
-    trunk, branch or None)."""
-    device = resolve_device(cfg.device)
+    trunk, branch or None). Under torchrun every process opens it; rank 0 writes."""
+    device = init_distributed(resolve_device(cfg.device))
+    log = log if process_group()[0] == 0 else (lambda *_: None)   # one copy of every line
+    check_training_flags(cfg, device)
     trunk, branch = trunk_run(cfg), branch_run(cfg)
     started = os.path.isdir(os.path.join(cfg.out_dir, "level_00"))
     check_config(os.path.join(cfg.out_dir, "config.json"), trunk_config(cfg), started)
     if branch is not None:
         check_config(os.path.join(branch.path, "branch.json"), branch_config(cfg),
                      os.path.exists(os.path.join(branch.path, "level_01")))
-    data = datasets.load_dataset(cfg.dataset, cfg.data_dir, device, cfg.train_subset, cfg.seed, log=log)
+    data = datasets.load_dataset(cfg.dataset, cfg.data_dir, device, cfg.train_subset, cfg.seed, log=log,
+                                 val_split=cfg.val_split)
     torch.manual_seed(cfg.seed)
     model = model_zoo.MODELS[cfg.arch](data.num_classes).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    atomic_write_text(json.dumps({**trunk_config(cfg), **{k: getattr(cfg, k) for k in RUN_ONLY}}, indent=1),
-                      os.path.join(cfg.out_dir, "config.json"))
+    record = {**trunk_config(cfg), **{k: getattr(cfg, k) for k in RUN_ONLY}, "processes": process_group()[1]}
+    atomic_write_text(json.dumps(record, indent=1), os.path.join(cfg.out_dir, "config.json"))
     if not started:                            # theta_0 of these settings (arch, seed, classes)
         atomic_save(model.state_dict(), init_path(cfg))
     if branch is not None:
         os.makedirs(branch.path, exist_ok=True)
         atomic_write_text(json.dumps(branch_config(cfg), indent=1), os.path.join(branch.path, "branch.json"))
-    return Experiment(cfg, model, data, device, log), trunk, branch
+    barrier()                                  # every rank reads theta_0 from init.pt
+    net = training_net(model, cfg, device)
+    return Experiment(cfg, model, net, data, device, log), trunk, branch
+
+
+def check_training_flags(cfg, device):
+    """Refuse combinations that cannot run here, with the fix."""
+    cuda = torch.device(device).type == "cuda"
+    if cfg.amp == "fp16" and not cuda:
+        raise UsageError("--amp fp16 needs a CUDA GPU (its loss scaling is for GPUs); use --amp bf16 on the CPU")
+    if cfg.sync_bn and process_group()[1] == 1:
+        raise UsageError("--sync-bn synchronizes BatchNorm across processes: launch with torchrun "
+                         "--nproc_per_node N (N > 1), or drop it")
+    if cfg.sync_bn and not cuda:
+        raise UsageError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only); drop it on the CPU")
 
 
 def run_experiment(cfg, log=print):
@@ -1098,6 +1251,8 @@ def run_experiment(cfg, log=print):
     combined results.csv, and returns the combined rows.
     """
     exp, trunk, branch = open_experiment(cfg, log)
+    log = exp.log
+    log(settings_line(cfg))
     order = schedule(cfg, trunk, branch)
     todo = [(run, level) for run, level in order if not os.path.exists(ticket_path(run, level))]
     eta = Eta(sum(cfg.epochs - (0 if level == 0 or run.init == "reinit" else cfg.rewind_epoch)
@@ -1113,6 +1268,15 @@ def run_experiment(cfg, log=print):
     return rows
 
 
+def settings_line(cfg):
+    """The schedule in one line, so a log says what ran (defaults: Table 1's row for arch/dataset)."""
+    return (f"settings: {cfg.arch} on {cfg.dataset}, {cfg.levels} levels of {cfg.epochs} epochs, lr {cfg.lr} "
+            f"(x0.1 at {', '.join(map(str, cfg.lr_drops)) or 'never'}), batch {cfg.batch_size}"
+            f"{f' over {process_group()[1]} processes' if process_group()[1] > 1 else ''}, weight decay "
+            f"{cfg.weight_decay}, rewind to epoch {cfg.rewind_epoch}, prune {cfg.prune_rate:.0%} per level, "
+            f"mask source {cfg.mask_source}, amp {cfg.amp}")
+
+
 # ---- results: one row per ticket, per run and for the whole experiment ----
 class Eta:
     """Remaining time of this command from the mean epoch time seen so far."""
@@ -1126,15 +1290,16 @@ class Eta:
         return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
 
 
-def level_metrics(exp, run, level, masks, blocks, stats, test_acc, loss, seconds):
+def level_metrics(exp, run, level, masks, blocks, stats, accs, loss, seconds):
     """One result row: which ticket (run, source, method, init, level), its accuracy and the structure
     of its mask (density over the prunable weights, kept channels, blocks, coverage, FLOP ratio)."""
     rows = sum(m.shape[0] for m in masks.values())
     kept_rows = sum(int((m.reshape(m.shape[0], -1).sum(1) > 0).sum()) for m in masks.values())
     row = dict(branch=run.name, source=exp.cfg.mask_source,
                method=exp.cfg.mask_source if run.name == "trunk" else run.method, init=run.init,
-               level=level, density=round(density(masks), 6), test_acc=round(test_acc, 6),
-               train_loss=round(loss, 6), seconds=round(seconds, 1),
+               level=level, density=round(density(masks), 6), test_acc=round(accs["test"], 6),
+               val_acc=round(accs["val"], 6) if "val" in accs else "", train_loss=round(loss, 6),
+               seconds=round(seconds, 1),
                channel_density=round(kept_rows / rows, 6), blocks="", coverage="", flop_ratio="")
     if stats:
         row["coverage"] = round(float(np.mean([s["coverage"] for s in stats.values()])), 6)
@@ -1184,7 +1349,9 @@ def markdown_table(rows):
 
 
 def write_csv(rows, path):
-    """Rows (dicts) to CSV, atomically."""
+    """Rows (dicts) to CSV, atomically (rank 0 only, as atomic_save)."""
+    if process_group()[0] != 0:
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -1252,61 +1419,71 @@ def export_slim(args, log=print):
     return row
 
 
-# ---- benchmarks (python lth_ref.py --bench [kernels|paper|regroup|mask]) ----
-def bench_mask(args, log=print):
-    """Cost of keeping pruned weights at 0: median train step with and without the masks.
+# ---- benchmarks (python lth_ref.py --bench [kernels|paper|regroup|train]) ----
+BENCH_TRAIN_DENSITY = 0.2   # the benchmarked ticket keeps 20% of the prunable weights (7 IMP levels)
+BENCH_TRAIN_WARMUP = 3      # untimed rounds first: allocator, oneDNN/cuDNN setup (and compilation)
 
-    Same model, same random batch, steps interleaved (with, without, with, ...) so drift hits both;
-    the masking itself (weight *= mask after the step) is also timed alone, which a loaded machine
-    disturbs far less than the step ratio.
+
+def bench_train(args, log=print):
+    """Training throughput (images/s) of lth_ref's step next to a plain PyTorch step, same run.
+
+    Three steps interleaved on the same random batch (drift hits all alike), each with its own copy of
+    the --arch model and optimizer and the same --amp / --channels-last / --compile / --batch-size:
+    ours = train_step with the masks of a BENCH_TRAIN_DENSITY ticket, ours without masks, and a plain
+    loop (forward, mean cross-entropy, backward, step). The masking alone (weight *= mask) is timed too.
+    The classifier has 10 outputs whatever the dataset (its width barely changes a step).
     """
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
-    model = model_zoo.MODELS[args.arch](10).to(device)
-    weights = prunable_weights(model)
-    masks = magnitude_prune(weights, ones_masks(weights), 0.8)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    params = dict(model.named_parameters())
-    x = torch.randn(args.batch_size, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (args.batch_size,), device=device)
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
+    cfg = config_from_args(args)
+    device = resolve_device(cfg.device)
+    check_training_flags(cfg, device)
+    shape = datasets.IMAGE_SHAPES[cfg.dataset]
+    torch.manual_seed(cfg.seed)
+    model = model_zoo.MODELS[cfg.arch](10).to(device)
+    masks = prune_to_density({n: w.detach().abs() for n, w in prunable_weights(model).items()},
+                             BENCH_TRAIN_DENSITY)
+    apply_masks(model, masks)
+    x = torch.randn(cfg.batch_size, *shape, device=device)
+    y = torch.randint(0, 10, (cfg.batch_size,), device=device)
+    steps, pairs = {}, None
+    for name in ("ours", "ours_unmasked", "plain"):
+        m = copy.deepcopy(model).to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+        net, opt = torch.compile(m) if cfg.compile else m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        scaler = torch.amp.GradScaler(torch.device(device).type, enabled=cfg.amp == "fp16")
+        if name == "plain":
+            steps[name] = functools.partial(plain_train_step, net, opt, x, y, cfg, scaler)
+        else:
+            step_pairs = mask_pairs(m, masks) if name == "ours" else []
+            pairs = step_pairs or pairs
+            steps[name] = functools.partial(train_step, net, opt, step_pairs, x, y, len(y), cfg, scaler)
 
     @torch.no_grad()
-    def mask_only():
-        for n, m in masks.items():
-            params[n].mul_(m)
-
-    def step(use_masks):
-        sync()
-        t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        t1 = time.perf_counter()
-        if use_masks:
-            mask_only()
-        sync()
-        return time.perf_counter() - t0, time.perf_counter() - t1
-
-    for _ in range(3):
-        step(True), step(False)
-    times = {True: [], False: []}
-    for _ in range(args.bench_repeats):
-        for use in (True, False):
-            times[use].append(step(use))
-    with_m = float(np.median([t for t, _ in times[True]]))
-    without = float(np.median([t for t, _ in times[False]]))
-    mask_s = float(np.median([m for _, m in times[True]]))
-    row = dict(arch=args.arch, device=device, batch=args.batch_size, steps=args.bench_repeats,
-               ms_step_with_masks=round(1e3 * with_m, 2), ms_step_without=round(1e3 * without, 2),
-               ms_masking=round(1e3 * mask_s, 3), masking_pct_of_step=round(100 * mask_s / without, 2),
-               step_ratio=round(with_m / without, 3))
+    def masking():
+        for p, mask in pairs:
+            p.mul_(mask)
+    steps["masking"] = masking
+    ms = dict(zip(steps, kernels.time_interleaved(list(steps.values()), torch.device(device), args.bench_repeats,
+                                                  warmup=BENCH_TRAIN_WARMUP)))
+    ips = {k: cfg.batch_size / (ms[k] / 1e3) for k in ("ours", "ours_unmasked", "plain")}
+    row = dict(arch=cfg.arch, device=device_name(device), batch=cfg.batch_size, amp=cfg.amp,
+               channels_last=cfg.channels_last, compile=cfg.compile, steps=args.bench_repeats,
+               img_s_ours=round(ips["ours"], 1), img_s_unmasked=round(ips["ours_unmasked"], 1),
+               img_s_plain=round(ips["plain"], 1), ours_vs_plain=round(ips["ours"] / ips["plain"], 3),
+               masked_vs_unmasked=round(ips["ours"] / ips["ours_unmasked"], 3),
+               ms_masking=round(ms["masking"], 3), masking_pct_of_step=round(100 * ms["masking"] / ms["ours"], 2))
     log(markdown_table([row]))
     return row
+
+
+def plain_train_step(net, optimizer, x, y, cfg, scaler):
+    """The step of a plain PyTorch loop, for comparison: same settings, no masks, mean loss."""
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(cfg, x.device):
+        loss = F.cross_entropy(net(x).float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def partition_coverage(mask2d, parts, unit=1):
@@ -1503,7 +1680,7 @@ def device_name(device):
 
 
 BENCHES = {"kernels": bench_kernels, "paper": bench_kernels, "regroup": bench_regroup,
-           "mask": bench_mask}
+           "train": bench_train}
 
 
 # ---- CLI ----
@@ -1547,20 +1724,34 @@ def build_parser():
     a("--out-dir", default=None,
       help="experiment directory (default: runs/ARCH_DATASET_SOURCE, plus _seedN for --seed N != 0)")
     a("--levels", type=int, default=PAPER["levels"], help="pruning levels after the dense level 0")
-    a("--epochs", type=int, default=PAPER["epochs"], help="epochs per level")
+    table = "Table 1's value for --arch on --dataset (CIFAR: "
+    a("--epochs", type=int, default=None, help=f"epochs per level; default: {table}160, (Tiny-)ImageNet: 95)")
+    a("--lr-drops", type=int, nargs="*", default=None, metavar="EPOCH",
+      help=f"epochs at which the LR drops x0.1; default: {table}80 120 of 160), scaled to --epochs")
     a("--rewind-epoch", type=int, default=None,
-      help="rewind to the end of this epoch (0 = initialization); default: 5%% of --epochs (8 of 160)")
+      help="rewind to the end of this epoch (0 = initialization); default: epoch 8 of Table 1's schedule, "
+           "scaled to --epochs (8 of 160, 5%%)")
     a("--prune-rate", type=float, default=PAPER["prune_rate"],
       help="fraction of the remaining prunable weights removed per level")
     a("--synflow-rounds", type=int, default=SYNFLOW_ROUNDS, help="pruning rounds of --mask-source synflow")
-    a("--lr", type=float, default=PAPER["lr"], help="SGD learning rate (x0.1 at 50%% and 75%% of --epochs)")
+    a("--lr", type=float, default=None, help=f"SGD learning rate; default: {table}0.1)")
     a("--momentum", type=float, default=PAPER["momentum"], help="SGD momentum")
     a("--weight-decay", type=float, default=None,
-      help=f"L2 weight decay; default: {PAPER['weight_decay']}, per arch {WEIGHT_DECAY_BY_ARCH}")
-    a("--batch-size", type=int, default=PAPER["batch_size"], help="examples per SGD step")
+      help=f"L2 weight decay; default: {table}1e-4, VGG-16 2e-4; CIFAR-100 2e-4, VGG-16 5e-4)")
+    a("--batch-size", type=int, default=None,
+      help=f"examples per SGD step, over all processes under torchrun; default: {table}128)")
     a("--train-subset", type=int, default=None, help="train on a seeded random subset of N examples (default: all)")
+    a("--val-split", type=int, default=0,
+      help="hold out N training images (seeded, before --train-subset) as a validation set; its accuracy "
+           "is reported next to test accuracy (0 = none)")
     a("--seed", type=int, default=0, help="seed for init, data order and augmentation")
     a("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
+    a("--amp", default="off", choices=list(AMP_DTYPES),
+      help="mixed precision: autocast to bf16, or fp16 with loss scaling (CUDA only)")
+    a("--channels-last", action="store_true", help="train with channels-last model and batches")
+    a("--compile", action="store_true", help="torch.compile the training network")
+    a("--sync-bn", action="store_true",
+      help="under torchrun on GPUs: BatchNorm statistics over all processes (default: per process)")
     a("--refill-score", default="l1", choices=list(CHANNEL_SCORES),
       help="channel score for refill: l1 = L1 norm of the kept weights (paper), remain = number of "
            "kept weights (official default); fmap_l1, fmap_l2, saliency = the channel's output on one "
@@ -1580,7 +1771,8 @@ def build_parser():
     a("--bench", nargs="?", const="kernels", default=None, choices=list(BENCHES),
       help="benchmark instead of training: kernels (the default when given alone) = dense vs grouped "
            "GEMM on a ticket, paper = the same in the paper's per-layer setting (batch 64, 127x127), "
-           "regroup = partitioner coverage and speed vs baselines, mask = mask cost per train step")
+           "regroup = partitioner coverage and speed vs baselines, train = training images/s vs a "
+           "plain PyTorch loop with the same settings, and the cost of the masks")
     a("--export", default=None, metavar="PATH",
       help="instead of training: save the ticket (--ticket, or the last level in --out-dir of the run "
            "--method names) without its dead channels, as a smaller dense network (models.load_slim)")
@@ -1598,19 +1790,24 @@ def build_parser():
 
 
 def config_from_args(args):
-    """Validate the parsed flags and resolve the per-arch / per-schedule defaults into a Config."""
+    """Validate the parsed flags and fill in Table 1's row for --arch/--dataset into a Config."""
     def need(ok, msg):
         if not ok:
             raise UsageError(msg)
+    table = paper_schedule(args.arch, args.dataset)
+    epochs = args.epochs if args.epochs is not None else table["epochs"]
+    need(epochs >= 1, f"--epochs must be >= 1, got {epochs}")
+    scaled = lambda e: round(e * epochs / table["epochs"])   # the table's epochs at this schedule's length
+    lr_drops = args.lr_drops if args.lr_drops is not None else [scaled(e) for e in table["lr_drops"]]
+    rewind_epoch = args.rewind_epoch if args.rewind_epoch is not None else scaled(table["rewind_epoch"])
+    pick = lambda flag, key: getattr(args, flag) if getattr(args, flag) is not None else table[key]
     need(0.0 < args.prune_rate < 1.0, f"--prune-rate must be in (0, 1), got {args.prune_rate}")
     need(args.levels >= 0, f"--levels must be >= 0, got {args.levels}")
-    need(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
-    rewind_epoch = round(PAPER["rewind_fraction"] * args.epochs) if args.rewind_epoch is None \
-        else args.rewind_epoch
-    need(0 <= rewind_epoch < args.epochs,
-         f"--rewind-epoch must be in [0, --epochs), got {rewind_epoch} with --epochs {args.epochs}")
-    need(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    need(0 <= rewind_epoch < epochs,
+         f"--rewind-epoch must be in [0, --epochs), got {rewind_epoch} with --epochs {epochs}")
+    need(pick("batch_size", "batch_size") >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     need(args.train_subset is None or args.train_subset >= 1, "--train-subset must be >= 1")
+    need(args.val_split >= 0, f"--val-split must be >= 0, got {args.val_split}")
     need(args.synflow_rounds >= 1, f"--synflow-rounds must be >= 1, got {args.synflow_rounds}")
     need(0.0 <= args.refill_extra <= 1.0, f"--refill-extra must be in [0, 1], got {args.refill_extra}")
     for flag in ("groups", "row_multiple", "min_col_nnz", "min_block_cols"):
@@ -1621,19 +1818,19 @@ def config_from_args(args):
     need(not args.group_aware or args.mask_source == "imp",
          f"--group-aware prunes its own previous level iteratively: it needs --mask-source imp, not "
          f"{args.mask_source} (one-shot sources have no chain)")
-    wd = args.weight_decay if args.weight_decay is not None else \
-        WEIGHT_DECAY_BY_ARCH.get(args.arch, PAPER["weight_decay"])
     out_dir = args.out_dir or os.path.join(
         "runs", f"{args.arch}_{args.dataset}_{args.mask_source}" + (f"_seed{args.seed}" if args.seed else ""))
     return Config(
         arch=args.arch, dataset=args.dataset, data_dir=args.data_dir, out_dir=out_dir, levels=args.levels,
-        epochs=args.epochs, rewind_epoch=rewind_epoch, prune_rate=args.prune_rate, lr=args.lr,
-        momentum=args.momentum, weight_decay=wd, batch_size=args.batch_size, train_subset=args.train_subset,
-        seed=args.seed, device=args.device, mask_source=args.mask_source, synflow_rounds=args.synflow_rounds,
-        method=args.method, init=args.init, group_aware=args.group_aware, refill_score=args.refill_score,
-        refill_extra=args.refill_extra, regroup_unit=args.regroup_unit, groups=args.groups,
-        row_multiple=args.row_multiple, min_col_nnz=args.min_col_nnz, min_block_cols=args.min_block_cols,
-        verbose=args.verbose)
+        epochs=epochs, lr_drops=sorted(lr_drops), rewind_epoch=rewind_epoch, prune_rate=args.prune_rate,
+        lr=pick("lr", "lr"), momentum=args.momentum, weight_decay=pick("weight_decay", "weight_decay"),
+        batch_size=pick("batch_size", "batch_size"), train_subset=args.train_subset, val_split=args.val_split,
+        seed=args.seed, device=args.device, amp=args.amp, sync_bn=args.sync_bn,
+        channels_last=args.channels_last, compile=args.compile, mask_source=args.mask_source,
+        synflow_rounds=args.synflow_rounds, method=args.method, init=args.init, group_aware=args.group_aware,
+        refill_score=args.refill_score, refill_extra=args.refill_extra, regroup_unit=args.regroup_unit,
+        groups=args.groups, row_multiple=args.row_multiple, min_col_nnz=args.min_col_nnz,
+        min_block_cols=args.min_block_cols, verbose=args.verbose)
 
 
 def main(argv=None):

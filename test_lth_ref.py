@@ -12,10 +12,12 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import urllib.error
 import urllib.request
 
@@ -688,9 +690,9 @@ def test_train_batches_deterministic_for_seeded_generator():
     assert not torch.equal(a[0][0], c[0][0])
 
 
-def test_test_batches_in_order_without_augmentation():
+def test_eval_batches_in_order_without_augmentation():
     d = tiny_data(50)
-    batches = list(data.test_batches(d, 5))
+    batches = list(data.eval_batches(d, 5, "test"))
     x = torch.cat([b[0] for b in batches])
     assert torch.equal(torch.cat([b[1] for b in batches]), d.test_y) and x.dtype == torch.float32
     assert torch.equal(denormalize(x, d), d.test_x)
@@ -1016,16 +1018,27 @@ def test_magnitude_prune_is_global_not_per_layer():
     assert new["a"].sum() == 0 and new["b"].sum() == 4
 
 
-def test_pruned_weights_stay_zero_through_sgd_momentum_and_weight_decay():
+def train_one_epoch(model, d, opt, masks, **settings):
+    """L.train_epoch in one process with batch 16 (and --amp / --channels-last as given)."""
+    cfg = L.Config(batch_size=16, **settings)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return L.train_epoch(model, d, opt, L.mask_pairs(model, masks), cfg, torch.Generator().manual_seed(0), scaler)
+
+
+@pytest.mark.parametrize("amp, channels_last", [("off", False), ("bf16", False), ("off", True), ("bf16", True)])
+def test_pruned_weights_stay_zero_through_sgd_momentum_and_weight_decay(amp, channels_last):
     torch.manual_seed(0)
     model = models.MODELS["resnet20"](10)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     weights = L.prunable_weights(model)
     masks = L.magnitude_prune(weights, L.ones_masks(weights), 0.7)
     L.apply_masks(model, masks)
     d = data.load_dataset("synthetic", "unused", "cpu", train_subset=64, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     before = {n: w.detach().clone() for n, w in weights.items()}
-    L.train_epoch(model, d, opt, masks, 16, torch.Generator().manual_seed(0))
+    loss, acc = train_one_epoch(model, d, opt, masks, amp=amp, channels_last=channels_last)
+    assert math.isfinite(loss) and 0 <= acc <= 1
     for n, w in weights.items():
         assert torch.all(w[masks[n] == 0] == 0)
         assert not torch.equal(w[masks[n] == 1], before[n][masks[n] == 1])  # the rest did train
@@ -1480,6 +1493,70 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, prefix):
     assert all(torch.equal(t1["state_dict"][k], t2["state_dict"][k]) for k in t1["state_dict"])
 
 
+TORCHRUN_TIMEOUT_S = 300  # a 2-process job of a few tiny levels takes seconds; past this it hangs
+
+
+def torchrun(out, *extra, stop_at=None):
+    """lth_ref under torchrun with 2 CPU processes (gloo); stop_at: interrupt the job (SIGINT to its
+    process group) after the first log line starting with it. Returns (exit code, stdout)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(os.path.dirname(os.path.abspath(__file__)), "lth_ref.py"), *FAST, "--out-dir", out, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    watchdog = threading.Timer(TORCHRUN_TIMEOUT_S, os.killpg, (proc.pid, signal.SIGKILL))
+    watchdog.start()                         # a hung job fails the test instead of hanging it
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if stop_at and line.startswith(stop_at):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    proc.stdout.close()
+    code = proc.wait()
+    watchdog.cancel()
+    return code, "".join(lines)
+
+
+def test_torchrun_two_processes_train_like_one_write_once_and_resume(tmp_path):
+    flags = ["--levels", "1"]
+    one_dir, one = run_cli(tmp_path, *flags, name="one")
+    code, log = torchrun(str(tmp_path / "two"), *flags)
+    assert code == 0, log
+    two = json.load(open(tmp_path / "two" / "results.json"))
+    assert [(r["branch"], r["level"]) for r in two] == [(r["branch"], r["level"]) for r in one]
+    assert log.count("== trunk level 1 done") == 1 and "processes" in open(tmp_path / "two" / "config.json").read()
+    assert not [f for f in os.listdir(tmp_path / "two" / "level_01") if f != "ticket.pt"]   # no stray files
+    m1, m2 = ticket(one_dir, 1)["masks"], ticket(str(tmp_path / "two"), 1)["masks"]
+    agree = sum(int((m1[n] == m2[n]).sum()) for n in m1) / sum(m.numel() for m in m1.values())
+    assert agree > 0.99                      # per-process BN statistics: close to one process, not equal
+    assert abs(two[1]["train_loss"] - one[1]["train_loss"]) < 0.2
+    code, log = torchrun(str(tmp_path / "cut"), *flags, stop_at="trunk level  1 epoch   1/")
+    assert os.path.exists(tmp_path / "cut" / "level_01" / "checkpoint.pt"), log
+    code, log = torchrun(str(tmp_path / "cut"), *flags)
+    assert code == 0 and "resuming at epoch 1" in log, log
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(json.load(open(tmp_path / "cut" / "results.json"))) == strip(two)
+    t1, t2 = ticket(str(tmp_path / "two"), 1), ticket(str(tmp_path / "cut"), 1)
+    assert all(torch.equal(t1["state_dict"][k], t2["state_dict"][k]) for k in t1["state_dict"])
+
+
+def test_bf16_channels_last_level_keeps_pruned_weights_zero(tmp_path):
+    out, rows = run_cli(tmp_path, "--levels", "1", "--epochs", "1", "--amp", "bf16", "--channels-last",
+                        "--method", "refill")
+    for branch in ("", "refill"):
+        t = ticket(out, 1, branch)
+        assert all(torch.all(t["state_dict"][n][m == 0] == 0) for n, m in t["masks"].items())
+    assert json.load(open(os.path.join(out, "config.json")))["amp"] == "bf16"
+
+
+def test_compile_flag_compiles_the_training_network(tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda net: compiled.append(net) or net)
+    run_cli(tmp_path, "--levels", "0", "--epochs", "1", "--compile")
+    assert len(compiled) == 1 and isinstance(compiled[0], models.ResNet)
+
+
 def test_raising_levels_continues_like_asking_at_start(tmp_path):
     _, two = run_cli(tmp_path, "--levels", "2", name="a")
     run_cli(tmp_path, "--levels", "1", name="b")
@@ -1511,6 +1588,9 @@ def test_a_failed_start_leaves_the_experiment_free(tmp_path, capsys):
     (["--refill-extra", "2"], "--refill-extra must be in [0, 1]"),
     (["--group-aware"], "--group-aware post-processes every level of its own chain"),
     (["--group-aware", "--method", "regroup", "--mask-source", "omp"], "it needs --mask-source imp"),
+    (["--amp", "fp16"], "--amp fp16 needs a CUDA GPU"),
+    (["--sync-bn"], "--sync-bn synchronizes BatchNorm across processes"),
+    (["--val-split", "-1"], "--val-split must be >= 0"),
 ])
 def test_bad_values_exit_2_with_a_clear_message(tmp_path, capsys, flags, message):
     assert L.main(FAST + ["--out-dir", str(tmp_path / "x")] + flags) == 2
@@ -2246,7 +2326,7 @@ def test_dead_bn_stays_zero_through_training_and_the_trained_ticket_slims_exactl
     d = data.load_dataset("synthetic", "unused", "cpu", train_subset=64, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     bn_before = model.layer1[0].bn1.weight.detach().clone()
-    L.train_epoch(model, d, opt, train_masks, 16, torch.Generator().manual_seed(0))
+    train_one_epoch(model, d, opt, train_masks)
     params = dict(model.named_parameters())
     for name, mask in models.bn_masks(model, masks).items():
         assert torch.all(params[name][mask == 0] == 0)
