@@ -1066,10 +1066,11 @@ __forceinline__ void check_tile(const char* op, const E* p, unsigned ldm, int ro
     lth_emu::fail(s);
   }
   const size_t need = ((outer - 1) * (size_t)ldm + inner) * sizeof(E), room = __builtin_dynamic_object_size(p, 1);
-  if (lth_emu::in_shared(p) && (room == (size_t)-1 || need > room)) {  // global memory: ASan's job
+  if (lth_emu::in_shared(p) && room == (size_t)-1)  // global memory is ASan's job
+    lth_emu::fail(std::string("wmma::") + op + ": cannot bound a __shared__ tile: build with -O1 or more");
+  if (lth_emu::in_shared(p) && need > room) {
     std::snprintf(s, sizeof s, "wmma::%s: the %dx%d tile (ldm=%u) needs %zu bytes from %p, its __shared__ "
-                  "variable has %lld left (-1: unknown, build with -O1 or more)", op, rows, cols, ldm, need,
-                  (const void*)p, (long long)room);
+                  "variable has %zu left", op, rows, cols, ldm, need, (const void*)p, room);
     lth_emu::fail(s);
   }
 }

@@ -1343,7 +1343,7 @@ def test_regrouped_model_in_channels_last_equals_masked_dense_model():
         regrouped = kernels.regrouped_model(model, blocks).to(memory_format=cl)
         for m in regrouped.modules():
             if isinstance(m, kernels.RegroupedConv2d):
-                m.info["forced"] = "conv"  # the channels-last per-block path, not the cost rule's pick
+                m.info["forced"] = "conv"  # the channels-last per-block path, whatever measurement picks
         inner = []
         regrouped.body[2].register_forward_hook(lambda m, i, o: inner.append(o))
         y = regrouped(x.contiguous(memory_format=cl))
@@ -1449,6 +1449,161 @@ def test_cuda_thick_blocks_and_model():
     y = layer(xs.cuda())
     assert layer.info["tile_rows"] == 64 and rel_err(y.cpu(), ref) < 1e-3
 
+
+# ---- kernels: host emulation of the CUDA kernel ----
+# CUDA_SRC itself, compiled by g++ with kernels.EMULATION_HEADER and run on the CPU (cached builds:
+# a few seconds for the library, ~10 s per sanitizer program on first use). Skips without g++.
+
+def emulation_or_skip(source=None, sanitizer=None):
+    """Build (or find cached) the emulated kernel; skip the test where it cannot be built."""
+    try:
+        return kernels.build_emulation(source, sanitizer)
+    except kernels.EmulationUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def emulation():
+    emulation_or_skip()
+    return kernels.emulation_library()
+
+
+# Against a float64 reference on the values the tensor cores multiply (round_like_mma): the fp32
+# sums (well under 1e-5 of max |y| at these sizes), plus, for half and bf16, rounding the output to
+# the dtype: at most half an ulp, 2^-11 resp. 2^-8 of |y|.
+EMU_TOL = {torch.float32: 1e-5, torch.float16: 2 ** -11 + 1e-5, torch.bfloat16: 2 ** -8 + 1e-5}
+
+
+def emulation_cases():
+    """(id, shape, blocks or None for random_blocks): SHAPES (1-row, 1-column blocks, an empty
+    row, several pixel tiles, stride 2, dilation 2) plus dilation 2 at stride 1, no blocks, one-row /
+    one-column / 1x1 blocks, and a 70-row x 100-column block (several row tiles, 4 column passes of 32)."""
+    g = torch.Generator().manual_seed(11)
+    cases = [(f"shape{i}", shape, None) for i, shape in enumerate(SHAPES)]
+    cases += [("dilation2", (2, 6, 9, 10, 12, 3, 1, 2, 2), None),
+              ("no_blocks", (2, 5, 6, 6, 8, 3, 1, 1, 1), []),
+              ("thin", (2, 5, 6, 7, 9, 3, 1, 1, 1), [(torch.tensor([4]), torch.arange(45)),
+                                                     (torch.arange(4), torch.tensor([44])),
+                                                     (torch.tensor([6]), torch.tensor([0]))]),
+              ("big", (1, 12, 9, 8, 80, 3, 1, 1, 1), [(torch.arange(70), torch.randperm(108, generator=g)[:100]),
+                                                      (torch.arange(72, 80), torch.randperm(108, generator=g)[:33])])]
+    return cases
+
+
+EMULATION_CASES = emulation_cases()
+
+
+def emulation_inputs(case, dtype):
+    """x, weight in dtype; blocks; the plain float64 reference; the float64 reference on the values
+    the kernel multiplies; the rows in no block; conv kwargs."""
+    name, shape, blocks = case
+    x, weight, random, _, _, conv = make_case(shape, seed=8)
+    blocks = random if blocks is None else [(r.sort().values, c.sort().values) for r, c in blocks]
+    x, weight = x.to(dtype), weight.to(dtype)
+    ref = kernels.grouped_gemm_reference(x.double(), weight.double(), blocks, **conv)
+    seen = kernels.grouped_gemm_reference(kernels.round_like_mma(x).double(), kernels.round_like_mma(weight).double(),
+                                          blocks, **conv)
+    empty = torch.nonzero(kernels.block_mask(weight.shape, blocks).view(weight.shape[0], -1).sum(1) == 0).view(-1)
+    return x, weight, blocks, ref, seen, empty, conv
+
+
+@pytest.mark.parametrize("tile_rows", [16, 64])
+@pytest.mark.parametrize("dtype", list(EMU_TOL))
+@pytest.mark.parametrize("case", EMULATION_CASES, ids=[c[0] for c in EMULATION_CASES])
+def test_emulated_kernel_matches_reference(emulation, case, dtype, tile_rows):
+    x, weight, blocks, ref, seen, empty, conv = emulation_inputs(case, dtype)
+    y = kernels.emulated_grouped_conv2d(x, weight, blocks, tile_rows=tile_rows, **conv)  # y starts as NaN
+    assert y.dtype == dtype and y.shape == ref.shape and not torch.isnan(y).any()  # every output written
+    assert (y[:, empty] == 0).all()
+    if blocks:
+        assert rel_err(y, seen) <= EMU_TOL[dtype]
+        assert rel_err(y, ref) < GPU_TOL[dtype]  # the GPU test's tolerance against the exact conv
+    if dtype != torch.float32:  # bit for bit the reference rounded once to the dtype, but where the fp32
+        assert (y == seen.to(dtype)).double().mean() > 0.99  # sum falls within 1e-6 of a rounding tie
+
+
+def test_emulated_conversions_round_like_the_hardware(emulation):
+    bits = lambda v: struct.unpack("<I", struct.pack("<f", v))[0]  # noqa: E731
+    # cvt.rna keeps 10 mantissa bits, ties away from zero: 1 + 2^-11 lies halfway between 1 and 1 + 2^-10
+    ties = {1 + 2 ** -11: 1 + 2 ** -10, -(1 + 2 ** -11): -(1 + 2 ** -10), 1 + 3 * 2 ** -11: 1 + 2 ** -9,
+            1 + 2 ** -11 - 2 ** -23: 1.0, float("inf"): float("inf"), -0.0: -0.0}
+    for v, expect in ties.items():
+        assert bits(emulation.lth_emu_float_to_tf32(v)) == bits(expect)
+    values = torch.cat([torch.randn(2000) * 10.0 ** torch.randint(-9, 6, (2000,)),   # normal and subnormal half
+                        torch.tensor([65504.0, 65519.0, 65520.0, 1e-8, 2.0 ** -25, -3e38])])
+    tf32 = kernels.round_like_mma(values)
+    for i, v in enumerate(values.tolist()):
+        assert bits(emulation.lth_emu_float_to_tf32(v)) == bits(tf32[i].item())
+        assert emulation.lth_emu_float2half(v) == values[i:i + 1].half().view(torch.int16).item() & 0xFFFF
+        assert emulation.lth_emu_float2bfloat16(v) == values[i:i + 1].bfloat16().view(torch.int16).item() & 0xFFFF
+
+
+@pytest.mark.parametrize("which,message", [
+    (1, "load_matrix_sync: pointer .* is not 256-bit aligned"),
+    (2, "ldm=10 elements \\(40 bytes\\) is not a multiple of 16 bytes"),
+    (3, "16x8 tile .* needs 512 bytes .* __shared__ variable has 480 left"),
+    (4, "barrier divergence: thread \\d+ reached"),
+    (5, "lane 1 made other wmma \\*_sync calls than lane 0")])
+def test_emulation_stops_a_kernel_that_breaks_a_rule(emulation, which, message):
+    """Small kernels in kernels.EMULATION_DRIVER that each break one rule of CUDA or WMMA."""
+    with pytest.raises(RuntimeError, match=message):
+        kernels.emulation_call(emulation.lth_emu_broken, which)
+    x, weight, blocks, _, seen, _, conv = emulation_inputs(EMULATION_CASES[0], torch.float32)
+    assert rel_err(kernels.emulated_grouped_conv2d(x, weight, blocks, **conv), seen) <= EMU_TOL[torch.float32]
+
+
+# Padding 1 and a block over every column: the bottom kernel row of the last channel reaches one row
+# past the last image when ih may equal H.
+SANITIZER_CASE = ("sanitized", (2, 6, 7, 5, 20, 3, 1, 1, 1),
+                  [(torch.arange(5), torch.arange(54)), (torch.arange(6, 20), torch.arange(0, 54, 2))])
+
+
+def sanitized(dtype, tile_rows, sanitizer, source=None):
+    """The emulated kernel on SANITIZER_CASE under a sanitizer program; (y, reference)."""
+    emulation_or_skip(source, sanitizer)
+    x, weight, blocks, _, seen, _, conv = emulation_inputs(SANITIZER_CASE, dtype)
+    try:
+        y = kernels.emulated_grouped_conv2d(x, weight, blocks, tile_rows=tile_rows, source=source,
+                                            sanitizer=sanitizer, **conv)
+    except RuntimeError as e:
+        if "unexpected memory mapping" in str(e):  # old TSan runtimes and high-entropy ASLR
+            pytest.skip(f"ThreadSanitizer cannot run on this kernel: {e}")
+        raise
+    return y, seen
+
+
+def test_emulated_kernel_is_clean_under_address_and_undefined_behaviour_sanitizers():
+    for dtype in EMU_TOL:
+        for tile_rows in (16, 64):
+            y, seen = sanitized(dtype, tile_rows, "address")
+            assert rel_err(y, seen) <= EMU_TOL[dtype]
+
+
+def test_emulated_kernel_is_clean_under_thread_sanitizer():
+    for dtype, tile_rows in ((torch.float32, 16), (torch.bfloat16, 64)):
+        y, seen = sanitized(dtype, tile_rows, "thread")
+        assert rel_err(y, seen) <= EMU_TOL[dtype]
+
+
+def test_sanitizers_catch_planted_bugs():
+    """The harness is not vacuous: one read past the input, one missing barrier, each caught."""
+    src = kernels.CUDA_SRC
+    assert src.count("ih < d.H") == 1
+    with pytest.raises(RuntimeError, match="AddressSanitizer: heap-buffer-overflow"):
+        sanitized(torch.float32, 64, "address", src.replace("ih < d.H", "ih <= d.H"))
+    staged = "b_s[kk * LDB + pp] = ok ? xn[off + ih * d.W + iw] : zero;\n    }\n    __syncthreads();\n"
+    assert src.count(staged) == 1  # the barrier between staging the im2col tile and the MMAs reading it
+    with pytest.raises(RuntimeError, match="ThreadSanitizer: data race"):
+        sanitized(torch.float32, 64, "thread", src.replace(staged, staged.replace("    __syncthreads();\n", "")))
+
+
+def test_emulation_without_a_compiler_says_what_to_install(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-lth")
+    with pytest.raises(kernels.EmulationUnavailable, match="install g\\+\\+"):
+        kernels.build_emulation()
+
+
+# ---- kernels on pipeline tickets and the CLI's --bench ----
 
 def test_regrouped_model_of_a_pipeline_ticket_equals_the_masked_dense_model(tmp_path):
     out, _ = run_cli(tmp_path, "--levels", "1", "--method", "regroup")
