@@ -116,7 +116,7 @@ def block_mask(shape, blocks):
 
     shape: (O, K) or a conv weight's (O, C, kh, kw) (any shape whose first dim is O; cols index
     the flattened rest). blocks: (rows, cols) pairs of int index sequences (tensors, arrays, lists).
-    Paper: Sec. 3.3, the regrouped mask; SPEC step 5."""
+    Paper: Sec. 3.3, the regrouped mask."""
     mask2d = torch.zeros(shape[0], math.prod(shape[1:]))
     for rows, cols in blocks:
         rows, cols = (torch.as_tensor(i, dtype=torch.int64).reshape(-1) for i in (rows, cols))
