@@ -1751,7 +1751,7 @@ def test_reference_matches_masked_conv(shape):
 
 
 @pytest.mark.parametrize("memory_format", list(kernels.MEMORY_FORMATS))
-@pytest.mark.parametrize("strategy", [None, *kernels.CPU_STRATEGIES])
+@pytest.mark.parametrize("strategy", [None, *kernels.CANDIDATES["cpu"]])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cpu_path_matches_masked_conv(shape, strategy, memory_format):
     fmt = kernels.MEMORY_FORMATS[memory_format]
@@ -1784,72 +1784,115 @@ def test_select_channels_keeps_the_memory_format():
 def test_cpu_path_float64_is_exact():
     x, weight, blocks, _, masked, conv = make_case(SHAPES[1], seed=3, dtype=torch.float64)
     ref = F.conv2d(x, masked, **conv)
-    for strategy in kernels.CPU_STRATEGIES:
+    for strategy in kernels.CANDIDATES["cpu"]:
         assert rel_err(kernels.grouped_conv2d_cpu(x, weight, blocks, strategy=strategy, **conv), ref) < 1e-12
 
 
 def test_weights_outside_blocks_are_ignored():
     x, weight, blocks, mask2d, masked, conv = make_case(SHAPES[0], seed=4)
     noisy = weight + 100.0 * (1 - mask2d).view(weight.shape)  # only the mask's complement changes
-    for strategy in kernels.CPU_STRATEGIES:
+    for strategy in kernels.CANDIDATES["cpu"]:
         y = kernels.grouped_conv2d_cpu(x, noisy, blocks, strategy=strategy, **conv)
         assert rel_err(y, F.conv2d(x, masked, **conv)) < 1e-5
 
 
-def test_cost_rule_picks_each_strategy():
-    """Channel-local blocks -> per-block convs (grouped conv on tiny maps); thick random-column
-    blocks -> gather-GEMM; one full block or 8-row random-column blocks -> dense."""
-    g = torch.Generator().manual_seed(0)
-    O, C, k = 128, 128, 3
-    w = torch.randn(O, C, k, k, generator=g)
-    chan_local = [(torch.arange(16 * i, 16 * i + 16),
-                   (torch.randperm(C, generator=g)[:26].sort().values[:, None] * 9 + torch.arange(9)).view(-1))
-                  for i in range(8)]
-    thick_random = [(torch.arange(64 * i, 64 * i + 64), torch.randperm(C * 9, generator=g)[:115].sort().values)
-                    for i in range(2)]
-    thin_random = [(torch.arange(8 * i, 8 * i + 8), torch.randperm(C * 9, generator=g)[:230].sort().values)
-                   for i in range(16)]
-    full = [(torch.arange(O), torch.arange(C * k * k))]
-    P = 64 * 16 * 16  # batch 64 of 16x16 maps, stride 1
-    for blocks, expected in [(chan_local, "conv"), (thick_random, "gather"), (thin_random, "dense"), (full, "dense")]:
-        info, _ = kernels.make_plan(w, kernels.check_blocks(w.shape, blocks))
-        assert kernels.choose_cpu_strategy(info, P, P) == expected
-    info, _ = kernels.make_plan(w, kernels.check_blocks(w.shape, chan_local))
-    assert kernels.choose_cpu_strategy(info, 4, 4) == "dense"  # fixed per-call costs dominate 4 pixels
-    assert kernels.choose_cpu_strategy(info, 64 * 4, 64 * 4) == "grouped"  # 2x2 maps: one call, not 8
-    costs = kernels.cpu_strategy_costs(info, P, P)
-    assert costs["conv"] < 0.5 * costs["dense"]
-    # the cached choice, per input shape and memory format, is what a forward runs: the rule's pick,
-    # or dense or a sparse strategy predicted within AUTOTUNE_SPREAD of the pick, if timing says so
-    for shape in ((2, C, 5, 5), (64, C, 16, 16)):
-        layer = kernels.RegroupedConv2d(w, chan_local, padding=1)
-        x = torch.randn(shape)
-        layer(x)
-        layer(x.contiguous(memory_format=torch.channels_last))
-        pixels = shape[0] * shape[2] * shape[3]
-        costs, pick = kernels.cpu_strategy_costs(info, pixels, pixels), kernels.choose_cpu_strategy(info, pixels, pixels)
-        allowed = {"dense", pick} | {s for s in costs if costs[s] <= kernels.AUTOTUNE_SPREAD * costs[pick]}
-        assert len(layer.info["choice"]) == 2
-        for fmt in kernels.MEMORY_FORMATS.values():
-            assert layer.info["choice"][(shape, str(fmt))] in allowed
+def fake_clock(monkeypatch, ticks):
+    """time.perf_counter in kernels advances by ticks[path] during each run of that path."""
+    clock = [0]
+    real_run = kernels.run_path
+
+    def run(x, info, t, conv_args, path, out=None):
+        clock[0] += ticks.get(path, 10)
+        return real_run(x, info, t, conv_args, path, out)
+    monkeypatch.setattr(kernels.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(kernels, "run_path", run)
 
 
-def test_autotune_keeps_the_faster_strategy(monkeypatch):
-    w = torch.randn(16, 8, 3, 3)
-    blocks = [(torch.arange(8), torch.arange(9)), (torch.arange(8, 16), torch.arange(9, 18))]
-    layer = kernels.RegroupedConv2d(w, blocks, padding=1)
-    clock = iter(range(10_000))                   # a fake clock: every run of "dense" takes 5 ticks
-    real_run = kernels._run_strategy
+def small_layer(**kw):
+    w = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+    blocks = [(torch.arange(8), torch.arange(9)), (torch.arange(8, 15), torch.arange(9, 40))]
+    masked = w * kernels.block_mask(w.shape, blocks)
+    return kernels.RegroupedConv2d(w, blocks, padding=1, **kw), masked
 
-    def run(x, info, t, conv_args, strategy, out):
-        for _ in range(5 if strategy == "dense" else 1):
-            next(clock)
-        return real_run(x, info, t, conv_args, strategy, out)
-    monkeypatch.setattr(kernels.time, "perf_counter", lambda: next(clock))
-    monkeypatch.setattr(kernels, "_run_strategy", run)
+
+def built_paths(layer):
+    """Which paths' tensors a layer holds (by their buffer names)."""
+    names = {n for n, _ in layer.named_buffers()}
+    prefix = {"dense": "plan_dense_weight", "conv": "plan_conv_weight", "grouped": "plan_group_weight",
+              "gather": "plan_union_chans", "kernel": "plan_cuda_meta"}
+    return {p for p, n in prefix.items() if n in names}
+
+
+def test_measured_choice_is_the_fastest_candidate_and_the_others_are_freed(monkeypatch):
+    fake_clock(monkeypatch, {"dense": 5, "conv": 4, "grouped": 1, "gather": 3})
+    layer, masked = small_layer()
     x = torch.randn(2, 8, 6, 6)
-    assert kernels._faster(x, layer.info, {k: getattr(layer, "plan_" + k) for k in layer._plan_keys},
-                           ((1, 1), (1, 1), (1, 1)), ("dense", "conv")) == "conv"
+    assert layer.path_for(x) is None and built_paths(layer) == set()
+    with torch.no_grad():
+        y = layer(x)
+    key = kernels.choice_key(x)
+    assert set(layer.info["times"][key]) == set(kernels.CANDIDATES["cpu"])  # dense among them
+    assert layer.info["times"][key]["grouped"] == 1e3 and layer.path_for(x) == "grouped"  # ms
+    assert built_paths(layer) == {"grouped"} and "2x8x6x6 contiguous float32 cpu: grouped" in repr(layer)
+    assert rel_err(y, F.conv2d(x, masked, padding=1)) < 1e-5
+
+
+def test_choice_is_measured_once_per_shape_format_and_dtype(monkeypatch):
+    layer, masked = small_layer()
+    calls = []
+    real = kernels.measure_paths
+    monkeypatch.setattr(kernels, "measure_paths", lambda *a: calls.append(a[0].shape) or real(*a))
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        for inp in (x, x, x.contiguous(memory_format=torch.channels_last), x.double(), x[:1], x[:1]):
+            y = layer.double()(inp) if inp.dtype == torch.float64 else layer.float()(inp)
+            assert rel_err(y, F.conv2d(inp.double(), masked.double(), padding=1)) < 1e-5
+    assert len(calls) == 4 and len(layer.info["choice"]) == 4
+    assert built_paths(layer) == set(layer.info["choice"].values())  # only what some input chose
+
+
+def test_forced_path_runs_without_measuring(monkeypatch):
+    monkeypatch.setattr(kernels, "measure_paths", lambda *a: pytest.fail("a forced path is never measured"))
+    layer, masked = small_layer(strategy="conv")
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        assert rel_err(layer(x), F.conv2d(x, masked, padding=1)) < 1e-5
+    assert built_paths(layer) == {"conv"} and "path=conv (forced)" in repr(layer)
+    with pytest.raises(ValueError, match="unknown path 'fast'"):
+        small_layer(strategy="fast")
+    with pytest.raises(ValueError, match="emulated_grouped_conv2d"):
+        small_layer(strategy="kernel")[0](x)
+
+
+def test_regrouped_conv_holds_less_than_the_dense_conv(monkeypatch):
+    """512x512x3x3 at 10% density (8 blocks of 64 rows x 51 input channels): the packed blocks and
+    index tables, then those plus the chosen path's tensors; a dense copy only while measuring."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 512, 3, 3, generator=g)
+    blocks = [(torch.arange(64 * i, 64 * i + 64),
+               (torch.randperm(512, generator=g)[:51].sort().values[:, None] * 9 + torch.arange(9)).view(-1))
+              for i in range(8)]
+    dense_bytes = w.numel() * w.element_size()                                  # 9.4 MB
+    layer = kernels.RegroupedConv2d(w, blocks, padding=1)
+    held = lambda: sum(b.numel() * b.element_size() for b in layer.buffers())   # noqa: E731
+    assert 0.1 * dense_bytes < held() < 0.11 * dense_bytes                      # 10% packed, tiny tables
+    monkeypatch.setattr(kernels, "measure_paths",                               # conv wins, all were built
+                        lambda x, info, t, conv_args, cands: {p: 1.0 if p == "conv" else 2.0 for p in cands})
+    x = torch.randn(1, 512, 4, 4, generator=g)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.path_for(x) == "conv" and built_paths(layer) == {"conv"}
+    assert held() < 0.21 * dense_bytes                                          # + the per-block conv weights
+    masked = w * kernels.block_mask(w.shape, blocks)
+    assert rel_err(y, F.conv2d(x, masked, padding=1)) < 1e-5
+
+
+def test_measure_paths_times_every_candidate_interleaved(monkeypatch):
+    fake_clock(monkeypatch, {"dense": 5, "conv": 1})
+    layer, _ = small_layer()
+    t = layer._tensors(("dense", "conv"))
+    times = kernels.measure_paths(torch.randn(2, 8, 6, 6), layer.info, t, ((1, 1), (1, 1), (1, 1)), ("dense", "conv"))
+    assert times == {"dense": 5e3, "conv": 1e3}  # ms of the fake clock's seconds
 
 
 # ---- validation ----
@@ -1957,10 +2000,12 @@ def test_bench_helpers_return_checked_rows():
     assert rows[1]["input_hw"] == (16, 16) and rows[2]["input_hw"] == (8, 8)
     for r in rows:
         assert r["max_rel_err"] < 1e-5 and r["dense_ms"] > 0 and r["regrouped_ms"] > 0
-        assert r["path"] in kernels.CPU_STRATEGIES and abs(r["ideal_speedup"] * r["flop_ratio"] - 1) < 1e-9
+        assert r["path"] in kernels.CANDIDATES["cpu"]
+        assert r["ideal_speedup"] == "-" if r["path"] == "dense" else abs(r["ideal_speedup"] * r["flop_ratio"] - 1) < 1e-9
     total = kernels.bench_model(model, blocks, batch_size=2, device="cpu", repeats=1, input_size=(3, 16, 16))
     assert total["max_rel_err"] < 1e-5 and 0 < total["conv_flop_ratio"] < 1
     assert total["memory_format"] == "contiguous"
+    assert sum(int(n) for n in re.findall(r"\d+", total["paths"])) == len(blocks)  # e.g. "conv 2, dense 1"
 
 
 def test_regrouped_model_in_channels_last_equals_masked_dense_model():
@@ -1972,7 +2017,7 @@ def test_regrouped_model_in_channels_last_equals_masked_dense_model():
         regrouped = kernels.regrouped_model(model, blocks).to(memory_format=cl)
         for m in regrouped.modules():
             if isinstance(m, kernels.RegroupedConv2d):
-                m.info["forced"] = "conv"  # the channels-last per-block path, not the cost rule's pick
+                m.info["forced"] = "conv"  # the channels-last per-block path, whatever measurement picks
         inner = []
         regrouped.body[2].register_forward_hook(lambda m, i, o: inner.append(o))
         y = regrouped(x.contiguous(memory_format=cl))
@@ -1990,6 +2035,7 @@ def test_cuda_tables_cover_every_block_row_once():
     """Emulate the kernel's tile loop with the int32 tables: it must reproduce the reference."""
     x, weight, blocks, _, masked, conv = make_case(SHAPES[5], seed=5)
     info, t = kernels.make_plan(weight, kernels.check_blocks(tuple(weight.shape), blocks))
+    t.update(kernels.kernel_tables(info, t))
     meta, tiles = t["cuda_meta"].tolist(), t["cuda_tiles"].tolist()
     rows, cols, packed = t["cuda_rows"].long(), t["cuda_cols"].long(), t["packed"]
     x_cols = F.unfold(x, weight.shape[2:], **conv)  # (N, K, L)
@@ -2019,17 +2065,20 @@ def test_cuda_source_compiles_without_spills(tmp_path):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+GPU_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}  # TF32 / half inputs, max |ref|
+
+
 @cuda
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.float16, 1e-2), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype", list(GPU_TOL))
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cuda_kernel_matches_reference(shape, dtype, tol):
+def test_cuda_kernel_matches_reference(shape, dtype):
     x, weight, blocks, mask2d, masked, conv = make_case(shape, seed=6)
     assert kernels.cuda_available_kernel()
     ref = F.conv2d(x.double(), masked.double(), **conv)
-    layer = kernels.RegroupedConv2d(weight, blocks, None, name="t", **conv).cuda().to(dtype)
+    layer = kernels.RegroupedConv2d(weight, blocks, None, name="t", strategy="kernel", **conv).cuda().to(dtype)
     y = layer(x.cuda().to(dtype))
     assert y.dtype == dtype and not torch.isnan(y).any()
-    assert rel_err(y.cpu(), ref) < tol
+    assert rel_err(y.cpu(), ref) < GPU_TOL[dtype]
     empty = torch.nonzero(mask2d.sum(1) == 0).view(-1).cuda()
     assert (y[:, empty] == 0).all()
     y_cl = layer(x.cuda().to(dtype).contiguous(memory_format=torch.channels_last))
@@ -2038,21 +2087,197 @@ def test_cuda_kernel_matches_reference(shape, dtype, tol):
 
 
 @cuda
+@pytest.mark.parametrize("dtype", list(GPU_TOL))
+def test_cuda_paths_match_reference_and_all_are_measured(dtype):
+    x, weight, blocks, _, masked, conv = make_case(SHAPES[5], seed=9)
+    ref = F.conv2d(x.double(), masked.double(), **conv)
+    xc = x.cuda().to(dtype)
+    with torch.no_grad():
+        for path in kernels.CANDIDATES["cuda"]:
+            layer = kernels.RegroupedConv2d(weight, blocks, strategy=path, **conv).cuda().to(dtype)
+            assert rel_err(layer(xc).cpu(), ref) < GPU_TOL[dtype], path
+        layer = kernels.RegroupedConv2d(weight, blocks, **conv).cuda().to(dtype)
+        assert rel_err(layer(xc).cpu(), ref) < GPU_TOL[dtype]
+    assert set(layer.info["times"][kernels.choice_key(xc)]) == set(kernels.CANDIDATES["cuda"])
+    assert built_paths(layer) == {layer.path_for(xc)}
+
+
+@cuda
 def test_cuda_thick_blocks_and_model():
     model, blocks, _ = tiny_model_and_blocks()
     x = torch.randn(5, 3, 33, 31)
     with torch.no_grad():
         ref = kernels.masked_model(model, blocks)(x)
-        y = kernels.regrouped_model(model, blocks).cuda()(x.cuda())
+        regrouped = kernels.regrouped_model(model, blocks).cuda()
+        for m in regrouped.modules():
+            if isinstance(m, kernels.RegroupedConv2d):
+                m.info["forced"] = "kernel"
+        y = regrouped(x.cuda())
     assert rel_err(y.cpu(), ref) < 1e-3
     g = torch.Generator().manual_seed(7)
     w, xs = torch.randn(150, 40, 3, 3, generator=g), torch.randn(3, 40, 17, 17, generator=g)
     thick = [(torch.arange(0, 70), torch.randperm(360, generator=g)[:77].sort().values),
              (torch.arange(80, 150), torch.randperm(360, generator=g)[:300].sort().values)]
     ref = kernels.grouped_gemm_reference(xs.double(), w.double(), thick, padding=1)
-    y = kernels.grouped_conv2d(xs.cuda(), w.cuda(), thick, padding=1)
-    assert kernels.RegroupedConv2d(w, thick).info["tile_rows"] == 64 and rel_err(y.cpu(), ref) < 1e-3
+    layer = kernels.RegroupedConv2d(w, thick, padding=1, strategy="kernel").cuda()
+    y = layer(xs.cuda())
+    assert layer.info["tile_rows"] == 64 and rel_err(y.cpu(), ref) < 1e-3
 
+
+# ---- kernels: host emulation of the CUDA kernel ----
+# CUDA_SRC itself, compiled by g++ with kernels.EMULATION_HEADER and run on the CPU (cached builds:
+# a few seconds for the library, ~10 s per sanitizer program on first use). Skips without g++.
+
+def emulation_or_skip(source=None, sanitizer=None):
+    """Build (or find cached) the emulated kernel; skip the test where it cannot be built."""
+    try:
+        return kernels.build_emulation(source, sanitizer)
+    except kernels.EmulationUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def emulation():
+    emulation_or_skip()
+    return kernels.emulation_library()
+
+
+# Against a float64 reference on the values the tensor cores multiply (round_like_mma): the fp32
+# sums (well under 1e-5 of max |y| at these sizes), plus, for half and bf16, rounding the output to
+# the dtype: at most half an ulp, 2^-11 resp. 2^-8 of |y|.
+EMU_TOL = {torch.float32: 1e-5, torch.float16: 2 ** -11 + 1e-5, torch.bfloat16: 2 ** -8 + 1e-5}
+
+
+def emulation_cases():
+    """(id, shape, blocks or None for random_blocks): SHAPES (1-row, 1-column blocks, an empty
+    row, several pixel tiles, stride 2, dilation 2) plus dilation 2 at stride 1, no blocks, one-row /
+    one-column / 1x1 blocks, and a 70-row x 100-column block (several row tiles, 4 column passes of 32)."""
+    g = torch.Generator().manual_seed(11)
+    cases = [(f"shape{i}", shape, None) for i, shape in enumerate(SHAPES)]
+    cases += [("dilation2", (2, 6, 9, 10, 12, 3, 1, 2, 2), None),
+              ("no_blocks", (2, 5, 6, 6, 8, 3, 1, 1, 1), []),
+              ("thin", (2, 5, 6, 7, 9, 3, 1, 1, 1), [(torch.tensor([4]), torch.arange(45)),
+                                                     (torch.arange(4), torch.tensor([44])),
+                                                     (torch.tensor([6]), torch.tensor([0]))]),
+              ("big", (1, 12, 9, 8, 80, 3, 1, 1, 1), [(torch.arange(70), torch.randperm(108, generator=g)[:100]),
+                                                      (torch.arange(72, 80), torch.randperm(108, generator=g)[:33])])]
+    return cases
+
+
+EMULATION_CASES = emulation_cases()
+
+
+def emulation_inputs(case, dtype):
+    """x, weight in dtype; blocks; the plain float64 reference; the float64 reference on the values
+    the kernel multiplies; the rows in no block; conv kwargs."""
+    name, shape, blocks = case
+    x, weight, random, _, _, conv = make_case(shape, seed=8)
+    blocks = random if blocks is None else [(r.sort().values, c.sort().values) for r, c in blocks]
+    x, weight = x.to(dtype), weight.to(dtype)
+    ref = kernels.grouped_gemm_reference(x.double(), weight.double(), blocks, **conv)
+    seen = kernels.grouped_gemm_reference(kernels.round_like_mma(x).double(), kernels.round_like_mma(weight).double(),
+                                          blocks, **conv)
+    empty = torch.nonzero(kernels.block_mask(weight.shape, blocks).view(weight.shape[0], -1).sum(1) == 0).view(-1)
+    return x, weight, blocks, ref, seen, empty, conv
+
+
+@pytest.mark.parametrize("tile_rows", [16, 64])
+@pytest.mark.parametrize("dtype", list(EMU_TOL))
+@pytest.mark.parametrize("case", EMULATION_CASES, ids=[c[0] for c in EMULATION_CASES])
+def test_emulated_kernel_matches_reference(emulation, case, dtype, tile_rows):
+    x, weight, blocks, ref, seen, empty, conv = emulation_inputs(case, dtype)
+    y = kernels.emulated_grouped_conv2d(x, weight, blocks, tile_rows=tile_rows, **conv)  # y starts as NaN
+    assert y.dtype == dtype and y.shape == ref.shape and not torch.isnan(y).any()  # every output written
+    assert (y[:, empty] == 0).all()
+    if blocks:
+        assert rel_err(y, seen) <= EMU_TOL[dtype]
+        assert rel_err(y, ref) < GPU_TOL[dtype]  # the GPU test's tolerance against the exact conv
+    if dtype != torch.float32:  # bit for bit the reference rounded once to the dtype, but where the fp32
+        assert (y == seen.to(dtype)).double().mean() > 0.99  # sum falls within 1e-6 of a rounding tie
+
+
+def test_emulated_conversions_round_like_the_hardware(emulation):
+    bits = lambda v: struct.unpack("<I", struct.pack("<f", v))[0]  # noqa: E731
+    # cvt.rna keeps 10 mantissa bits, ties away from zero: 1 + 2^-11 lies halfway between 1 and 1 + 2^-10
+    ties = {1 + 2 ** -11: 1 + 2 ** -10, -(1 + 2 ** -11): -(1 + 2 ** -10), 1 + 3 * 2 ** -11: 1 + 2 ** -9,
+            1 + 2 ** -11 - 2 ** -23: 1.0, float("inf"): float("inf"), -0.0: -0.0}
+    for v, expect in ties.items():
+        assert bits(emulation.lth_emu_float_to_tf32(v)) == bits(expect)
+    values = torch.cat([torch.randn(2000) * 10.0 ** torch.randint(-9, 6, (2000,)),   # normal and subnormal half
+                        torch.tensor([65504.0, 65519.0, 65520.0, 1e-8, 2.0 ** -25, -3e38])])
+    tf32 = kernels.round_like_mma(values)
+    for i, v in enumerate(values.tolist()):
+        assert bits(emulation.lth_emu_float_to_tf32(v)) == bits(tf32[i].item())
+        assert emulation.lth_emu_float2half(v) == values[i:i + 1].half().view(torch.int16).item() & 0xFFFF
+        assert emulation.lth_emu_float2bfloat16(v) == values[i:i + 1].bfloat16().view(torch.int16).item() & 0xFFFF
+
+
+@pytest.mark.parametrize("which,message", [
+    (1, "load_matrix_sync: pointer .* is not 256-bit aligned"),
+    (2, "ldm=10 elements \\(40 bytes\\) is not a multiple of 16 bytes"),
+    (3, "16x8 tile .* needs 512 bytes .* __shared__ variable has 480 left"),
+    (4, "barrier divergence: thread \\d+ reached"),
+    (5, "lane 1 made other wmma \\*_sync calls than lane 0")])
+def test_emulation_stops_a_kernel_that_breaks_a_rule(emulation, which, message):
+    """Small kernels in kernels.EMULATION_DRIVER that each break one rule of CUDA or WMMA."""
+    with pytest.raises(RuntimeError, match=message):
+        kernels.emulation_call(emulation.lth_emu_broken, which)
+    x, weight, blocks, _, seen, _, conv = emulation_inputs(EMULATION_CASES[0], torch.float32)
+    assert rel_err(kernels.emulated_grouped_conv2d(x, weight, blocks, **conv), seen) <= EMU_TOL[torch.float32]
+
+
+# Padding 1 and a block over every column: the bottom kernel row of the last channel reaches one row
+# past the last image when ih may equal H.
+SANITIZER_CASE = ("sanitized", (2, 6, 7, 5, 20, 3, 1, 1, 1),
+                  [(torch.arange(5), torch.arange(54)), (torch.arange(6, 20), torch.arange(0, 54, 2))])
+
+
+def sanitized(dtype, tile_rows, sanitizer, source=None):
+    """The emulated kernel on SANITIZER_CASE under a sanitizer program; (y, reference)."""
+    emulation_or_skip(source, sanitizer)
+    x, weight, blocks, _, seen, _, conv = emulation_inputs(SANITIZER_CASE, dtype)
+    try:
+        y = kernels.emulated_grouped_conv2d(x, weight, blocks, tile_rows=tile_rows, source=source,
+                                            sanitizer=sanitizer, **conv)
+    except RuntimeError as e:
+        if "unexpected memory mapping" in str(e):  # old TSan runtimes and high-entropy ASLR
+            pytest.skip(f"ThreadSanitizer cannot run on this kernel: {e}")
+        raise
+    return y, seen
+
+
+def test_emulated_kernel_is_clean_under_address_and_undefined_behaviour_sanitizers():
+    for dtype in EMU_TOL:
+        for tile_rows in (16, 64):
+            y, seen = sanitized(dtype, tile_rows, "address")
+            assert rel_err(y, seen) <= EMU_TOL[dtype]
+
+
+def test_emulated_kernel_is_clean_under_thread_sanitizer():
+    for dtype, tile_rows in ((torch.float32, 16), (torch.bfloat16, 64)):
+        y, seen = sanitized(dtype, tile_rows, "thread")
+        assert rel_err(y, seen) <= EMU_TOL[dtype]
+
+
+def test_sanitizers_catch_planted_bugs():
+    """The harness is not vacuous: one read past the input, one missing barrier, each caught."""
+    src = kernels.CUDA_SRC
+    assert src.count("ih < d.H") == 1
+    with pytest.raises(RuntimeError, match="AddressSanitizer: heap-buffer-overflow"):
+        sanitized(torch.float32, 64, "address", src.replace("ih < d.H", "ih <= d.H"))
+    staged = "b_s[kk * LDB + pp] = ok ? xn[off + ih * d.W + iw] : zero;\n    }\n    __syncthreads();\n"
+    assert src.count(staged) == 1  # the barrier between staging the im2col tile and the MMAs reading it
+    with pytest.raises(RuntimeError, match="ThreadSanitizer: data race"):
+        sanitized(torch.float32, 64, "thread", src.replace(staged, staged.replace("    __syncthreads();\n", "")))
+
+
+def test_emulation_without_a_compiler_says_what_to_install(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-lth")
+    with pytest.raises(kernels.EmulationUnavailable, match="install g\\+\\+"):
+        kernels.build_emulation()
+
+
+# ---- kernels on pipeline tickets and the CLI's --bench ----
 
 def test_regrouped_model_of_a_pipeline_ticket_equals_the_masked_dense_model(tmp_path):
     out, _ = run_cli(tmp_path, "--levels", "1", "--method", "regroup")
@@ -2071,7 +2296,7 @@ def test_regrouped_model_of_a_pipeline_ticket_equals_the_masked_dense_model(tmp_
 def test_bench_density_runs_the_grouped_gemm_on_a_fresh_regrouped_model(tmp_path):
     args = L.build_parser().parse_args(
         ["--bench", "--arch", "resnet20", "--method", "regroup", "--bench-density", "0.2",
-         "--bench-repeats", "1", "--out-dir", str(tmp_path)])
+         "--bench-repeats", "1", "--bench-batch", "16", "--out-dir", str(tmp_path)])  # (each layer times its paths)
     report = L.bench_kernels(args, log=lambda *_: None)
     run = report["runs"][0]
     assert len(run["layers"]) == 18 and run["model"]["max_rel_err"] < 1e-4
