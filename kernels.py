@@ -1525,7 +1525,7 @@ def regrouped_model(model, blocks):
 
 # ---- benchmarks: dense masked conv (cuDNN / oneDNN) vs regrouped ----
 
-def _rel_err(y, ref, centered=False):
+def rel_err(y, ref, centered=False):
     """max |y - ref| / max |ref|; centered: / max |ref - batch mean of ref| (logits of an untrained
     model are mostly the classifier bias, which would hide errors in the features)."""
     y, ref = y.double(), ref.double()
@@ -1577,7 +1577,7 @@ def bench_layers(model, blocks, batch_size=64, device="cpu", paper_setting=False
             return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
 
         with torch.no_grad():
-            err = _rel_err(layer(x), dense())
+            err = rel_err(layer(x), dense())
             dense_ms, regrouped_ms = time_interleaved([dense, lambda: layer(x)], device, repeats, warmup=2)
         ratio, path = layer.info["flop_ratio"], layer.path_for(x)
         row = {"name": key, "shape": layer.weight_shape, "input_hw": tuple(shape[2:]),
@@ -1611,7 +1611,7 @@ def bench_model(model, blocks, batch_size=64, device="cpu", repeats=10, input_si
             ratio = swapped.info["flop_ratio"] if isinstance(swapped, RegroupedConv2d) else 1.0
             macs_dense, macs_regrouped = macs_dense + macs, macs_regrouped + ratio * macs
     with torch.no_grad():
-        err = _rel_err(regrouped(x), dense(x), centered=True)
+        err = rel_err(regrouped(x), dense(x), centered=True)
         dense_ms, regrouped_ms = time_interleaved([lambda: dense(x), lambda: regrouped(x)], device, repeats, warmup=2)
     paths = Counter(p for m in regrouped.modules() if isinstance(m, RegroupedConv2d)
                     for p in ([m.info["forced"]] if m.info["forced"] else m.info["choice"].values()))

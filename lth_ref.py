@@ -1408,12 +1408,13 @@ def export_slim(args, log=print):
     if kept:
         print(f"WARNING: {kept} pruned output channels keep a BN scale or shift (ticket trained without BN "
               "masks): they stay in the slim network", file=sys.stderr)
-    x = torch.randn(EXPORT_CHECK_BATCH, *INPUT_SHAPE)
+    shape = datasets.IMAGE_SHAPES[ticket["config"].get("dataset", "cifar10")]
+    x = torch.randn(EXPORT_CHECK_BATCH, *shape)
     with torch.no_grad():
-        err = kernels._rel_err(slim(x), model(x), centered=True)
+        err = kernels.rel_err(slim(x), model(x), centered=True)
     atomic_save(model_zoo.slim_state(slim, arch, num_classes), args.export)
     row = dict(ticket=path, params=model_zoo.count_params(model), params_slim=model_zoo.count_params(slim),
-               macs=model_zoo.count_macs(model, INPUT_SHAPE), macs_slim=model_zoo.count_macs(slim, INPUT_SHAPE),
+               macs=model_zoo.count_macs(model, shape), macs_slim=model_zoo.count_macs(slim, shape),
                max_rel_err=err, wrote=args.export)
     log(markdown_table([row]))
     return row
@@ -1604,25 +1605,51 @@ def bench_kernels(args, log=print):
     fmt = args.bench_memory_format
     fmt = fmt if fmt != "auto" else "channels_last" if torch.device(device).type == "cpu" else "contiguous"
     memory_format = kernels.MEMORY_FORMATS[fmt]
+    shape = datasets.IMAGE_SHAPES[ticket["config"].get("dataset", "cifar10")]
     report = dict(ticket=path, arch=ticket["config"]["arch"], method=ticket["config"]["method"],
                   level=ticket["level"], device=device_name(device), memory_format=fmt, torch=torch.__version__,
                   threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
                   setting="paper (batch 64, 127x127, conv only)" if paper else "cifar", runs=[])
     for batch in ([64] if paper else args.bench_batch):
-        layers = kernels.bench_layers(model, blocks, batch, device, paper_setting=paper,
-                                      repeats=args.bench_repeats, memory_format=memory_format)
+        layers = kernels.bench_layers(model, blocks, batch, device, paper_setting=paper, repeats=args.bench_repeats,
+                                      input_size=shape, memory_format=memory_format)
         log(f"\nper layer, batch {batch}, {report['device']}, {fmt}, median of {args.bench_repeats}:")
         log(markdown_table([{k: fmt_cell(v) for k, v in row.items()} for row in layers]))
         run = dict(batch=batch, layers=layers)
         if not paper:
-            run["model"] = kernels.bench_model(model, blocks, batch, device, args.bench_repeats,
+            run["model"] = kernels.bench_model(model, blocks, batch, device, args.bench_repeats, input_size=shape,
                                                memory_format=memory_format)
+            run["slim"] = bench_slim(model, ticket["masks"], batch, device, args.bench_repeats, shape, memory_format)
             log(markdown_table([{k: fmt_cell(v) for k, v in run["model"].items()}]))
+            log("the ticket without its dead channels (slim_model), end to end:")
+            log(markdown_table([run["slim"]]))
         report["runs"].append(run)
     out = os.path.join(os.path.dirname(path), "bench.json")
     atomic_write_text(json.dumps(report, indent=1, default=str), out)
     log(f"wrote {out}")
     return report
+
+
+def bench_slim(model, masks, batch_size, device, repeats, input_size=INPUT_SHAPE,
+               memory_format=torch.contiguous_format):
+    """End to end (eval, no_grad): the masked dense ticket vs the same ticket without its dead channels
+    (models.slim_model, stock convs), interleaved on one input; outputs checked first. Dead rows' BN
+    scale and shift are zeroed as training leaves them (a fresh --bench-density ticket has not trained)."""
+    device = torch.device(device)
+    ticket = copy.deepcopy(model).eval()
+    apply_masks(ticket, {**masks, **model_zoo.bn_masks(ticket, masks)})
+    slim = model_zoo.slim_model(ticket, masks).eval()
+    macs = model_zoo.count_macs(ticket, input_size), model_zoo.count_macs(slim, input_size)
+    ticket, slim = (m.to(device, memory_format=memory_format) for m in (ticket, slim))
+    x = torch.randn(batch_size, *input_size, device=device).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        err = kernels.rel_err(slim(x), ticket(x), centered=True)
+        dense_ms, slim_ms = kernels.time_interleaved([lambda: ticket(x), lambda: slim(x)], device, repeats,
+                                                     warmup=BENCH_TRAIN_WARMUP)
+    return dict(params=model_zoo.count_params(ticket), params_slim=model_zoo.count_params(slim),
+                mac_ratio=round(macs[1] / macs[0], 4), ideal_speedup=round(macs[0] / macs[1], 3),
+                dense_ms=round(dense_ms, 2), slim_ms=round(slim_ms, 2), speedup=round(dense_ms / slim_ms, 3),
+                max_rel_err=err)
 
 
 def fresh_ticket(args):
@@ -1633,27 +1660,27 @@ def fresh_ticket(args):
         raise UsageError("--bench-density needs a density in (0, 1] and --method refill, refill+ "
                          "or regroup (an unstructured imp mask has no blocks)")
     torch.manual_seed(args.seed)
-    model = model_zoo.MODELS[args.arch](10)
+    model, shape = model_zoo.MODELS[args.arch](10), datasets.IMAGE_SHAPES[args.dataset]
     weights = prunable_weights(model)
     masks = prune_to_density({n: w.detach().abs() for n, w in weights.items()}, args.bench_density)
     feats = None
     if needs_feats(args.method, args.refill_score):        # an untrained model: a random batch will do
-        calibrate_batchnorm(model)
-        feats = conv_channel_stats(model, list(weights), torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)))
+        calibrate_batchnorm(model, shape)
+        feats = conv_channel_stats(model, list(weights), torch.randn(64, *shape), torch.randint(0, 10, (64,)))
     knobs = {k: getattr(args, k) for k in BRANCH_KNOBS[args.method]}
     masks, blocks = postprocess(args.method, {n: w.detach() for n, w in weights.items()}, masks, feats, **knobs)
     apply_masks(model, masks)
-    calibrate_batchnorm(model)
+    calibrate_batchnorm(model, shape)
     out_dir = args.out_dir or os.path.join("runs", f"bench_{args.arch}_{args.method}")
     os.makedirs(out_dir, exist_ok=True)
     return os.path.join(out_dir, "ticket.pt"), dict(
-        config=dict(arch=args.arch, method=args.method), level=None, num_classes=10, masks=masks,
+        config=dict(arch=args.arch, dataset=args.dataset, method=args.method), level=None, num_classes=10, masks=masks,
         blocks=blocks, state_dict=model.state_dict())
 
 
 @torch.no_grad()
-def calibrate_batchnorm(model, batches=4, batch_size=64):
-    """Set BN running stats from random CIFAR-sized batches, so an untrained sparse network passes a
+def calibrate_batchnorm(model, shape=INPUT_SHAPE, batches=4, batch_size=64):
+    """Set BN running stats from random batches of `shape` images, so an untrained sparse network passes a
     signal of normal scale (without it, the logits of a 10%-dense VGG-16 at init are just the FC
     bias, and the end-to-end output check compares constants)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -1662,7 +1689,7 @@ def calibrate_batchnorm(model, batches=4, batch_size=64):
         bn.momentum = None                                    # cumulative average over the batches
     model.train()
     for _ in range(batches):
-        model(torch.randn(batch_size, 3, 32, 32))
+        model(torch.randn(batch_size, *shape))
     for bn in bns:
         bn.momentum = 0.1
     model.eval()
