@@ -1303,10 +1303,10 @@ def level_metrics(exp, run, level, masks, blocks, stats, accs, loss, seconds):
                channel_density=round(kept_rows / rows, 6), blocks="", coverage="", flop_ratio="")
     if stats:
         row["coverage"] = round(float(np.mean([s["coverage"] for s in stats.values()])), 6)
-    if blocks is not None:
-        area = sum(len(r) * len(c) for b in blocks.values() for r, c in b)
+    if blocks is not None:                     # the layers' FLOP ratios, weighted by their weights
+        ratio = sum(kernels.flop_ratio(tuple(m.shape), blocks[n]) * m.numel() for n, m in masks.items())
         row.update(blocks=sum(len(b) for b in blocks.values()),
-                   flop_ratio=round(area / sum(m.numel() for m in masks.values()), 6))
+                   flop_ratio=round(ratio / sum(m.numel() for m in masks.values()), 6))
     return row
 
 

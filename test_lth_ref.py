@@ -1550,6 +1550,19 @@ def test_bf16_channels_last_level_keeps_pruned_weights_zero(tmp_path):
     assert json.load(open(os.path.join(out, "config.json")))["amp"] == "bf16"
 
 
+def test_a_resnet50_level_runs_on_a_tiny_image_folder(tmp_path):
+    pytest.importorskip("PIL.Image")
+    write_tiny_imagenet(tmp_path / "data")
+    out = str(tmp_path / "run")
+    assert L.main(["--dataset", "tinyimagenet", "--data-dir", str(tmp_path / "data"), "--arch", "resnet50",
+                   "--epochs", "1", "--levels", "1", "--batch-size", "4", "--device", "cpu", "--val-split", "3",
+                   "--method", "refill", "--out-dir", out]) == 0
+    rows = json.load(open(os.path.join(out, "results.json")))
+    assert [(r["branch"], r["level"]) for r in rows] == [("trunk", 0), ("trunk", 1), ("refill", 1)]
+    assert all(0 <= r["val_acc"] <= 1 and 0 <= r["test_acc"] <= 1 for r in rows)
+    assert json.load(open(os.path.join(out, "config.json")))["lr_drops"] == [0, 1]   # 30, 60 of 95 -> 1 epoch
+
+
 def test_compile_flag_compiles_the_training_network(tmp_path, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda net: compiled.append(net) or net)
