@@ -1465,6 +1465,11 @@ NO_MATPLOTLIB = ("WARNING: matplotlib is not installed: writing report.md and th
 REPORT_NUMBERS = ("density", "test_acc", "flop_ratio", "blocks", "coverage")  # averaged over seeds
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_experiment(path):
     """An experiment directory as data: {path, config, rows, runs {branch: its directory}}.
 
@@ -1477,7 +1482,7 @@ def read_experiment(path):
                          "(--report reads the --out-dir of a training run; results.json appears when its "
                          "first level has finished)")
     try:
-        config, rows = [json.load(open(f)) for f in files]
+        config, rows = [read_json(f) for f in files]
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UsageError(f"{path}: config.json or results.json is corrupt; run the training command "
                          "again to rewrite results.json") from None
@@ -1531,10 +1536,11 @@ def extreme_ticket(rows, dense_acc):
     """The extreme winning ticket of one run: its sparsest pruned level (level >= 1) whose test accuracy
     is at least the dense accuracy; None when no level qualifies (or dense_acc is None).
 
-    Paper: Sec. 4, "extreme sparsity at which the ticket still matches the dense accuracy". Accuracies
-    compare as recorded, with no tolerance (equal counts as a match). Ties at the same density: the
-    higher accuracy, then the lower level. With several seeds pass combine_seeds' rows (mean accuracy)
-    and the mean dense accuracy. rows: dicts with level, density, test_acc.
+    Paper: Sec. 4, the extreme sparsity of a method's winning tickets (the highest sparsity at which
+    its ticket still reaches the dense network's accuracy); Official: no counterpart (read off the
+    curves). Accuracies compare as recorded, with no tolerance (equal counts as a match). Ties at the
+    same density: the higher accuracy, then the lower level. With several seeds pass combine_seeds'
+    rows (mean accuracy) and the mean dense accuracy. rows: dicts with level, density, test_acc.
     """
     if dense_acc is None:
         return None
@@ -1619,6 +1625,7 @@ def _figure(figsize):
 
 
 def line_label(row):
+    """A curve's name: the mask source, and the branch that post-processes it."""
     return f"{row['source']} (unstructured)" if row["branch"] == "trunk" else f"{row['source']} + {row['branch']}"
 
 
@@ -1722,20 +1729,21 @@ def mask_level(exp):
     return max(set.intersection(*levels), default=None) if levels else None
 
 
-def read_bench(path):
-    """A bench.json as a dict; None (with one WARNING line) when it cannot be read."""
+def read_bench(path, warn=True):
+    """A bench.json as a dict; None (with one WARNING line unless warn=False) when it cannot be read."""
     try:
-        with open(path) as f:
-            bench = json.load(f)
+        bench = read_json(path)
         if isinstance(bench, dict):
             return bench
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         pass
-    print(f"WARNING: {path} is not a readable bench.json; left out of the report", file=sys.stderr)
+    if warn:
+        print(f"WARNING: {path} is not a readable bench.json; left out of the report", file=sys.stderr)
     return None
 
 
 def finite_mean(values):
+    """Mean of the values that are not NaN (NaN when none is)."""
     values = [v for v in values if v == v]
     return float(np.mean(values)) if values else float("nan")
 
@@ -1761,11 +1769,12 @@ def extreme_rows(group, rows, dense):
         best = extreme_ticket(run, dense)
         paths = [] if best is None else [level_file(e, branch, best["level"], "bench.json") for e in group
                                          if branch in e["runs"]]
-        savings = [bench_saving(b) for p in paths if os.path.exists(p) and (b := read_bench(p)) is not None]
+        savings = [bench_saving(b) for p in paths                 # (speedup_pictures warns of a bad one)
+                   if os.path.exists(p) and (b := read_bench(p, warn=False)) is not None]
         pick = lambda k: "" if best is None else best[k]
         out.append(dict(source=run[0]["source"], branch=branch, method=run[0]["method"], init=run[0]["init"],
-                        dense_acc="" if dense is None else dense, extreme_level="none" if best is None else best["level"],
-                        density=pick("density"), sparsity=pick("sparsity"), test_acc=pick("test_acc"),
+                        dense_acc="" if dense is None else dense,
+                        extreme_level="none" if best is None else best["level"], density=pick("density"), sparsity=pick("sparsity"), test_acc=pick("test_acc"),
                         saving_conv=finite_mean(s["conv"] for s in savings) if savings else "",
                         saving_end_to_end=finite_mean(s["end_to_end"] for s in savings) if savings else "",
                         saving=saving_text(savings)))
@@ -2031,7 +2040,7 @@ def build_parser():
            "the CPU (faster for both there), contiguous (NCHW, the CUDA kernel's layout) on a GPU")
     a("--report", nargs="+", default=None, metavar="DIR",
       help="instead of training: report.md, CSVs and figures (matplotlib) of experiment directories, "
-           "into DIR/report (one DIR), else --out-dir, else report/ in their common parent folder")
+           "into --out-dir if given, else DIR/report (one DIR) or report/ in the DIRs' common parent")
     a("--report-layers", nargs="+", default=None, metavar="NAME",
       help="convs drawn by --report's mask pictures, e.g. layer3.2.conv2 (default: the last three)")
     return p

@@ -1315,8 +1315,9 @@ def report_exp(tmp_path_factory):
     """Two methods, two levels. Accuracies set by hand in results.json: regroup's level 2 equals the dense
     accuracy (a tie, which wins), every refill level is below it (none). A bench.json on each regroup level."""
     tmp = tmp_path_factory.mktemp("report")
-    run_cli(tmp, "--levels", "2", "--epochs", "1", "--method", "regroup")
-    out, rows = run_cli(tmp, "--levels", "2", "--epochs", "1", "--method", "refill")
+    tiny = ["--levels", "2", "--epochs", "1", "--train-subset", "64"]         # one SGD step per level
+    run_cli(tmp, *tiny, "--method", "regroup")
+    out, rows = run_cli(tmp, *tiny, "--method", "refill")
     dense = next(r["test_acc"] for r in rows if r["level"] == 0)
     for r in rows:
         if r["branch"] == "regroup":
