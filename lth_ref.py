@@ -936,7 +936,7 @@ def check_config(path, settings, started):
                          "or another --out-dir")
 
 
-# ---- the experiment: an unstructured trunk and structural branches (SPEC loop) ----
+# ---- the experiment: an unstructured trunk and structural branches ----
 @dataclasses.dataclass(frozen=True)
 class Run:
     """A chain of tickets in an experiment directory: the trunk (the mask source's unstructured
@@ -1710,6 +1710,507 @@ BENCHES = {"kernels": bench_kernels, "paper": bench_kernels, "regroup": bench_re
            "train": bench_train}
 
 
+# ---- report: the paper's tables and figures from experiment directories ----
+FIG_DPI = 100                   # dots per inch of every PNG: readable labels, files of tens of KB
+ACCURACY_FIGSIZE = (6.4, 4.0)   # inches: 640x400 px
+SPEEDUP_FIGSIZE = (8.0, 4.0)    # inches: 800x400 px, one bar group per conv layer
+MASK_PANEL_INCHES = 2.4         # width and height of one mask panel (240 px)
+MASK_TITLE_INCHES = 0.6         # room above the panels for the titles
+MASK_MAX_CELLS = int(MASK_PANEL_INCHES * FIG_DPI)  # displayed cells per mask axis: about one per pixel
+REPORT_LAYERS = 3               # default mask pictures: the last three convs, as the paper's Fig. A9
+NO_MATPLOTLIB = ("WARNING: matplotlib is not installed: writing report.md and the CSVs without pictures "
+                 "(pip install matplotlib to get the PNGs)")
+REPORT_NUMBERS = ("density", "test_acc", "flop_ratio", "blocks", "coverage")  # averaged over seeds
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_experiment(path):
+    """An experiment directory as data: {path, config, rows, runs {branch: its directory}}.
+
+    Rows come from results.json. A directory of the single-run layout (rows without `branch`, config.json
+    with a `method`) reads as one run named by its method.
+    """
+    files = [os.path.join(path, f) for f in ("config.json", "results.json")]
+    if not all(os.path.exists(f) for f in files):
+        raise UsageError(f"{path} is not an experiment directory: it lacks config.json or results.json "
+                         "(--report reads the --out-dir of a training run; results.json appears when its "
+                         "first level has finished)")
+    try:
+        config, rows = [read_json(f) for f in files]
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError(f"{path}: config.json or results.json is corrupt; run the training command "
+                         "again to rewrite results.json") from None
+    method = config.get("method", "imp")
+    defaults = dict(branch=method, source=config.get("mask_source", "imp"), method=method,
+                    init=config.get("init", "rewind"))
+    rows = [{**defaults, **r} for r in rows]
+    runs = {}
+    for branch in dict.fromkeys(r["branch"] for r in rows):
+        sub = os.path.join(path, branch)
+        runs[branch] = sub if branch != "trunk" and os.path.isdir(sub) else path
+    return dict(path=path, config=config, rows=rows, runs=runs)
+
+
+def group_seeds(experiments):
+    """Experiments whose config.json differ only in `seed` (or in settings a later command may change,
+    like --levels) as groups, in first-seen order; within a group by seed."""
+    groups = {}
+    for e in experiments:
+        key = json.dumps({k: v for k, v in e["config"].items() if k not in ("seed", *RUN_ONLY)}, sort_keys=True)
+        groups.setdefault(key, []).append(e)
+    return [sorted(g, key=lambda e: e["config"].get("seed", 0)) for g in groups.values()]
+
+
+def combine_seeds(row_lists):
+    """One row per (branch, level) over several seeds' result rows: the mean of each number, the test
+    accuracy's min and max, the sparsity (% of the prunable weights) and how many seeds reached it."""
+    cells = {}
+    for rows in row_lists:
+        for r in rows:
+            cells.setdefault((r["branch"], r["level"]), []).append(r)
+    out = []
+    for (branch, level), rs in cells.items():
+        mean = {k: round(float(np.mean(v)), 6) if (v := [r[k] for r in rs if r.get(k, "") != ""]) else ""
+                for k in REPORT_NUMBERS}
+        if mean["blocks"] != "" and float(mean["blocks"]).is_integer():
+            mean["blocks"] = int(mean["blocks"])              # a count, unless seeds differ
+        accs = [r["test_acc"] for r in rs]
+        out.append(dict(source=rs[0]["source"], branch=branch, method=rs[0]["method"], init=rs[0]["init"],
+                        level=level, seeds=len(rs), **mean, sparsity=round(100 * (1 - mean["density"]), 4),
+                        acc_min=min(accs), acc_max=max(accs)))
+    return sorted(out, key=lambda r: (r["branch"] != "trunk", r["branch"], r["level"]))
+
+
+def dense_accuracy(rows):
+    """The dense network's test accuracy: the level-0 row's (None while level 0 is unfinished)."""
+    return next((r["test_acc"] for r in rows if r["level"] == 0), None)
+
+
+def extreme_ticket(rows, dense_acc):
+    """The extreme winning ticket of one run: its sparsest pruned level (level >= 1) whose test accuracy
+    is at least the dense accuracy; None when no level qualifies (or dense_acc is None).
+
+    Paper: Sec. 4, the extreme sparsity of a method's winning tickets (the highest sparsity at which
+    its ticket still reaches the dense network's accuracy); Official: no counterpart (read off the
+    curves). Accuracies compare as recorded, with no tolerance (equal counts as a match). Ties at the
+    same density: the higher accuracy, then the lower level. With several seeds pass combine_seeds'
+    rows (mean accuracy) and the mean dense accuracy. rows: dicts with level, density, test_acc.
+    """
+    if dense_acc is None:
+        return None
+    wins = [r for r in rows if r["level"] >= 1 and r["test_acc"] >= dense_acc]
+    return min(wins, key=lambda r: (r["density"], -r["test_acc"], r["level"]), default=None)
+
+
+def _number(d, key):
+    """d[key] as a float, NaN when absent or not a number (bench.json is read defensively)."""
+    v = d.get(key) if isinstance(d, dict) else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
+
+
+def bench_layers_of(run):
+    """A bench.json run's layers as plain numbers: name, flop_ratio, ideal 1/flop_ratio, dense_ms,
+    regrouped_ms, speedup (dense_ms / regrouped_ms where the file leaves it out), path."""
+    out = []
+    for layer in run.get("layers") or []:
+        ratio, dense_ms, sparse_ms = (_number(layer, k) for k in ("flop_ratio", "dense_ms", "regrouped_ms"))
+        speedup = _number(layer, "speedup")
+        if speedup != speedup and sparse_ms > 0:                 # NaN: not in the file
+            speedup = dense_ms / sparse_ms
+        out.append(dict(name=str(layer.get("name", "?")), flop_ratio=ratio,
+                        ideal=1 / ratio if ratio > 0 else float("nan"), dense_ms=dense_ms,
+                        regrouped_ms=sparse_ms, speedup=speedup, path=str(layer.get("path", ""))))
+    return out
+
+
+def bench_saving(bench):
+    """Running-time saving 1 - t_sparse / t_dense of a bench.json's first batch: over its conv layers
+    (the paper's profiling, conv only) and end to end where measured (NaN where absent).
+    Returns dict(conv, end_to_end, batch, device, date)."""
+    run = next(iter(bench.get("runs") or []), {}) if isinstance(bench, dict) else {}
+    layers = bench_layers_of(run)
+    dense, sparse = sum(l["dense_ms"] for l in layers), sum(l["regrouped_ms"] for l in layers)
+    model = run.get("model") or {}
+    saving = lambda d, s: 1 - s / d if d > 0 else float("nan")
+    return dict(conv=saving(dense, sparse) if layers else float("nan"),
+                end_to_end=saving(_number(model, "dense_ms"), _number(model, "regrouped_ms")),
+                batch=run.get("batch"), device=bench.get("device", "?"), date=bench.get("date", "?"))
+
+
+def block_order(blocks, out_rows, k):
+    """Row and column orders that draw a regroup mask's blocks as rectangles: mask2d[rows][:, cols].
+
+    Rows: each block's rows together (widest block first), then the rows in no block. Columns: sorted
+    by the set of blocks that use them, in reflected Gray-code order (widest block the most significant),
+    which makes every block's columns contiguous when the blocks' column sets are disjoint or nested,
+    and always the two widest blocks'. Blocks that share only some of their columns (regroup's usual
+    case) cannot all be contiguous in any one column order; those come out in a few pieces each.
+    blocks: [(rows, cols)] index tensors or arrays of an (out_rows, k) mask. Returns two int64 arrays.
+    """
+    order = sorted(range(len(blocks)), key=lambda b: -len(blocks[b][1]))
+    member = np.zeros((len(blocks), k), dtype=np.int64)          # (B, K): block b uses column j
+    for i, b in enumerate(order):
+        member[i, np.asarray(blocks[b][1], dtype=np.int64)] = 1
+    binary = np.cumsum(member, axis=0) % 2                        # Gray code -> binary: prefix XOR
+    cols = np.lexsort(1 - binary[::-1]) if len(blocks) else np.arange(k)  # descending, stable
+    rows = [np.sort(np.asarray(blocks[b][0], dtype=np.int64)) for b in order]
+    in_block = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    return np.concatenate([in_block, np.setdiff1d(np.arange(out_rows), in_block)]), cols.astype(np.int64)
+
+
+def display_mask(mask2d, max_cells=MASK_MAX_CELLS):
+    """An (O, K) 0/1 mask as at most max_cells x max_cells kept fractions: each displayed cell is the mean
+    of a ceil(O / max_cells) x ceil(K / max_cells) tile (a 512x4608 mask shows as 171x231), so a large
+    layer stays a small picture and no kept weight vanishes, as it would by subsampling."""
+    m = np.asarray(mask2d, dtype=np.float32)
+    starts = [np.arange(0, n, ceil_div(n, max_cells)) for n in m.shape]
+    sums = np.add.reduceat(np.add.reduceat(m, starts[0], axis=0), starts[1], axis=1)
+    counts = [np.diff(np.append(s, n)) for s, n in zip(starts, m.shape)]
+    return sums / np.outer(*counts)
+
+
+def _figure(figsize):
+    """A matplotlib Figure on the headless Agg canvas (no pyplot state); ImportError without matplotlib."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize, dpi=FIG_DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def line_label(row):
+    """A curve's name: the mask source, and the branch that post-processes it."""
+    return f"{row['source']} (unstructured)" if row["branch"] == "trunk" else f"{row['source']} + {row['branch']}"
+
+
+def accuracy_figure(rows, dense_acc, title=""):
+    """Test accuracy against sparsity (the paper's Figs. 3-6): one line per (mask source, branch) of
+    combine_seeds' rows, a min-max band where several seeds ran, the dense accuracy as a dashed line."""
+    fig = _figure(ACCURACY_FIGSIZE)
+    ax = fig.add_subplot()
+    for label in dict.fromkeys(map(line_label, rows)):
+        line = sorted((r for r in rows if line_label(r) == label), key=lambda r: r["level"])
+        x = [r["sparsity"] for r in line]
+        drawn = ax.plot(x, [100 * r["test_acc"] for r in line], marker="o", markersize=3, label=label)
+        if any(r["seeds"] > 1 for r in line):
+            ax.fill_between(x, [100 * r["acc_min"] for r in line], [100 * r["acc_max"] for r in line],
+                            color=drawn[0].get_color(), alpha=0.2, linewidth=0)
+    if dense_acc is not None:
+        ax.axhline(100 * dense_acc, color="black", linestyle="--", linewidth=1, label="dense")
+    ax.set(xlabel="sparsity of the prunable weights (%)", ylabel="test accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def layer_speedup_figure(bench, title=""):
+    """Measured speedup over dense per conv layer next to the ideal 1 / FLOP ratio (the paper's Fig. 7):
+    one bar per layer and batch of a bench.json, dense = 1; device and date in the title."""
+    runs = [(run.get("batch"), bench_layers_of(run)) for run in bench.get("runs") or [] if run.get("layers")]
+    names = [l["name"] for l in runs[0][1]] if runs else []
+    fig = _figure(SPEEDUP_FIGSIZE)
+    ax = fig.add_subplot()
+    x, width = np.arange(len(names)), 0.8 / max(1, len(runs))
+    for i, (batch, layers) in enumerate(runs):
+        speed = {l["name"]: l["speedup"] for l in layers}
+        ax.bar(x - 0.4 + (i + 0.5) * width, [speed.get(n, np.nan) for n in names], width,
+               label=f"measured, batch {batch}")
+    if runs:
+        ax.plot(x, [l["ideal"] for l in runs[0][1]], linestyle="none", marker="_", markersize=12,
+                markeredgewidth=2, color="black", label="ideal: 1 / FLOP ratio")
+    ax.axhline(1.0, color="gray", linewidth=1, label="dense = 1")
+    ax.set_xticks(x, [n.removesuffix(".weight") for n in names], rotation=90, fontsize="x-small")
+    ax.set(ylabel="speedup over dense", title=f"{title}\n{bench.get('device', '?')}, {bench.get('date', '?')}")
+    tallest = np.nanmax([1.0] + [l[k] for _, layers in runs for l in layers for k in ("speedup", "ideal")
+                                 if np.isfinite(l[k])])
+    ax.set_ylim(0, 1.3 * tallest)                                  # room for the legend above the bars
+    ax.legend(fontsize="small", ncol=3, loc="upper center")
+    fig.tight_layout()
+    return fig
+
+
+def mask_figure(panels, title=""):
+    """Masks side by side (the paper's Fig. A9): panels = [(label, (O, K) 0/1 mask)], drawn black where
+    kept; each block-averaged by display_mask to at most MASK_MAX_CELLS cells per axis."""
+    fig = _figure((MASK_PANEL_INCHES * len(panels), MASK_PANEL_INCHES + MASK_TITLE_INCHES))
+    for i, (label, mask2d) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.imshow(display_mask(mask2d), cmap="Greys", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+        ax.set_title(label, fontsize="small")
+        ax.set(xticks=[], yticks=[], xlabel=f"K = {mask2d.shape[1]}", ylabel=f"O = {mask2d.shape[0]}")
+    fig.suptitle(title, fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def mask_panel(run_name, ticket, layer):
+    """(label, (O, K) mask) of one ticket's layer; a regroup mask with its rows and columns in
+    block_order, so its blocks show as rectangles."""
+    mask = ticket["masks"][layer]
+    mask2d = mask.reshape(mask.shape[0], -1).numpy()
+    label = f"{run_name}: {100 * mask2d.mean():.1f}% kept"
+    blocks = (ticket["blocks"] or {}).get(layer)
+    if blocks:
+        rows, cols = block_order(blocks, *mask2d.shape)
+        mask2d, label = mask2d[rows][:, cols], label + "\n(rows, cols by block)"
+    return label, mask2d
+
+
+def save_figure(fig, path):
+    """PNG at FIG_DPI (the figure's own size, no tight crop), atomically; returns (width, height) px."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    fig.savefig(tmp, format="png", dpi=FIG_DPI)
+    os.replace(tmp, path)
+    return tuple(int(round(v)) for v in fig.get_size_inches() * FIG_DPI)
+
+
+def report_tags(experiments):
+    """A short unique name per experiment: its directory's name (numbered where two are equal)."""
+    names = [os.path.basename(os.path.normpath(e["path"])) for e in experiments]
+    return names if len(set(names)) == len(names) else [f"{i}_{n}" for i, n in enumerate(names)]
+
+
+def level_file(exp, branch, level, name):
+    """A file of one ticket's level directory, e.g. level_file(exp, "regroup", 2, "bench.json")."""
+    return os.path.join(exp["runs"][branch], f"level_{level:02d}", name)
+
+
+def mask_level(exp):
+    """The highest level at which every run of the experiment has its ticket.pt (None if none)."""
+    levels = [{r["level"] for r in exp["rows"] if r["branch"] == b and
+               os.path.exists(level_file(exp, b, r["level"], "ticket.pt"))} for b in exp["runs"]]
+    return max(set.intersection(*levels), default=None) if levels else None
+
+
+def read_bench(path, warn=True):
+    """A bench.json as a dict; None (with one WARNING line unless warn=False) when it cannot be read."""
+    try:
+        bench = read_json(path)
+        if isinstance(bench, dict):
+            return bench
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    if warn:
+        print(f"WARNING: {path} is not a readable bench.json; left out of the report", file=sys.stderr)
+    return None
+
+
+def finite_mean(values):
+    """Mean of the values that are not NaN (NaN when none is)."""
+    values = [v for v in values if v == v]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def saving_text(savings):
+    """A time-saving cell: conv layers and end to end, batch, device, date (mean over several files)."""
+    if not savings:
+        return "-"
+    conv, e2e = (finite_mean(s[k] for s in savings) for k in ("conv", "end_to_end"))
+    parts = [f"{100 * v:.1f}% {what}" for v, what in ((conv, "conv layers"), (e2e, "end to end")) if v == v]
+    first = savings[0]
+    where = f"batch {first['batch']}, {first['device']}, {first['date']}" + \
+        (f", mean of {len(savings)} bench.json" if len(savings) > 1 else "")
+    return f"{', '.join(parts) or 'no timings'} ({where})"
+
+
+def extreme_rows(group, rows, dense):
+    """Per run of a seed group: its extreme winning ticket (on the mean accuracies) and the time saving
+    measured on that ticket (the mean over the seeds that have a bench.json next to it)."""
+    out = []
+    for branch in dict.fromkeys(r["branch"] for r in rows):
+        run = [r for r in rows if r["branch"] == branch]
+        best = extreme_ticket(run, dense)
+        paths = [] if best is None else [level_file(e, branch, best["level"], "bench.json") for e in group
+                                         if branch in e["runs"]]
+        savings = [bench_saving(b) for p in paths                 # (speedup_pictures warns of a bad one)
+                   if os.path.exists(p) and (b := read_bench(p, warn=False)) is not None]
+        pick = lambda k: "" if best is None else best[k]
+        out.append(dict(source=run[0]["source"], branch=branch, method=run[0]["method"], init=run[0]["init"],
+                        dense_acc="" if dense is None else dense,
+                        extreme_level="none" if best is None else best["level"], density=pick("density"), sparsity=pick("sparsity"), test_acc=pick("test_acc"),
+                        saving_conv=finite_mean(s["conv"] for s in savings) if savings else "",
+                        saving_end_to_end=finite_mean(s["end_to_end"] for s in savings) if savings else "",
+                        saving=saving_text(savings)))
+    return out
+
+
+def markdown_rows(rows, extremes, several):
+    """report.md's two tables of a seed group: method x level, and the extreme winning tickets."""
+    spread = lambda r: {"acc min-max": f"{r['acc_min']:.4f}-{r['acc_max']:.4f}", "seeds": r["seeds"]}
+    table = [dict(branch=r["branch"], method=r["method"], init=r["init"], level=r["level"],
+                  density=r["density"], **{"sparsity %": f"{r['sparsity']:.2f}"}, test_acc=r["test_acc"],
+                  **(spread(r) if several else {}), flop_ratio=r["flop_ratio"], blocks=r["blocks"],
+                  coverage=r["coverage"]) for r in rows]
+    ext = [{"run": e["branch"],
+            "extreme winning ticket": "none" if e["extreme_level"] == "none" else f"level {e['extreme_level']}",
+            "sparsity %": "-" if e["sparsity"] == "" else f"{e['sparsity']:.2f}",
+            "test_acc": "-" if e["test_acc"] == "" else f"{e['test_acc']:.4f}", "time saving": e["saving"]}
+           for e in extremes]
+    return markdown_table(table), markdown_table(ext)
+
+
+def group_markdown(tag, group, rows, dense, extremes):
+    """One experiment's (seed group's) section of report.md: settings, dense accuracy, the method x level
+    table, the extreme winning tickets."""
+    cfg, seeds = group[0]["config"], [e["config"].get("seed", 0) for e in group]
+    several = len(group) > 1
+    shown = ("arch", "dataset", "seed", "mask_source", *RUN_ONLY)                  # in the heading, or per command
+    settings = ", ".join(f"{k} {v}" for k, v in cfg.items() if k not in shown)
+    dense_text = "not finished (no level 0)" if dense is None else f"{dense:.4f}"
+    if several and dense is not None:
+        accs = [a for e in group if (a := dense_accuracy(e["rows"])) is not None]
+        dense_text += f" (mean of {len(accs)} seeds, range {min(accs):.4f}-{max(accs):.4f})"
+    table, ext = markdown_rows(rows, extremes, several)
+    return "\n".join([
+        f"## {tag}: {cfg.get('arch')} on {cfg.get('dataset')}, mask source {cfg.get('mask_source', 'imp')}, "
+        f"seed{'s' * several} {', '.join(map(str, seeds))}", "",
+        f"Directories: {', '.join('`' + e['path'] + '`' for e in group)}. Settings: {settings}.", "",
+        f"Dense accuracy (level 0): {dense_text}.", "", table, "",
+        "Extreme winning tickets: per run, the sparsest level whose test accuracy is at least the dense "
+        "accuracy (the paper's definition; ties: the higher accuracy, then the lower level"
+        + ("; with several seeds the mean accuracy against the mean dense accuracy" if several else "") +
+        "). Time saving = 1 - t_ticket / t_dense from the bench.json next to the ticket "
+        "(`python lth_ref.py --bench --ticket RUN/level_NN/ticket.pt` writes one).", "", ext, ""])
+
+
+def figure_key(exp):
+    """Experiments drawn in one accuracy figure: the same settings but for the seed and the mask source."""
+    return json.dumps({k: v for k, v in exp["config"].items()
+                       if k not in ("seed", "mask_source", *RUN_ONLY, *SOURCE_KEYS.get("synflow", ()))},
+                      sort_keys=True)
+
+
+def accuracy_pictures(curves, tags):
+    """[(file name, make figure)]: one accuracy_vs_sparsity figure per figure_key, holding each seed
+    group's lines; the dense line is the mean of the groups' dense accuracies."""
+    out = []
+    for figure in curves.values():
+        first = figure[0][0][0]
+        rows = [r for _, group_rows, _ in figure for r in group_rows]
+        dense = finite_mean(d for _, _, d in figure if d is not None)
+        seeds = max(len(group) for group, _, _ in figure)
+        title = f"{first['config'].get('arch')} on {first['config'].get('dataset')}" + \
+            (f" ({seeds} seeds: mean, band = min-max)" if seeds > 1 else "")
+        name = "accuracy_vs_sparsity.png" if len(curves) == 1 else f"accuracy_vs_sparsity_{tags[first['path']]}.png"
+        out.append((name, lambda r=rows, d=None if dense != dense else dense, t=title: accuracy_figure(r, d, t)))
+    return out
+
+
+def mask_pictures(exp, prefix, layers):
+    """[(file name, make figure)] of the masks of every run at mask_level, one figure per layer (default:
+    the last REPORT_LAYERS convs). UsageError for a layer the tickets do not have."""
+    level = mask_level(exp)
+    if level is None:
+        return []
+    tickets = {b: load_ticket(level_file(exp, b, level, "ticket.pt"), mmap=True) for b in exp["runs"]}
+    names = list(next(iter(tickets.values()))["masks"])
+    chosen = [n if n in names else f"{n}.weight" for n in layers] if layers else names[-REPORT_LAYERS:]
+    unknown = [n for n in chosen if n not in names]
+    if unknown:
+        raise UsageError(f"--report-layers: no prunable conv {unknown[0]!r} in {exp['path']}; its convs: "
+                         f"{', '.join(n.removesuffix('.weight') for n in names)}")
+    title = f"{os.path.basename(os.path.normpath(exp['path']))} level {level}:"
+    label = lambda b: f"trunk ({exp['config'].get('mask_source', 'imp')})" if b == "trunk" else b
+    return [(f"masks_{prefix}{n.removesuffix('.weight')}.png",
+             lambda n=n: mask_figure([mask_panel(label(b), t, n) for b, t in tickets.items()], f"{title} {n}"))
+            for n in chosen]
+
+
+def speedup_pictures(exp, prefix, tag, csvs):
+    """[(file name, make figure)] of layer_speedup for every ticket of the experiment with a bench.json;
+    adds each one's numbers to csvs {file name: rows}."""
+    out = []
+    for branch in exp["runs"]:
+        for level in sorted({r["level"] for r in exp["rows"] if r["branch"] == branch}):
+            path = level_file(exp, branch, level, "bench.json")
+            bench = read_bench(path) if os.path.exists(path) else None
+            if bench is None:
+                continue
+            stem = f"layer_speedup_{prefix}{branch}_level_{level:02d}"
+            csvs[f"{stem}.csv"] = [dict(batch=run.get("batch"), **layer) for run in bench.get("runs") or []
+                                   for layer in bench_layers_of(run)]
+            title = f"{tag} {branch} level {level}"
+            out.append((f"{stem}.png", lambda b=bench, t=title: layer_speedup_figure(b, t)))
+    return out
+
+
+def have_matplotlib():
+    try:
+        import matplotlib  # noqa: F401 (only whether it imports)
+        from matplotlib.figure import Figure  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def write_report(dirs, out_dir=None, layers=None, log=print):
+    """Read experiment directories; write report.md (per experiment: the method x level table, the dense
+    accuracy, each run's extreme winning ticket and its measured time saving), the CSVs, and, where
+    matplotlib is installed, accuracy_vs_sparsity.png, layer_speedup_*.png (every ticket with a
+    bench.json) and masks_<layer>.png. DIRs that differ only in the seed are grouped (mean, min-max).
+
+    out_dir default: DIR/report for one directory, report/ in the directories' common parent for several;
+    files of one experiment are then prefixed with its directory's name. Returns {file name: path}.
+    """
+    dirs = list(dict.fromkeys(os.path.normpath(d) for d in dirs))
+    experiments = [read_experiment(d) for d in dirs]
+    out_dir = out_dir or os.path.join(dirs[0] if len(dirs) == 1 else
+                                      os.path.commonpath([os.path.abspath(d) for d in dirs]), "report")
+    tags = dict(zip(dirs, report_tags(experiments)))
+    prefix = lambda e: f"{tags[e['path']]}_" if len(experiments) > 1 else ""
+    sections, pictures, curves = [], [], {}
+    csvs = {"accuracy_vs_sparsity.csv": [], "extreme_tickets.csv": []}
+    for group in group_seeds(experiments):
+        tag, rows = tags[group[0]["path"]], combine_seeds([e["rows"] for e in group])
+        dense = finite_mean(a for e in group if (a := dense_accuracy(e["rows"])) is not None)
+        dense = None if dense != dense else round(dense, 6)
+        ext = extreme_rows(group, rows, dense)
+        sections.append(group_markdown(tag, group, rows, dense, ext))
+        csvs["accuracy_vs_sparsity.csv"] += [dict(experiment=tag, **r) for r in rows]
+        csvs["extreme_tickets.csv"] += [dict(experiment=tag, **{k: v for k, v in e.items() if k != "saving"})
+                                        for e in ext]
+        curves.setdefault(figure_key(group[0]), []).append((group, rows, dense))
+        pictures += mask_pictures(group[0], prefix(group[0]), layers)
+    for e in experiments:
+        pictures += speedup_pictures(e, prefix(e), tags[e["path"]], csvs)
+    return write_report_files(out_dir, dirs, sections, csvs, accuracy_pictures(curves, tags) + pictures, log)
+
+
+def write_report_files(out_dir, dirs, sections, csvs, pictures, log):
+    """Write the CSVs, the pictures (when matplotlib imports; else one WARNING line) and report.md."""
+    os.makedirs(out_dir, exist_ok=True)
+    written = {}
+    for name, rows in csvs.items():
+        if rows:
+            write_csv(rows, written.setdefault(name, os.path.join(out_dir, name)))
+    drawn = have_matplotlib()
+    if not drawn:
+        print(NO_MATPLOTLIB, file=sys.stderr)
+    sizes = {name: save_figure(make(), written.setdefault(name, os.path.join(out_dir, name)))
+             for name, make in (pictures if drawn else [])}
+    figures = [f"- `{name}` ({w}x{h} px)\n\n  ![{name}]({name})" for name, (w, h) in sizes.items()]
+    if not drawn:
+        figures = [f"Not drawn: matplotlib is not installed (`pip install matplotlib`, then run the same "
+                   f"command again). The numbers behind them are in the CSVs."]
+    text = "\n".join([
+        "# lth_ref report", "",
+        f"Built by `--report` on {time.strftime('%Y-%m-%d')} from {', '.join(dirs)}. Sparsity = % "
+        "of the prunable weights (every conv but the stem) removed; test_acc = the final epoch's test "
+        "accuracy; flop_ratio = the blocks' share of the dense conv's multiply-adds.", "",
+        *sections, "## Figures", "",
+        "Masks: black = kept, rows = output channels (O), columns = (c, ky, kx) positions (K); a mask larger "
+        f"than {MASK_MAX_CELLS} cells per axis is block-averaged for display (grey = partly kept). Regroup "
+        "masks have their rows and columns reordered by block (`block_order`).", "", *figures, ""])
+    atomic_write_text(text, written.setdefault("report.md", os.path.join(out_dir, "report.md")))
+    log(f"wrote {written['report.md']} ({len(sizes)} figures, {len(written) - len(sizes) - 1} CSVs)")
+    return written
+
+
 # ---- CLI ----
 class HelpFormatter(argparse.HelpFormatter):
     """--help shows a flag's default once: '(default: X)' unless the help already names it or it is
@@ -1813,6 +2314,11 @@ def build_parser():
     a("--bench-memory-format", default="auto", choices=["auto", *kernels.MEMORY_FORMATS],
       help="memory format of the activations, dense and regrouped alike; auto = channels_last on "
            "the CPU (faster for both there), contiguous (NCHW, the CUDA kernel's layout) on a GPU")
+    a("--report", nargs="+", default=None, metavar="DIR",
+      help="instead of training: report.md, CSVs and figures (matplotlib) of experiment directories, "
+           "into --out-dir if given, else DIR/report (one DIR) or report/ in the DIRs' common parent")
+    a("--report-layers", nargs="+", default=None, metavar="NAME",
+      help="convs drawn by --report's mask pictures, e.g. layer3.2.conv2 (default: the last three)")
     return p
 
 
@@ -1861,10 +2367,13 @@ def config_from_args(args):
 
 
 def main(argv=None):
-    """The single entry point: run an experiment (default), a benchmark (--bench) or an export (--export)."""
+    """The single entry point: run an experiment (default), or a benchmark (--bench), an export (--export)
+    or a report (--report)."""
     args = build_parser().parse_args(argv)
     try:
-        if args.bench:
+        if args.report:
+            write_report(args.report, args.out_dir, args.report_layers)
+        elif args.bench:
             BENCHES[args.bench](args)
         elif args.export:
             export_slim(args)

@@ -3,9 +3,11 @@
 Run with `python -m pytest -q test_lth_ref.py` (CPU, a few minutes). CUDA tests skip without a GPU.
 """
 import copy
+import csv
 import dataclasses
 import functools
 import io
+import itertools
 import json
 import math
 import os
@@ -20,6 +22,7 @@ import tarfile
 import threading
 import urllib.error
 import urllib.request
+import zlib
 
 import numpy as np
 import pytest
@@ -1703,6 +1706,214 @@ def test_bench_names_the_branches_when_the_run_asked_for_has_none(tmp_path, caps
     run_cli(tmp_path, "--levels", "1", "--epochs", "1", "--method", "refill")
     assert L.main(["--bench", "--out-dir", str(tmp_path / "run"), "--method", "regroup"] + FAST) == 2
     assert "branches here: ['refill']" in capsys.readouterr().err
+
+
+# ---- report ----
+LAST_CONVS = ["layer3.1.conv2", "layer3.2.conv1", "layer3.2.conv2"]   # resnet20's last three convs
+BENCH = dict(device="test device", date="2026-01-02", torch="x", runs=[dict(
+    batch=64, layers=[dict(name="layer3.2.conv2.weight", flop_ratio=0.25, dense_ms=2.0, regrouped_ms=1.0,
+                           speedup=2.0, path="cuda-kernel"),
+                      dict(name="layer3.2.conv1.weight", flop_ratio=0.5, dense_ms=2.0, regrouped_ms=1.0,
+                           path="dense")],                       # no speedup: computed from the times
+    model=dict(dense_ms=4.0, regrouped_ms=3.0))])                # savings: conv 50%, end to end 25%
+
+
+@pytest.fixture(scope="module")
+def report_exp(tmp_path_factory):
+    """Two methods, two levels. Accuracies set by hand in results.json: regroup's level 2 equals the dense
+    accuracy (a tie, which wins), every refill level is below it (none). A bench.json on each regroup level."""
+    tmp = tmp_path_factory.mktemp("report")
+    tiny = ["--levels", "2", "--epochs", "1", "--train-subset", "64"]         # one SGD step per level
+    run_cli(tmp, *tiny, "--method", "regroup")
+    out, rows = run_cli(tmp, *tiny, "--method", "refill")
+    dense = next(r["test_acc"] for r in rows if r["level"] == 0)
+    for r in rows:
+        if r["branch"] == "regroup":
+            r["test_acc"] = dense if r["level"] == 2 else round(dense + 0.01, 6)
+        if r["branch"] == "refill":
+            r["test_acc"] = round(dense - 0.01 * r["level"], 6)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(rows, f)
+    for level in (1, 2):
+        with open(os.path.join(out, "regroup", f"level_0{level}", "bench.json"), "w") as f:
+            json.dump(BENCH, f)
+    return out, rows
+
+
+def md_table_after(text, marker):
+    """The first markdown table after `marker` as dicts of strings."""
+    lines = text[text.index(marker):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    table = [line.strip("|").split("|") for line in itertools.takewhile(lambda l: l.startswith("|"), lines[start:])]
+    keys = [k.strip() for k in table[0]]
+    return [dict(zip(keys, (v.strip() for v in row))) for row in table[2:]]
+
+
+def extreme_by_rule(rows, dense):
+    """The sparsest level >= 1 with accuracy >= dense, written out independently of lth_ref."""
+    wins = sorted((r for r in rows if r["level"] >= 1 and r["test_acc"] >= dense),
+                  key=lambda r: (-(1 - r["density"]), -r["test_acc"], r["level"]))
+    return wins[0]["level"] if wins else None
+
+
+def png_size(path):
+    """(width, height) of a PNG, after checking its chunks' CRCs and inflating its pixel data."""
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        assert struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] == zlib.crc32(kind + body)
+        header = struct.unpack(">IIBB", body[:10]) if kind == b"IHDR" else header
+        idat += body if kind == b"IDAT" else b""
+        pos += 12 + length
+    width, height, depth, color = header
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[color]
+    assert depth == 8 and len(zlib.decompress(idat)) == height * (1 + width * channels)
+    return width, height
+
+
+def test_report_has_every_row_and_each_runs_extreme_ticket_by_the_rule(report_exp, capsys):
+    out, rows = report_exp
+    assert L.main(["--report", out]) == 0
+    text = open(os.path.join(out, "report", "report.md")).read()
+    table = md_table_after(text, "Dense accuracy")
+    assert [(r["branch"], int(r["level"])) for r in table] == \
+        [("trunk", 0), ("trunk", 1), ("trunk", 2), ("refill", 1), ("refill", 2), ("regroup", 1), ("regroup", 2)]
+    by_key = {(r["branch"], r["level"]): r for r in rows}
+    for r in table:
+        want = by_key[(r["branch"], int(r["level"]))]
+        assert float(r["test_acc"]) == pytest.approx(want["test_acc"], abs=5e-5)
+        assert float(r["density"]) == pytest.approx(want["density"], abs=5e-5)
+        assert r["flop_ratio"] == ("" if want["flop_ratio"] == "" else f"{want['flop_ratio']:.4f}")
+    dense = next(r["test_acc"] for r in rows if r["level"] == 0)
+    assert f"Dense accuracy (level 0): {dense:.4f}." in text
+    extremes = {e["run"]: e for e in md_table_after(text, "Extreme winning tickets")}
+    for branch in ("trunk", "refill", "regroup"):
+        level = extreme_by_rule(rows_of(rows, branch), dense)
+        assert extremes[branch]["extreme winning ticket"] == ("none" if level is None else f"level {level}")
+    assert extremes["regroup"]["extreme winning ticket"] == "level 2" and extremes["refill"]["time saving"] == "-"
+    assert extremes["regroup"]["time saving"].startswith("50.0% conv layers, 25.0% end to end (batch 64, test device")
+
+
+def test_report_pictures_decode_at_the_stated_sizes(report_exp, tmp_path):
+    pytest.importorskip("matplotlib")
+    out, _ = report_exp
+    written = L.write_report([out], str(tmp_path), log=lambda *_: None)
+    text = open(written["report.md"]).read()
+    expected = {"accuracy_vs_sparsity.png": (640, 400), "layer_speedup_regroup_level_01.png": (800, 400),
+                "layer_speedup_regroup_level_02.png": (800, 400),
+                **{f"masks_{n}.png": (3 * 240, 300) for n in LAST_CONVS}}   # trunk, refill, regroup panels
+    assert {n for n in written if n.endswith(".png")} == set(expected)
+    for name, (w, h) in expected.items():
+        assert png_size(written[name]) == (w, h) and f"`{name}` ({w}x{h} px)" in text
+        assert os.path.getsize(written[name]) < 60_000
+    speed = list(csv.DictReader(open(written["layer_speedup_regroup_level_01.csv"])))
+    assert [float(r["speedup"]) for r in speed] == [2.0, 2.0] and [r["path"] for r in speed] == ["cuda-kernel", "dense"]
+
+
+def no_matplotlib(monkeypatch):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)               # `import matplotlib` raises ImportError
+
+
+def test_report_without_matplotlib_says_so_once_and_writes_the_tables(report_exp, tmp_path, monkeypatch, capsys):
+    no_matplotlib(monkeypatch)
+    out, _ = report_exp
+    written = L.write_report([out], str(tmp_path), log=lambda *_: None)
+    err = capsys.readouterr().err
+    assert err.count("pip install matplotlib") == 1 and err.startswith("WARNING: matplotlib is not installed")
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".png")]
+    assert "Extreme winning tickets" in open(written["report.md"]).read()
+    assert {"accuracy_vs_sparsity.csv", "extreme_tickets.csv", "layer_speedup_regroup_level_02.csv"} <= set(written)
+
+
+def test_extreme_ticket_rule_on_hand_made_rows():
+    row = lambda level, density, acc: dict(level=level, density=density, test_acc=acc)
+    rows = [row(0, 1.0, 0.90), row(1, 0.8, 0.91), row(2, 0.64, 0.90), row(3, 0.512, 0.89)]
+    assert L.extreme_ticket(rows, 0.90)["level"] == 2                    # equal to dense counts
+    assert L.extreme_ticket(rows, 0.905)["level"] == 1
+    assert L.extreme_ticket(rows, 0.95) is None                          # no winning level
+    assert L.extreme_ticket([row(0, 1.0, 0.99)], 0.5) is None            # the dense level is no ticket
+    assert L.extreme_ticket(rows, None) is None
+    ties = [row(1, 0.5, 0.92), row(2, 0.5, 0.93), row(3, 0.5, 0.93), row(4, 0.6, 0.99)]
+    assert L.extreme_ticket(ties, 0.9)["level"] == 2                    # same density: higher acc, lower level
+
+
+def write_experiment(path, config, rows):
+    os.makedirs(path)
+    for name, obj in (("config.json", config), ("results.json", rows)):
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(obj, f)
+
+
+def test_report_groups_seeds_and_reads_the_single_run_layout(tmp_path, monkeypatch, capsys):
+    no_matplotlib(monkeypatch)
+    cfg = dict(arch="resnet20", dataset="synthetic", epochs=2, mask_source="imp", levels=2, out_dir="x")
+    row = lambda branch, level, density, acc: dict(branch=branch, source="imp", method="imp", init="rewind",
+                                                   level=level, density=density, test_acc=acc, flop_ratio="",
+                                                   blocks="", coverage="")
+    accs = {0: [0.50, 0.60, 0.70], 1: [0.56, 0.50, 0.75]}               # seed: level 0, 1, 2
+    for seed, (a0, a1, a2) in accs.items():                             # seed 0 alone: level 2 wins
+        write_experiment(tmp_path / "runs" / f"s{seed}", {**cfg, "seed": seed, "levels": 2 + seed},
+                         [row("trunk", 0, 1.0, a0), row("trunk", 1, 0.8, a1), row("trunk", 2, 0.64, a2)])
+    write_experiment(tmp_path / "runs" / "lr", {**cfg, "seed": 0, "lr": 0.05}, [row("trunk", 0, 1.0, 0.4)])
+    write_experiment(tmp_path / "runs" / "old", {**cfg, "seed": 0, "method": "regroup"},   # no branch column
+                     [dict(level=0, density=1.0, test_acc=0.3), dict(level=1, density=0.8, test_acc=0.31)])
+    dirs = [str(tmp_path / "runs" / d) for d in ("s0", "s1", "lr", "old")]
+    groups = L.group_seeds([L.read_experiment(d) for d in dirs])
+    assert [[e["config"]["seed"] for e in g] for g in groups] == [[0, 1], [0], [0]]
+    rows = L.combine_seeds([e["rows"] for e in groups[0]])
+    assert [(r["level"], r["seeds"], r["acc_min"], r["acc_max"]) for r in rows] == \
+        [(0, 2, 0.5, 0.56), (1, 2, 0.5, 0.6), (2, 2, 0.7, 0.75)]
+    assert rows[2]["test_acc"] == pytest.approx(0.725) and rows[2]["sparsity"] == pytest.approx(36.0)
+    assert L.extreme_ticket(rows, 0.53)["level"] == 2 and L.extreme_ticket(rows, 0.73) is None
+    assert L.main(["--report", *dirs]) == 0
+    text = open(tmp_path / "runs" / "report" / "report.md").read()
+    seeds = md_table_after(text, "## s0")
+    assert [(r["level"], r["test_acc"], r["acc min-max"]) for r in seeds] == \
+        [("0", "0.5300", "0.5000-0.5600"), ("1", "0.5500", "0.5000-0.6000"), ("2", "0.7250", "0.7000-0.7500")]
+    assert "0.5300 (mean of 2 seeds, range 0.5000-0.5600)" in text
+    old = md_table_after(text, "## old")
+    assert [(r["branch"], r["method"], r["level"]) for r in old] == [("regroup", "regroup", "0"), ("regroup", "regroup", "1")]
+    assert md_table_after(text[text.index("## old"):], "Extreme")[0]["extreme winning ticket"] == "level 1"
+
+
+def test_block_order_draws_blocks_as_rectangles():
+    def contiguous(positions):
+        positions = np.sort(positions)
+        return positions[-1] - positions[0] == len(positions) - 1
+    out_rows, k = 12, 40
+    laminar = [([0, 5, 7], [1, 2, 3, 10, 20, 30, 31]), ([1, 2], [2, 20]), ([3, 11], [0, 4, 5, 39]),
+               ([4], [30]), ([9, 10], [6, 7, 8, 9, 11])]                # column sets disjoint or nested
+    blocks = [(torch.tensor(r), torch.tensor(c)) for r, c in laminar]
+    mask2d = kernels.block_mask((out_rows, k, 1, 1), blocks).reshape(out_rows, k)
+    rows, cols = L.block_order(blocks, out_rows, k)
+    assert sorted(rows) == list(range(out_rows)) and sorted(cols) == list(range(k))
+    where_row, where_col = np.argsort(rows), np.argsort(cols)           # position of each row / column
+    drawn = mask2d.numpy()[rows][:, cols]
+    for r, c in laminar:
+        assert contiguous(where_row[r]) and contiguous(where_col[c])
+        assert drawn[np.ix_(np.sort(where_row[r]), np.sort(where_col[c]))].all()
+    assert drawn.sum() == mask2d.sum()
+    torch.manual_seed(0)                                                # regroup's own, overlapping blocks
+    mask = (torch.rand(64, 32, 3, 3) < 0.2).float()
+    new, found = L.regroup_mask(mask)
+    rows, cols = L.block_order(found, 64, 288)
+    where_row, where_col = np.argsort(rows), np.argsort(cols)
+    assert all(contiguous(where_row[r.numpy()]) for r, _ in found)
+    widest = sorted(found, key=lambda b: -len(b[1]))[:2]
+    assert all(contiguous(where_col[c.numpy()]) for _, c in widest)
+
+
+def test_report_refuses_what_it_cannot_read(report_exp, tmp_path, capsys):
+    assert L.main(["--report", str(tmp_path)]) == 2
+    assert "is not an experiment directory" in capsys.readouterr().err
+    out, _ = report_exp
+    assert L.main(["--report", out, "--out-dir", str(tmp_path / "r"), "--report-layers", "fc"]) == 2
+    err = capsys.readouterr().err
+    assert "no prunable conv 'fc.weight'" in err and "layer3.2.conv2" in err
 
 
 # ---- kernels (grouped GEMM) ----
