@@ -1342,7 +1342,8 @@ def summary_line(row):
 def markdown_table(rows):
     """A list of dicts with the same keys as a markdown table (floats to 4 decimals)."""
     keys = list(rows[0])
-    fmt = lambda v: (f"{v:.1e}" if 0 < abs(v) < 1e-3 else f"{v:.4f}") if isinstance(v, float) else str(v)
+    fmt = lambda v: str(v) if not isinstance(v, float) else f"{v:.1e}" if 0 < abs(v) < 1e-3 else \
+        f"{v:.1f}" if abs(v) >= 100 else f"{v:.4f}".rstrip("0").rstrip(".")
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
