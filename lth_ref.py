@@ -1603,10 +1603,11 @@ def bench_kernels(args, log=print):
     blocks = ticket["blocks"] or {n: channel_blocks(m) for n, m in ticket["masks"].items()}
     device = resolve_device(args.device)
     paper = args.bench == "paper"
-    fmt = args.bench_memory_format
-    fmt = fmt if fmt != "auto" else "channels_last" if torch.device(device).type == "cpu" else "contiguous"
-    memory_format = kernels.MEMORY_FORMATS[fmt]
     shape = datasets.IMAGE_SHAPES[ticket["config"].get("dataset", "cifar10")]
+    fmt = args.bench_memory_format
+    if fmt == "auto":
+        fmt = faster_memory_format(kernels.masked_model(model, blocks), shape, args.bench_batch[0], device, log)
+    memory_format = kernels.MEMORY_FORMATS[fmt]
     report = dict(ticket=path, arch=ticket["config"]["arch"], method=ticket["config"]["method"],
                   level=ticket["level"], device=device_name(device), memory_format=fmt, torch=torch.__version__,
                   threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
@@ -1651,6 +1652,27 @@ def bench_slim(model, masks, batch_size, device, repeats, input_size=INPUT_SHAPE
                 mac_ratio=round(macs[1] / macs[0], 4), ideal_speedup=round(macs[0] / macs[1], 3),
                 dense_ms=round(dense_ms, 2), slim_ms=round(slim_ms, 2), speedup=round(dense_ms / slim_ms, 3),
                 max_rel_err=err)
+
+
+FORMAT_PROBE_RUNS = 5  # timed forwards per memory format when --bench-memory-format auto measures them
+
+
+def faster_memory_format(model, shape, batch_size, device, log=print):
+    """The memory format (kernels.MEMORY_FORMATS key) in which the dense model runs a batch faster on this
+    machine, measured (which one wins depends on the CPU or GPU and its oneDNN / cuDNN kernels), so the
+    grouped GEMM is compared with the faster dense network."""
+    x = torch.randn(batch_size, *shape, device=device)
+    runs = {}
+    for name, memory_format in kernels.MEMORY_FORMATS.items():
+        m = copy.deepcopy(model).to(device, memory_format=memory_format).eval()
+        xf = x.contiguous(memory_format=memory_format)
+        runs[name] = lambda m=m, xf=xf: m(xf)
+    with torch.no_grad():
+        ms = dict(zip(runs, kernels.time_interleaved(list(runs.values()), torch.device(device), FORMAT_PROBE_RUNS,
+                                                     warmup=1)))
+    best = min(ms, key=ms.get)
+    log(f"memory format: {best} (dense forward {', '.join(f'{k} {v:.1f} ms' for k, v in ms.items())})")
+    return best
 
 
 def fresh_ticket(args):
@@ -2033,7 +2055,8 @@ def extreme_rows(group, rows, dense):
         pick = lambda k: "" if best is None else best[k]
         out.append(dict(source=run[0]["source"], branch=branch, method=run[0]["method"], init=run[0]["init"],
                         dense_acc="" if dense is None else dense,
-                        extreme_level="none" if best is None else best["level"], density=pick("density"), sparsity=pick("sparsity"), test_acc=pick("test_acc"),
+                        extreme_level="none" if best is None else best["level"], density=pick("density"),
+                        sparsity=pick("sparsity"), test_acc=pick("test_acc"),
                         saving_conv=finite_mean(s["conv"] for s in savings) if savings else "",
                         saving_end_to_end=finite_mean(s["end_to_end"] for s in savings) if savings else "",
                         saving=saving_text(savings)))
@@ -2249,7 +2272,8 @@ def build_parser():
            "of the trunk's (official main_imp_regroup.py); needs --mask-source imp and a --method other than imp")
     a("--dataset", default="cifar10", choices=list(datasets.DATASETS),
       help="synthetic = small deterministic CIFAR-shaped data for smoke runs")
-    a("--data-dir", default="data", help="where CIFAR archives / extracted folders live")
+    a("--data-dir", default="data",
+      help="where the datasets live: CIFAR archives or folders, tiny-imagenet-200/, imagenet/")
     a("--out-dir", default=None,
       help="experiment directory (default: runs/ARCH_DATASET_SOURCE, plus _seedN for --seed N != 0)")
     a("--levels", type=int, default=PAPER["levels"], help="pruning levels after the dense level 0")
@@ -2313,8 +2337,8 @@ def build_parser():
     a("--bench-batch", type=int, nargs="+", default=[64], help="batch sizes for --bench kernels")
     a("--bench-repeats", type=int, default=30, help="timed runs per measurement (median)")
     a("--bench-memory-format", default="auto", choices=["auto", *kernels.MEMORY_FORMATS],
-      help="memory format of the activations, dense and regrouped alike; auto = channels_last on "
-           "the CPU (faster for both there), contiguous (NCHW, the CUDA kernel's layout) on a GPU")
+      help="memory format of the activations, dense and regrouped alike; auto = the one in which the "
+           "dense model runs faster on this machine (measured first)")
     a("--report", nargs="+", default=None, metavar="DIR",
       help="instead of training: report.md, CSVs and figures (matplotlib) of experiment directories, "
            "into --out-dir if given, else DIR/report (one DIR) or report/ in the DIRs' common parent")
@@ -2386,6 +2410,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -476,9 +476,35 @@ def _vgg_links(model, links):
     stream.readers.append("fc")
 
 
+def _bottleneck_links(block, prefix, stream, links):
+    """Bottleneck: conv1 -> bn1 and conv2 -> bn2 are the block's inner sets (read by conv2 and conv3);
+    conv3 -> bn3 adds to the shortcut. Reads `stream`; returns the link of the block's output."""
+    stream.readers.append(prefix + "conv1")
+    links.append(ChannelLink([(prefix + "conv1", prefix + "bn1")], [prefix + "conv2"]))
+    links.append(ChannelLink([(prefix + "conv2", prefix + "bn2")], [prefix + "conv3"]))
+    return _residual_add(block.shortcut, prefix + "shortcut", stream, (prefix + "conv3", prefix + "bn3"), links)
+
+
+def _mobilenet_links(model, links):
+    """MobileNet-v1: a block's depthwise conv reads and produces its input set (channel c from channel c
+    only: a producer and a reader of that set), its pointwise conv reads it and starts the next set; the
+    stem starts the first, the classifier reads the last."""
+    stream = ChannelLink([("conv1", "bn1")])
+    links.append(stream)
+    for j in range(len(model.layers)):
+        p = f"layers.{j}."
+        stream.producers.append((p + "conv1", p + "bn1"))
+        stream.readers += [p + "conv1", p + "conv2"]
+        stream = ChannelLink([(p + "conv2", p + "bn2")])
+        links.append(stream)
+    stream.readers.append("fc")
+
+
 # Model rules: fn(model, links) appends the model's ChannelLinks. Block rules (called by a model rule):
 # fn(block, prefix, stream, links) -> the link of the block's output; `stream` is the link of its input.
-LINK_RULES: dict[type, Callable] = {ResNet: _resnet_links, VGG: _vgg_links, BasicBlock: _basic_block_links}
+LINK_RULES: dict[type, Callable] = {ResNet: _resnet_links, BottleneckResNet: _resnet_links, VGG: _vgg_links,
+                                    MobileNetV1: _mobilenet_links, BasicBlock: _basic_block_links,
+                                    Bottleneck: _bottleneck_links}
 
 
 def _link_rule(module):

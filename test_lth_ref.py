@@ -2524,13 +2524,35 @@ def test_bench_density_runs_the_grouped_gemm_on_a_fresh_regrouped_model(tmp_path
     report = L.bench_kernels(args, log=lambda *_: None)
     run = report["runs"][0]
     assert len(run["layers"]) == 18 and run["model"]["max_rel_err"] < 1e-4
-    assert report["memory_format"] == run["model"]["memory_format"] == "channels_last"  # auto on the CPU
+    assert report["memory_format"] == run["model"]["memory_format"] in kernels.MEMORY_FORMATS  # measured
+    assert run["slim"]["max_rel_err"] < 1e-4 and run["slim"]["params_slim"] <= run["slim"]["params"]
     assert json.load(open(tmp_path / "bench.json"))["arch"] == "resnet20"
     _, ticket = L.fresh_ticket(args)
     model = models.MODELS["resnet20"](10)
     model.load_state_dict(ticket["state_dict"])
     with torch.no_grad():                    # BN calibrated: the output depends on the input
         assert model.eval()(torch.randn(8, 3, 32, 32)).std(0).max() > 1e-3
+
+
+def test_auto_memory_format_is_the_faster_one_for_the_dense_model(monkeypatch):
+    timed = {}
+
+    def fake_timing(fns, device, repeats, warmup):              # channels-last made slower on purpose
+        timed["n"] = len(fns)
+        return [1.0, 2.0] if list(kernels.MEMORY_FORMATS)[0] == "contiguous" else [2.0, 1.0]
+    monkeypatch.setattr(kernels, "time_interleaved", fake_timing)
+    model = models.MODELS["resnet20"](10)
+    assert L.faster_memory_format(model, (3, 32, 32), 2, "cpu", log=lambda *_: None) == "contiguous"
+    assert timed["n"] == len(kernels.MEMORY_FORMATS)
+
+
+def test_bench_train_times_ours_plain_and_the_masking(capsys):
+    row = L.bench_train(L.build_parser().parse_args(
+        ["--bench", "train", "--arch", "resnet20", "--batch-size", "4", "--bench-repeats", "2", "--device", "cpu"]),
+        log=lambda *_: None)
+    assert row["img_s_ours"] > 0 and row["img_s_plain"] > 0 and row["img_s_unmasked"] > 0
+    assert row["ms_masking"] > 0 and 0 < row["masking_pct_of_step"] < 100
+    assert row["ours_vs_plain"] == pytest.approx(row["img_s_ours"] / row["img_s_plain"], rel=1e-2)
 
 
 def test_bench_density_refuses_an_unstructured_method(tmp_path, capsys):
@@ -2627,6 +2649,7 @@ def slim_err(model, slim, batch=2, seed=0):
     ("resnet20", "layer2.1.conv1.weight", "whole"),
     ("resnet18", "layer3.0.conv1.weight", "layer2.0.shortcut.0"),
     ("wrn32_2", "layer1.2.conv1.weight", "layer3.0.shortcut.0"),
+    ("resnet50", "layer2.1.conv2.weight", "layer4.0.shortcut.0"),
 ])
 def test_slim_model_equals_the_masked_ticket(name, one_alive, stream, one_thread):
     masks = random_channel_masks(built(name), seed=1, one_alive=one_alive)
@@ -2641,6 +2664,22 @@ def test_slim_model_equals_the_masked_ticket(name, one_alive, stream, one_thread
     elif stream:  # every branch into this stream drops rows % 4 == 1: the stream shrinks by at least 1/4
         assert widths[stream] <= 3 * ticket.get_submodule(stream).out_channels // 4
     assert all(torch.equal(p, q) for p, q in zip(ticket.parameters(), masked_ticket(built(name), masks).parameters()))
+
+
+def test_mobilenet_v1_slims_pointwise_and_depthwise_channels(one_thread):
+    model = built("mobilenet_v1")
+    masks = {n: channel_mask(w, torch.arange(w.shape[0]) % 4 != 1) for n, w in L.prunable_weights(model).items()}
+    ticket = masked_ticket(model, masks)
+    slim = models.slim_model(ticket, masks).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():                     # random BN drowns the input's signal in 13 blocks: compare
+        feats = [net.layers[:3](F.relu(net.bn1(net.conv1(x)))) for net in (ticket, slim)]   # early features
+        logits = ticket(x), slim(x)
+    kept = torch.arange(128) % 4 != 1
+    assert torch.all(feats[0][:, ~kept] == 0) and (feats[0][:, kept] - feats[1]).abs().max() < 1e-12
+    assert feats[1].std(0).max() > 1e-3 and (logits[0] - logits[1]).abs().max() < 1e-12
+    dw = slim.layers[1].conv1                 # depthwise: follows the 64 -> 48 channels it reads
+    assert (dw.in_channels, dw.groups, dw.out_channels, slim.layers[1].conv2.in_channels) == (48, 48, 48, 48)
 
 
 def test_a_dead_row_with_a_live_bn_shift_is_kept(one_thread):
