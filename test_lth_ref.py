@@ -2854,3 +2854,16 @@ def test_exporting_an_unstructured_trunk_ticket_warns_that_dead_rows_stay(tmp_pa
     torch.save(t, path)
     assert L.main(["--export", str(tmp_path / "slim.pt"), "--ticket", path]) == 0
     assert "WARNING: 1 pruned output channels keep a BN scale or shift" in capsys.readouterr().err
+
+
+# ---- README ----
+def test_readme_cli_table_lists_every_flag_with_its_default():
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(--[a-z-]+)[^`]*` \| ([^|]*) \|", readme, re.M)}
+    for action in L.build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            flag, default = action.option_strings[0], action.default
+            assert flag in rows, f"README's CLI table lacks {flag}"
+            expected = "-" if default is None or default is False else " ".join(map(str, default)) \
+                if isinstance(default, list) else str(default)
+            assert rows[flag].strip() == expected, flag
