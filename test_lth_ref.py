@@ -1873,7 +1873,7 @@ def test_report_groups_seeds_and_reads_the_single_run_layout(tmp_path, monkeypat
     text = open(tmp_path / "runs" / "report" / "report.md").read()
     seeds = md_table_after(text, "## s0")
     assert [(r["level"], r["test_acc"], r["acc min-max"]) for r in seeds] == \
-        [("0", "0.5300", "0.5000-0.5600"), ("1", "0.5500", "0.5000-0.6000"), ("2", "0.7250", "0.7000-0.7500")]
+        [("0", "0.53", "0.5000-0.5600"), ("1", "0.55", "0.5000-0.6000"), ("2", "0.725", "0.7000-0.7500")]
     assert "0.5300 (mean of 2 seeds, range 0.5000-0.5600)" in text
     old = md_table_after(text, "## old")
     assert [(r["branch"], r["method"], r["level"]) for r in old] == [("regroup", "regroup", "0"), ("regroup", "regroup", "1")]
