@@ -1033,11 +1033,17 @@ def level_density(cfg, level):
 
 
 # mask sources: (experiment, level) -> (trunk mask m_L, the state its weights come from)
-def imp_source(exp, level):
-    """IMP (Alg. 1): prune prune_rate of the remaining weights of trunk level L-1, by global magnitude."""
-    prev = load_ticket(ticket_path(trunk_run(exp.cfg), level - 1), exp.model)
+def pruned_level(exp, run, level):
+    """IMP's step on a finished ticket: run's level L-1 with prune_rate of its remaining weights removed
+    by global magnitude. Returns (mask m_L, the state its weights come from)."""
+    prev = load_ticket(ticket_path(run, level - 1), exp.model)
     weights = {n: prev["state_dict"][n] for n in prev["masks"]}
     return magnitude_prune(weights, prev["masks"], exp.cfg.prune_rate), prev["state_dict"]
+
+
+def imp_source(exp, level):
+    """IMP (Alg. 1): trunk level L-1, pruned."""
+    return pruned_level(exp, trunk_run(exp.cfg), level)
 
 
 def omp_source(exp, level):
@@ -1087,9 +1093,7 @@ MASK_SOURCES = {
 def group_aware_source(exp, run, level):
     """Group-aware IMP (App. A1, Alg. 4): prune the branch's own post-processed ticket of level L-1
     (level 0: the dense trunk) instead of the unstructured trunk's."""
-    prev = load_ticket(ticket_path(run if level > 1 else trunk_run(exp.cfg), level - 1), exp.model)
-    weights = {n: prev["state_dict"][n] for n in prev["masks"]}
-    return magnitude_prune(weights, prev["masks"], exp.cfg.prune_rate), prev["state_dict"]
+    return pruned_level(exp, run if level > 1 else trunk_run(exp.cfg), level)
 
 
 def branch_masks(exp, run, level):
@@ -1310,17 +1314,26 @@ def level_metrics(exp, run, level, masks, blocks, stats, accs, loss, seconds):
     return row
 
 
+def finished_tickets(path):
+    """The ticket.pt of every finished level of the run in `path`, by level."""
+    levels = sorted(d for d in os.listdir(path) if d.startswith("level_")) if os.path.isdir(path) else []
+    return [t for t in (os.path.join(path, d, "ticket.pt") for d in levels) if os.path.exists(t)]
+
+
+def branch_dirs(exp_dir):
+    """Names of the experiment's branch directories (those holding a branch.json), sorted."""
+    return sorted(d for d in os.listdir(exp_dir) if os.path.exists(os.path.join(exp_dir, d, "branch.json")))
+
+
 def run_rows(path):
     """The result rows of the finished levels of the run in `path` (tickets mapped, not read)."""
-    levels = sorted(d for d in os.listdir(path) if d.startswith("level_")) if os.path.isdir(path) else []
-    tickets = [os.path.join(path, d, "ticket.pt") for d in levels]
-    return [load_ticket(t, mmap=True)["metrics"] for t in tickets if os.path.exists(t)]
+    return [load_ticket(t, mmap=True)["metrics"] for t in finished_tickets(path)]
 
 
 def write_results(exp_dir):
     """results.json/csv per branch and, combined with the trunk's rows, for the experiment. Returns
     the combined rows (trunk first, then branches by name; by level within a run)."""
-    branches = sorted(d for d in os.listdir(exp_dir) if os.path.exists(os.path.join(exp_dir, d, "branch.json")))
+    branches = branch_dirs(exp_dir)
     rows = run_rows(exp_dir)
     for name in branches:
         branch_rows = run_rows(os.path.join(exp_dir, name))
@@ -1573,13 +1586,12 @@ def find_bench_ticket(args, required=True):
     if path is None and args.out_dir and os.path.isdir(args.out_dir):
         cfg = config_from_args(args)
         run = branch_run(cfg) or trunk_run(cfg)
-        levels = [L for L in range(1000) if os.path.exists(ticket_path(run, L))]
-        if not levels:
-            branches = sorted(d for d in os.listdir(cfg.out_dir)
-                              if os.path.exists(os.path.join(cfg.out_dir, d, "branch.json")))
+        tickets = finished_tickets(run.path)
+        if not tickets:
+            branches = branch_dirs(cfg.out_dir)
             raise UsageError(f"{args.out_dir} has no finished level of the {run.name} (branches here: "
                              f"{branches or 'none'}); name one with --method and its knobs, or pass --ticket")
-        path = ticket_path(run, levels[-1])
+        path = tickets[-1]
     if path is None:
         if required:
             raise UsageError("no ticket to benchmark or export: pass --ticket PATH, or --out-dir of an experiment "
