@@ -628,6 +628,10 @@ IMAGE_SHAPES = {  # (C, H, W) of the batches of each dataset, known without load
     "tinyimagenet": (3, TINY_IMAGENET.image_size, TINY_IMAGENET.image_size),
     "imagenet": (3, IMAGENET.image_size, IMAGENET.image_size),
 }
+CLASS_COUNTS = {  # classes of each dataset, known without loading it (the folders' wnids give the same)
+    "cifar10": CIFAR10.num_classes, "cifar100": CIFAR100.num_classes, "synthetic": SYNTH_CLASSES,
+    "tinyimagenet": 200, "imagenet": 1000,
+}
 
 
 def split_indices(n: int, name: str, val_split: int, train_subset: int | None, seed: int):

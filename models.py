@@ -707,19 +707,24 @@ def load_slim(state: dict) -> nn.Module:
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, input_shape=(3, 32, 32)) -> int:
+def count_macs(model: nn.Module, input_shape=(3, 32, 32), nonzero: bool = False) -> int:
     """Multiply-accumulates of every Conv2d and Linear for one image (forward hooks, eval mode).
 
     Conv: output elements x (in_channels / groups) x kh x kw; Linear: out_features x in_features.
-    BN, ReLU, pooling and adds are not counted (the paper counts conv and FC FLOPs).
+    nonzero: count only the MACs of nonzero weights (what a kernel that skips pruned weights does):
+    conv output pixels x nonzero weights, Linear nonzero weights. BN, ReLU, pooling and adds are not
+    counted (the paper counts conv and FC FLOPs).
     """
     total = [0]
 
     def conv_hook(m, inputs, out):
-        total[0] += out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        if nonzero:
+            total[0] += out[0][0].numel() * int(torch.count_nonzero(m.weight))
+        else:
+            total[0] += out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
 
     def linear_hook(m, inputs, out):
-        total[0] += out[0].numel() * m.in_features
+        total[0] += int(torch.count_nonzero(m.weight)) if nonzero else out[0].numel() * m.in_features
 
     hooks = [m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else linear_hook)
              for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
