@@ -9,11 +9,16 @@ trained on its own (a branch): `refill` keeps whole output channels (channel-wis
 turns groups of rows into dense blocks (group-wise tickets, run by the grouped GEMM in kernels.py).
 
     python lth_ref.py --arch resnet20 --method regroup            # find tickets on CIFAR-10
-    python -m pytest -q test_lth_ref.py                           # the tests
+    python -m pytest -q test_lth_ref.py                           # the tests (-m "not slow": the fast lane)
 
-Files: lth_ref.py (this: masks, mask sources, refill, regroup, training, the experiment, benchmarks,
-CLI), models.py (MODELS), data.py (datasets, on-device batches), kernels.py (grouped GEMM),
-test_lth_ref.py.
+Follow one ticket (trunk level L-1 -> regroup branch of level L), top to bottom through this file:
+magnitude_prune (IMP's step) -> postprocess -> regroup -> regroup_mask (row_similarity, partition_rows,
+refine_partition, choose_block_columns) -> rewind -> retrain (lr_at, train_epoch, train_step, evaluate)
+-> level_start and train_level (the experiment loop) -> run_experiment. Everything below the
+`tooling` banner (settings, torchrun, files, results, benchmarks, export, report, CLI) serves that story.
+
+Files: lth_ref.py (this), models.py (MODELS, slim networks), data.py (datasets, on-device batches),
+kernels.py (grouped GEMM), test_lth_ref.py.
 """
 import argparse
 import copy
@@ -23,11 +28,18 @@ import datetime
 import functools
 import importlib
 import importlib.util
+import inspect
+import io
+import hashlib
 import json
+import math
 import os
+import re
 import signal
+import socket
 import sys
 import time
+import typing
 
 import numpy as np
 import torch
@@ -58,7 +70,7 @@ datasets = _sibling("data")      # data.py (local variables are called `data`)
 kernels = _sibling("kernels")
 model_zoo = _sibling("models")   # models.py
 
-# ---- hyperparameters (the paper's Table 1 and Sec. 3.1) ----
+# ---- the paper's settings (Table 1 and Sec. 3.1) ----
 PAPER = dict(
     momentum=0.9,    # SGD momentum, every setting
     prune_rate=0.2,  # fraction of the *remaining* prunable weights removed per level
@@ -83,22 +95,30 @@ SCHEDULE_BY_ARCH = {  # (arch, dataset) cells of Table 1 that differ from their 
 }
 
 
-def paper_schedule(arch, dataset):
-    """Table 1's settings for --arch on --dataset (the defaults of the flags)."""
-    return {**SCHEDULES[dataset], **SCHEDULE_BY_ARCH.get((arch, dataset), {})}
+SCHEDULE_PRESETS = {  # --schedule: Table 1, or App. A2's (+) setting of VGG-16(+) and WRN-32-2(+)
+    "table1": {},
+    "plus": dict(epochs=240, lr_drops=(150, 180, 210), rewind_epoch=8),   # LR x0.1 at 150, 180, 210 of 240
+}
 
 
-INPUT_SHAPE = (3, 32, 32)   # (C, H, W) of the CIFAR images the benchmarks feed by default
-EXPORT_CHECK_BATCH = 8      # random images on which an export is checked against its ticket
-
-
-class UsageError(Exception):
-    """A user-facing error: the CLI prints it (with its hint) and exits with code 2, no traceback."""
+def paper_schedule(arch, dataset, preset="table1"):
+    """Table 1's settings for --arch on --dataset, or its (+) variant (the defaults of the flags)."""
+    return {**SCHEDULES[dataset], **SCHEDULE_BY_ARCH.get((arch, dataset), {}), **SCHEDULE_PRESETS[preset]}
 
 
 def ceil_div(a, b):
     """ceil(a / b) for non-negative integers."""
     return -(-a // b)
+
+
+def mix_seed(seed, level, stream):
+    """One integer seed per (run seed, level, stream): epochs are streams 0, 1, ...; draws outside the
+    training epochs use the negative streams below. The only seed mixer: resume and torchrun are exact."""
+    return seed * 1_000_003 + level * 10_007 + stream
+
+
+SCORE_BATCH, REINIT, RANDOM_MASK = -1, -2, -3   # streams of mix_seed that no training epoch uses
+ADMM_EPOCHS = -100                              # ADMM's W-step epochs: streams -100, -101, ...
 
 
 # ---- masks ----
@@ -132,17 +152,6 @@ def density(masks):
     return kept / max(1, sum(m.numel() for m in masks.values()))
 
 
-def check_masks_fit(model, masks, what="mask"):
-    """Raise UsageError unless `masks` names exactly the prunable weights of `model`, shape for shape."""
-    weights = prunable_weights(model)
-    missing, extra = sorted(set(weights) - set(masks)), sorted(set(masks) - set(weights))
-    bad = [n for n in set(weights) & set(masks) if tuple(masks[n].shape) != tuple(weights[n].shape)]
-    if missing or extra or bad:
-        raise UsageError(
-            f"the {what} does not fit the model (missing {missing[:3]}, unexpected {extra[:3]}, "
-            f"wrong shape {sorted(bad)[:3]}); was it made for another --arch or --dataset?")
-
-
 def check_pairs(weights, masks, what):
     """ValueError unless weights and masks are dicts with the same names and shapes (public functions)."""
     if not isinstance(weights, dict) or not isinstance(masks, dict):
@@ -153,7 +162,6 @@ def check_pairs(weights, masks, what):
                          "have the same names and shapes)")
 
 
-# ---- mask sources: IMP's global magnitude prune, OMP, random, SNIP, GraSP, SynFlow ----
 def top_k(scores, k):
     """Boolean mask of the k largest scores (any shape); ties go to the lower index (deterministic)."""
     order = torch.sort(scores.detach().float().flatten().cpu(), descending=True, stable=True).indices
@@ -175,13 +183,15 @@ def keep_top(scores, n_keep):
     return out
 
 
+# ---- mask sources: IMP's global magnitude prune, OMP, random, SNIP, GraSP, SynFlow ----
 def magnitude_prune(weights, masks, rate):
     """Remove `rate` of the remaining weights, smallest |w| first, ranked across all layers together.
 
     Paper: Sec. 3.1, IMP step (global magnitude pruning, 20% of the remaining weights per round).
     Official: `pruning_model` (torch.nn.utils.prune.global_unstructured, L1); same rule.
-    weights, masks: {name: (O, C, kh, kw)}. Returns new masks; exactly round(rate * remaining) weights
-    are removed (ties: the later position goes first), so the result is deterministic and only shrinks.
+    weights, masks: {name: (O, C, kh, kw)}: the trained weights of level L-1 and its mask. Returns new
+    masks; exactly round(rate * remaining) weights are removed (ties: the later position goes first), so
+    the result is deterministic and only shrinks.
     """
     check_pairs(weights, masks, "magnitude_prune")
     if not 0.0 <= rate < 1.0:
@@ -203,6 +213,11 @@ def prune_to_density(scores, target):
     return keep_top(scores, int(round(target * sum(s.numel() for s in scores.values()))))
 
 
+def level_density(prune_rate, level):
+    """Density of IMP's level L, (1 - prune_rate)^L: the target of the one-shot sources at that level."""
+    return (1.0 - prune_rate) ** level
+
+
 def random_masks(masks, generator):
     """Uniformly random masks with the same number of kept weights per layer as `masks`.
 
@@ -220,11 +235,12 @@ def random_masks(masks, generator):
 def snip_scores(model, names, images, labels):
     """SNIP connection sensitivity |w * dL/dw| at the given weights, on one batch (higher = keep).
 
-    Paper: Fig. 6 left (SNIP, Lee et al. 2019). Published: one batch of training data, the model in
-    training mode, scores of every layer; ours ranks the prunable weights only. The model is left as it
-    was (scores come from a copy). names: parameter names; images (B, C, H, W), labels (B,).
+    Paper: Fig. 6 left (SNIP, Lee et al. 2019). Published (snip-public, Synaptic-Flow): one batch of
+    training data, BatchNorm in eval mode, scores of every layer; ours ranks the prunable weights only.
+    Official: `prune_snip` scores in training mode over the whole loader. The model is left as it was
+    (scores come from a copy). names: parameter names; images (B, C, H, W), labels (B,).
     """
-    model = _scoring_copy(model, train=True)
+    model = _scoring_copy(model, train=False)
     params = dict(model.named_parameters())
     loss = F.cross_entropy(model(images), labels)
     grads = torch.autograd.grad(loss, [params[n] for n in names])
@@ -284,6 +300,41 @@ def synflow_masks(model, names, target, rounds=SYNFLOW_ROUNDS, input_shape=(3, 3
     return masks
 
 
+ADMM_RHO = 1e-2         # penalty weight rho of ADMM's augmented Lagrangian (official `prune_admm` default)
+ADMM_ITERATIONS = 20    # W-step epochs, each followed by a Z- and U-step (official: 20 epochs)
+ADMM_LR = 0.01          # SGD learning rate of the W-steps (ours: the official code leaves it to its caller)
+
+
+def admm_prune(model, names, target, w_step, iterations=ADMM_ITERATIONS, rho=ADMM_RHO):
+    """ADMM pruning (Zhang et al. 2018): train toward a sparse copy of the weights, then prune hard.
+
+    Paper: Fig. 6 left (ADMM, one of the seven mask sources). Minimizes loss(W) s.t. W has density
+    `target`, with Z = W and scaled duals U: W-step: w_step(iteration, penalty) trains one epoch on the
+    loss + penalty(), penalty = rho/2 sum ||W - Z + U||^2; Z-step: Z = the projection of W + U onto
+    density `target` (admm_project); U-step: U += W - Z. After `iterations`, keep the top `target` of |W|.
+    Published: per-layer budgets; ours one global budget, as every mask source here. Official:
+    `prune_admm` (never called in its code) takes an L1 soft-threshold for Z and the unsquared norm.
+    model: trained in place; names: its prunable weights. Returns the masks.
+    """
+    params = dict(model.named_parameters())
+    weights = {n: params[n] for n in names}
+    z = admm_project({n: w.detach() for n, w in weights.items()}, target)
+    u = {n: torch.zeros_like(w) for n, w in weights.items()}
+    for iteration in range(iterations):
+        w_step(iteration, lambda: rho / 2 * sum(((weights[n] - z[n] + u[n]) ** 2).sum() for n in names))
+        with torch.no_grad():
+            z = admm_project({n: weights[n] + u[n] for n in names}, target)
+            u = {n: u[n] + weights[n] - z[n] for n in names}
+    return prune_to_density({n: w.detach().abs() for n, w in weights.items()}, target)
+
+
+def admm_project(weights, target):
+    """ADMM's Z-step: the Euclidean projection of {name: tensor} onto the set of density `target` (all
+    layers together): keep the round(target * total) largest |w|, zero the rest."""
+    keep = prune_to_density({n: w.abs() for n, w in weights.items()}, target)
+    return {n: w * keep[n] for n, w in weights.items()}
+
+
 def _scoring_copy(model, train):
     """A deep copy to compute scores on (BN statistics and gradients of the original stay untouched)."""
     model = copy.deepcopy(model)
@@ -316,9 +367,55 @@ CHANNEL_SCORES = {
 FEATURE_SCORES = ("fmap_l1", "fmap_l2", "saliency")
 
 
-def needs_feats(method, score):
-    """True when post-processing with --method/--refill-score needs conv_channel_stats."""
-    return method in ("refill", "refill+") and score in FEATURE_SCORES
+def refill(weights, masks, extra=0.0, score="l1", feats=None, channel_multiple=1):
+    """Refill every layer (refill+ when extra > 0): {name: mask} -> {name: channel-wise mask}.
+
+    Paper: Alg. 2. weights: the trained weights the masks were pruned from; feats: conv_channel_stats
+    for the FEATURE_SCORES, else None. Layers are independent: see refill_mask.
+    """
+    check_pairs(weights, masks, "refill")
+    return {n: refill_mask(weights[n], m, extra, score, None if feats is None else feats[n], channel_multiple)
+            for n, m in masks.items()}
+
+
+REFILL_PLUS_EXTRA = 0.1  # refill+'s default share of the pruned channels kept (ours: the paper gives none)
+
+
+def refill_plus(weights, masks, extra=REFILL_PLUS_EXTRA, score="l1", feats=None, channel_multiple=1):
+    """Refill+ (Alg. 2 with extra channels): refill keeping n + extra * (O - n) channels per layer.
+    Official: `prune_model_custom_fillback` with fillback_rate = extra."""
+    return refill(weights, masks, extra, score, feats, channel_multiple)
+
+
+def refill_mask(weight, mask, extra=0.0, score="l1", feats=None, channel_multiple=1):
+    """One layer's refill: keep the n best output channels whole, prune every other channel whole.
+
+    Paper: Sec. 3.2 / Alg. 2 (refill), n = nnz / K channels; refill+ keeps n + extra * (O - n).
+    Official: `prune_model_custom_fillback` (fillback_rate = extra, criterion `remain` by default).
+    channel_multiple: n rounded up to a multiple of it, at most O (ours: channel counts that GPUs and
+    vector units run fast, Torch-Pruning's round_to).
+    weight, mask: (O, C, kh, kw) or (O, K); feats: this layer's conv_channel_stats (FEATURE_SCORES only).
+    Returns a mask whose rows (output channels) are all 1 or all 0; channels that come back whole
+    take their rewind values when the level rewinds.
+    """
+    if score not in CHANNEL_SCORES:
+        raise ValueError(f"unknown refill score {score!r}; expected one of {list(CHANNEL_SCORES)}")
+    if tuple(weight.shape) != tuple(mask.shape) or mask.dim() < 2:
+        raise ValueError(f"refill_mask: weight {tuple(weight.shape)} and mask {tuple(mask.shape)} must "
+                         "have the same shape (O, C, kh, kw) or (O, K)")
+    if not 0.0 <= extra <= 1.0:
+        raise ValueError(f"refill_mask: extra (refill+'s fraction of the pruned channels) must be in [0, 1], got {extra}")
+    if int(channel_multiple) != channel_multiple or channel_multiple < 1:
+        raise ValueError(f"refill_mask: channel_multiple must be an integer >= 1, got {channel_multiple!r}")
+    if score in FEATURE_SCORES and feats is None:
+        raise ValueError(f"refill score {score!r} scores the layer's output: pass feats from conv_channel_stats")
+    out_channels = mask.shape[0]
+    mask2d, weight2d = mask.reshape(out_channels, -1), weight.detach().reshape(out_channels, -1)
+    n = max(1, int(round(float(mask2d.sum()) / mask2d.shape[1])))
+    n = min(out_channels, n + int(round(extra * (out_channels - n))))
+    n = min(out_channels, ceil_div(n, channel_multiple) * channel_multiple)
+    keep = top_k(CHANNEL_SCORES[score](weight2d.float(), mask2d, feats), n)
+    return keep[:, None].expand_as(mask2d).to(mask.dtype).reshape(mask.shape).clone()
 
 
 def conv_channel_stats(model, names, images, labels):
@@ -355,41 +452,108 @@ def conv_channel_stats(model, names, images, labels):
             for n, g in zip(names, grads)}
 
 
-def refill_mask(weight, mask, extra=0.0, score="l1", feats=None):
-    """One layer's refill: keep the n best output channels whole, prune every other channel whole.
-
-    Paper: Sec. 3.2 / Alg. 2 (refill), n = nnz / K channels; refill+ keeps n + extra * (O - n).
-    Official: `prune_model_custom_fillback` (fillback_rate = extra, criterion `remain` by default).
-    weight, mask: (O, C, kh, kw) or (O, K); feats: this layer's conv_channel_stats (FEATURE_SCORES only).
-    Returns a mask whose rows (output channels) are all 1 or all 0; channels that come back whole
-    take their rewind values when the level rewinds.
-    """
-    if score not in CHANNEL_SCORES:
-        raise ValueError(f"unknown refill score {score!r}; expected one of {list(CHANNEL_SCORES)}")
-    if tuple(weight.shape) != tuple(mask.shape) or mask.dim() < 2:
-        raise ValueError(f"refill_mask: weight {tuple(weight.shape)} and mask {tuple(mask.shape)} must "
-                         "have the same shape (O, C, kh, kw) or (O, K)")
-    if not 0.0 <= extra <= 1.0:
-        raise ValueError(f"refill_mask: extra (refill+'s fraction of the pruned channels) must be in [0, 1], got {extra}")
-    if score in FEATURE_SCORES and feats is None:
-        raise ValueError(f"refill score {score!r} scores the layer's output: pass feats from conv_channel_stats")
-    out_channels = mask.shape[0]
-    mask2d, weight2d = mask.reshape(out_channels, -1), weight.detach().reshape(out_channels, -1)
-    n = max(1, int(round(float(mask2d.sum()) / mask2d.shape[1])))
-    n = min(out_channels, n + int(round(extra * (out_channels - n))))
-    keep = top_k(CHANNEL_SCORES[score](weight2d.float(), mask2d, feats), n)
-    return keep[:, None].expand_as(mask2d).to(mask.dtype).reshape(mask.shape).clone()
-
-
-def refill(weights, masks, extra=0.0, score="l1", feats=None):
-    """Refill every layer (refill+ when extra > 0): {name: mask} -> {name: channel-wise mask}.
-    feats: conv_channel_stats for FEATURE_SCORES, else None."""
-    check_pairs(weights, masks, "refill")
-    return {n: refill_mask(weights[n], m, extra, score, None if feats is None else feats[n])
-            for n, m in masks.items()}
-
-
 # ---- regroup (group-wise tickets): hypergraph, greedy partition, dense blocks ----
+# regroup's column unit -> columns per unit, from the 4-D conv mask shape (O, C, kh, kw)
+REGROUP_UNITS = {"position": lambda shape: 1, "channel": lambda shape: shape[2] * shape[3]}
+
+
+def regroup(masks, unit="position", groups=8, row_multiple=8, min_col_nnz=1, min_block_cols=8,
+            block_columns="budget"):
+    """Regroup every layer: {name: (O, C, kh, kw) mask} -> ({name: block mask}, {name: blocks}).
+
+    Paper: Alg. 3, layer by layer (regroup_mask has the knobs: t1 = groups, t2 = min_col_nnz,
+    b1 = row_multiple, b2 = min_block_cols, and the rule that picks a block's columns).
+    """
+    new_masks, blocks = {}, {}
+    for name, mask in masks.items():
+        new_masks[name], blocks[name] = regroup_mask(mask, unit, groups, row_multiple, min_col_nnz, min_block_cols,
+                                                     block_columns)
+    return new_masks, blocks
+
+
+def regroup_mask(mask, unit="position", groups=8, row_multiple=8, min_col_nnz=1, min_block_cols=8,
+                 block_columns="budget"):
+    """One layer's regroup: partition rows, turn each group into a dense block, prune the rest.
+
+    Paper: Alg. 3 (t1 = groups, t2 = min_col_nnz, b1 = row_multiple, b2 = min_block_cols), repeated
+    on the rows left without a block while new blocks are found; rows in no block are pruned. Official:
+    `regroup` in Structure-LTH calls hMETIS once (8 parts) and keeps parts of more than 16 rows, which
+    keeps no block on layers of 64 rows or fewer; ours sizes groups from the layer (regroup_pass).
+    `unit` (REGROUP_UNITS): "position" selects single (c, ky, kx) columns as in the paper, "channel"
+    whole input channels (faster on CPU). `block_columns` (BLOCK_COLUMNS): budget (ours: the blocks'
+    area is the layer's IMP nonzeros, or one minimal b1 x b2 block if that is larger), paper (Alg. 3 as
+    written: every column with >= t2 nonzeros in the group; denser than IMP) or official (its width rule).
+    Every block has at least b1 rows (a multiple of b1) and b2 columns. mask: the conv's 0/1 mask
+    (O, C, kh, kw), or its (O, K) view for unit "position". Returns (new mask of mask's shape, blocks)
+    with blocks = [(rows, cols)] int64, rows disjoint, cols indexing the flattened (c, ky, kx) axis, and
+    the new mask exactly the union of the blocks' rectangles.
+    """
+    check_regroup_args(mask, unit, block_columns, groups=groups, row_multiple=row_multiple,
+                       min_col_nnz=min_col_nnz, min_block_cols=min_block_cols)
+    cols_per_unit = REGROUP_UNITS[unit](mask.shape) if mask.dim() == 4 else 1
+    m = mask.detach().reshape(mask.shape[0], -1).cpu().numpy().astype(np.float32)
+    units = m.reshape(m.shape[0], -1, cols_per_unit).sum(2)      # (O, U) nonzeros per unit
+    b1, min_units = min(row_multiple, len(m)), min(ceil_div(min_block_cols, cols_per_unit), units.shape[1])
+    vertices = hypergraph_rows(units, b1)
+    sim = row_similarity(units[vertices])                         # (n, n), computed once
+    budget, rows_left, blocks = float(m.sum()), vertices, []
+    while len(rows_left) >= b1 and (not blocks or budget >= b1 * min_units * cols_per_unit):
+        at = np.searchsorted(vertices, rows_left)
+        area = budget if blocks else max(budget, b1 * min_units * cols_per_unit)   # one minimal block
+        found = regroup_pass(units[rows_left], sim[np.ix_(at, at)], cols_per_unit, area, groups, b1,
+                             min_col_nnz, min_units, BLOCK_COLUMNS[block_columns])
+        if not found:
+            break
+        for rows, unit_idx in found:
+            cols = (unit_idx[:, None] * cols_per_unit + np.arange(cols_per_unit)).ravel()
+            blocks.append((rows_left[rows], cols))
+            budget -= len(rows) * len(cols)
+        rows_left = np.setdiff1d(rows_left, np.concatenate([rows_left[rows] for rows, _ in found]))
+    blocks = [(torch.from_numpy(np.sort(r)).long(), torch.from_numpy(np.sort(c)).long())
+              for r, c in sorted(blocks, key=lambda b: int(b[0].min()))]
+    return kernels.block_mask(tuple(mask.shape), blocks).to(mask), blocks
+
+
+def check_regroup_args(mask, unit, block_columns, **knobs):
+    """ValueError unless regroup_mask's arguments make sense (public function: say what was expected)."""
+    if unit not in REGROUP_UNITS:
+        raise ValueError(f"unknown regroup unit {unit!r}; expected one of {list(REGROUP_UNITS)}")
+    if block_columns not in BLOCK_COLUMNS:
+        raise ValueError(f"unknown block column rule {block_columns!r}; expected one of {list(BLOCK_COLUMNS)}")
+    if mask.dim() not in (2, 4) or (unit == "channel" and mask.dim() != 4):
+        raise ValueError(f"regroup_mask: expected the conv's mask (O, C, kh, kw)"
+                         f"{'' if unit == 'channel' else ' or its (O, K) view'}, got shape {tuple(mask.shape)}")
+    for knob, value in knobs.items():
+        if int(value) != value or value < 1:
+            raise ValueError(f"regroup_mask: {knob} must be an integer >= 1, got {value!r}")
+    if not torch.isin(mask.detach().cpu(), torch.tensor([0.0, 1.0], dtype=mask.dtype)).all():
+        raise ValueError("regroup_mask: the mask must hold only 0 and 1")
+
+
+def hypergraph_rows(units, b1):
+    """The vertices of the hypergraph: the non-empty rows. A layer with fewer than b1 of them takes empty
+    rows (lowest index first) up to b1, so that it can keep one block instead of none."""
+    rows = np.flatnonzero(units.sum(1) > 0)
+    if 0 < len(rows) < b1:
+        rows = np.union1d(rows, np.setdiff1d(np.arange(len(units)), rows)[:b1 - len(rows)])
+    return rows
+
+
+def regroup_pass(units, sim, cols_per_unit, area, groups, b1, min_col_nnz, min_units, column_rule):
+    """One pass of Alg. 3 over the rows still without a block: partition them, then choose the blocks.
+
+    Groups have g = max(b1, ceil(rows / t1) rounded up to b1) rows; the pass's last group keeps its rows
+    most similar to each other, a multiple of b1 of them (none if it has fewer than b1: they wait for the
+    next pass). units: (n, U) counts of these rows; sim: their (n, n) similarity; column_rule: a
+    BLOCK_COLUMNS function. Returns [(row idx, unit idx)].
+    """
+    n = len(units)
+    size = min(n, max(b1, ceil_div(ceil_div(n, groups), b1) * b1))
+    parts = refine_partition(sim, partition_rows(sim, size))
+    parts = [p[np.sort(np.argsort(-sim[np.ix_(p, p)].sum(1), kind="stable")[:len(p) // b1 * b1])] for p in parts]
+    return column_rule(units, [p for p in parts if len(p)], cols_per_unit, area, min_col_nnz, min_units)
+
+
 SIMILARITY_EPS = 1e-12  # guards 0/0 for pairs of empty rows (their similarity is 0)
 
 
@@ -431,11 +595,12 @@ def partition_rows(sim, group_size):
     return groups
 
 
+REFINE_ROUNDS = 10           # swap rounds at most; refinement usually converges in 2-5
 SWAPS_EXAMINED_PER_PAIR = 4  # best candidate swaps examined per round, per ordered pair of groups
 MIN_SWAP_GAIN = 1e-6         # similarity units: a smaller gain is float noise, not an improvement
 
 
-def refine_partition(sim, groups, max_rounds=10):
+def refine_partition(sim, groups, max_rounds=REFINE_ROUNDS):
     """Swap rows between groups while a swap raises the total within-group similarity.
 
     Paper: the refinement phase of a multilevel hypergraph partitioner (hMETIS's FM passes), in the
@@ -458,18 +623,7 @@ def refine_partition(sim, groups, max_rounds=10):
         move = to_group[:, label] - own[:, None]            # (n, n) gain of r joining s's group
         gain = move + move.T - 2 * sim
         gain[label[:, None] == label[None, :]] = -np.inf
-        flat = gain.ravel()
-        top = min(flat.size - 1, SWAPS_EXAMINED_PER_PAIR * t * t)
-        best = np.argpartition(-flat, top)[:top]
-        best = best[np.lexsort((best, -flat[best]))]        # by gain, then position: deterministic
-        busy, swaps = np.zeros(t, dtype=bool), []
-        for r, s in zip(*np.unravel_index(best, gain.shape)):
-            a, b = label[r], label[s]
-            if gain[r, s] <= MIN_SWAP_GAIN:
-                break
-            if not (busy[a] or busy[b]):
-                busy[a] = busy[b] = True
-                swaps.append((r, s, a, b))
+        swaps = best_disjoint_swaps(gain, label, t)
         if not swaps:
             break
         for r, s, a, b in swaps:
@@ -479,17 +633,33 @@ def refine_partition(sim, groups, max_rounds=10):
     return [np.flatnonzero(label == g) for g in range(t)]
 
 
+def best_disjoint_swaps(gain, label, t):
+    """The best positive swaps (r, s, group of r, group of s) of one round, no group in two of them."""
+    flat = gain.ravel()
+    top = min(flat.size - 1, SWAPS_EXAMINED_PER_PAIR * t * t)
+    best = np.argpartition(-flat, top)[:top]
+    best = best[np.lexsort((best, -flat[best]))]            # by gain, then position: deterministic
+    busy, swaps = np.zeros(t, dtype=bool), []
+    for r, s in zip(*np.unravel_index(best, gain.shape)):
+        a, b = label[r], label[s]
+        if gain[r, s] <= MIN_SWAP_GAIN:
+            break
+        if not (busy[a] or busy[b]):
+            busy[a] = busy[b] = True
+            swaps.append((r, s, a, b))
+    return swaps
+
+
 def choose_block_columns(units, groups, unit_cost, area, min_col_nnz, min_block_units):
-    """Pick each group's dense columns under one area budget; keep groups wide enough to be blocks.
+    """Ours ("budget"): pick each group's dense columns under one area budget; keep groups wide enough.
 
     Paper: Alg. 3, "select the columns with >= t2 nonzeros in the group; a group with >= b2 such columns
-    becomes a dense block". Ours sets the threshold by density: every (group, column) pair is ranked by
-    the fraction of the group's rows that use the column (nonzeros gained per refilled element), and the
-    best pairs are taken until the blocks' total area reaches `area` (the layer's IMP nonzeros), so the
-    regrouped density stays that of IMP. Official: grows a prefix of columns per group until every row's
-    uncovered nonzeros fall under prefix/1.5 (`official_width_blocks`); as published (its loop reads
-    column i, not the i-th sorted one) that took 1.6x the IMP nonzeros on VGG-16 at 80% sparsity.
-    units: (n, U) counts; unit_cost: mask elements per unit and row. Returns [(group rows, unit idx)].
+    becomes a dense block" (paper_block_columns). Ours sets the threshold by density: every (group,
+    column) pair with >= t2 nonzeros is ranked by the fraction of the group's rows that use the column
+    (nonzeros gained per refilled element), and the best pairs are taken until the blocks' total area
+    reaches `area` (the layer's IMP nonzeros), so the regrouped density stays that of IMP.
+    units: (n, U) counts; groups: row index arrays; unit_cost: mask elements per unit and row;
+    min_block_units: b2 in units. Returns [(group rows, unit idx)].
     """
     sizes = np.array([len(g) for g in groups], dtype=np.float64)
     counts = np.stack([units[g].sum(0) for g in groups])     # (t, U) nonzeros per group and column
@@ -504,78 +674,41 @@ def choose_block_columns(units, groups, unit_cost, area, min_col_nnz, min_block_
             if chosen[i].sum() >= min_block_units]
 
 
-# regroup's column unit -> columns per unit, from the 4-D conv mask shape (O, C, kh, kw)
-REGROUP_UNITS = {"position": lambda shape: 1, "channel": lambda shape: shape[2] * shape[3]}
+def paper_block_columns(units, groups, unit_cost, area, min_col_nnz, min_block_units):
+    """Alg. 3 as written ("paper"): a group's block takes every column with >= t2 nonzeros in the group,
+    and the group is a block if that makes >= b2 columns. No budget (`area` is ignored): the zeros inside
+    the blocks are refilled, so the ticket is denser than IMP's (the paper's Tables A4, A5, A7)."""
+    found = [(g, np.flatnonzero(units[g].sum(0) >= min_col_nnz)) for g in groups]
+    return [(g, cols) for g, cols in found if len(cols) >= min_block_units]
 
 
-def regroup_mask(mask, unit="position", groups=8, row_multiple=8, min_col_nnz=1, min_block_cols=8,
-                 area=None, refine_rounds=10):
-    """One layer's regroup: partition rows, turn each group into a dense block, prune the rest.
+OFFICIAL_WIDTH_RATIO = 1.5  # the official column rule's ratio (its variable `t1`, unrelated to the paper's t1)
 
-    Paper: Alg. 3 (t1 = groups, t2 = min_col_nnz, b1 = row_multiple, b2 = min_block_cols), repeated
-    on the rows left without a block while new blocks are found. Official: `regroup` in
-    Structure-LTH calls hMETIS once (8 parts) and keeps parts of more than 16 rows, which keeps no
-    block on layers of 64 rows or fewer; ours sizes groups from the layer (below) and always returns
-    a block-structured mask.
-    Rules: a group has g = max(row_multiple, ceil(rows / groups) rounded up to row_multiple) rows (a
-    pass's last group may be smaller); `unit` (REGROUP_UNITS): "position" selects single (c, ky, kx)
-    columns as in the paper, "channel" whole input channels (faster on CPU); the blocks' total area
-    is at most `area` (default: the layer's nonzeros) unless one minimal block is larger.
-    mask: the conv's 0/1 mask (O, C, kh, kw), or its (O, K) view for unit "position". Returns (new mask
-    of mask's shape, blocks) with blocks = [(rows, cols)] int64, rows disjoint, cols indexing the
-    flattened (c, ky, kx) axis, and the new mask exactly the union of the blocks' rectangles.
+
+def official_block_columns(units, groups, unit_cost, area, min_col_nnz, min_block_units, ratio=OFFICIAL_WIDTH_RATIO):
+    """The official width rule ("official"): per group, the shortest prefix of its columns (most used
+    first) that leaves every row fewer than (prefix width) / ratio nonzeros outside the block.
+
+    Official: `regroup` in Structure-LTH, in its intended form (its mask-building loop indexes column i
+    where it means the i-th sorted column; the copy in its models/conv.py has it right). b2 holds as in the
+    other rules; `area` and t2 are not part of the official rule and are ignored.
     """
-    if unit not in REGROUP_UNITS:
-        raise ValueError(f"unknown regroup unit {unit!r}; expected one of {list(REGROUP_UNITS)}")
-    if mask.dim() not in (2, 4) or (unit == "channel" and mask.dim() != 4):
-        raise ValueError(f"regroup_mask: expected the conv's mask (O, C, kh, kw)"
-                         f"{'' if unit == 'channel' else ' or its (O, K) view'}, got shape {tuple(mask.shape)}")
-    for knob, value in dict(groups=groups, row_multiple=row_multiple, min_col_nnz=min_col_nnz,
-                            min_block_cols=min_block_cols).items():
-        if int(value) != value or value < 1:
-            raise ValueError(f"regroup_mask: {knob} must be an integer >= 1, got {value!r}")
-    cols_per_unit = REGROUP_UNITS[unit](mask.shape) if mask.dim() == 4 else 1
-    out_rows = mask.shape[0]
-    m = mask.detach().reshape(out_rows, -1).cpu().numpy().astype(np.float32)
-    if not np.isin(m, (0.0, 1.0)).all():
-        raise ValueError("regroup_mask: the mask must hold only 0 and 1")
-    k = m.shape[1]
-    units = m.reshape(out_rows, k // cols_per_unit, cols_per_unit).sum(2)   # (O, U) nonzeros per unit
-    budget = float(m.sum()) if area is None else float(area)
-    nonempty = np.flatnonzero(units.sum(1) > 0)               # vertices of the hypergraph
-    sim_all = row_similarity(units[nonempty])                 # (n, n), computed once
-    rows_left = nonempty
-    blocks = []
-    while len(rows_left) > 0:
-        size = min(len(rows_left),
-                   max(row_multiple, ceil_div(ceil_div(len(rows_left), groups), row_multiple) * row_multiple))
-        at = np.searchsorted(nonempty, rows_left)
-        sim = sim_all[np.ix_(at, at)]
-        parts = refine_partition(sim, partition_rows(sim, size), refine_rounds)
-        min_units = max(1, min(ceil_div(min_block_cols, cols_per_unit), int(budget // (size * cols_per_unit))))
-        found = choose_block_columns(units[rows_left], parts, cols_per_unit,
-                                     max(budget, size * cols_per_unit), min_col_nnz, min_units)
-        if not found:
-            break
-        for rows, cols in found:
-            blocks.append((rows_left[rows], (cols[:, None] * cols_per_unit + np.arange(cols_per_unit)).ravel()))
-            budget -= len(rows) * len(cols) * cols_per_unit
-        used = np.concatenate([rows_left[rows] for rows, _ in found])
-        rows_left = np.setdiff1d(rows_left, used)
-        if budget < row_multiple * cols_per_unit:
-            break
-    blocks = [(torch.from_numpy(np.sort(r)).long(), torch.from_numpy(np.sort(c)).long())
-              for r, c in sorted(blocks, key=lambda b: int(b[0].min()))]
-    return kernels.block_mask(tuple(mask.shape), blocks).to(mask), blocks
+    found = []
+    for g in groups:
+        sub = units[g]                                             # (g, U)
+        order = np.argsort(-sub.sum(0), kind="stable")
+        uncovered = sub.sum(1)[:, None] - np.cumsum(sub[:, order], axis=1)   # (g, U) nonzeros outside
+        ok = uncovered.max(0) < np.arange(1, sub.shape[1] + 1) * unit_cost / ratio
+        width = max(int(np.argmax(ok)) + 1 if ok.any() else sub.shape[1], min_block_units)
+        found.append((g, np.sort(order[:width])))
+    return found
 
 
-def regroup(masks, unit="position", **knobs):
-    """Regroup every layer: {name: (O, C, kh, kw) mask} -> ({name: block mask}, {name: blocks});
-    knobs (groups, row_multiple, min_col_nnz, min_block_cols, area, refine_rounds) as regroup_mask."""
-    new_masks, blocks = {}, {}
-    for name, mask in masks.items():
-        new_masks[name], blocks[name] = regroup_mask(mask, unit, **knobs)
-    return new_masks, blocks
+BLOCK_COLUMNS = {  # regroup's rule for a group's dense columns: (units, groups, unit_cost, area, t2, b2 units)
+    "budget": choose_block_columns,        # ours: IMP's density, the densest (group, column) pairs first
+    "paper": paper_block_columns,          # Alg. 3: every column with >= t2 nonzeros in the group
+    "official": official_block_columns,    # the official code's prefix/1.5 width rule
+}
 
 
 def layer_stats(before, after, blocks=None):
@@ -598,55 +731,52 @@ def layer_stats(before, after, blocks=None):
     return stats
 
 
-def channel_blocks(mask):
-    """A channel-wise (refilled) mask as blocks: one block of the kept rows x every column."""
-    mask2d = mask.reshape(mask.shape[0], -1)
-    rows = torch.nonzero(mask2d.sum(1) > 0).flatten().cpu()
-    if not torch.equal(mask2d[rows].cpu(), torch.ones(len(rows), mask2d.shape[1])) or \
-            mask2d.sum() != len(rows) * mask2d.shape[1]:
-        raise UsageError("this mask is not channel-wise or block-structured: an unstructured (imp) "
-                         "ticket has no blocks; benchmark a refill or regroup ticket")
-    return [(rows, torch.arange(mask2d.shape[1]))] if len(rows) else []
-
-
 # ---- post-processing: what a branch does to the trunk's mask of a level ----
-POSTPROCESS = {  # method -> fn(weights, masks, feats, knobs) -> (masks, blocks or None)
-    "imp": lambda weights, masks, feats, k: (masks, None),
-    "refill": lambda weights, masks, feats, k: (refill(weights, masks, 0.0, k["refill_score"], feats), None),
-    "refill+": lambda weights, masks, feats, k: (
-        refill(weights, masks, k["refill_extra"], k["refill_score"], feats), None),
-    "regroup": lambda weights, masks, feats, k: regroup(
-        masks, k["regroup_unit"], groups=k["groups"], row_multiple=k["row_multiple"],
-        min_col_nnz=k["min_col_nnz"], min_block_cols=k["min_block_cols"]),
-}
-# the knobs that shape each method's masks (Config fields) and their short label in a branch's name
-BRANCH_KNOBS = {"imp": (), "refill": ("refill_score",), "refill+": ("refill_score", "refill_extra"),
-                "regroup": ("regroup_unit", "groups", "row_multiple", "min_col_nnz", "min_block_cols")}
-KNOB_LABELS = {"refill_score": "score", "refill_extra": "extra", "regroup_unit": "unit", "groups": "groups",
-               "row_multiple": "rows", "min_col_nnz": "colnnz", "min_block_cols": "cols"}
-
-
 def postprocess(method, weights, masks, feats=None, **knobs):
     """Turn unstructured masks into a structural ticket's masks: (masks, blocks or None).
 
     Paper: Alg. 2 (refill, refill+) and Alg. 3 (regroup), applied to "the unstructured mask from
     Alg. 1"; bring your own masks from any pruning loop. method: a POSTPROCESS key; weights, masks:
     {name: (O, C, kh, kw)} (weights: the trained weights the masks were pruned from, for refill's
-    scores); feats: conv_channel_stats for the feature-map refill scores; knobs: BRANCH_KNOBS[method]
-    by name (defaults: the CLI's). blocks: {name: [(rows, cols)]} for regroup, None otherwise.
+    scores); feats: conv_channel_stats for the feature-map refill scores; knobs: the keyword arguments
+    of the method's function (method_knobs(method); their defaults are that function's).
+    blocks: {name: [(rows, cols)]} for regroup, None otherwise.
     """
     if method not in POSTPROCESS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(POSTPROCESS)}")
-    unknown = sorted(set(knobs) - set(BRANCH_KNOBS[method]))
+    unknown = sorted(set(knobs) - set(method_knobs(method)))
     if unknown:
-        raise ValueError(f"{method} takes the knobs {list(BRANCH_KNOBS[method])}, not {unknown}")
+        raise ValueError(f"{method} takes the knobs {list(method_knobs(method))}, not {unknown}")
     check_pairs(weights, masks, "postprocess")
-    defaults = Config()
-    return POSTPROCESS[method](weights, masks, feats,
-                              {k: knobs.get(k, getattr(defaults, k)) for k in BRANCH_KNOBS[method]})
+    fn, fixed = POSTPROCESS[method]
+    if fn is None:
+        return masks, None
+    if fn is regroup:
+        return regroup(masks, **fixed, **knobs)
+    return fn(weights, masks, feats=feats, **fixed, **knobs), None
 
 
+POSTPROCESS = {  # method -> (its function, arguments the method fixes); the rest are its knobs
+    "imp": (None, {}),                   # unstructured: the trunk's mask as it is
+    "refill": (refill, dict(extra=0.0)),  # Alg. 2: channel-wise tickets
+    "refill+": (refill_plus, {}),        # Alg. 2 with extra channels
+    "regroup": (regroup, {}),            # Alg. 3: group-wise tickets
+}
 STRUCTURAL = ("refill", "refill+", "regroup")  # methods whose dead output channels are made exactly dead
+
+
+def method_knobs(method):
+    """{knob: its default} of a method: the keyword arguments of its function that it does not fix."""
+    fn, fixed = POSTPROCESS[method]
+    if fn is None:
+        return {}
+    params = list(inspect.signature(fn).parameters.values())[1 if fn is regroup else 2:]
+    return {p.name: p.default for p in params if p.name not in fixed and p.name != "feats"}
+
+
+def needs_feats(method, score):
+    """True when post-processing with this method and refill score needs conv_channel_stats."""
+    return method in ("refill", "refill+") and score in FEATURE_SCORES
 
 
 def training_masks(model, masks, method):
@@ -657,98 +787,75 @@ def training_masks(model, masks, method):
     return {**masks, **model_zoo.bn_masks(model, masks)} if method in STRUCTURAL else masks
 
 
-# ---- training and evaluation: one process, or one per device under torchrun ----
+# ---- training: rewind, retrain with the step schedule, evaluate ----
+@dataclasses.dataclass
+class Experiment:
+    """What training reads: the settings (Config), the model and the net that trains it (the model, or its
+    DDP / compiled wrapper sharing its parameters), the data, the device, this process's place under
+    torchrun (Processes: is_main writes files and prints) and the log."""
+    cfg: typing.Any
+    model: nn.Module
+    net: nn.Module
+    data: typing.Any
+    device: str
+    procs: typing.Any
+    log: typing.Callable = print
+
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # --amp: autocast dtype
+LR_SCHEDULES = ("resume", "restart")  # after rewinding to epoch k: go on from k (paper), or run from 0 (official)
+EVAL_BATCH = 500  # images per evaluation forward: evaluation needs no gradients, so large batches
+
+
+def retrain(exp, masks, state, first_epoch, level, resume=None, after_epoch=None):
+    """Rewind to `state`, keep `masks` applied, train from first_epoch to the end of the schedule.
+
+    Paper: Alg. 1 / Sec. 3.1: weights <- theta_k * m, then SGD with Table 1's step schedule from epoch k
+    (the schedule resumes, as Frankle et al. 2020; first_epoch 0 with --lr-schedule restart, as the
+    official main_imp.py); the final epoch's test accuracy is recorded, nothing is chosen on the test set. masks: what is multiplied in after every step (training_masks). resume:
+    an epoch checkpoint's optimizer, scaler and metrics (`state` is then its model). after_epoch(metrics,
+    optimizer, scaler): checkpointing and logging. Returns the last epoch's metrics (epoch, loss,
+    train_acc, test and, with a validation split, val accuracy)."""
+    cfg, model = exp.cfg, exp.model
+    rewind(model, state, masks)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(torch.device(exp.device).type, enabled=cfg.amp == "fp16")
+    metrics = None
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        metrics = resume["metrics"]
+    pairs = mask_pairs(model, masks)
+    for epoch in range(first_epoch, cfg.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(epoch, cfg)
+        generator = torch.Generator(device=exp.device).manual_seed(mix_seed(cfg.seed, level, epoch))
+        try:
+            loss, train_acc = train_epoch(exp, optimizer, scaler, pairs, generator)
+        except Diverged as e:
+            raise Diverged(e.loss, epoch + 1, lr_at(epoch, cfg)) from None
+        splits = ("test", "val") if cfg.val_split else ("test",)
+        metrics = dict(epoch=epoch + 1, loss=loss, train_acc=train_acc, **{s: evaluate(exp, s) for s in splits})
+        if after_epoch is not None:
+            after_epoch(metrics, optimizer, scaler)
+    return metrics
+
+
+DIVERGENCE_CHECK_STEPS = 100  # steps between checks that the loss is finite (one sync and, under torchrun,
+                              # one small collective: every process stops at the same step)
+
+
+class Diverged(Exception):
+    """The training loss is not a finite number any more: the weights are lost, training stops."""
+
+    def __init__(self, loss, epoch=None, lr=None):
+        super().__init__(f"training loss {loss}")
+        self.loss, self.epoch, self.lr = loss, epoch, lr
+
+
 def lr_at(epoch, cfg):
     """Step schedule: cfg.lr, x0.1 at each epoch of cfg.lr_drops."""
     return cfg.lr * 0.1 ** sum(epoch >= drop for drop in cfg.lr_drops)
-
-
-# seeded draws outside the training epochs use "epochs" that no training epoch uses
-SCORE_BATCH, REINIT, RANDOM_MASK = -1, -2, -3
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # --amp: autocast dtype
-DIST_TIMEOUT = datetime.timedelta(minutes=30)  # a rank waits this long at a collective (rank 0 writes
-                                               # tickets meanwhile) before the job fails
-
-
-def epoch_generator(cfg, level, epoch, device):
-    """The only source of data randomness: seeded by (seed, level, epoch), so resume is exact. The
-    trunk and the branches of a level see the same batches (paired comparisons)."""
-    g = torch.Generator(device=device)
-    g.manual_seed(cfg.seed * 1_000_003 + level * 10_007 + epoch)
-    return g
-
-
-def process_group():
-    """(rank, world size) of this process: (0, 1) unless torchrun started it (init_distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device):
-    """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on CUDA, gloo on the CPU.
-    Returns this process's device (cuda:LOCAL_RANK on GPUs)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or torch.distributed.is_initialized():
-        return device
-    cuda = device == "cuda"
-    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=DIST_TIMEOUT)
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        return f"cuda:{os.environ['LOCAL_RANK']}"
-    return device
-
-
-def all_sum(values, device):
-    """Sum a list of numbers over every process (one collective); unchanged in one process."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if process_group()[1] > 1:
-        torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
-def barrier():
-    """Wait for every process (after rank 0 wrote a file the others read)."""
-    if process_group()[1] > 1:
-        torch.distributed.barrier()
-
-
-def check_same_on_every_rank(masks, device):
-    """Masks are computed by every process from the same files and seeds: check that they agree."""
-    if process_group()[1] == 1:
-        return
-    digest = torch.tensor([float((m.flatten().double() * torch.arange(1, m.numel() + 1, device=m.device)).sum())
-                           for m in masks.values()], dtype=torch.float64, device=device)
-    low, high = digest.clone(), digest.clone()
-    torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
-    torch.distributed.all_reduce(high, torch.distributed.ReduceOp.MAX)
-    if not torch.equal(low, high):
-        raise RuntimeError("the processes computed different masks: every rank must read the same "
-                           "experiment directory (a shared file system) with the same torch version")
-
-
-def autocast(cfg, device):
-    """--amp's autocast context (a no-op for off)."""
-    dtype = AMP_DTYPES[cfg.amp]
-    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
-
-
-def train_step(net, optimizer, pairs, x, y, global_size, cfg, scaler):
-    """One SGD step on this process's slice (x, y) of a global batch of global_size examples, then
-    every (parameter, mask) pair multiplied: pruned weights stay exactly 0. The loss is scaled so that
-    the gradient, averaged over processes, is the global batch's mean. Returns (loss sum, correct)."""
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(cfg, x.device):
-        out = net(x)
-        loss = F.cross_entropy(out.float(), y, reduction="sum")
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss * (process_group()[1] / global_size)).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    with torch.no_grad():
-        for p, m in pairs:
-            p.mul_(m)
-    return loss.detach(), (out.argmax(1) == y).sum()
 
 
 def mask_pairs(model, masks):
@@ -757,48 +864,748 @@ def mask_pairs(model, masks):
     return [(params[n], m) for n, m in masks.items()]
 
 
-def train_epoch(net, data, optimizer, pairs, cfg, generator, scaler):
-    """One epoch of SGD over the global batches of cfg.batch_size (this process: its slice of each).
+def train_epoch(exp, optimizer, scaler, pairs, generator, penalty=None):
+    """One epoch of SGD over global batches of cfg.batch_size examples (this process: its slice of each).
 
-    pairs: mask_pairs, applied after every step. A last global batch smaller than the number of
-    processes is skipped (some would get no example). Returns (mean train loss, train accuracy) over
-    all processes; sums stay on the device until the end (one sync per epoch).
+    pairs: mask_pairs, applied after every step; penalty: a term added to every step's loss (ADMM's).
+    A last global batch smaller than the number of processes is skipped (some would get no example).
+    Returns (mean train loss, train accuracy) over all processes; sums stay on the device but every
+    DIVERGENCE_CHECK_STEPS steps. Diverged when the loss is not finite.
     """
-    net.train()
-    rank, world = process_group()
+    cfg, data, procs = exp.cfg, exp.data, exp.procs
+    exp.net.train()
     sums = torch.zeros(2, device=data.device)
-    seen, n = 0, data.num_train
-    for i, (x, y) in enumerate(datasets.train_batches(data, cfg.batch_size, generator, rank, world)):
-        global_size = min(cfg.batch_size, n - i * cfg.batch_size)
-        if global_size < world:
+    seen = 0
+    for i, (x, y) in enumerate(datasets.train_batches(data, cfg.batch_size, generator, procs.rank, procs.world)):
+        global_size = min(cfg.batch_size, data.num_train - i * cfg.batch_size)
+        if global_size < procs.world:
             break
-        loss_sum, correct = train_step(net, optimizer, pairs, x, y, global_size, cfg, scaler)
+        loss_sum, correct = train_step(exp.net, optimizer, scaler, pairs, x, y, procs.world / global_size, cfg,
+                                       penalty)
         sums += torch.stack([loss_sum, correct.float()])
         seen += global_size
-    loss_sum, correct = all_sum(sums.tolist(), data.device)
+        if (i + 1) % DIVERGENCE_CHECK_STEPS == 0 and not math.isfinite(procs.sum([sums[0].item()], data.device)[0]):
+            raise Diverged(procs.sum([sums[0].item()], data.device)[0] / seen)
+    loss_sum, correct = procs.sum(sums.tolist(), data.device)
+    if not math.isfinite(loss_sum):
+        raise Diverged(loss_sum / seen)
     return loss_sum / seen, correct / seen
 
 
+def train_step(net, optimizer, scaler, pairs, x, y, loss_scale, cfg, penalty=None):
+    """One SGD step on (x, y), then every (parameter, mask) pair multiplied: pruned weights stay exactly 0.
+
+    loss_scale: processes / global batch size, so that the gradient averaged over processes is the
+    global batch's mean; penalty(): a term of the weights added in full on every process. Returns
+    (loss sum, number correct) as device tensors."""
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(cfg.amp, x.device):
+        out = net(x)
+        loss = F.cross_entropy(out.float(), y, reduction="sum")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss * loss_scale + (penalty() if penalty is not None else 0.0)).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    with torch.no_grad():
+        for p, m in pairs:
+            p.mul_(m)
+    return loss.detach(), (out.argmax(1) == y).sum()
+
+
+def autocast(amp, device):
+    """--amp's autocast context (a no-op for off)."""
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
 @torch.no_grad()
-def evaluate(model, data, cfg, split="test", batch_size=500):
+def evaluate(exp, split="test"):
     """Accuracy (fraction correct) on the test (or val) split, in eval mode; each process evaluates
     its shard and the counts are summed."""
-    model.eval()
-    rank, world = process_group()
+    cfg, data, procs = exp.cfg, exp.data, exp.procs
+    exp.model.eval()
     correct = torch.zeros((), device=data.device)
-    for x, y in datasets.eval_batches(data, batch_size, split, rank, world):
+    for x, y in datasets.eval_batches(data, EVAL_BATCH, split, procs.rank, procs.world):
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(cfg, data.device):
-            correct += (model(x).argmax(1) == y).sum()
-    return all_sum([correct.item()], data.device)[0] / len(data.split_labels(split))
+        with autocast(cfg.amp, data.device):
+            correct += (exp.model(x).argmax(1) == y).sum()
+    return procs.sum([correct.item()], data.device)[0] / len(data.split_labels(split))
 
 
-def training_net(model, cfg, device):
+# ---- the experiment: an unstructured trunk and structural branches ----
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A chain of tickets in an experiment directory: the trunk (the mask source's unstructured
+    tickets) or a branch (a post-processor and an initialization applied to each trunk level's mask)."""
+    name: str           # "trunk", or the branch's directory name
+    path: str           # the directory holding its level_NN/
+    method: str         # POSTPROCESS key; "imp" (none) for the trunk
+    init: str           # INITS key
+    group_aware: bool   # prune the branch's own previous level instead of the trunk's (Alg. 4)
+
+
+INITS = ("rewind", "reinit")  # a ticket's weights: theta_k * mask, or a fresh seeded init * mask
+
+
+@dataclasses.dataclass
+class Start:
+    """Where a ticket's training starts: its masks (with blocks and the post-processing's per-layer
+    stats for a branch), the state its weights are rewound to, and the first epoch of the schedule."""
+    masks: dict
+    blocks: dict | None
+    stats: dict | None
+    state: dict
+    first_epoch: int
+
+
+def ticket_path(run, level):
+    return os.path.join(run.path, f"level_{level:02d}", "ticket.pt")
+
+
+def trained(exp, run, level):
+    """(masks, trained state) of a finished level of `run`, read from its ticket.pt."""
+    ticket = load_ticket(ticket_path(run, level), exp.model)
+    return ticket["masks"], ticket["state_dict"]
+
+
+# mask sources: (experiment, level) -> (the trunk's mask m_L, the trained state its weights came from)
+def imp_source(exp, level):
+    """IMP (Alg. 1): trunk level L-1's trained weights, magnitude_prune'd by --prune-rate."""
+    masks, state = trained(exp, trunk_run(exp.cfg), level - 1)
+    return magnitude_prune({n: state[n] for n in masks}, masks, exp.cfg.prune_rate), state
+
+
+def omp_source(exp, level):
+    """OMP: one-shot global magnitude pruning of the trained dense network (level 0) to density 0.8^L."""
+    masks, state = trained(exp, trunk_run(exp.cfg), 0)
+    scores = {n: state[n].abs() for n in masks}
+    return prune_to_density(scores, level_density(exp.cfg.prune_rate, level)), state
+
+
+def random_source(exp, level):
+    """RP: uniformly random masks with OMP's layerwise densities at this level."""
+    masks, state = omp_source(exp, level)
+    return random_masks(masks, torch.Generator().manual_seed(mix_seed(exp.cfg.seed, level, RANDOM_MASK))), state
+
+
+def init_scores_source(criterion):
+    """A pruning-at-initialization source: `criterion` scores theta_0 on one seeded training batch."""
+    def source(exp, level):
+        state = init_state(exp)
+        images, labels = score_batch(exp, 0)
+        scores = criterion(holding(exp, state), list(prunable_weights(exp.model)), images, labels)
+        return prune_to_density(scores, level_density(exp.cfg.prune_rate, level)), state
+    return source
+
+
+def synflow_source(exp, level):
+    """SynFlow: data-free, iterative (--synflow-rounds) at theta_0, to density 0.8^L."""
+    state = init_state(exp)
+    masks = synflow_masks(holding(exp, state), list(prunable_weights(exp.model)),
+                          level_density(exp.cfg.prune_rate, level), exp.cfg.synflow_rounds, exp.data.image_shape)
+    return masks, state
+
+
+def admm_source(exp, level):
+    """ADMM: the trained dense network (level 0) ADMM-trained toward density 0.8^L (--admm-iterations epochs
+    at --admm-lr, --admm-rho), then pruned hard. One ADMM run per level, kept in the trunk's level
+    directory (admm.pt) for the branch and the trunk of that level. Its state: the ADMM-trained weights."""
+    cfg = exp.cfg
+    path = os.path.join(os.path.dirname(ticket_path(trunk_run(cfg), level)), "admm.pt")
+    if os.path.exists(path):
+        cached = load_file(path, "ADMM result")
+        return cached["masks"], cached["state"]
+    model = holding(exp, trained(exp, trunk_run(cfg), 0)[1])
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.admm_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(torch.device(exp.device).type, enabled=cfg.amp == "fp16")
+    w_step = lambda iteration, penalty: train_epoch(exp, optimizer, scaler, [], torch.Generator(
+        device=exp.device).manual_seed(mix_seed(cfg.seed, level, ADMM_EPOCHS - iteration)), penalty)
+    masks = admm_prune(model, list(prunable_weights(model)), level_density(cfg.prune_rate, level), w_step,
+                       cfg.admm_iterations, cfg.admm_rho)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if exp.procs.is_main:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save(dict(masks={n: m.cpu() for n, m in masks.items()}, state={k: v.cpu() for k, v in state.items()}), path)
+    exp.procs.barrier()                        # every rank finds the file from now on
+    return masks, state
+
+
+def import_source(exp, level):
+    """Imported masks (--import-masks): file L is trunk level L's mask, trained like a one-shot source's
+    (rewound to theta_k). Refill's scores use the file's trained weights where it has them (the `_orig`
+    tensors of torch.nn.utils.prune, a ticket's state_dict), else the dense network's (level 0)."""
+    masks, weights = read_imported_masks(exp.cfg.import_masks[level - 1], exp.model, exp.cfg.arch)
+    return masks, {**trained(exp, trunk_run(exp.cfg), 0)[1], **weights}
+
+
+MASK_SOURCES = {
+    "imp": imp_source,                            # iterative magnitude pruning (the paper's default)
+    "omp": omp_source,                            # one-shot magnitude pruning
+    "random": random_source,                      # random pruning at OMP's layer densities
+    "snip": init_scores_source(snip_scores),      # Lee et al. 2019
+    "grasp": init_scores_source(grasp_scores),    # Wang et al. 2020
+    "synflow": synflow_source,                    # Tanaka et al. 2020
+    "admm": admm_source,                          # Zhang et al. 2018
+    "import": import_source,                      # masks from files (--import-masks)
+}
+
+
+def branch_masks(exp, run, level):
+    """A branch level's (masks, blocks, per-layer stats): the trunk's m_L post-processed by the branch's
+    method; group-aware (App. A1, Alg. 4): the branch's own level L-1 (level 0: the dense trunk) pruned
+    by --prune-rate instead. Refill's scores use the weights the unstructured mask was pruned from."""
+    if run.group_aware:
+        masks, state = trained(exp, run if level > 1 else trunk_run(exp.cfg), level - 1)
+        masks = magnitude_prune({n: state[n] for n in masks}, masks, exp.cfg.prune_rate)
+    else:
+        masks, state = MASK_SOURCES[exp.cfg.mask_source](exp, level)
+    knobs = branch_knobs(exp.cfg, run.method)
+    feats = None
+    if needs_feats(run.method, knobs.get("score")):
+        feats = conv_channel_stats(holding(exp, state), list(masks), *score_batch(exp, level))
+    new, blocks = postprocess(run.method, {n: state[n] for n in masks}, masks, feats, **knobs)
+    stats = {n: layer_stats(masks[n], new[n], None if blocks is None else blocks[n]) for n in new}
+    return new, blocks, stats
+
+
+def level_start(exp, run, level):
+    """The Start of a level. Level 0: the dense network at theta_0. Trunk level L: the mask source's m_L.
+    Branch level L: branch_masks. Then rewind to theta_k and resume the schedule at epoch k, or
+    (--init reinit) a fresh seeded initialization, an epoch-0 network that trains the whole schedule:
+    the paper's random tickets (Tables A3, A4)."""
+    if level == 0:
+        state = init_state(exp)
+        return Start(ones_masks({n: state[n] for n in prunable_weights(exp.model)}), None, None, state, 0)
+    if run.name == "trunk":
+        masks, blocks, stats = MASK_SOURCES[exp.cfg.mask_source](exp, level)[0], None, None
+    else:
+        masks, blocks, stats = branch_masks(exp, run, level)
+    if run.init == "reinit":
+        torch.manual_seed(mix_seed(exp.cfg.seed, level, REINIT))
+        return Start(masks, blocks, stats, model_zoo.MODELS[exp.cfg.arch](exp.data.num_classes).state_dict(), 0)
+    return Start(masks, blocks, stats, rewind_state(exp), first_epoch(exp.cfg, run, level))
+
+
+def first_epoch(cfg, run, level):
+    """The epoch a level's schedule starts at: the rewind epoch k for rewound tickets (--lr-schedule
+    resume), else 0 (the dense level 0, re-initialized tickets, and --lr-schedule restart)."""
+    return cfg.rewind_epoch if level > 0 and run.init == "rewind" and cfg.lr_schedule == "resume" else 0
+
+
+def init_state(exp):
+    """theta_0: the seeded initialization, init.pt."""
+    return load_file(os.path.join(exp.cfg.out_dir, "init.pt"), "initialization")
+
+
+def rewind_state(exp):
+    """theta_k: the full state at the end of epoch k of the dense level 0 (k = 0: the initialization)."""
+    name = "init.pt" if exp.cfg.rewind_epoch == 0 else "rewind.pt"
+    return load_file(os.path.join(exp.cfg.out_dir, name), "rewind state")
+
+
+def score_batch(exp, level):
+    """One seeded training batch (the first of a draw no training epoch uses): (images, labels)."""
+    g = torch.Generator(device=exp.device).manual_seed(mix_seed(exp.cfg.seed, level, SCORE_BATCH))
+    return next(datasets.train_batches(exp.data, exp.cfg.batch_size, g))
+
+
+def holding(exp, state):
+    """The experiment's model holding `state` (a scratch use: every level loads its own state)."""
+    exp.model.load_state_dict(state)
+    return exp.model
+
+
+def train_level(exp, run, level, eta):
+    """Train one ticket: its Start (or its epoch checkpoint), retrain with a checkpoint and a log line
+    after every epoch, then its ticket.pt (and the branch's layers.csv). Returns its result row. A loss
+    that diverges, or a stop by a signal, leaves the last epoch checkpoint and nothing else of the level."""
+    cfg, model = exp.cfg, exp.model
+    ckpt_path = os.path.join(os.path.dirname(ticket_path(run, level)), "checkpoint.pt")
+    start, ckpt = resume_or_start(exp, run, level, ckpt_path)
+    masks = {n: m.to(exp.device) for n, m in start.masks.items()}
+    exp.procs.check_same(masks, exp.device)
+    progress = dict(epoch=start.first_epoch, seconds=ckpt["seconds"] if ckpt else 0.0, t0=time.perf_counter())
+    try:
+        metrics = retrain(exp, training_masks(model, masks, run.method), start.state, start.first_epoch, level,
+                          ckpt, checkpointer(exp, run, level, start, ckpt_path, progress, eta))
+    except Diverged as e:
+        raise UsageError(diverged_message(exp, run, level, e, ckpt_path)) from None
+    except (KeyboardInterrupt, Stopped) as e:
+        e.where = f"{run.name} level {level} after epoch {progress['epoch']}/{cfg.epochs}"
+        raise
+    counts = whole_model_counts(model, masks, exp.data.image_shape)
+    row = result_row(cfg, run, level, masks, start.blocks, start.stats, metrics, progress["seconds"], counts)
+    if exp.procs.is_main:
+        write_ticket(exp, run, level, start, row)
+        if os.path.exists(ckpt_path):
+            os.remove(ckpt_path)
+    exp.procs.barrier()                        # the next level reads this ticket on every rank
+    return row
+
+
+def resume_or_start(exp, run, level, ckpt_path):
+    """(Start, checkpoint or None): an unfinished level's epoch checkpoint, else level_start. A checkpoint
+    that cannot be read (cut short, damaged) is set aside with one WARNING and the level starts over."""
+    if exp.procs.is_main:
+        os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
+    ckpt = None
+    if os.path.exists(ckpt_path):
+        try:
+            ckpt = load_checkpoint(ckpt_path, exp.model)
+        except DamagedFile as e:
+            print(f"WARNING: {e.first_line}: set aside as {ckpt_path}.damaged; {run.name} level {level} "
+                  "starts over", file=sys.stderr)
+            exp.procs.barrier()                # every rank has tried to read it before it moves
+            if exp.procs.is_main:
+                os.replace(ckpt_path, ckpt_path + ".damaged")
+    if ckpt is not None:
+        exp.log(f"{run.name} level {level}: resuming at epoch {ckpt['metrics']['epoch']} from {ckpt_path}")
+        return Start(ckpt["masks"], ckpt["blocks"], ckpt["stats"], ckpt["model"], ckpt["metrics"]["epoch"]), ckpt
+    return level_start(exp, run, level), None
+
+
+def checkpointer(exp, run, level, start, ckpt_path, progress, eta):
+    """retrain's after_epoch: the epoch checkpoint (and, in level 0, the rewind state theta_k), then one
+    progress line (level, epoch, loss, accuracies, density, seconds, ETA). progress: epoch, seconds, t0."""
+    cfg, model, dens = exp.cfg, exp.model, density(start.masks)
+
+    def after_epoch(metrics, optimizer, scaler):
+        dt = time.perf_counter() - progress["t0"]
+        progress.update(epoch=metrics["epoch"], seconds=progress["seconds"] + dt, t0=time.perf_counter())
+        if exp.procs.is_main:
+            if level == 0 and metrics["epoch"] == cfg.rewind_epoch:
+                save(model.state_dict(), os.path.join(cfg.out_dir, "rewind.pt"))
+            save(dict(masks=start.masks, blocks=start.blocks, stats=start.stats, model=model.state_dict(),
+                      optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), metrics=metrics,
+                      seconds=progress["seconds"]), ckpt_path)
+        exp.log(epoch_line(run, level, metrics, cfg, dens, dt, eta.update(dt)))
+    return after_epoch
+
+
+def diverged_message(exp, run, level, e, ckpt_path):
+    """What a diverged level tells the user: where, the loss, what was kept and how to go on."""
+    cfg = exp.cfg
+    kept = f"its last good epoch checkpoint is kept ({ckpt_path})" if os.path.exists(ckpt_path) else \
+        "it had no finished epoch"
+    amp = " or --amp off" if cfg.amp != "off" else ""
+    return (f"{run.name} level {level} diverged in epoch {e.epoch}/{cfg.epochs} at learning rate {e.lr:g}: the "
+            f"training loss is {e.loss} (not a finite number). Nothing was written for this level; {kept}. "
+            f"Training is deterministic, so the same command would diverge again: lower --lr{amp}. --lr and "
+            f"--amp are trunk settings, which {cfg.out_dir} refuses to change once level 0 has started: run "
+            f"the new setting with another --out-dir, or delete {cfg.out_dir} to start it over")
+
+
+def run_experiment(cfg, log=print):
+    """One trunk and (per --method/--init) one branch: train whatever is missing, reuse the rest.
+
+    Paper: Sec. 3.1-3.2 with Alg. 1-3: trunk level 0 is the dense network, trunk level L the mask
+    source's unstructured ticket (IMP: level L-1 pruned by 20%), branch level L that mask refilled or
+    regrouped, rewound (or re-initialized) and retrained. Order: trunk 0, branch 1, trunk 1, branch 2,
+    ...; a group-aware branch is its own chain from the dense level 0. Writes each run's results and
+    the experiment's combined results.csv; returns the combined rows."""
+    exp, trunk, branch = open_experiment(cfg, log)
+    exp.log(settings_line(cfg, exp.procs))
+    order = [(trunk, 0)]
+    for level in range(1, cfg.levels + 1):
+        order += [(branch, level)] if branch is not None else []
+        order += [(trunk, level)] if branch is None or not branch.group_aware else []
+    todo = [(run, level) for run, level in order if not os.path.exists(ticket_path(run, level))]
+    eta = Eta(sum(cfg.epochs - first_epoch(cfg, run, level) for run, level in todo))
+    for run, level in order:
+        lock = claim_level(exp, run, level) if (run, level) in todo else None
+        if lock is None:
+            exp.log(f"{run.name} level {level}: finished {'earlier' if (run, level) not in todo else 'by another process'}"
+                    f", reused ({ticket_path(run, level)})")
+            continue
+        try:
+            exp.log(summary_line(train_level(exp, run, level, eta)))
+        finally:
+            release(lock)
+        if exp.procs.is_main:
+            write_results(cfg.out_dir)
+    rows = write_results(cfg.out_dir) if exp.procs.is_main else []
+    exp.log("\n" + markdown_table(rows) if rows else "")
+    return rows
+
+
+# ==================================== tooling ====================================
+# Everything below serves the method above: the settings and the CLI parser derived from them, torchrun,
+# files (atomic writes, safe loading, checkpoints, tickets), results, benchmarks, export, report, the CLI.
+
+class UsageError(Exception):
+    """A user-facing error: the CLI prints it (with its hint) and exits with code 2, no traceback."""
+
+
+class DamagedFile(UsageError):
+    """A file of the experiment that cannot be read (cut short, damaged, or not lth_ref's)."""
+
+    def __init__(self, message, first_line):
+        super().__init__(message)
+        self.first_line = first_line
+
+
+class Stopped(Exception):
+    """A signal (SIGTERM: a job scheduler) asked the run to stop; the CLI exits with 128 + its number."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# ---- settings: one Config field per flag (default, help with unit, argument group, role) ----
+ROLES = {  # what a setting defines, which decides where it is recorded and whether it may change
+    "trunk": "the experiment's trunk (config.json; refused once level 0 has started)",
+    "source": "the trunk, for one mask source only (metadata 'source')",
+    "branch": "a branch (branch.json): the method, its init, its knobs",
+    "run": "this command only (may differ between commands on one experiment)",
+    "tool": "benchmarks, export and report (not recorded)",
+}
+GROUPS = ("experiment", "training", "refill", "regroup", "benchmarks", "report")   # --help's sections
+
+
+def setting(default, help, group, role="run", official=None, check=None, knob=None, label=None, source=None,
+            **flag):
+    """A Config field: its default, help text (with its unit), argument group and role (ROLES); the
+    official code's name where it has one; check = (condition text, predicate) for bad values; knob =
+    the postprocess keyword it feeds (label: its short name in a branch directory's name); flag: extra
+    argparse keywords (choices, nargs, metavar, const)."""
+    meta = dict(help=help, group=group, role=role, official=official, check=check, knob=knob, label=label,
+                source=source, flag=flag)
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+TABLE1 = "Table 1's value for --arch on --dataset"   # the help of settings whose default comes from there
+IS_POSITIVE, NOT_NEGATIVE = (">= 1", lambda v: v >= 1), (">= 0", lambda v: v >= 0)
+
+
+@dataclasses.dataclass
+class Config:
+    """Every setting of a command, with its default, help and role; build_parser is derived from these
+    fields and resolve() fills in Table 1's row of --arch/--dataset where a default is None."""
+    arch: str = setting("resnet20", "network", "experiment", "trunk", choices=sorted(model_zoo.MODELS))
+    dataset: str = setting("cifar10", "synthetic = small deterministic CIFAR-shaped data for smoke runs",
+                           "experiment", "trunk", choices=list(datasets.DATASETS))
+    data_dir: str = setting("data", "where the datasets live: CIFAR archives or folders, tiny-imagenet-200/, "
+                            "imagenet/", "experiment")
+    out_dir: str | None = setting(None, "experiment directory (default: runs/ARCH_DATASET_SOURCE, plus _seedN "
+                                  "for --seed N != 0)", "experiment")
+    levels: int | None = setting(None, f"pruning levels after the dense level 0 (default: {PAPER['levels']}, or the "
+                                 "number of --import-masks files)", "experiment", check=NOT_NEGATIVE)
+    import_masks: list | None = setting(
+        None, "trunk masks from files, one per level (level 1 first): a torch.nn.utils.prune state_dict "
+        "(`*_mask`, with `*_orig` weights), an official Structure-LTH checkpoint, an open_lth mask.pth, a "
+        "{name: 0/1 tensor} file or an lth_ref ticket.pt (transfer); sets --mask-source import", "experiment",
+        nargs="+", metavar="FILE")
+    mask_source: str = setting(
+        "imp", "the trunk's unstructured masks: imp (iterative magnitude pruning), omp (one-shot magnitude of "
+        "the trained dense net), random (random at omp's layer densities), snip, grasp, synflow (scores at "
+        "initialization), admm (ADMM training of the dense net toward that density), import (--import-masks); "
+        "one-shot sources reach density (1 - prune rate)^level", "experiment", "trunk",
+        choices=list(MASK_SOURCES))
+    synflow_rounds: int = setting(SYNFLOW_ROUNDS, "pruning rounds of --mask-source synflow", "experiment",
+                                  "source", source="synflow", check=IS_POSITIVE)
+    admm_rho: float = setting(ADMM_RHO, "--mask-source admm: penalty weight rho", "experiment", "source",
+                              source="admm", official="rho", check=("> 0", lambda v: v > 0))
+    admm_iterations: int = setting(ADMM_ITERATIONS, "--mask-source admm: iterations, each one W-step epoch then the "
+                                   "Z- and U-steps", "experiment", "source", source="admm", check=IS_POSITIVE)
+    admm_lr: float = setting(ADMM_LR, "--mask-source admm: SGD learning rate of the W-steps (ours)", "experiment",
+                             "source", source="admm", check=("> 0", lambda v: v > 0))
+    method: str = setting(
+        "imp", "the branch: how each trunk level's mask is post-processed: imp (not at all: with --init rewind "
+        "the trunk is the ticket), refill (channel-wise), refill+ (channel-wise, extra channels), regroup "
+        "(group-wise dense blocks)", "experiment", "branch", choices=list(POSTPROCESS))
+    init: str = setting("rewind", "the branch's weights: rewind (theta_k, the paper's tickets) or reinit (a fresh "
+                        "seeded initialization trained from epoch 0: random tickets)", "experiment", "branch",
+                        choices=INITS)
+    group_aware: bool = setting(False, "group-aware IMP (paper App. A1, Alg. 4): the branch prunes its own "
+                                "previous level instead of the trunk's; needs --mask-source imp and a --method "
+                                "other than imp", "experiment", "branch", official="main_imp_regroup.py")
+    seed: int = setting(0, "seed for init, data order and augmentation", "experiment", "trunk")
+    verbose: bool = setting(False, "print the per-layer table of every level", "experiment")
+    wait: bool = setting(False, "when another process trains the branch this command asks for: wait for it "
+                         "(default: stop with a message; the trunk is always waited for)", "experiment")
+    epochs: int | None = setting(None, f"epochs per level; default: {TABLE1} (CIFAR: 160, (Tiny-)ImageNet: 95)",
+                                 "training", "trunk", check=IS_POSITIVE)
+    lr_drops: list | None = setting(None, f"epochs at which the LR drops x0.1; default: {TABLE1} (CIFAR: 80 120 "
+                                    "of 160), scaled to --epochs", "training", "trunk", nargs="*", metavar="EPOCH",
+                                    type=int)
+    rewind_epoch: int | None = setting(None, "rewind to the end of this epoch (0 = initialization); default: epoch "
+                                       "8 of Table 1's schedule, scaled to --epochs (8 of 160, 5%%)", "training",
+                                       "trunk", check=NOT_NEGATIVE)
+    schedule: str = setting("table1", "the defaults of --epochs, --lr-drops and --rewind-epoch: table1 (the paper's "
+                            "Table 1 for --arch on --dataset) or plus (App. A2's (+) setting of VGG-16(+) and "
+                            "WRN-32-2(+): 240 epochs, x0.1 at 150, 180, 210, rewind to epoch 8); explicit flags "
+                            "override", "training", choices=list(SCHEDULE_PRESETS))
+    lr_schedule: str = setting("resume", "after rewinding to epoch k: resume = the schedule goes on from epoch k to "
+                               "the end (the paper's Alg. 1, Frankle et al. 2020); restart = it runs from epoch 0 "
+                               "for the full length (official main_imp.py; --rewind-epoch may then equal --epochs)",
+                               "training", "trunk", choices=LR_SCHEDULES)
+    prune_rate: float = setting(PAPER["prune_rate"], "fraction of the remaining prunable weights removed per "
+                                "level", "training", "trunk", check=("in (0, 1)", lambda v: 0 < v < 1))
+    lr: float | None = setting(None, f"SGD learning rate; default: {TABLE1} (CIFAR: 0.1)", "training", "trunk")
+    momentum: float = setting(PAPER["momentum"], "SGD momentum", "training", "trunk")
+    weight_decay: float | None = setting(None, f"L2 weight decay; default: {TABLE1} (CIFAR: 1e-4, VGG-16 2e-4; "
+                                         "CIFAR-100 2e-4, VGG-16 5e-4)", "training", "trunk")
+    batch_size: int | None = setting(None, f"examples per SGD step, over all processes under torchrun; default: "
+                                     f"{TABLE1} (CIFAR: 128)", "training", "trunk", check=IS_POSITIVE)
+    train_subset: int | None = setting(None, "train on a seeded random subset of N examples (default: all)",
+                                       "training", "trunk", check=IS_POSITIVE)
+    val_split: int = setting(0, "hold out N training images (seeded, before --train-subset) as a validation set; "
+                             "its accuracy is reported next to test accuracy (0 = none)", "training", "trunk",
+                             check=NOT_NEGATIVE)
+    device: str = setting("auto", "auto = cuda if available", "training", choices=("auto", "cpu", "cuda"))
+    amp: str = setting("off", "mixed precision: autocast to bf16, or fp16 with loss scaling (CUDA only)",
+                       "training", "trunk", choices=list(AMP_DTYPES))
+    channels_last: bool = setting(False, "train with channels-last model and batches", "training")
+    compile: bool = setting(False, "torch.compile the training network", "training")
+    sync_bn: bool = setting(False, "under torchrun on GPUs: BatchNorm statistics over all processes (default: "
+                            "per process)", "training", "trunk")
+    refill_score: str = setting(
+        "l1", "channel score for refill: l1 = L1 norm of the kept weights (paper), remain = number of kept "
+        "weights (official default); fmap_l1, fmap_l2, saliency = the channel's output on one training batch: "
+        "sum |y|, sum y^2, sum |y dL/dy| (official l1, l2, saliency)", "refill", "branch", official="criteria",
+        knob="score", label="score", choices=list(CHANNEL_SCORES))
+    refill_extra: float = setting(REFILL_PLUS_EXTRA, "refill+: extra fraction of the pruned channels kept (ours; "
+                                  "the paper gives no value)", "refill", "branch", official="fillback_rate",
+                                  check=("in [0, 1]", lambda v: 0 <= v <= 1), knob="extra", label="extra")
+    channel_multiple: int = setting(1, "refill, refill+: each layer's kept-channel count rounded up to a multiple of "
+                                    "this, at most the layer's width (ours: 8 suits GPUs and vector units; 1 = off)",
+                                    "refill", "branch", check=IS_POSITIVE, knob="channel_multiple", label="mult")
+    regroup_unit: str = setting("position", "regroup column unit: position = one (c,ky,kx) (paper), channel = "
+                                "whole input channel", "regroup", "branch", knob="unit", label="unit",
+                                choices=list(REGROUP_UNITS))
+    groups: int = setting(8, "regroup: groups per layer (paper t1)", "regroup", "branch", official="8 hMETIS parts",
+                          check=IS_POSITIVE, knob="groups", label="groups")
+    row_multiple: int = setting(8, "regroup: group rows are a multiple of this, at least this (paper b1, min rows)",
+                                "regroup", "branch", check=IS_POSITIVE, knob="row_multiple", label="rows")
+    min_col_nnz: int = setting(1, "regroup: nonzeros a column needs inside a group to be selected (paper t2)",
+                               "regroup", "branch", check=IS_POSITIVE, knob="min_col_nnz", label="colnnz")
+    min_block_cols: int = setting(8, "regroup: columns a group needs to become a block (paper b2)", "regroup",
+                                  "branch", check=IS_POSITIVE, knob="min_block_cols", label="cols")
+    block_columns: str = setting(
+        "budget", "regroup: which columns join a group's dense block: budget (ours: the densest (group, column) "
+        "pairs until the blocks' area equals IMP's nonzeros: IMP's density), paper (Alg. 3 as written: every "
+        "column with >= --min-col-nnz nonzeros in the group; denser than IMP), official (the official width "
+        "rule: a prefix of the most used columns until every row has fewer than width/1.5 nonzeros outside)",
+        "regroup", "branch", knob="block_columns", label="colrule", choices=list(BLOCK_COLUMNS))
+    bench: str | None = setting(
+        None, "benchmark instead of training: kernels (the default when given alone) = dense vs grouped GEMM on "
+        "a ticket, paper = the same in the paper's per-layer setting (batch 64, 127x127), regroup = partitioner "
+        "coverage and speed vs baselines, train = training images/s vs a plain PyTorch loop with the same "
+        "settings, and the cost of the masks", "benchmarks", "tool", nargs="?", const="kernels",
+        choices=("kernels", "paper", "regroup", "train"))
+    export: str | None = setting(None, "instead of training: save the ticket (--ticket, or the last level in "
+                                 "--out-dir of the run --method names) without its dead channels, as a smaller "
+                                 "dense network (models.load_slim)", "benchmarks", "tool", metavar="PATH")
+    ticket: str | None = setting(None, "ticket.pt to benchmark (default: the last level, in --out-dir, of the "
+                                 "run --method names)", "benchmarks", "tool")
+    bench_density: float | None = setting(None, "bench a fresh --arch pruned to this density and post-processed "
+                                          "by --method (with the regroup/refill flags) instead of a saved ticket",
+                                          "benchmarks", "tool", check=("in (0, 1]", lambda v: 0 < v <= 1))
+    bench_batch: list = setting([64], "batch sizes for --bench kernels", "benchmarks", "tool", nargs="+", type=int,
+                                check=("a list of numbers >= 1", lambda v: all(b >= 1 for b in v)))
+    bench_repeats: int = setting(30, "timed runs per measurement (median)", "benchmarks", "tool", check=IS_POSITIVE)
+    bench_memory_format: str = setting("auto", "memory format of the activations, dense and regrouped alike; auto "
+                                       "= the one in which the dense model runs faster on this machine (measured "
+                                       "first)", "benchmarks", "tool", choices=["auto", *kernels.MEMORY_FORMATS])
+    report: list | None = setting(None, "instead of training: report.md, CSVs and figures (matplotlib) of "
+                                  "experiment directories, into --out-dir if given, else DIR/report (one DIR) or "
+                                  "report/ in the DIRs' common parent", "report", "tool", nargs="+", metavar="DIR")
+    report_layers: list | None = setting(None, "convs drawn by --report's mask pictures, e.g. layer3.2.conv2 "
+                                         "(default: the last three)", "report", "tool", nargs="+", metavar="NAME")
+
+
+def settings_of(role):
+    """Config fields of one role (ROLES), in declaration order."""
+    return [f for f in dataclasses.fields(Config) if f.metadata["role"] == role]
+
+
+RUN_SETTINGS = tuple(f.name for f in settings_of("run"))         # may differ between commands
+SOURCE_SETTINGS = tuple(f.name for f in settings_of("source"))   # trunk settings of one mask source
+
+
+def resolve(cfg):
+    """Validate a Config and fill in the defaults that depend on others: Table 1's row for --arch and
+    --dataset (epochs, lr, lr_drops, batch, weight decay, rewind epoch, the epochs scaled to --epochs)
+    and out_dir. UsageError with the flag and the rule for a bad value."""
+    table = paper_schedule(cfg.arch, cfg.dataset, cfg.schedule)
+    epochs = cfg.epochs if cfg.epochs is not None else table["epochs"]
+    scaled = lambda e: round(e * epochs / table["epochs"])   # the table's epochs at this schedule's length
+    pick = lambda value, key: value if value is not None else table[key]
+    cfg = resolve_import(cfg)
+    cfg = dataclasses.replace(
+        cfg, levels=cfg.levels if cfg.levels is not None else PAPER["levels"], epochs=epochs, lr=pick(cfg.lr, "lr"), weight_decay=pick(cfg.weight_decay, "weight_decay"),
+        batch_size=pick(cfg.batch_size, "batch_size"),
+        lr_drops=sorted(cfg.lr_drops if cfg.lr_drops is not None else [scaled(e) for e in table["lr_drops"]]),
+        rewind_epoch=cfg.rewind_epoch if cfg.rewind_epoch is not None else scaled(table["rewind_epoch"]),
+        out_dir=cfg.out_dir or os.path.join(
+            "runs", f"{cfg.arch}_{cfg.dataset}_{cfg.mask_source}" + (f"_seed{cfg.seed}" if cfg.seed else "")))
+    for f in dataclasses.fields(Config):
+        value, check = getattr(cfg, f.name), f.metadata["check"]
+        if check is not None and value is not None and not check[1](value):
+            raise UsageError(f"{flag_name(f.name)} must be {check[0]}, got {value}")
+    check_combinations(cfg)
+    return cfg
+
+
+def resolve_import(cfg):
+    """--import-masks makes the trunk's mask source `import`, one level per file (UsageError otherwise)."""
+    if not cfg.import_masks:
+        if cfg.mask_source == "import":
+            raise UsageError("--mask-source import reads its masks from --import-masks FILE [FILE ...]: give the files")
+        return cfg
+    if cfg.mask_source not in ("imp", "import"):
+        raise UsageError(f"--import-masks gives the trunk's masks: drop --mask-source {cfg.mask_source}")
+    missing = [f for f in cfg.import_masks if not os.path.isfile(f)]
+    if missing:
+        raise UsageError(f"--import-masks: no such file {missing[0]}")
+    levels = len(cfg.import_masks) if cfg.levels is None else cfg.levels
+    if levels > len(cfg.import_masks):
+        raise UsageError(f"--levels {levels} needs {levels} --import-masks files (one per level), got "
+                         f"{len(cfg.import_masks)}")
+    return dataclasses.replace(cfg, mask_source="import", levels=levels)
+
+
+def check_combinations(cfg):
+    """Refuse settings that contradict each other, with the fix."""
+    if cfg.rewind_epoch > cfg.epochs or (cfg.rewind_epoch == cfg.epochs and cfg.lr_schedule == "resume"):
+        raise UsageError(f"--rewind-epoch must be in [0, --epochs), got {cfg.rewind_epoch} with --epochs {cfg.epochs} "
+                         "(--lr-schedule restart also allows --rewind-epoch = --epochs)")
+    if cfg.group_aware and cfg.method == "imp":
+        raise UsageError("--group-aware post-processes every level of its own chain: give it a --method "
+                         "(refill, refill+ or regroup)")
+    if cfg.group_aware and cfg.mask_source != "imp":
+        raise UsageError(f"--group-aware prunes its own previous level iteratively: it needs --mask-source imp, "
+                         f"not {cfg.mask_source} (one-shot sources have no chain)")
+
+
+def flag_name(field_name):
+    return "--" + field_name.replace("_", "-")
+
+
+def trunk_config(cfg):
+    """The settings that define the experiment's trunk (a changed one is a new experiment)."""
+    keys = [f.name for f in settings_of("trunk")] + \
+        [f.name for f in settings_of("source") if f.metadata["source"] == cfg.mask_source]
+    imported = {"import_sha256": [file_sha256(f) for f in cfg.import_masks]} if cfg.mask_source == "import" else {}
+    return {**{k: getattr(cfg, k) for k in keys}, **imported}
+
+
+def branch_knobs(cfg, method):
+    """{postprocess keyword: value} of the method's knobs in cfg (the fields whose `knob` it takes)."""
+    takes = method_knobs(method)
+    return {f.metadata["knob"]: getattr(cfg, f.name) for f in settings_of("branch") if f.metadata["knob"] in takes}
+
+
+def branch_config(cfg):
+    """The settings that define a branch: method, init, group-aware and the method's knobs (by field name)."""
+    takes = method_knobs(cfg.method)
+    return {f.name: getattr(cfg, f.name) for f in settings_of("branch")
+            if f.metadata["knob"] is None or f.metadata["knob"] in takes}
+
+
+def branch_name(cfg):
+    """Readable and unique: the method, each knob that differs from its default, the init, group-aware."""
+    default, takes = Config(), method_knobs(cfg.method)
+    parts = [cfg.method] + [f"{f.metadata['label']}-{getattr(cfg, f.name)}" for f in settings_of("branch")
+                            if f.metadata["knob"] in takes and getattr(cfg, f.name) != getattr(default, f.name)]
+    return "_".join(parts + ["reinit"] * (cfg.init == "reinit") + ["group-aware"] * cfg.group_aware)
+
+
+def trunk_run(cfg):
+    return Run("trunk", cfg.out_dir, "imp", "rewind", False)
+
+
+def branch_run(cfg):
+    """The branch a command trains; None for --method imp --init rewind (the trunk is that ticket)."""
+    if cfg.method == "imp" and cfg.init == "rewind":
+        return None
+    name = branch_name(cfg)
+    return Run(name, os.path.join(cfg.out_dir, name), cfg.method, cfg.init, cfg.group_aware)
+
+
+def settings_line(cfg, procs):
+    """The schedule in one line, so a log says what ran (defaults: Table 1's row for arch/dataset)."""
+    return (f"settings: {cfg.arch} on {cfg.dataset}, {cfg.levels} levels of {cfg.epochs} epochs, lr {cfg.lr} "
+            f"(x0.1 at {', '.join(map(str, cfg.lr_drops)) or 'never'}), batch {cfg.batch_size}"
+            f"{f' over {procs.world} processes' if procs.world > 1 else ''}, weight decay "
+            f"{cfg.weight_decay}, rewind to epoch {cfg.rewind_epoch}, prune {cfg.prune_rate:.0%} per level, "
+            f"mask source {cfg.mask_source}, amp {cfg.amp}, LR schedule after rewinding: {cfg.lr_schedule}"
+            f"{' (App. A2 (+) schedule)' if cfg.schedule == 'plus' else ''}")
+
+
+# ---- torchrun: decided once at setup; one process is world 1 ----
+DIST_TIMEOUT = datetime.timedelta(minutes=30)  # a rank waits this long at a collective (rank 0 writes
+                                               # tickets meanwhile) before the job fails
+
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    """This process's place in the job: rank, world size; is_main (rank 0) writes files and prints. The
+    collectives are no-ops in one process."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def sum(self, values, device):
+        """Sum a list of numbers over every process (one collective)."""
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self):
+        """Wait for every process (after rank 0 wrote a file the others read)."""
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def broadcast(self, value):
+        """Rank 0's value (plain data) on every process."""
+        if self.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def check_same(self, masks, device):
+        """Masks are computed by every process from the same files and seeds: check that they agree."""
+        if self.world == 1:
+            return
+        digest = torch.tensor([float((m.flatten().double() * torch.arange(1, m.numel() + 1, device=m.device)).sum())
+                               for m in masks.values()], dtype=torch.float64, device=device)
+        low, high = digest.clone(), digest.clone()
+        torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(high, torch.distributed.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise RuntimeError("the processes computed different masks: every rank must read the same "
+                               "experiment directory (a shared file system) with the same torch version")
+
+
+def start_processes(device):
+    """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on CUDA, gloo on the CPU.
+    Returns (Processes, this process's device: cuda:LOCAL_RANK on GPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return Processes(torch.distributed.get_rank(), torch.distributed.get_world_size()), device
+    return Processes(), device
+
+
+def training_net(model, cfg, device, procs):
     """What the training steps call: the model, wrapped in DistributedDataParallel under torchrun
     (SyncBatchNorm with --sync-bn) and compiled with --compile."""
     net = model
-    if process_group()[1] > 1:
+    if procs.world > 1:
         if cfg.sync_bn:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         cuda = torch.device(device).type == "cuda"
@@ -806,38 +1613,96 @@ def training_net(model, cfg, device):
     return torch.compile(net) if cfg.compile else net
 
 
-# ---- files: atomic writes, safe loading, configs ----
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file. Under
-    torchrun only rank 0 writes files (every rank computes the same thing)."""
-    if process_group()[0] != 0:
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def resolve_device(name):
+    """'auto' -> cuda if available, else cpu with one WARNING line; cuda without one: UsageError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        print("WARNING: no CUDA GPU found (--device auto): running on the CPU", file=sys.stderr)
+        return "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but torch sees no CUDA GPU (CPU build of torch, or no "
+                         "driver); use --device cpu or auto")
+    return name
 
 
-def atomic_write_text(text, path):
-    """Write text to a temporary file, then rename (rank 0 only, as atomic_save)."""
-    if process_group()[0] != 0:
-        return
+def check_training_flags(cfg, device, procs):
+    """Refuse combinations that cannot run here, with the fix."""
+    cuda = torch.device(device).type == "cuda"
+    if cfg.amp == "fp16" and not cuda:
+        raise UsageError("--amp fp16 needs a CUDA GPU (its loss scaling is for GPUs); use --amp bf16 on the CPU")
+    if cfg.sync_bn and procs.world == 1:
+        raise UsageError("--sync-bn synchronizes BatchNorm across processes: launch with torchrun "
+                         "--nproc_per_node N (N > 1), or drop it")
+    if cfg.sync_bn and not cuda:
+        raise UsageError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only); drop it on the CPU")
+
+
+
+# ---- files: atomic writes, safe loading, the experiment directory ----
+def atomic_write(path, write, mode="wb"):
+    """write(f) into a temporary file next to `path`, flushed to disk, then renamed over `path`: a crash
+    never leaves half a file. The one way every file here is written."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, **({} if "b" in mode else dict(newline=""))) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save(obj, path):
+    """torch.save, atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_text(text, path):
+    atomic_write(path, lambda f: f.write(text), "w")
+
+
+def write_csv(rows, path):
+    """Rows (dicts with the first row's keys) to CSV, atomically."""
+    def write(f):
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write(path, write, "w")
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def load_file(path, what, mmap=False):
     """torch.load a file we wrote, tensors and plain data only (weights_only: a file that would run
     code when unpickled is refused, not run). A missing, corrupt or unsafe file is a UsageError naming it.
     mmap: map the tensors instead of reading them (cheap when only a small entry is needed)."""
+    if not os.path.exists(path):
+        raise UsageError(f"the {what} {path} does not exist: the experiment directory is incomplete (a file was "
+                         "deleted or moved); put it back, or start over with another --out-dir")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, wrong format, disallowed globals: all mean "not ours"
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise UsageError(f"cannot read the {what} {path} ({type(e).__name__}: {first}); lth_ref writes "
-                         f"only tensors and plain data, so the file is corrupt or was not written by "
-                         f"lth_ref. Delete it to recompute that step, or point --out-dir elsewhere") from None
+        first = f"cannot read the {what} {path} ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]})"
+        raise DamagedFile(f"{first}; lth_ref writes only tensors and plain data, so the file is cut short, "
+                          "damaged or was not written by lth_ref. Delete it to compute that step again (a "
+                          "ticket: its level is trained again), or point --out-dir elsewhere", first) from None
+
+
+def check_masks_fit(model, masks, what="mask"):
+    """Raise UsageError unless `masks` names exactly the prunable weights of `model`, shape for shape."""
+    weights = prunable_weights(model)
+    missing, extra = sorted(set(weights) - set(masks)), sorted(set(masks) - set(weights))
+    bad = [n for n in set(weights) & set(masks) if tuple(masks[n].shape) != tuple(weights[n].shape)]
+    if missing or extra or bad:
+        raise UsageError(
+            f"the {what} does not fit the model (missing {missing[:3]}, unexpected {extra[:3]}, "
+            f"wrong shape {sorted(bad)[:3]}); was it made for another --arch or --dataset?")
 
 
 TICKET_KEYS = {"level": (int, type(None)), "masks": dict, "blocks": (dict, type(None)), "state_dict": dict,
@@ -861,62 +1726,30 @@ def load_ticket(path, model=None, mmap=False):
     return ticket
 
 
-@dataclasses.dataclass
-class Config:
-    """Everything that determines an experiment (trunk) and the branch a command trains. The defaults
-    are Table 1's for ResNet-20 on CIFAR-10; config_from_args fills in the row of --arch/--dataset."""
-    arch: str = "resnet20"
-    dataset: str = "cifar10"
-    data_dir: str = "data"
-    out_dir: str = "runs/resnet20_cifar10_imp"
-    levels: int = PAPER["levels"]
-    epochs: int = SCHEDULES["cifar10"]["epochs"]
-    lr_drops: list = dataclasses.field(default_factory=lambda: list(SCHEDULES["cifar10"]["lr_drops"]))
-    rewind_epoch: int = SCHEDULES["cifar10"]["rewind_epoch"]
-    prune_rate: float = PAPER["prune_rate"]
-    lr: float = SCHEDULES["cifar10"]["lr"]
-    momentum: float = PAPER["momentum"]
-    weight_decay: float = SCHEDULES["cifar10"]["weight_decay"]
-    batch_size: int = SCHEDULES["cifar10"]["batch_size"]
-    train_subset: int | None = None
-    val_split: int = 0
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "off"
-    sync_bn: bool = False
-    channels_last: bool = False
-    compile: bool = False
-    mask_source: str = "imp"
-    synflow_rounds: int = SYNFLOW_ROUNDS
-    method: str = "imp"
-    init: str = "rewind"
-    group_aware: bool = False
-    refill_score: str = "l1"
-    refill_extra: float = 0.1
-    regroup_unit: str = "position"
-    groups: int = 8
-    row_multiple: int = 8
-    min_col_nnz: int = 1
-    min_block_cols: int = 8
-    verbose: bool = False
+def load_checkpoint(path, model):
+    """An unfinished level's epoch checkpoint, checked to fit the model (older files: their metrics)."""
+    ckpt = load_file(path, "checkpoint")
+    check_masks_fit(model, ckpt["masks"], "checkpoint")
+    if "metrics" not in ckpt:                  # written before metrics were one dict: the same numbers
+        ckpt["metrics"] = dict(epoch=ckpt["epoch"], loss=ckpt["loss"], train_acc=float("nan"), **ckpt["accs"])
+    return ckpt
 
 
-TRUNK_KEYS = ("arch", "dataset", "seed", "epochs", "lr_drops", "rewind_epoch", "prune_rate", "lr", "momentum",
-              "weight_decay", "batch_size", "train_subset", "val_split", "amp", "sync_bn", "mask_source")
-SOURCE_KEYS = {"synflow": ("synflow_rounds",)}   # settings only one mask source has
-RUN_ONLY = ("levels", "device", "out_dir", "data_dir", "verbose", "channels_last", "compile")  # may change
-
-
-def trunk_config(cfg):
-    """The settings that define the experiment's trunk (a changed one is a new experiment)."""
-    keys = TRUNK_KEYS + SOURCE_KEYS.get(cfg.mask_source, ())
-    return {k: getattr(cfg, k) for k in keys}
-
-
-def branch_config(cfg):
-    """The settings that define a branch: method, init, group-aware and the method's knobs."""
-    return {"method": cfg.method, "init": cfg.init, "group_aware": cfg.group_aware,
-            **{k: getattr(cfg, k) for k in BRANCH_KNOBS[cfg.method]}}
+def write_ticket(exp, run, level, start, row):
+    """ticket.pt of a finished level (masks, blocks, trained state, its result row, per-layer stats, the
+    config) and, for a branch, layers.csv (printed with --verbose)."""
+    cfg, model = exp.cfg, exp.model
+    ticket = dict(level=level, masks={n: m.cpu() for n, m in start.masks.items()}, blocks=start.blocks,
+                  state_dict={k: v.cpu() for k, v in model.state_dict().items()}, metrics=row,
+                  layer_stats=start.stats, num_classes=exp.data.num_classes,
+                  config={**dataclasses.asdict(cfg), "method": run.method, "init": run.init,
+                          "group_aware": run.group_aware, "branch": run.name})
+    save(ticket, ticket_path(run, level))
+    if start.stats:
+        table = [dict(name=n, **s) for n, s in start.stats.items()]
+        write_csv(table, os.path.join(os.path.dirname(ticket_path(run, level)), "layers.csv"))
+        if cfg.verbose:
+            exp.log(markdown_table(table))
 
 
 def check_config(path, settings, started):
@@ -925,290 +1758,49 @@ def check_config(path, settings, started):
     if not (started and os.path.exists(path)):
         return
     try:
-        with open(path) as f:
-            old = json.load(f)
+        old = read_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UsageError(f"{path} is corrupt; delete its folder or fix the file") from None
-    changed = [f"--{k.replace('_', '-')} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v]
+    defaults = Config()                        # a setting newer than the file: its default then
+    changed = [f"{flag_name(k)} {old.get(k, getattr(defaults, k))} -> {v}" for k, v in settings.items()
+               if old.get(k, getattr(defaults, k)) != v]
     if changed:
         raise UsageError(f"{os.path.dirname(path) or '.'} holds an experiment with other settings "
                          f"({'; '.join(changed)}); use the same flags to go on (only --levels may grow), "
                          "or another --out-dir")
 
 
-# ---- the experiment: an unstructured trunk and structural branches ----
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """A chain of tickets in an experiment directory: the trunk (the mask source's unstructured
-    tickets) or a branch (a post-processor and an initialization applied to each trunk level's mask)."""
-    name: str           # "trunk", or the branch's directory name
-    path: str           # the directory holding its level_NN/
-    method: str         # POSTPROCESS key; "imp" (none) for the trunk
-    init: str           # INITS key
-    group_aware: bool   # prune the branch's own previous level instead of the trunk's (Alg. 4)
+def check_paths(cfg):
+    """UsageError with a hint for an --out-dir or --data-dir that is a file, or that this user cannot use."""
+    paths = [("--out-dir", cfg.out_dir, os.W_OK)] + ([("--data-dir", cfg.data_dir, os.R_OK)]
+                                                      if cfg.dataset != "synthetic" else [])
+    for flag, path, need in paths:
+        above = next(p for p in (path, *parents(path)) if os.path.exists(p))
+        if not os.path.isdir(above):
+            raise UsageError(f"{flag} {path}: {above} is a file, not a directory; pass a directory (--out-dir "
+                             "is created if missing)")
+        if not os.access(above, need | os.X_OK):
+            raise UsageError(f"{flag} {path}: this user may not {'write to' if need == os.W_OK else 'read'} "
+                             f"{above}; fix its permissions or pass another directory")
 
 
-INITS = ("rewind", "reinit")  # a ticket's weights: theta_k * mask, or a fresh seeded init * mask
-
-
-def trunk_run(cfg):
-    return Run("trunk", cfg.out_dir, "imp", "rewind", False)
-
-
-def branch_name(cfg):
-    """Readable and unique: the method, each knob that differs from its default, the init, group-aware."""
-    default = Config()
-    parts = [cfg.method] + [f"{KNOB_LABELS[k]}-{getattr(cfg, k)}" for k in BRANCH_KNOBS[cfg.method]
-                            if getattr(cfg, k) != getattr(default, k)]
-    return "_".join(parts + ["reinit"] * (cfg.init == "reinit") + ["group-aware"] * cfg.group_aware)
-
-
-def branch_run(cfg):
-    """The branch a command trains; None for --method imp --init rewind (the trunk is that ticket)."""
-    if cfg.method == "imp" and cfg.init == "rewind":
-        return None
-    name = branch_name(cfg)
-    return Run(name, os.path.join(cfg.out_dir, name), cfg.method, cfg.init, cfg.group_aware)
-
-
-def schedule(cfg, trunk, branch):
-    """(run, level) in training order: branch level L right after trunk level L-1, so structural
-    tickets come early; a group-aware branch is its own chain from the dense level 0."""
-    order = [(trunk, 0)]
-    for level in range(1, cfg.levels + 1):
-        if branch is not None:
-            order.append((branch, level))
-        if branch is None or not branch.group_aware:
-            order.append((trunk, level))
-    return order
-
-
-def ticket_path(run, level):
-    return os.path.join(run.path, f"level_{level:02d}", "ticket.pt")
-
-
-@dataclasses.dataclass
-class Experiment:
-    """What every step of an experiment reads: settings, the (reused) model and what trains it (net:
-    DDP / compiled, sharing the model's parameters), data, device, log."""
-    cfg: Config
-    model: nn.Module
-    net: nn.Module
-    data: object
-    device: str
-    log: object = print
-
-
-def init_path(cfg):
-    return os.path.join(cfg.out_dir, "init.pt")
-
-
-def rewind_state(exp):
-    """theta_k: the full state at the end of epoch k of the dense level 0 (k = 0: the initialization)."""
-    name = "init.pt" if exp.cfg.rewind_epoch == 0 else "rewind.pt"
-    return load_file(os.path.join(exp.cfg.out_dir, name), "rewind state")
-
-
-def fresh_init(exp, level):
-    """A new seeded initialization of the same network: the paper's random tickets (Tables A3, A4)."""
-    torch.manual_seed(exp.cfg.seed * 1_000_003 + level * 10_007 + REINIT)
-    return model_zoo.MODELS[exp.cfg.arch](exp.data.num_classes).state_dict()
-
-
-def score_batch(exp, level, stream):
-    """One seeded training batch (the first of a draw no training epoch uses)."""
-    g = epoch_generator(exp.cfg, level, stream, exp.device)
-    return next(datasets.train_batches(exp.data, exp.cfg.batch_size, g))
-
-
-def loaded(exp, state):
-    """The experiment's model holding `state` (a scratch use: every level loads its own state)."""
-    exp.model.load_state_dict(state)
-    return exp.model
-
-
-def level_density(cfg, level):
-    """Target density of one-shot sources at a level: (1 - prune_rate)^level, IMP's compounding."""
-    return (1.0 - cfg.prune_rate) ** level
-
-
-# mask sources: (experiment, level) -> (trunk mask m_L, the state its weights come from)
-def pruned_level(exp, run, level):
-    """IMP's step on a finished ticket: run's level L-1 with prune_rate of its remaining weights removed
-    by global magnitude. Returns (mask m_L, the state its weights come from)."""
-    prev = load_ticket(ticket_path(run, level - 1), exp.model)
-    weights = {n: prev["state_dict"][n] for n in prev["masks"]}
-    return magnitude_prune(weights, prev["masks"], exp.cfg.prune_rate), prev["state_dict"]
-
-
-def imp_source(exp, level):
-    """IMP (Alg. 1): trunk level L-1, pruned."""
-    return pruned_level(exp, trunk_run(exp.cfg), level)
-
-
-def omp_source(exp, level):
-    """OMP: one-shot global magnitude pruning of the trained dense network (level 0) to density 0.8^L."""
-    dense = load_ticket(ticket_path(trunk_run(exp.cfg), 0), exp.model)
-    scores = {n: dense["state_dict"][n].abs() for n in dense["masks"]}
-    return prune_to_density(scores, level_density(exp.cfg, level)), dense["state_dict"]
-
-
-def random_source(exp, level):
-    """RP: uniformly random masks with OMP's layerwise densities at this level."""
-    masks, state = omp_source(exp, level)
-    g = torch.Generator().manual_seed(exp.cfg.seed * 1_000_003 + level * 10_007 + RANDOM_MASK)
-    return random_masks(masks, g), state
-
-
-def init_scores_source(criterion):
-    """A pruning-at-initialization source: `criterion` scores theta_0 on one seeded training batch."""
-    def source(exp, level):
-        state = load_file(init_path(exp.cfg), "initialization")
-        names = list(prunable_weights(exp.model))
-        images, labels = score_batch(exp, 0, SCORE_BATCH)
-        scores = criterion(loaded(exp, state), names, images, labels)
-        return prune_to_density(scores, level_density(exp.cfg, level)), state
-    return source
-
-
-def synflow_source(exp, level):
-    """SynFlow: data-free, iterative (--synflow-rounds) at theta_0, to density 0.8^L."""
-    state = load_file(init_path(exp.cfg), "initialization")
-    names = list(prunable_weights(exp.model))
-    masks = synflow_masks(loaded(exp, state), names, level_density(exp.cfg, level), exp.cfg.synflow_rounds,
-                          exp.data.image_shape)
-    return masks, state
-
-
-MASK_SOURCES = {
-    "imp": imp_source,                            # iterative magnitude pruning (the paper's default)
-    "omp": omp_source,                            # one-shot magnitude pruning
-    "random": random_source,                      # random pruning at OMP's layer densities
-    "snip": init_scores_source(snip_scores),      # Lee et al. 2019
-    "grasp": init_scores_source(grasp_scores),    # Wang et al. 2020
-    "synflow": synflow_source,                    # Tanaka et al. 2020
-}
-
-
-def group_aware_source(exp, run, level):
-    """Group-aware IMP (App. A1, Alg. 4): prune the branch's own post-processed ticket of level L-1
-    (level 0: the dense trunk) instead of the unstructured trunk's."""
-    return pruned_level(exp, run if level > 1 else trunk_run(exp.cfg), level)
-
-
-def branch_masks(exp, run, level):
-    """A branch level's (masks, blocks, per-layer stats): the trunk's m_L (or, group-aware, the branch's
-    own previous level pruned), post-processed; refill scores use the weights m_L was pruned from."""
-    cfg = exp.cfg
-    source = group_aware_source(exp, run, level) if run.group_aware else \
-        MASK_SOURCES[cfg.mask_source](exp, level)
-    masks, state = source
-    weights = {n: state[n] for n in masks}
-    feats = None
-    if needs_feats(run.method, cfg.refill_score):
-        images, labels = score_batch(exp, level, SCORE_BATCH)
-        feats = conv_channel_stats(loaded(exp, state), list(masks), images, labels)
-    knobs = {k: getattr(cfg, k) for k in BRANCH_KNOBS[run.method]}
-    new, blocks = postprocess(run.method, weights, masks, feats, **knobs)
-    stats = {n: layer_stats(masks[n], new[n], None if blocks is None else blocks[n]) for n in new}
-    return new, blocks, stats
-
-
-def start_level(exp, run, level):
-    """The state a level starts from: (masks, blocks, per-layer stats, model state, first epoch).
-
-    Level 0: the dense network at theta_0. Trunk level L: the mask source's m_L. Branch level L:
-    branch_masks. Then rewind to theta_k and resume the schedule at epoch k, or (--init reinit) a fresh
-    seeded initialization, an epoch-0 network that trains the whole schedule.
-    """
-    names = list(prunable_weights(exp.model))
-    if level == 0:
-        state = load_file(init_path(exp.cfg), "initialization")
-        return ones_masks({n: state[n] for n in names}), None, None, state, 0
-    if run.name == "trunk":
-        masks, blocks, stats = MASK_SOURCES[exp.cfg.mask_source](exp, level)[0], None, None
-    else:
-        masks, blocks, stats = branch_masks(exp, run, level)
-    if run.init == "rewind":
-        return masks, blocks, stats, rewind_state(exp), exp.cfg.rewind_epoch
-    return masks, blocks, stats, fresh_init(exp, level), 0
-
-
-def train_level(exp, run, level, eta):
-    """Train one level to the end of the schedule, with epoch checkpoints; write its ticket.
-
-    Paper: Sec. 3.1, rewind and retrain; the final epoch's test accuracy is recorded (nothing is chosen
-    on the test set). Official: restarts the LR schedule at epoch 0 after rewinding; we resume it at the
-    rewind epoch (Frankle et al. 2020). An unfinished level resumes from its last epoch checkpoint.
-    """
-    cfg, model, device, log = exp.cfg, exp.model, exp.device, exp.log
-    where = os.path.dirname(ticket_path(run, level))
-    os.makedirs(where, exist_ok=True)
-    ckpt_path = os.path.join(where, "checkpoint.pt")
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=cfg.amp == "fp16")
-    resume = os.path.exists(ckpt_path)
-    if resume:
-        ckpt = load_file(ckpt_path, "checkpoint")
-        check_masks_fit(model, ckpt["masks"], "checkpoint")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        masks, blocks, stats, epoch, seconds = (ckpt[k] for k in ("masks", "blocks", "stats", "epoch", "seconds"))
-        loss, accs = ckpt["loss"], ckpt["accs"]
-        log(f"{run.name} level {level}: resuming at epoch {epoch} from {ckpt_path}")
-    else:
-        masks, blocks, stats, state, epoch = start_level(exp, run, level)
-        seconds = 0.0
-    masks = {n: m.to(device) for n, m in masks.items()}
-    check_same_on_every_rank(masks, device)
-    dens, step_masks = density(masks), training_masks(model, masks, run.method)
-    if not resume:
-        rewind(model, state, step_masks)
-    splits = ("test", "val") if cfg.val_split else ("test",)
-    while epoch < cfg.epochs:
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(epoch, cfg)
-        loss, train_acc = train_epoch(exp.net, exp.data, optimizer, mask_pairs(model, step_masks), cfg,
-                                      epoch_generator(cfg, level, epoch, device), scaler)
-        accs = {split: evaluate(model, exp.data, cfg, split) for split in splits}
-        epoch += 1
-        if level == 0 and epoch == cfg.rewind_epoch:
-            atomic_save(model.state_dict(), os.path.join(cfg.out_dir, "rewind.pt"))
-        dt = time.perf_counter() - t0
-        seconds += dt
-        atomic_save(dict(level=level, epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         scaler=scaler.state_dict(), masks=masks, blocks=blocks, stats=stats, seconds=seconds,
-                         loss=loss, accs=accs), ckpt_path)
-        val = f" val {accs['val']:.4f}" if cfg.val_split else ""
-        log(f"{run.name} level {level:2d} epoch {epoch:3d}/{cfg.epochs} loss {loss:.4f} train "
-            f"{train_acc:.4f} test {accs['test']:.4f}{val} density {dens:.4f} {dt:6.1f}s ETA {eta.update(dt)}")
-    metrics = level_metrics(exp, run, level, masks, blocks, stats, accs, loss, seconds)
-    ticket = dict(level=level, masks={n: m.cpu() for n, m in masks.items()}, blocks=blocks,
-                  state_dict={k: v.cpu() for k, v in model.state_dict().items()}, metrics=metrics,
-                  layer_stats=stats, config={**dataclasses.asdict(cfg), "method": run.method, "init": run.init,
-                                             "group_aware": run.group_aware, "branch": run.name},
-                  num_classes=exp.data.num_classes)
-    atomic_save(ticket, ticket_path(run, level))
-    if stats:
-        write_csv([dict(name=n, **s) for n, s in stats.items()], os.path.join(where, "layers.csv"))
-        if cfg.verbose:
-            log(markdown_table([dict(name=n, **s) for n, s in stats.items()]))
-    if process_group()[0] == 0:
-        os.remove(ckpt_path)
-    barrier()                                  # the next level reads this ticket on every rank
-    return metrics
+def parents(path):
+    """The ancestors of a path, nearest first, up to the working directory or the root."""
+    out, path = [], os.path.abspath(path)
+    while os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+        out.append(path)
+    return out
 
 
 def open_experiment(cfg, log=print):
     """Check the settings against the experiment directory, load the data, build the model, then (only
     now: a failed start leaves nothing behind) write the configs and theta_0. Returns (experiment,
     trunk, branch or None). Under torchrun every process opens it; rank 0 writes."""
-    device = init_distributed(resolve_device(cfg.device))
-    log = log if process_group()[0] == 0 else (lambda *_: None)   # one copy of every line
-    check_training_flags(cfg, device)
+    check_paths(cfg)
+    procs, device = start_processes(resolve_device(cfg.device))
+    log = log if procs.is_main else (lambda *_: None)   # one copy of every line
+    check_training_flags(cfg, device, procs)
     trunk, branch = trunk_run(cfg), branch_run(cfg)
     started = os.path.isdir(os.path.join(cfg.out_dir, "level_00"))
     check_config(os.path.join(cfg.out_dir, "config.json"), trunk_config(cfg), started)
@@ -1221,64 +1813,188 @@ def open_experiment(cfg, log=print):
     model = model_zoo.MODELS[cfg.arch](data.num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    record = {**trunk_config(cfg), **{k: getattr(cfg, k) for k in RUN_ONLY}, "processes": process_group()[1]}
-    atomic_write_text(json.dumps(record, indent=1), os.path.join(cfg.out_dir, "config.json"))
-    if not started:                            # theta_0 of these settings (arch, seed, classes)
-        atomic_save(model.state_dict(), init_path(cfg))
-    if branch is not None:
-        os.makedirs(branch.path, exist_ok=True)
-        atomic_write_text(json.dumps(branch_config(cfg), indent=1), os.path.join(branch.path, "branch.json"))
-    barrier()                                  # every rank reads theta_0 from init.pt
-    net = training_net(model, cfg, device)
-    return Experiment(cfg, model, net, data, device, log), trunk, branch
+    if procs.is_main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        record = {**trunk_config(cfg), **{f.name: getattr(cfg, f.name) for f in settings_of("run")},
+                  "processes": procs.world}
+        write_text(json.dumps(record, indent=1), os.path.join(cfg.out_dir, "config.json"))
+        if not started:                        # theta_0 of these settings (arch, seed, classes)
+            save(model.state_dict(), os.path.join(cfg.out_dir, "init.pt"))
+        if branch is not None:
+            os.makedirs(branch.path, exist_ok=True)
+            write_text(json.dumps(branch_config(cfg), indent=1), os.path.join(branch.path, "branch.json"))
+    procs.barrier()                            # every rank reads theta_0 from init.pt
+    return Experiment(cfg, model, training_net(model, cfg, device, procs), data, device, procs, log), trunk, branch
 
 
-def check_training_flags(cfg, device):
-    """Refuse combinations that cannot run here, with the fix."""
-    cuda = torch.device(device).type == "cuda"
-    if cfg.amp == "fp16" and not cuda:
-        raise UsageError("--amp fp16 needs a CUDA GPU (its loss scaling is for GPUs); use --amp bf16 on the CPU")
-    if cfg.sync_bn and process_group()[1] == 1:
-        raise UsageError("--sync-bn synchronizes BatchNorm across processes: launch with torchrun "
-                         "--nproc_per_node N (N > 1), or drop it")
-    if cfg.sync_bn and not cuda:
-        raise UsageError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only); drop it on the CPU")
+# ---- bringing masks in: other tools' files as trunk masks ----
+IMPORT_NAME_MAPS = {  # tool -> --arch -> [(pattern, replacement)]: its parameter names -> ours (re.sub in order)
+    "Structure-LTH": {   # the official code's models (utils.setup_model_dataset)
+        "resnet18": [(r"\.downsample\.", ".shortcut.")],
+        "vgg16": [(r"^classifier\.", "fc.")],
+        "wrn32_2": [(r"^bn\.", "bn1."), (r"\.downsample\.0\.", ".shortcut.0."), (r"\.bn3\.", ".shortcut.1."),
+                    (r"^linear\.", "fc.")],
+        "mobilenet_v1": [(r"^linear\.", "fc.")],
+    },
+    "open_lth": {        # cifar_resnet_20/32 (a flat `blocks` list of 3 stages), cifar_vgg_16 (`layers.i`)
+        "resnet20": [(r"^conv\.", "conv1."), (r"^bn\.", "bn1."),
+                     (r"^blocks\.(\d+)\.", lambda m: f"layer{int(m[1]) // 3 + 1}.{int(m[1]) % 3}.")],
+        "resnet32": [(r"^conv\.", "conv1."), (r"^bn\.", "bn1."),
+                     (r"^blocks\.(\d+)\.", lambda m: f"layer{int(m[1]) // 5 + 1}.{int(m[1]) % 5}.")],
+        "vgg16": [(r"^layers\.(\d+)\.(conv|bn)\.", lambda m: f"features.{OPEN_LTH_VGG16[int(m[1])] + (m[2] == 'bn')}.")],
+    },
+}
+OPEN_LTH_VGG16 = dict(zip((0, 1, 3, 4, 6, 7, 8, 10, 11, 12, 14, 15, 16),   # open_lth layers.i (its max-pools
+                          (0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40)))  # hold no weights) -> our features.j
+RESAVE_HINT = ("if you trust the file, re-save its tensors as plain data: python -c \"import torch; "
+               "torch.save(torch.load('FILE', weights_only=False)['state_dict'], 'FILE.tensors.pt')\" (or the dict "
+               "of masks it holds), then import that")
 
 
-def run_experiment(cfg, log=print):
-    """One trunk and (per --method/--init) one branch: train whatever is missing, reuse the rest.
+def read_imported_masks(path, model, arch):
+    """({our name: 0/1 mask}, {our name: trained weight}) of one imported file, for the prunable weights of
+    `model` (--arch). UsageError naming the problem: a pickled object, names that match no weight, a mask
+    that is not 0/1 or has another shape, prunable weights without a mask. Masks of layers lth_ref does
+    not prune (stem, classifier, depthwise convs) are ignored with one WARNING."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- anything weights_only refuses or cannot read
+        raise UsageError(f"--import-masks: cannot read {path} as tensors and plain data ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0][:200]}); {RESAVE_HINT.replace('FILE', path)}") from None
+    masks, weights = split_import(raw, path)
+    ours = dict(model.named_parameters())
+    prunable, rules = prunable_weights(model), best_name_map(list(masks), ours, arch)
+    mapped = {name: rename(name, rules) for name in masks}
+    unmatched = sorted(n for n, m in mapped.items() if m not in ours)
+    wrong = sorted(n for n, m in mapped.items() if m in ours and tuple(masks[n].shape) != tuple(ours[m].shape))
+    missing = sorted(set(prunable) - set(mapped.values()))
+    if unmatched or wrong or missing:
+        raise UsageError(f"--import-masks {path} does not fit --arch {arch}: no weight of that name {unmatched[:4]}, "
+                         f"another shape {wrong[:4]}, no mask for {missing[:4]}; was it made for another --arch?")
+    ignored = sorted(m for m in mapped.values() if m not in prunable)
+    if ignored:
+        print(f"WARNING: {path}: masks of {len(ignored)} layers lth_ref does not prune are ignored (the stem, the "
+              f"classifier and depthwise convs stay dense): {', '.join(ignored[:4])}", file=sys.stderr)
+    out = {m: masks[n].float() for n, m in mapped.items() if m in prunable}
+    if not all(torch.isin(m, torch.tensor([0.0, 1.0])).all() for m in out.values()):
+        raise UsageError(f"--import-masks {path}: a mask must hold only 0 and 1 (is it a weight file?)")
+    return out, {mapped[n]: w.float() for n, w in weights.items() if mapped.get(n) in prunable}
 
-    Paper: Sec. 3.1-3.2 with Alg. 1-3: trunk level 0 is the dense network, trunk level L the mask
-    source's unstructured ticket (IMP: level L-1 pruned by 20%), branch level L that mask refilled or
-    regrouped, rewound (or re-initialized) and retrained. Writes each run's results, the experiment's
-    combined results.csv, and returns the combined rows.
-    """
-    exp, trunk, branch = open_experiment(cfg, log)
-    log = exp.log
-    log(settings_line(cfg))
-    order = schedule(cfg, trunk, branch)
-    todo = [(run, level) for run, level in order if not os.path.exists(ticket_path(run, level))]
-    eta = Eta(sum(cfg.epochs - (0 if level == 0 or run.init == "reinit" else cfg.rewind_epoch)
-                  for run, level in todo))
-    for run, level in order:
-        if (run, level) not in todo:
-            log(f"{run.name} level {level}: finished earlier, reused ({ticket_path(run, level)})")
-            continue
-        log(summary_line(train_level(exp, run, level, eta)))
-        write_results(cfg.out_dir)
-    rows = write_results(cfg.out_dir)
-    log("\n" + markdown_table(rows))
-    return rows
+
+def split_import(raw, path):
+    """The masks and trained weights of a loaded file, by the file's own names (wrappers removed): an
+    lth_ref ticket; a checkpoint's state_dict; torch.nn.utils.prune's `<p>_mask` (weights `<p>_orig`);
+    open_lth's PrunedModel buffers `mask_<p with . as ___>`; else every tensor of a {name: tensor} dict."""
+    if isinstance(raw, dict) and isinstance(raw.get("masks"), dict) and isinstance(raw.get("state_dict"), dict):
+        return raw["masks"], {n: raw["state_dict"][n] for n in raw["masks"] if n in raw["state_dict"]}
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict) or not raw:
+        raise UsageError(f"--import-masks {path} holds no dict of tensors (a mask file is {{name: 0/1 tensor}})")
+    tensors = {bare_name(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if any(k.endswith("_mask") for k in tensors):
+        masks = {k[:-len("_mask")]: v for k, v in tensors.items() if k.endswith("_mask")}
+        return masks, {n: tensors[n + "_orig"] for n in masks if n + "_orig" in tensors}
+    if any(k.startswith("mask_") for k in tensors):
+        return {k[len("mask_"):].replace("___", "."): v for k, v in tensors.items() if k.startswith("mask_")}, {}
+    return tensors, {}
 
 
-def settings_line(cfg):
-    """The schedule in one line, so a log says what ran (defaults: Table 1's row for arch/dataset)."""
-    return (f"settings: {cfg.arch} on {cfg.dataset}, {cfg.levels} levels of {cfg.epochs} epochs, lr {cfg.lr} "
-            f"(x0.1 at {', '.join(map(str, cfg.lr_drops)) or 'never'}), batch {cfg.batch_size}"
-            f"{f' over {process_group()[1]} processes' if process_group()[1] > 1 else ''}, weight decay "
-            f"{cfg.weight_decay}, rewind to epoch {cfg.rewind_epoch}, prune {cfg.prune_rate:.0%} per level, "
-            f"mask source {cfg.mask_source}, amp {cfg.amp}")
+def bare_name(name):
+    """A name without DataParallel/DDP's `module` components and open_lth PrunedModel's `model.` prefix."""
+    name = ".".join(part for part in name.split(".") if part != "module")
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def best_name_map(names, ours, arch):
+    """The rules (ours unchanged, or a tool's IMPORT_NAME_MAPS for arch) under which most names are ours."""
+    candidates = [[]] + [maps[arch] for maps in IMPORT_NAME_MAPS.values() if arch in maps]
+    return max(candidates, key=lambda rules: sum(rename(n, rules) in ours for n in names))
+
+
+def rename(name, rules):
+    for pattern, replacement in rules:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def file_sha256(path):
+    """Hex sha256 of a file's bytes (imported masks are recorded by content, not by path)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---- one experiment, several processes: a file lock per run ----
+LOCK_POLL_S = 10        # seconds between looks at a level another process is training
+LOCK_LOG_S = 300        # seconds between progress lines while waiting for it
+
+
+def lock_path(run):
+    return os.path.join(run.path, "run.lock")
+
+
+def try_lock(path):
+    """Take the OS file lock (fcntl.flock) at `path` without waiting: the open file (the lock lasts while
+    it is open; the kernel drops it when the process dies, so a crash leaves no stale lock), or None when
+    another process holds it. The file then names this process (pid, host) for the others' messages."""
+    import fcntl                               # POSIX; the one OS-specific import
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def release(lock):
+    """Drop a lock from try_lock (closing the file releases it); other ranks' placeholders: nothing."""
+    if hasattr(lock, "close"):
+        lock.close()
+
+
+def lock_holder(path):
+    """'pid P on HOST' of the process holding the lock at `path`, as it wrote it."""
+    try:
+        with open(path) as f:
+            return f.read().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+def claim_level(exp, run, level):
+    """Make this process the one that trains (run, level): its lock (rank 0; True on the other ranks), or
+    None once another process has finished it. While another process trains it: a trunk level is waited
+    for (a line every LOCK_LOG_S seconds); a branch level stops this command unless --wait. Under
+    torchrun only rank 0 takes locks and tells the other ranks what it found."""
+    waited = None
+    while True:
+        lock, state = None, "done" if os.path.exists(ticket_path(run, level)) else "busy"
+        if exp.procs.is_main and state == "busy":
+            lock = try_lock(lock_path(run))
+            state = "busy" if lock is None else "mine"
+            if lock is not None and os.path.exists(ticket_path(run, level)):   # finished meanwhile
+                release(lock)
+                lock, state = None, "done"
+        state = exp.procs.broadcast(state)
+        if state != "busy":
+            return None if state == "done" else (lock if exp.procs.is_main else True)
+        holder = exp.procs.broadcast(lock_holder(lock_path(run)))
+        if run.name != "trunk" and not exp.cfg.wait:
+            raise UsageError(f"{run.path} is being trained by {holder}; this command stops (the other process "
+                             "trains it). Add --wait to wait for it instead, or pick another --method or knob")
+        if waited is None or time.monotonic() - waited >= LOCK_LOG_S:
+            exp.log(f"{run.name} level {level}: being trained by {holder}; waiting for its ticket")
+            waited = time.monotonic()
+        time.sleep(LOCK_POLL_S)
 
 
 # ---- results: one row per ticket, per run and for the whole experiment ----
@@ -1294,24 +2010,41 @@ class Eta:
         return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
 
 
-def level_metrics(exp, run, level, masks, blocks, stats, accs, loss, seconds):
-    """One result row: which ticket (run, source, method, init, level), its accuracy and the structure
-    of its mask (density over the prunable weights, kept channels, blocks, coverage, FLOP ratio)."""
+def epoch_line(run, level, metrics, cfg, dens, dt, eta):
+    """The progress line of one epoch: level, epoch, loss, accuracies, density, seconds, ETA."""
+    val = f" val {metrics['val']:.4f}" if "val" in metrics else ""
+    return (f"{run.name} level {level:2d} epoch {metrics['epoch']:3d}/{cfg.epochs} loss {metrics['loss']:.4f} "
+            f"train {metrics['train_acc']:.4f} test {metrics['test']:.4f}{val} density {dens:.4f} {dt:6.1f}s ETA {eta}")
+
+
+def result_row(cfg, run, level, masks, blocks, stats, metrics, seconds, counts):
+    """One result row: which ticket (run, source, method, init, level), its accuracy, the structure of its
+    mask (density over the prunable weights, kept channels, blocks, coverage, FLOP ratio) and the whole
+    network's counts (whole_model_counts: parameters and MACs, dense and of the ticket)."""
     rows = sum(m.shape[0] for m in masks.values())
     kept_rows = sum(int((m.reshape(m.shape[0], -1).sum(1) > 0).sum()) for m in masks.values())
-    row = dict(branch=run.name, source=exp.cfg.mask_source,
-               method=exp.cfg.mask_source if run.name == "trunk" else run.method, init=run.init,
-               level=level, density=round(density(masks), 6), test_acc=round(accs["test"], 6),
-               val_acc=round(accs["val"], 6) if "val" in accs else "", train_loss=round(loss, 6),
-               seconds=round(seconds, 1),
-               channel_density=round(kept_rows / rows, 6), blocks="", coverage="", flop_ratio="")
-    if stats:
+    row = dict(branch=run.name, source=cfg.mask_source, method=cfg.mask_source if run.name == "trunk" else run.method,
+               init=run.init, level=level, density=round(density(masks), 6), density_before="",
+               test_acc=round(metrics["test"], 6),
+               val_acc=round(metrics["val"], 6) if "val" in metrics else "", train_loss=round(metrics["loss"], 6),
+               seconds=round(seconds, 1), channel_density=round(kept_rows / rows, 6), blocks="", coverage="",
+               flop_ratio="", **counts)
+    if stats:                                  # a branch: the unstructured mask it post-processed
         row["coverage"] = round(float(np.mean([s["coverage"] for s in stats.values()])), 6)
+        before = sum(s["density_before"] * m.numel() for s, m in zip(stats.values(), masks.values()))
+        row["density_before"] = round(before / sum(m.numel() for m in masks.values()), 6)
     if blocks is not None:                     # the layers' FLOP ratios, weighted by their weights
         ratio = sum(kernels.flop_ratio(tuple(m.shape), blocks[n]) * m.numel() for n, m in masks.items())
         row.update(blocks=sum(len(b) for b in blocks.values()),
                    flop_ratio=round(ratio / sum(m.numel() for m in masks.values()), 6))
     return row
+
+
+def summary_line(row):
+    extra = "".join(f" {k} {row[k]}" for k in ("channel_density", "blocks", "coverage", "flop_ratio")
+                    if row[k] != "")
+    return (f"== {row['branch']} level {row['level']} done: density {row['density']:.4f} test_acc "
+            f"{row['test_acc']:.4f} train_loss {row['train_loss']:.4f} {row['seconds']:.0f}s{extra}")
 
 
 def finished_tickets(path):
@@ -1325,17 +2058,20 @@ def branch_dirs(exp_dir):
     return sorted(d for d in os.listdir(exp_dir) if os.path.exists(os.path.join(exp_dir, d, "branch.json")))
 
 
-def run_rows(path):
-    """The result rows of the finished levels of the run in `path` (tickets mapped, not read)."""
-    return [load_ticket(t, mmap=True)["metrics"] for t in finished_tickets(path)]
-
-
 def write_results(exp_dir):
-    """results.json/csv per branch and, combined with the trunk's rows, for the experiment. Returns
-    the combined rows (trunk first, then branches by name; by level within a run)."""
-    branches = branch_dirs(exp_dir)
+    """results.json/csv per branch and, combined with the trunk's rows, for the experiment, rewritten from
+    every finished ticket under the experiment's results.lock (two processes never lose each other's
+    rows). Returns the combined rows (trunk first, then branches by name; by level within a run)."""
+    import fcntl
+    with open(os.path.join(exp_dir, "results.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)       # released when the file closes
+        return write_result_files(exp_dir)
+
+
+def write_result_files(exp_dir):
+    run_rows = lambda path: [load_ticket(t, mmap=True)["metrics"] for t in finished_tickets(path)]
     rows = run_rows(exp_dir)
-    for name in branches:
+    for name in branch_dirs(exp_dir):
         branch_rows = run_rows(os.path.join(exp_dir, name))
         if branch_rows:
             write_table(branch_rows, os.path.join(exp_dir, name, "results"))
@@ -1345,11 +2081,10 @@ def write_results(exp_dir):
     return rows
 
 
-def summary_line(row):
-    extra = "".join(f" {k} {row[k]}" for k in ("channel_density", "blocks", "coverage", "flop_ratio")
-                    if row[k] != "")
-    return (f"== {row['branch']} level {row['level']} done: density {row['density']:.4f} test_acc "
-            f"{row['test_acc']:.4f} train_loss {row['train_loss']:.4f} {row['seconds']:.0f}s{extra}")
+def write_table(rows, stem):
+    """stem.json and stem.csv, atomically."""
+    write_text(json.dumps(rows, indent=1), f"{stem}.json")
+    write_csv(rows, f"{stem}.csv")
 
 
 def markdown_table(rows):
@@ -1362,38 +2097,95 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
-def write_csv(rows, path):
-    """Rows (dicts) to CSV, atomically (rank 0 only, as atomic_save)."""
-    if process_group()[0] != 0:
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+# ---- tickets for the tools: a finished level, or a fresh pruned network ----
+def find_ticket(ticket=None, out_dir=None, cfg=None, required=True):
+    """(path, ticket) to benchmark or export: `ticket`, else the last finished level, in the experiment
+    `out_dir`, of the run that cfg's --method/--init and knobs name (the trunk for imp)."""
+    path = ticket
+    if path is None and out_dir and os.path.isdir(out_dir):
+        run = branch_run(dataclasses.replace(cfg, out_dir=out_dir)) or trunk_run(dataclasses.replace(cfg, out_dir=out_dir))
+        tickets = finished_tickets(run.path)
+        if not tickets:
+            raise UsageError(f"{out_dir} has no finished level of the {run.name} (branches here: "
+                             f"{branch_dirs(out_dir) or 'none'}); name one with --method and its knobs, or pass --ticket")
+        path = tickets[-1]
+    if path is None:
+        if required:
+            raise UsageError("no ticket to benchmark or export: pass --ticket PATH, or --out-dir of an experiment "
+                             "with at least one finished level (and --method for a branch)")
+        return None, None
+    return path, load_ticket(path)
 
 
-def write_table(rows, stem):
-    """stem.json and stem.csv, atomically."""
-    atomic_write_text(json.dumps(rows, indent=1), f"{stem}.json")
-    write_csv(rows, f"{stem}.csv")
+def ticket_model(ticket):
+    """The ticket's network (its arch and class count) holding its trained state, masked, in eval mode."""
+    model = model_zoo.MODELS[ticket["config"]["arch"]](ticket["num_classes"])
+    check_masks_fit(model, ticket["masks"], "ticket")
+    rewind(model, ticket["state_dict"], ticket["masks"])
+    return model.eval()
 
 
-def resolve_device(name):
-    """'auto' -> cuda if available, else cpu with one WARNING line; cuda without one: UsageError."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        print("WARNING: no CUDA GPU found (--device auto): running on the CPU", file=sys.stderr)
-        return "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but torch sees no CUDA GPU (CPU build of torch, or no "
-                         "driver); use --device cpu or auto")
-    return name
+def fresh_ticket(arch, dataset, density_, method, knobs, seed=0, out_dir=None):
+    """(bench.json path, ticket) for --bench-density: a seeded, untrained --arch pruned by global magnitude
+    to that density in one step, post-processed by --method with its knobs, BN calibrated."""
+    if method == "imp":
+        raise UsageError("--bench-density needs --method refill, refill+ or regroup (an unstructured imp mask "
+                         "has no blocks)")
+    torch.manual_seed(seed)
+    classes, shape = datasets.CLASS_COUNTS[dataset], datasets.IMAGE_SHAPES[dataset]
+    model = model_zoo.MODELS[arch](classes)
+    weights = {n: w.detach() for n, w in prunable_weights(model).items()}
+    masks = prune_to_density({n: w.abs() for n, w in weights.items()}, density_)
+    feats = None
+    if needs_feats(method, knobs.get("score")):              # an untrained model: a random batch will do
+        calibrate_batchnorm(model, shape)
+        feats = conv_channel_stats(model, list(weights), torch.randn(BN_CALIBRATION_BATCH, *shape),
+                                   torch.randint(0, classes, (BN_CALIBRATION_BATCH,)))
+    masks, blocks = postprocess(method, weights, masks, feats, **knobs)
+    apply_masks(model, masks)
+    calibrate_batchnorm(model, shape)
+    out_dir = out_dir or os.path.join("runs", f"bench_{arch}_{method}")
+    os.makedirs(out_dir, exist_ok=True)
+    return os.path.join(out_dir, "ticket.pt"), dict(
+        config=dict(arch=arch, dataset=dataset, method=method), level=None, num_classes=classes, masks=masks,
+        blocks=blocks, state_dict=model.state_dict())
+
+
+BN_CALIBRATION_BATCHES, BN_CALIBRATION_BATCH = 4, 64   # random batches that set an untrained net's BN stats
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model, shape):
+    """Set BN running stats from random batches of `shape` images, so an untrained sparse network passes a
+    signal of normal scale (without it, the logits of a 10%-dense VGG-16 at init are just the FC
+    bias, and the end-to-end output check compares constants)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None                                    # cumulative average over the batches
+    model.train()
+    for _ in range(BN_CALIBRATION_BATCHES):
+        model(torch.randn(BN_CALIBRATION_BATCH, *shape))
+    for bn in bns:
+        bn.momentum = 0.1
+    model.eval()
+
+
+def channel_blocks(mask):
+    """A channel-wise (refilled) mask as blocks: one block of the kept rows x every column."""
+    mask2d = mask.reshape(mask.shape[0], -1)
+    rows = torch.nonzero(mask2d.sum(1) > 0).flatten().cpu()
+    if not torch.equal(mask2d[rows].cpu(), torch.ones(len(rows), mask2d.shape[1])) or \
+            mask2d.sum() != len(rows) * mask2d.shape[1]:
+        raise UsageError("this mask is not channel-wise or block-structured: an unstructured (imp) "
+                         "ticket has no blocks; benchmark a refill or regroup ticket")
+    return [(rows, torch.arange(mask2d.shape[1]))] if len(rows) else []
 
 
 # ---- slim export: a channel-wise ticket as a smaller dense network ----
+EXPORT_CHECK_BATCH = 8      # random images on which an export is checked against its ticket
+
+
 def kept_dead_rows(model, masks):
     """Output channels whose conv row is pruned but whose BN scale or shift is not 0: they still feed
     relu(BN shift) to the next layer, so slim_model keeps them (tickets trained without BN masks)."""
@@ -1405,95 +2197,177 @@ def kept_dead_rows(model, masks):
     return kept
 
 
-def export_slim(args, log=print):
-    """--export PATH: the ticket (--ticket, or --out-dir with --method) without its dead channels, saved as
-    models.slim_state (arch, widths, state_dict: loads with models.load_slim, no masks needed).
+EXPORT_TOLERANCE = 1e-4     # largest relative output error (against the batch spread) of a written export
+ONNX_EXTRA = "pip install onnx onnxscript onnxruntime"   # the optional extra of --export .onnx and ORT timing
 
-    Paper: A2, refill's FLOPs count the trimmed input and output channels. The slim network's outputs
-    are checked against the masked ticket's on a random batch before saving."""
-    path, ticket = find_bench_ticket(args)
-    arch, num_classes = ticket["config"]["arch"], ticket["num_classes"]
-    model = model_zoo.MODELS[arch](num_classes)
-    check_masks_fit(model, ticket["masks"], "ticket")
-    model.load_state_dict(ticket["state_dict"])
-    model.eval()
+
+def export_slim(path, ticket, out, log=print):
+    """--export PATH: the ticket without its dead channels, as a smaller dense network: PATH.pt =
+    models.slim_state (arch, widths, state_dict; models.load_slim rebuilds it), PATH.pt2 = torch.export's
+    program, PATH.onnx = ONNX (the optional extra). The file is written to a temporary name, read back and
+    run on a random batch of another size than the export's (dynamic batch), checked against the masked
+    ticket, and only then renamed into place.
+
+    Paper: A2, refill's FLOPs count the trimmed input and output channels."""
+    writer = EXPORT_FORMATS.get(os.path.splitext(out)[1])
+    if writer is None:
+        raise UsageError(f"--export {out}: the file name must end in one of {', '.join(EXPORT_FORMATS)}")
+    model = ticket_model(ticket)
     slim = model_zoo.slim_model(model, ticket["masks"]).eval()
     kept = kept_dead_rows(model, ticket["masks"])
     if kept:
         print(f"WARNING: {kept} pruned output channels keep a BN scale or shift (ticket trained without BN "
               "masks): they stay in the slim network", file=sys.stderr)
+    if ticket["blocks"]:
+        log("note: the grouped-GEMM model (kernels.regrouped_model) does not export; this is the slim dense "
+            "network, with the zeros inside its blocks")
     shape = datasets.IMAGE_SHAPES[ticket["config"].get("dataset", "cifar10")]
-    x = torch.randn(EXPORT_CHECK_BATCH, *shape)
-    with torch.no_grad():
-        err = kernels.rel_err(slim(x), model(x), centered=True)
-    atomic_save(model_zoo.slim_state(slim, arch, num_classes), args.export)
-    row = dict(ticket=path, params=model_zoo.count_params(model), params_slim=model_zoo.count_params(slim),
-               macs=model_zoo.count_macs(model, shape), macs_slim=model_zoo.count_macs(slim, shape),
-               max_rel_err=err, wrote=args.export)
+    x, x_check = torch.randn(EXPORT_CHECK_BATCH, *shape), torch.randn(EXPORT_CHECK_BATCH // 2 + 1, *shape)
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        with torch.no_grad():
+            got = writer(slim, ticket, x, x_check, tmp)
+            err = kernels.rel_err(got, model(x_check), centered=True)
+        if not err <= EXPORT_TOLERANCE:
+            raise UsageError(f"--export {out}: the written network's outputs differ from the ticket's by {err:.2e} "
+                             f"(relative; at most {EXPORT_TOLERANCE:g} expected): nothing was written")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    row = dict(ticket=path, **whole_model_counts(model, ticket["masks"], shape), max_rel_err=err, wrote=out)
     log(markdown_table([row]))
     return row
+
+
+def write_slim_state(slim, ticket, x, x_check, path):
+    """.pt: models.slim_state; returns the outputs of the file's network (models.load_slim) on x_check."""
+    save(model_zoo.slim_state(slim, ticket["config"]["arch"], ticket["num_classes"]), path)
+    return model_zoo.load_slim(load_file(path, "slim network")).eval()(x_check)
+
+
+def write_exported_program(slim, ticket, x, x_check, path):
+    """.pt2: torch.export's program with a dynamic batch; returns torch.export.load(path)'s outputs."""
+    program = torch.export.export(slim, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    atomic_write(path, lambda f: torch.export.save(program, f))
+    return torch.export.load(path).module()(x_check)
+
+
+def write_onnx(slim, ticket, x, x_check, path):
+    """.onnx: torch.onnx.export (dynamic batch, one file); returns ONNX Runtime's outputs of the file."""
+    onnxruntime = import_onnx("--export .onnx")
+    with quiet_onnx_export():
+        program = torch.onnx.export(slim, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                    external_data=False, verbose=False)
+    atomic_write(path, program.save)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x_check.numpy()})[0])
+
+
+EXPORT_FORMATS = {".pt": write_slim_state, ".pt2": write_exported_program, ".onnx": write_onnx}
+
+
+def import_onnx(what):
+    """onnxruntime (with onnx and onnxscript, which torch.onnx.export needs), or UsageError with the pip line."""
+    try:
+        import onnx  # noqa: F401 (torch.onnx.export needs it)
+        import onnxscript  # noqa: F401
+        import onnxruntime
+    except ImportError as e:
+        raise UsageError(f"{what} needs the optional ONNX extra ({e.name} is not installed): {ONNX_EXTRA}") from None
+    return onnxruntime
+
+
+class quiet_onnx_export:
+    """torch.onnx.export without its progress and registry lines (torchvision's ops, a torch-internal
+    FutureWarning): its real warnings and errors still show."""
+
+    def __enter__(self):
+        import logging
+        import warnings
+        self.logger = logging.getLogger("torch.onnx")
+        self.level, self.warnings = self.logger.level, warnings.catch_warnings()
+        self.logger.setLevel(logging.ERROR)
+        self.warnings.__enter__()
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+        self.warnings.__exit__(*exc)
+
+
+def whole_model_counts(model, masks, shape):
+    """Parameters and multiply-accumulates (one image of `shape`) of the whole network, stem, classifier
+    and BN included (as Torch-Pruning reports them): dense, and of the ticket = its slim network (dead
+    channels removed, for the models with channel-link rules) without its pruned weights (MACs of nonzero
+    weights only)."""
+    try:
+        slim = model_zoo.slim_model(model, masks)
+    except ValueError:                         # a model without channel-link rules: the masked copy
+        slim = copy.deepcopy(model)
+        apply_masks(slim, masks)
+    pruned = sum(int((w == 0).sum()) for w in prunable_weights(slim).values())
+    return dict(params=model_zoo.count_params(model), params_ticket=model_zoo.count_params(slim) - pruned,
+                macs=model_zoo.count_macs(model, shape), macs_ticket=model_zoo.count_macs(slim, shape, nonzero=True))
 
 
 # ---- benchmarks (python lth_ref.py --bench [kernels|paper|regroup|train]) ----
+BENCH_WARMUP = 3            # untimed rounds before timing: allocator, oneDNN/cuDNN setup (and compilation)
 BENCH_TRAIN_DENSITY = 0.2   # the benchmarked ticket keeps 20% of the prunable weights (7 IMP levels)
-BENCH_TRAIN_WARMUP = 3      # untimed rounds first: allocator, oneDNN/cuDNN setup (and compilation)
+FORMAT_PROBE_RUNS = 5       # timed forwards per memory format when --bench-memory-format auto measures them
 
 
-def bench_train(args, log=print):
+def bench_train(arch="resnet20", dataset="cifar10", batch_size=128, device="cpu", amp="off",
+                channels_last=False, compile=False, repeats=30, seed=0, log=print):
     """Training throughput (images/s) of lth_ref's step next to a plain PyTorch step, same run.
 
-    Three steps interleaved on the same random batch (drift hits all alike), each with its own copy of
-    the --arch model and optimizer and the same --amp / --channels-last / --compile / --batch-size:
-    ours = train_step with the masks of a BENCH_TRAIN_DENSITY ticket, ours without masks, and a plain
-    loop (forward, mean cross-entropy, backward, step). The masking alone (weight *= mask) is timed too.
-    The classifier has 10 outputs whatever the dataset (its width barely changes a step).
-    """
-    cfg = config_from_args(args)
-    device = resolve_device(cfg.device)
-    check_training_flags(cfg, device)
-    shape = datasets.IMAGE_SHAPES[cfg.dataset]
-    torch.manual_seed(cfg.seed)
-    model = model_zoo.MODELS[cfg.arch](10).to(device)
-    masks = prune_to_density({n: w.detach().abs() for n, w in prunable_weights(model).items()},
-                             BENCH_TRAIN_DENSITY)
+    Three steps interleaved on the same random batch (drift hits all alike), each with its own copy of the
+    model and optimizer and the same amp / channels-last / compile / batch: ours = train_step with the
+    masks of a BENCH_TRAIN_DENSITY ticket, ours without masks, and a plain loop (forward, mean
+    cross-entropy, backward, step). The masking alone (weight *= mask) is timed too."""
+    cfg = Config(amp=amp, channels_last=channels_last)
+    torch.manual_seed(seed)
+    classes = datasets.CLASS_COUNTS[dataset]
+    model = model_zoo.MODELS[arch](classes).to(device)
+    masks = prune_to_density({n: w.detach().abs() for n, w in prunable_weights(model).items()}, BENCH_TRAIN_DENSITY)
     apply_masks(model, masks)
-    x = torch.randn(cfg.batch_size, *shape, device=device)
-    y = torch.randint(0, 10, (cfg.batch_size,), device=device)
-    steps, pairs = {}, None
+    x = torch.randn(batch_size, *datasets.IMAGE_SHAPES[dataset], device=device)
+    y = torch.randint(0, classes, (batch_size,), device=device)
+    steps, ours_pairs = {}, None
     for name in ("ours", "ours_unmasked", "plain"):
-        m = copy.deepcopy(model).to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
-        net, opt = torch.compile(m) if cfg.compile else m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-        scaler = torch.amp.GradScaler(torch.device(device).type, enabled=cfg.amp == "fp16")
-        if name == "plain":
-            steps[name] = functools.partial(plain_train_step, net, opt, x, y, cfg, scaler)
-        else:
-            step_pairs = mask_pairs(m, masks) if name == "ours" else []
-            pairs = step_pairs or pairs
-            steps[name] = functools.partial(train_step, net, opt, step_pairs, x, y, len(y), cfg, scaler)
-
-    @torch.no_grad()
-    def masking():
-        for p, mask in pairs:
-            p.mul_(mask)
-    steps["masking"] = masking
-    ms = dict(zip(steps, kernels.time_interleaved(list(steps.values()), torch.device(device), args.bench_repeats,
-                                                  warmup=BENCH_TRAIN_WARMUP)))
-    ips = {k: cfg.batch_size / (ms[k] / 1e3) for k in ("ours", "ours_unmasked", "plain")}
-    row = dict(arch=cfg.arch, device=device_name(device), batch=cfg.batch_size, amp=cfg.amp,
-               channels_last=cfg.channels_last, compile=cfg.compile, steps=args.bench_repeats,
-               img_s_ours=round(ips["ours"], 1), img_s_unmasked=round(ips["ours_unmasked"], 1),
-               img_s_plain=round(ips["plain"], 1), ours_vs_plain=round(ips["ours"] / ips["plain"], 3),
-               masked_vs_unmasked=round(ips["ours"] / ips["ours_unmasked"], 3),
-               ms_masking=round(ms["masking"], 3), masking_pct_of_step=round(100 * ms["masking"] / ms["ours"], 2))
+        m = copy.deepcopy(model).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        net, opt = torch.compile(m) if compile else m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        scaler = torch.amp.GradScaler(torch.device(device).type, enabled=amp == "fp16")
+        pairs = mask_pairs(m, masks) if name == "ours" else []
+        ours_pairs = pairs if name == "ours" else ours_pairs
+        steps[name] = functools.partial(plain_train_step, net, opt, scaler, x, y, cfg) if name == "plain" else \
+            functools.partial(train_step, net, opt, scaler, pairs, x, y, 1.0 / batch_size, cfg)
+    steps["masking"] = functools.partial(apply_pairs, ours_pairs)
+    ms = dict(zip(steps, kernels.time_interleaved(list(steps.values()), torch.device(device), repeats,
+                                                  warmup=BENCH_WARMUP)))
+    ips = {k: batch_size / (ms[k] / 1e3) for k in ("ours", "ours_unmasked", "plain")}
+    row = dict(arch=arch, device=device_name(device), batch=batch_size, amp=amp, channels_last=channels_last,
+               compile=compile, steps=repeats, img_s_ours=round(ips["ours"], 1),
+               img_s_unmasked=round(ips["ours_unmasked"], 1), img_s_plain=round(ips["plain"], 1),
+               ours_vs_plain=round(ips["ours"] / ips["plain"], 3),
+               masked_vs_unmasked=round(ips["ours"] / ips["ours_unmasked"], 3), ms_masking=round(ms["masking"], 3),
+               masking_pct_of_step=round(100 * ms["masking"] / ms["ours"], 2))
     log(markdown_table([row]))
     return row
 
 
-def plain_train_step(net, optimizer, x, y, cfg, scaler):
+@torch.no_grad()
+def apply_pairs(pairs):
+    """weight *= mask for every (parameter, mask) pair: the masking of a training step, alone."""
+    for p, mask in pairs:
+        p.mul_(mask)
+
+
+def plain_train_step(net, optimizer, scaler, x, y, cfg):
     """The step of a plain PyTorch loop, for comparison: same settings, no masks, mean loss."""
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(cfg, x.device):
+    with autocast(cfg.amp, x.device):
         loss = F.cross_entropy(net(x).float(), y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -1501,151 +2375,141 @@ def plain_train_step(net, optimizer, x, y, cfg, scaler):
     scaler.update()
 
 
-def partition_coverage(mask2d, parts, unit=1):
-    """Coverage of the blocks that `parts` (row index arrays) get under regroup's column rule."""
-    units = mask2d.cpu().numpy().reshape(mask2d.shape[0], -1, unit).sum(2)
-    found = choose_block_columns(units, parts, unit, float(mask2d.sum()), 1, 1)
-    blocks = [(torch.from_numpy(r), torch.from_numpy((c[:, None] * unit + np.arange(unit)).ravel()))
-              for r, c in found]
-    return layer_stats(mask2d, kernels.block_mask(tuple(mask2d.shape), blocks), blocks)["coverage"]
-
-
-def official_width_blocks(mask2d, parts, ratio=1.5):
-    """The official code's column rule, for comparison: per group, the shortest prefix of its columns
-    (most used first) that leaves every row fewer than prefix/ratio nonzeros outside the block.
-
-    Official: `regroup` in Structure-LTH (t1 = 1.5); ported by intent (its loop indexes column i where
-    it means the i-th sorted column). Returns blocks [(rows, cols)] as numpy arrays.
-    """
-    m = mask2d.cpu().numpy()
-    blocks = []
-    for rows in parts:
-        sub = m[rows]                                                # (g, K)
-        order = np.argsort(-sub.sum(0), kind="stable")
-        uncovered = sub.sum(1)[:, None] - np.cumsum(sub[:, order], axis=1)   # (g, K)
-        ok = uncovered.max(0) < np.arange(1, m.shape[1] + 1) / ratio
-        width = int(np.argmax(ok)) + 1 if ok.any() else m.shape[1]
-        blocks.append((rows, np.sort(order[:width])))
-    return blocks
-
-
-def bench_regroup(args, log=print):
+def bench_regroup(masks, unit="position", seed=0, log=print, **knobs):
     """Partitioner quality and speed per layer: ours vs a random partition vs rows sorted by nnz.
 
-    Masks: the next level's IMP mask of a ticket (--ticket / --out-dir: its trained weights pruned by
-    --prune-rate), else a freshly initialized --arch pruned to 20% density. All three partitions use
-    the same group size and the same column rule, so coverage compares the partitions alone. The
-    official width rule is also applied to our groups, to compare the column rules (area, coverage).
-    """
-    path, ticket = find_bench_ticket(args, required=False)
-    if ticket:
-        weights = {n: ticket["state_dict"][n] for n in ticket["masks"]}
-        masks = magnitude_prune(weights, ticket["masks"], args.prune_rate)
-    else:
-        torch.manual_seed(args.seed)
-        weights = prunable_weights(model_zoo.MODELS[args.arch](10))
-        masks = magnitude_prune(weights, ones_masks(weights), 0.8)
-    rng, rows = np.random.default_rng(args.seed), []
+    masks: {name: (O, C, kh, kw)} unstructured masks. All three partitions use the same group size and
+    the same column rule, so coverage compares the partitions alone. The official width rule is also
+    applied to our groups, to compare the column rules (area, coverage). knobs: regroup_mask's."""
+    rng, rows = np.random.default_rng(seed), []
     for name, mask in masks.items():
-        m2, unit = mask.reshape(mask.shape[0], -1).cpu(), REGROUP_UNITS[args.regroup_unit](mask.shape)
+        m2, cols_per_unit = mask.reshape(mask.shape[0], -1).cpu(), REGROUP_UNITS[unit](mask.shape)
         t0 = time.perf_counter()
-        new, blocks = regroup_mask(mask.cpu(), args.regroup_unit, groups=args.groups, row_multiple=args.row_multiple,
-                                   min_col_nnz=args.min_col_nnz, min_block_cols=args.min_block_cols)
+        new, blocks = regroup_mask(mask.cpu(), unit, **knobs)
         seconds = time.perf_counter() - t0
-        new = new.reshape(m2.shape)
-        size = max(len(r) for r, _ in blocks)
+        new, size = new.reshape(m2.shape), max(len(r) for r, _ in blocks)
         nonempty = np.flatnonzero(m2.sum(1).numpy() > 0)
         chunks = lambda order: [np.sort(order[i:i + size]) for i in range(0, len(order), size)]
         by_nnz = nonempty[np.argsort(-m2[nonempty].sum(1).numpy(), kind="stable")]
-        official = [(torch.from_numpy(r), torch.from_numpy(c))
-                    for r, c in official_width_blocks(m2, [b[0].numpy() for b in blocks])]
+        official = group_blocks(m2, [b[0].numpy() for b in blocks], 1, "official")
         official_stats = layer_stats(m2, kernels.block_mask(tuple(m2.shape), official), official)
-        rows.append(dict(name=name, shape="x".join(map(str, m2.shape)),
-                         density=round(float(m2.mean()), 4), group_rows=size, blocks=len(blocks),
-                         coverage=round(layer_stats(m2, new, blocks)["coverage"], 4),
-                         random=round(partition_coverage(m2, chunks(rng.permutation(nonempty)), unit), 4),
-                         sorted_nnz=round(partition_coverage(m2, chunks(by_nnz), unit), 4),
+        rows.append(dict(name=name, shape="x".join(map(str, m2.shape)), density=round(float(m2.mean()), 4),
+                         group_rows=size, blocks=len(blocks), coverage=round(layer_stats(m2, new, blocks)["coverage"], 4),
+                         random=round(partition_coverage(m2, chunks(rng.permutation(nonempty)), cols_per_unit), 4),
+                         sorted_nnz=round(partition_coverage(m2, chunks(by_nnz), cols_per_unit), 4),
                          area_vs_nnz=round(float(new.sum() / m2.sum()), 3),
                          official_area_vs_nnz=round(official_stats["density"] / float(m2.mean()), 3),
-                         official_coverage=round(official_stats["coverage"], 4),
-                         ms=round(1e3 * seconds, 1)))
+                         official_coverage=round(official_stats["coverage"], 4), ms=round(1e3 * seconds, 1)))
     log(markdown_table(rows))
     mean = lambda k: round(float(np.mean([r[k] for r in rows])), 4)
-    log(f"mean coverage: ours {mean('coverage')}, random {mean('random')}, sorted by nnz "
-        f"{mean('sorted_nnz')}; official width rule on our groups: coverage "
-        f"{mean('official_coverage')} at {mean('official_area_vs_nnz')}x the IMP nonzeros (ours "
-        f"{mean('area_vs_nnz')}x); slowest layer {max(r['ms'] for r in rows)} ms, total "
+    log(f"mean coverage: ours {mean('coverage')}, random {mean('random')}, sorted by nnz {mean('sorted_nnz')}; "
+        f"official width rule on our groups: coverage {mean('official_coverage')} at {mean('official_area_vs_nnz')}x "
+        f"the IMP nonzeros (ours {mean('area_vs_nnz')}x); slowest layer {max(r['ms'] for r in rows)} ms, total "
         f"{round(sum(r['ms'] for r in rows), 1)} ms")
     return rows
 
 
-def find_bench_ticket(args, required=True):
-    """(path, ticket) to benchmark: --ticket, else the last finished level, in the experiment
-    --out-dir, of the run that --method/--init and the knobs name (the trunk for imp)."""
-    path = args.ticket
-    if path is None and args.out_dir and os.path.isdir(args.out_dir):
-        cfg = config_from_args(args)
-        run = branch_run(cfg) or trunk_run(cfg)
-        tickets = finished_tickets(run.path)
-        if not tickets:
-            branches = branch_dirs(cfg.out_dir)
-            raise UsageError(f"{args.out_dir} has no finished level of the {run.name} (branches here: "
-                             f"{branches or 'none'}); name one with --method and its knobs, or pass --ticket")
-        path = tickets[-1]
-    if path is None:
-        if required:
-            raise UsageError("no ticket to benchmark or export: pass --ticket PATH, or --out-dir of an experiment "
-                             "with at least one finished level (and --method for a branch)")
-        return None, None
-    return path, load_ticket(path)
+def group_blocks(mask2d, parts, unit=1, rule="budget"):
+    """The blocks [(rows, cols)] that `parts` (row index arrays of an (O, K) mask) get under one of
+    regroup's column rules (BLOCK_COLUMNS; budget: the mask's nonzeros), t2 = b2 = 1 unit."""
+    units = mask2d.cpu().numpy().reshape(mask2d.shape[0], -1, unit).sum(2)
+    found = BLOCK_COLUMNS[rule](units, parts, unit, float(mask2d.sum()), 1, 1)
+    return [(torch.from_numpy(np.asarray(r)).long(), torch.from_numpy((c[:, None] * unit + np.arange(unit)).ravel()))
+            for r, c in found]
 
 
-def bench_kernels(args, log=print):
-    """Dense conv vs the grouped GEMM on a saved ticket: per conv layer and end to end.
+def partition_coverage(mask2d, parts, unit=1):
+    """Coverage of the blocks that `parts` get under regroup's budget column rule."""
+    blocks = group_blocks(mask2d, parts, unit)
+    return layer_stats(mask2d, kernels.block_mask(tuple(mask2d.shape), blocks), blocks)["coverage"]
 
-    --bench kernels: each layer at its real activation shape (CIFAR 32x32 input), then the whole
-    model (dense masked vs regrouped_model), for every --bench-batch. --bench paper: the paper's
-    profiling setting (Sec. A1, Fig. 7): every conv fed a batch-64 127x127 input, conv only.
-    Refill tickets run as one block of kept channels per layer. Results also go to bench.json.
-    """
-    path, ticket = fresh_ticket(args) if args.bench_density else find_bench_ticket(args)
-    model = model_zoo.MODELS[ticket["config"]["arch"]](ticket["num_classes"])
-    check_masks_fit(model, ticket["masks"], "ticket")
-    model.load_state_dict(ticket["state_dict"])
+
+def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_format="auto", paper=False,
+                  log=print):
+    """Dense conv vs the grouped GEMM on a ticket: per conv layer and end to end; writes bench.json.
+
+    Each layer at its real activation shape (the dataset's images), then the whole model (dense masked vs
+    regrouped_model) and the slim network, for every batch size. paper=True: the paper's profiling setting
+    (Sec. A1, Fig. 7): every conv fed a batch-64 127x127 input, conv only. Refill tickets run as one block
+    of kept channels per layer. memory_format: a kernels.MEMORY_FORMATS key or auto (the faster for dense)."""
+    model = ticket_model(ticket)
     blocks = ticket["blocks"] or {n: channel_blocks(m) for n, m in ticket["masks"].items()}
-    device = resolve_device(args.device)
-    paper = args.bench == "paper"
     shape = datasets.IMAGE_SHAPES[ticket["config"].get("dataset", "cifar10")]
-    fmt = args.bench_memory_format
-    if fmt == "auto":
-        fmt = faster_memory_format(kernels.masked_model(model, blocks), shape, args.bench_batch[0], device, log)
-    memory_format = kernels.MEMORY_FORMATS[fmt]
+    if memory_format == "auto":
+        memory_format = faster_memory_format(kernels.masked_model(model, blocks), shape, batches[0], device, log)
     report = dict(ticket=path, arch=ticket["config"]["arch"], method=ticket["config"]["method"],
-                  level=ticket["level"], device=device_name(device), memory_format=fmt, torch=torch.__version__,
-                  threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
-                  setting="paper (batch 64, 127x127, conv only)" if paper else "cifar", runs=[])
-    for batch in ([64] if paper else args.bench_batch):
-        layers = kernels.bench_layers(model, blocks, batch, device, paper_setting=paper, repeats=args.bench_repeats,
-                                      input_size=shape, memory_format=memory_format)
-        log(f"\nper layer, batch {batch}, {report['device']}, {fmt}, median of {args.bench_repeats}:")
+                  level=ticket["level"], device=device_name(device), memory_format=memory_format,
+                  torch=torch.__version__, threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
+                  setting="paper (batch 64, 127x127, conv only)" if paper else "dataset images",
+                  counts=whole_model_counts(model, ticket["masks"], shape), runs=[])
+    fmt = kernels.MEMORY_FORMATS[memory_format]
+    for batch in ([64] if paper else batches):
+        layers = kernels.bench_layers(model, blocks, batch, device, paper_setting=paper, repeats=repeats,
+                                      input_size=shape, memory_format=fmt)
+        log(f"\nper layer, batch {batch}, {report['device']}, {memory_format}, median of {repeats}:")
         log(markdown_table([{k: fmt_cell(v) for k, v in row.items()} for row in layers]))
         run = dict(batch=batch, layers=layers)
         if not paper:
-            run["model"] = kernels.bench_model(model, blocks, batch, device, args.bench_repeats, input_size=shape,
-                                               memory_format=memory_format)
-            run["slim"] = bench_slim(model, ticket["masks"], batch, device, args.bench_repeats, shape, memory_format)
-            log(markdown_table([{k: fmt_cell(v) for k, v in run["model"].items()}]))
-            log("the ticket without its dead channels (slim_model), end to end:")
-            log(markdown_table([run["slim"]]))
+            run.update(bench_end_to_end(model, ticket, blocks, batch, device, repeats, shape, fmt, log))
         report["runs"].append(run)
     out = os.path.join(os.path.dirname(path), "bench.json")
-    atomic_write_text(json.dumps(report, indent=1, default=str), out)
+    write_text(json.dumps(report, indent=1, default=str), out)
     log(f"wrote {out}")
     return report
 
 
-def bench_slim(model, masks, batch_size, device, repeats, input_size=INPUT_SHAPE,
-               memory_format=torch.contiguous_format):
+SLIM_CHANNEL_MULTIPLE = 8   # the channel multiple --bench times next to a refill ticket's own slim network
+
+
+def bench_end_to_end(model, ticket, blocks, batch, device, repeats, shape, fmt, log):
+    """The whole network on one batch: dense masked vs the grouped GEMM (regrouped_model) vs the slim network;
+    for channel-wise tickets also the slim network with SLIM_CHANNEL_MULTIPLE channel counts and, with the
+    ONNX extra on the CPU, the dense and slim networks in ONNX Runtime. Returns bench.json's entries."""
+    out = dict(model=kernels.bench_model(model, blocks, batch, device, repeats, input_size=shape, memory_format=fmt),
+               slim=bench_slim(model, ticket["masks"], batch, device, repeats, shape, fmt))
+    log(markdown_table([{k: fmt_cell(v) for k, v in out["model"].items()}]))
+    log("the ticket without its dead channels (slim_model), end to end:")
+    slims = [dict(channel_multiple=1, **out["slim"])]
+    if ticket["config"].get("method") in ("refill", "refill+"):
+        weights = {n: ticket["state_dict"][n] for n in ticket["masks"]}
+        rounded = refill(weights, ticket["masks"], channel_multiple=SLIM_CHANNEL_MULTIPLE)   # its channels + zeros
+        out["slim_multiple"] = bench_slim(model, rounded, batch, device, repeats, shape, fmt)
+        slims.append(dict(channel_multiple=SLIM_CHANNEL_MULTIPLE, **out["slim_multiple"]))
+        out["onnx"] = bench_onnx(model, ticket["masks"], batch, device, repeats, shape, log)
+    log(markdown_table(slims))
+    return out
+
+
+def bench_onnx(model, masks, batch_size, device, repeats, input_size, log):
+    """The masked dense ticket and its slim network as ONNX models in ONNX Runtime (CPU), interleaved on one
+    batch; None (with one WARNING) without the ONNX extra or off the CPU."""
+    if torch.device(device).type != "cpu":
+        return None
+    try:
+        onnxruntime = import_onnx("timing in ONNX Runtime")
+    except UsageError as e:
+        kernels._warn_once(f"{e}; skipping the ONNX Runtime timing")
+        return None
+    ticket = copy.deepcopy(model).eval()
+    apply_masks(ticket, {**masks, **model_zoo.bn_masks(ticket, masks)})
+    x = torch.randn(batch_size, *input_size)
+    sessions = []
+    for net in (ticket, model_zoo.slim_model(ticket, masks).eval()):
+        with quiet_onnx_export(), torch.no_grad():
+            program = torch.onnx.export(net, (x,), external_data=False, verbose=False)
+        buffer = io.BytesIO()
+        program.save(buffer)
+        sessions.append(onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"]))
+    feed = [{s.get_inputs()[0].name: x.numpy()} for s in sessions]
+    dense_ms, slim_ms = kernels.time_interleaved([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feed)],
+                                                 torch.device("cpu"), repeats, warmup=BENCH_WARMUP)
+    row = dict(runtime=f"onnxruntime {onnxruntime.__version__}", dense_ms=round(dense_ms, 2),
+               slim_ms=round(slim_ms, 2), speedup=round(dense_ms / slim_ms, 3))
+    log(markdown_table([row]))
+    return row
+
+
+def bench_slim(model, masks, batch_size, device, repeats, input_size, memory_format=torch.contiguous_format):
     """End to end (eval, no_grad): the masked dense ticket vs the same ticket without its dead channels
     (models.slim_model, stock convs), interleaved on one input; outputs checked first. Dead rows' BN
     scale and shift are zeroed as training leaves them (a fresh --bench-density ticket has not trained)."""
@@ -1659,14 +2523,11 @@ def bench_slim(model, masks, batch_size, device, repeats, input_size=INPUT_SHAPE
     with torch.no_grad():
         err = kernels.rel_err(slim(x), ticket(x), centered=True)
         dense_ms, slim_ms = kernels.time_interleaved([lambda: ticket(x), lambda: slim(x)], device, repeats,
-                                                     warmup=BENCH_TRAIN_WARMUP)
+                                                     warmup=BENCH_WARMUP)
     return dict(params=model_zoo.count_params(ticket), params_slim=model_zoo.count_params(slim),
                 mac_ratio=round(macs[1] / macs[0], 4), ideal_speedup=round(macs[0] / macs[1], 3),
                 dense_ms=round(dense_ms, 2), slim_ms=round(slim_ms, 2), speedup=round(dense_ms / slim_ms, 3),
                 max_rel_err=err)
-
-
-FORMAT_PROBE_RUNS = 5  # timed forwards per memory format when --bench-memory-format auto measures them
 
 
 def faster_memory_format(model, shape, batch_size, device, log=print):
@@ -1681,53 +2542,10 @@ def faster_memory_format(model, shape, batch_size, device, log=print):
         runs[name] = lambda m=m, xf=xf: m(xf)
     with torch.no_grad():
         ms = dict(zip(runs, kernels.time_interleaved(list(runs.values()), torch.device(device), FORMAT_PROBE_RUNS,
-                                                     warmup=1)))
+                                                     warmup=BENCH_WARMUP)))
     best = min(ms, key=ms.get)
     log(f"memory format: {best} (dense forward {', '.join(f'{k} {v:.1f} ms' for k, v in ms.items())})")
     return best
-
-
-def fresh_ticket(args):
-    """(bench.json path, ticket) for --bench-density: a seeded, untrained --arch pruned by global
-    magnitude to that density in one step and post-processed by --method with the CLI's knobs."""
-    need = 0.0 < args.bench_density <= 1.0 and args.method != "imp"
-    if not need:
-        raise UsageError("--bench-density needs a density in (0, 1] and --method refill, refill+ "
-                         "or regroup (an unstructured imp mask has no blocks)")
-    torch.manual_seed(args.seed)
-    model, shape = model_zoo.MODELS[args.arch](10), datasets.IMAGE_SHAPES[args.dataset]
-    weights = prunable_weights(model)
-    masks = prune_to_density({n: w.detach().abs() for n, w in weights.items()}, args.bench_density)
-    feats = None
-    if needs_feats(args.method, args.refill_score):        # an untrained model: a random batch will do
-        calibrate_batchnorm(model, shape)
-        feats = conv_channel_stats(model, list(weights), torch.randn(64, *shape), torch.randint(0, 10, (64,)))
-    knobs = {k: getattr(args, k) for k in BRANCH_KNOBS[args.method]}
-    masks, blocks = postprocess(args.method, {n: w.detach() for n, w in weights.items()}, masks, feats, **knobs)
-    apply_masks(model, masks)
-    calibrate_batchnorm(model, shape)
-    out_dir = args.out_dir or os.path.join("runs", f"bench_{args.arch}_{args.method}")
-    os.makedirs(out_dir, exist_ok=True)
-    return os.path.join(out_dir, "ticket.pt"), dict(
-        config=dict(arch=args.arch, dataset=args.dataset, method=args.method), level=None, num_classes=10, masks=masks,
-        blocks=blocks, state_dict=model.state_dict())
-
-
-@torch.no_grad()
-def calibrate_batchnorm(model, shape=INPUT_SHAPE, batches=4, batch_size=64):
-    """Set BN running stats from random batches of `shape` images, so an untrained sparse network passes a
-    signal of normal scale (without it, the logits of a 10%-dense VGG-16 at init are just the FC
-    bias, and the end-to-end output check compares constants)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None                                    # cumulative average over the batches
-    model.train()
-    for _ in range(batches):
-        model(torch.randn(batch_size, *shape))
-    for bn in bns:
-        bn.momentum = 0.1
-    model.eval()
 
 
 def fmt_cell(v):
@@ -1736,13 +2554,9 @@ def fmt_cell(v):
 
 
 def device_name(device):
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name()
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-BENCHES = {"kernels": bench_kernels, "paper": bench_kernels, "regroup": bench_regroup,
-           "train": bench_train}
 
 
 # ---- report: the paper's tables and figures from experiment directories ----
@@ -1758,9 +2572,67 @@ NO_MATPLOTLIB = ("WARNING: matplotlib is not installed: writing report.md and th
 REPORT_NUMBERS = ("density", "test_acc", "flop_ratio", "blocks", "coverage")  # averaged over seeds
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+# The paper's numbers, transcribed from its appendix (ICML 2022 version): per (arch, dataset, method, init)
+# the table, its training setting (Table 1, or App. A2's (+)) and (IMP round, remaining weights %, test
+# accuracy %) as printed. Tables A3/A4 (ResNet-18, CIFAR-10): "Ours" = rewind, "Random Tickets" = reinit.
+PAPER_RESULTS = {
+    ("resnet18", "cifar10", "refill", "rewind"): ("A3", "table1", (
+        (1, 80.29, 94.14), (2, 64.49, 94.24), (3, 51.43, 94.45), (4, 41.24, 94.16), (5, 32.97, 93.86))),
+    ("resnet18", "cifar10", "refill", "reinit"): ("A3", "table1", (
+        (1, 80.29, 94.04), (2, 64.49, 93.96), (3, 51.43, 94.20), (4, 41.24, 93.98), (5, 32.97, 93.53))),
+    ("resnet18", "cifar10", "regroup", "rewind"): ("A4", "table1", (
+        (1, 80.00, 94.48), (2, 72.95, 94.75), (3, 69.37, 94.29), (4, 67.12, 94.62), (5, 58.54, 94.32))),
+    ("resnet18", "cifar10", "regroup", "reinit"): ("A4", "table1", (
+        (1, 80.00, 94.19), (2, 72.95, 93.42), (3, 69.37, 93.58), (4, 67.12, 93.84), (5, 58.54, 93.76))),
+    ("vgg16", "cifar100", "imp", "rewind"): ("A5", "plus", (
+        (1, 80.00, 73.64), (2, 64.00, 73.80), (3, 51.20, 73.67), (4, 40.96, 74.01), (5, 32.77, 74.27),
+        (6, 26.21, 74.56), (7, 20.97, 74.58), (8, 16.78, 74.52), (9, 13.42, 74.42))),
+    ("vgg16", "cifar100", "refill", "rewind"): ("A5", "plus", (
+        (1, 80.17, 73.43), (2, 64.06, 72.87), (3, 51.31, 72.67), (4, 41.08, 71.37), (5, 32.85, 70.79),
+        (6, 26.33, 71.07), (7, 21.03, 69.42), (8, 16.94, 68.75), (9, 13.42, 67.25))),
+    ("vgg16", "cifar100", "regroup", "rewind"): ("A5", "plus", (
+        (1, 82.36, 73.63), (2, 80.00, 73.81), (3, 69.46, 74.31), (4, 62.61, 73.94), (5, 56.09, 75.05),
+        (6, 46.53, 74.98), (7, 38.18, 75.24), (8, 30.98, 74.68), (9, 25.27, 75.25))),
+    ("wrn32_2", "cifar100", "imp", "rewind"): ("A6", "plus", (     # the table prints no round 5
+        (1, 80.00, 76.21), (2, 64.00, 75.78), (3, 51.20, 76.02), (4, 40.96, 75.92), (6, 26.21, 75.74),
+        (7, 20.97, 75.92), (8, 16.78, 75.87), (9, 13.42, 75.41))),
+    ("wrn32_2", "cifar100", "refill", "rewind"): ("A6", "plus", (
+        (1, 80.00, 75.46), (2, 64.06, 74.59), (3, 51.51, 73.53), (4, 41.51, 72.95), (6, 26.53, 70.91),
+        (7, 21.11, 69.55), (8, 17.11, 67.74), (9, 13.67, 65.73))),
+    ("wrn32_2", "cifar100", "regroup", "rewind"): ("A6", "plus", (
+        (1, 80.00, 75.98), (2, 64.00, 76.19), (3, 51.20, 76.13), (4, 40.96, 75.88), (6, 26.27, 75.78),
+        (7, 21.76, 74.74), (8, 18.14, 73.85), (9, 14.85, 72.99))),
+    ("resnet50_3x3stem", "tinyimagenet", "imp", "rewind"): ("A7", "table1", (
+        (1, 80.00, 65.44), (2, 64.00, 65.69), (3, 51.20, 65.50), (4, 40.96, 65.73), (5, 32.77, 65.23))),
+    ("resnet50_3x3stem", "tinyimagenet", "refill", "rewind"): ("A7", "table1", (
+        (1, 80.30, 65.27), (2, 64.16, 63.40), (3, 51.42, 61.89), (4, 41.08, 60.43), (5, 32.85, 59.64))),
+    ("resnet50_3x3stem", "tinyimagenet", "regroup", "rewind"): ("A7", "table1", (
+        (1, 80.15, 65.51), (2, 68.25, 65.16), (3, 58.19, 65.21), (4, 54.19, 64.42), (5, 51.75, 64.52))),
+}
+PAPER_DENSE = {("vgg16", "cifar100"): ("A5", 73.43), ("wrn32_2", "cifar100"): ("A6", 75.53),   # table captions
+               ("resnet50_3x3stem", "tinyimagenet"): ("A7", 65.33)}
+PAPER_SAVINGS = {  # (arch, dataset, method): (running-time saving %, sparsity %, where): the headline numbers
+    ("resnet18", "cifar100", "regroup"): (64.93, 78, "abstract, Sec. 4"),
+    ("resnet50", "tinyimagenet", "regroup"): (64.84, 74, "abstract, Sec. 4"),
+    ("resnet50", "imagenet", "regroup"): (60.23, 58, "abstract, Sec. 4 (0.95 points below dense)"),
+}
+
+
+def paper_cell(arch, dataset, method, init, level):
+    """The paper's (table, setting, remaining weights %, test accuracy %) of one ticket, or None."""
+    table, setting, points = PAPER_RESULTS.get((arch, dataset, method, init), (None, None, ()))
+    return next(((table, setting, remaining, acc) for r, remaining, acc in points if r == level), None)
+
+
+def with_paper(rows, cfg):
+    """combine_seeds rows with the paper's remaining weights and accuracy where (arch, dataset, method,
+    init, level) match: paper_table ("A4", "A5 (+)"), paper_remaining, paper_acc ("" elsewhere)."""
+    out = []
+    for r in rows:
+        cell = paper_cell(cfg.get("arch"), cfg.get("dataset"), r["method"], r["init"], r["level"])
+        out.append({**r, "paper_table": "" if cell is None else cell[0] + " (+)" * (cell[1] == "plus"),
+                    "paper_remaining": "" if cell is None else cell[2], "paper_acc": "" if cell is None else cell[3]})
+    return out
 
 
 def read_experiment(path):
@@ -1795,7 +2667,7 @@ def group_seeds(experiments):
     like --levels) as groups, in first-seen order; within a group by seed."""
     groups = {}
     for e in experiments:
-        key = json.dumps({k: v for k, v in e["config"].items() if k not in ("seed", *RUN_ONLY)}, sort_keys=True)
+        key = json.dumps({k: v for k, v in e["config"].items() if k not in ("seed", *RUN_SETTINGS)}, sort_keys=True)
         groups.setdefault(key, []).append(e)
     return [sorted(g, key=lambda e: e["config"].get("seed", 0)) for g in groups.values()]
 
@@ -1922,9 +2794,10 @@ def line_label(row):
     return f"{row['source']} (unstructured)" if row["branch"] == "trunk" else f"{row['source']} + {row['branch']}"
 
 
-def accuracy_figure(rows, dense_acc, title=""):
+def accuracy_figure(rows, dense_acc, title="", arch=None, dataset=None):
     """Test accuracy against sparsity (the paper's Figs. 3-6): one line per (mask source, branch) of
-    combine_seeds' rows, a min-max band where several seeds ran, the dense accuracy as a dashed line."""
+    combine_seeds' rows, a min-max band where several seeds ran, the dense accuracy as a dashed line, and
+    (given arch and dataset) the paper's numbers of the same runs (PAPER_RESULTS) as hollow markers."""
     fig = _figure(ACCURACY_FIGSIZE)
     ax = fig.add_subplot()
     for label in dict.fromkeys(map(line_label, rows)):
@@ -1934,6 +2807,10 @@ def accuracy_figure(rows, dense_acc, title=""):
         if any(r["seeds"] > 1 for r in line):
             ax.fill_between(x, [100 * r["acc_min"] for r in line], [100 * r["acc_max"] for r in line],
                             color=drawn[0].get_color(), alpha=0.2, linewidth=0)
+        table, _, points = PAPER_RESULTS.get((arch, dataset, line[0]["method"], line[0]["init"]), (None, None, ()))
+        if points:
+            ax.plot([100 - w for _, w, _ in points], [a for _, _, a in points], linestyle="none", marker="o",
+                    markerfacecolor="none", color=drawn[0].get_color(), label=f"{label}: paper, Table {table}")
     if dense_acc is not None:
         ax.axhline(100 * dense_acc, color="black", linestyle="--", linewidth=1, label="dense")
     ax.set(xlabel="sparsity of the prunable weights (%)", ylabel="test accuracy (%)", title=title)
@@ -1998,9 +2875,7 @@ def mask_panel(run_name, ticket, layer):
 
 def save_figure(fig, path):
     """PNG at FIG_DPI (the figure's own size, no tight crop), atomically; returns (width, height) px."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=FIG_DPI)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=FIG_DPI))
     return tuple(int(round(v)) for v in fig.get_size_inches() * FIG_DPI)
 
 
@@ -2078,10 +2953,14 @@ def extreme_rows(group, rows, dense):
 def markdown_rows(rows, extremes, several):
     """report.md's two tables of a seed group: method x level, and the extreme winning tickets."""
     spread = lambda r: {"acc min-max": f"{r['acc_min']:.4f}-{r['acc_max']:.4f}", "seeds": r["seeds"]}
+    paper = lambda r: {"paper: table, remaining %, acc %": "no paper number" if r["paper_table"] == "" else
+                       f"{r['paper_table']}: {r['paper_remaining']:.2f}, {r['paper_acc']:.2f}",
+                       "acc - paper (points)": "" if r["paper_table"] == "" else
+                       f"{100 * r['test_acc'] - r['paper_acc']:+.2f}"}
     table = [dict(branch=r["branch"], method=r["method"], init=r["init"], level=r["level"],
                   density=r["density"], **{"sparsity %": f"{r['sparsity']:.2f}"}, test_acc=r["test_acc"],
                   **(spread(r) if several else {}), flop_ratio=r["flop_ratio"], blocks=r["blocks"],
-                  coverage=r["coverage"]) for r in rows]
+                  coverage=r["coverage"], **paper(r)) for r in rows]
     ext = [{"run": e["branch"],
             "extreme winning ticket": "none" if e["extreme_level"] == "none" else f"level {e['extreme_level']}",
             "sparsity %": "-" if e["sparsity"] == "" else f"{e['sparsity']:.2f}",
@@ -2095,12 +2974,15 @@ def group_markdown(tag, group, rows, dense, extremes):
     table, the extreme winning tickets."""
     cfg, seeds = group[0]["config"], [e["config"].get("seed", 0) for e in group]
     several = len(group) > 1
-    shown = ("arch", "dataset", "seed", "mask_source", *RUN_ONLY)                  # in the heading, or per command
+    shown = ("arch", "dataset", "seed", "mask_source", *RUN_SETTINGS)                  # in the heading, or per command
     settings = ", ".join(f"{k} {v}" for k, v in cfg.items() if k not in shown)
     dense_text = "not finished (no level 0)" if dense is None else f"{dense:.4f}"
     if several and dense is not None:
         accs = [a for e in group if (a := dense_accuracy(e["rows"])) is not None]
         dense_text += f" (mean of {len(accs)} seeds, range {min(accs):.4f}-{max(accs):.4f})"
+    if (cfg.get("arch"), cfg.get("dataset")) in PAPER_DENSE:
+        table_name, acc = PAPER_DENSE[(cfg.get("arch"), cfg.get("dataset"))]
+        dense_text += f"; the paper's: {acc:.2f}% (Table {table_name}, (+) setting)"
     table, ext = markdown_rows(rows, extremes, several)
     return "\n".join([
         f"## {tag}: {cfg.get('arch')} on {cfg.get('dataset')}, mask source {cfg.get('mask_source', 'imp')}, "
@@ -2117,7 +2999,7 @@ def group_markdown(tag, group, rows, dense, extremes):
 def figure_key(exp):
     """Experiments drawn in one accuracy figure: the same settings but for the seed and the mask source."""
     return json.dumps({k: v for k, v in exp["config"].items()
-                       if k not in ("seed", "mask_source", *RUN_ONLY, *SOURCE_KEYS.get("synflow", ()))},
+                       if k not in ("seed", "mask_source", *RUN_SETTINGS, *SOURCE_SETTINGS)},
                       sort_keys=True)
 
 
@@ -2133,7 +3015,9 @@ def accuracy_pictures(curves, tags):
         title = f"{first['config'].get('arch')} on {first['config'].get('dataset')}" + \
             (f" ({seeds} seeds: mean, band = min-max)" if seeds > 1 else "")
         name = "accuracy_vs_sparsity.png" if len(curves) == 1 else f"accuracy_vs_sparsity_{tags[first['path']]}.png"
-        out.append((name, lambda r=rows, d=None if dense != dense else dense, t=title: accuracy_figure(r, d, t)))
+        arch, dataset = first["config"].get("arch"), first["config"].get("dataset")
+        out.append((name, lambda r=rows, d=None if dense != dense else dense, t=title: accuracy_figure(
+            r, d, t, arch, dataset)))
     return out
 
 
@@ -2202,7 +3086,7 @@ def write_report(dirs, out_dir=None, layers=None, log=print):
     sections, pictures, curves = [], [], {}
     csvs = {"accuracy_vs_sparsity.csv": [], "extreme_tickets.csv": []}
     for group in group_seeds(experiments):
-        tag, rows = tags[group[0]["path"]], combine_seeds([e["rows"] for e in group])
+        tag, rows = tags[group[0]["path"]], with_paper(combine_seeds([e["rows"] for e in group]), group[0]["config"])
         dense = finite_mean(a for e in group if (a := dense_accuracy(e["rows"])) is not None)
         dense = None if dense != dense else round(dense, 6)
         ext = extreme_rows(group, rows, dense)
@@ -2242,12 +3126,14 @@ def write_report_files(out_dir, dirs, sections, csvs, pictures, log):
         "Masks: black = kept, rows = output channels (O), columns = (c, ky, kx) positions (K); a mask larger "
         f"than {MASK_MAX_CELLS} cells per axis is block-averaged for display (grey = partly kept). Regroup "
         "masks have their rows and columns reordered by block (`block_order`).", "", *figures, ""])
-    atomic_write_text(text, written.setdefault("report.md", os.path.join(out_dir, "report.md")))
+    write_text(text, written.setdefault("report.md", os.path.join(out_dir, "report.md")))
     log(f"wrote {written['report.md']} ({len(sizes)} figures, {len(written) - len(sizes) - 1} CSVs)")
     return written
 
 
-# ---- CLI ----
+
+
+# ---- CLI: the parser derived from Config, one entry point ----
 class HelpFormatter(argparse.HelpFormatter):
     """--help shows a flag's default once: '(default: X)' unless the help already names it or it is
     derived (None: the help says how)."""
@@ -2262,145 +3148,55 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def build_parser():
+    """The CLI: one flag per Config field, in its argument group, with its default, help and choices."""
     p = argparse.ArgumentParser(
         description="Find structurally sparse lottery tickets (Chen et al., ICML 2022): an unstructured "
                     "trunk (--mask-source) and a structural branch (--method, --init) per level.",
         formatter_class=HelpFormatter)
-    a = p.add_argument
-    a("--arch", default="resnet20", choices=sorted(model_zoo.MODELS), help="network")
-    a("--method", default="imp", choices=list(POSTPROCESS),
-      help="the branch: how each trunk level's mask is post-processed: imp (not at all: with --init "
-           "rewind the trunk is the ticket), refill (channel-wise), refill+ (channel-wise, extra "
-           "channels), regroup (group-wise dense blocks)")
-    a("--mask-source", default="imp", choices=list(MASK_SOURCES),
-      help="the trunk's unstructured masks: imp (iterative magnitude pruning), omp (one-shot magnitude "
-           "of the trained dense net), random (random at omp's layer densities), snip, grasp, synflow "
-           "(scores at initialization); one-shot sources reach density (1 - prune rate)^level")
-    a("--init", default="rewind", choices=INITS,
-      help="the branch's weights: rewind (theta_k, the paper's tickets) or reinit (a fresh seeded "
-           "initialization trained from epoch 0: random tickets)")
-    a("--group-aware", action="store_true",
-      help="group-aware IMP (paper App. A1, Alg. 4): the branch prunes its own previous level instead "
-           "of the trunk's (official main_imp_regroup.py); needs --mask-source imp and a --method other than imp")
-    a("--dataset", default="cifar10", choices=list(datasets.DATASETS),
-      help="synthetic = small deterministic CIFAR-shaped data for smoke runs")
-    a("--data-dir", default="data",
-      help="where the datasets live: CIFAR archives or folders, tiny-imagenet-200/, imagenet/")
-    a("--out-dir", default=None,
-      help="experiment directory (default: runs/ARCH_DATASET_SOURCE, plus _seedN for --seed N != 0)")
-    a("--levels", type=int, default=PAPER["levels"], help="pruning levels after the dense level 0")
-    table = "Table 1's value for --arch on --dataset (CIFAR: "
-    a("--epochs", type=int, default=None, help=f"epochs per level; default: {table}160, (Tiny-)ImageNet: 95)")
-    a("--lr-drops", type=int, nargs="*", default=None, metavar="EPOCH",
-      help=f"epochs at which the LR drops x0.1; default: {table}80 120 of 160), scaled to --epochs")
-    a("--rewind-epoch", type=int, default=None,
-      help="rewind to the end of this epoch (0 = initialization); default: epoch 8 of Table 1's schedule, "
-           "scaled to --epochs (8 of 160, 5%%)")
-    a("--prune-rate", type=float, default=PAPER["prune_rate"],
-      help="fraction of the remaining prunable weights removed per level")
-    a("--synflow-rounds", type=int, default=SYNFLOW_ROUNDS, help="pruning rounds of --mask-source synflow")
-    a("--lr", type=float, default=None, help=f"SGD learning rate; default: {table}0.1)")
-    a("--momentum", type=float, default=PAPER["momentum"], help="SGD momentum")
-    a("--weight-decay", type=float, default=None,
-      help=f"L2 weight decay; default: {table}1e-4, VGG-16 2e-4; CIFAR-100 2e-4, VGG-16 5e-4)")
-    a("--batch-size", type=int, default=None,
-      help=f"examples per SGD step, over all processes under torchrun; default: {table}128)")
-    a("--train-subset", type=int, default=None, help="train on a seeded random subset of N examples (default: all)")
-    a("--val-split", type=int, default=0,
-      help="hold out N training images (seeded, before --train-subset) as a validation set; its accuracy "
-           "is reported next to test accuracy (0 = none)")
-    a("--seed", type=int, default=0, help="seed for init, data order and augmentation")
-    a("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
-    a("--amp", default="off", choices=list(AMP_DTYPES),
-      help="mixed precision: autocast to bf16, or fp16 with loss scaling (CUDA only)")
-    a("--channels-last", action="store_true", help="train with channels-last model and batches")
-    a("--compile", action="store_true", help="torch.compile the training network")
-    a("--sync-bn", action="store_true",
-      help="under torchrun on GPUs: BatchNorm statistics over all processes (default: per process)")
-    a("--refill-score", default="l1", choices=list(CHANNEL_SCORES),
-      help="channel score for refill: l1 = L1 norm of the kept weights (paper), remain = number of "
-           "kept weights (official default); fmap_l1, fmap_l2, saliency = the channel's output on one "
-           "training batch: sum |y|, sum y^2, sum |y dL/dy| (official l1, l2, saliency)")
-    a("--refill-extra", type=float, default=0.1,
-      help="refill+: extra fraction of the pruned channels kept (official fillback_rate)")
-    a("--regroup-unit", default="position", choices=list(REGROUP_UNITS),
-      help="regroup column unit: position = one (c,ky,kx) (paper), channel = whole input channel")
-    a("--groups", type=int, default=8, help="regroup: groups per layer (paper t1; official 8 parts)")
-    a("--row-multiple", type=int, default=8,
-      help="regroup: group rows are a multiple of this, at least this (paper b1, min rows)")
-    a("--min-col-nnz", type=int, default=1,
-      help="regroup: nonzeros a column needs inside a group to be selected (paper t2)")
-    a("--min-block-cols", type=int, default=8,
-      help="regroup: columns a group needs to become a block (paper b2)")
-    a("--verbose", action="store_true", help="print the per-layer table of every level")
-    a("--bench", nargs="?", const="kernels", default=None, choices=list(BENCHES),
-      help="benchmark instead of training: kernels (the default when given alone) = dense vs grouped "
-           "GEMM on a ticket, paper = the same in the paper's per-layer setting (batch 64, 127x127), "
-           "regroup = partitioner coverage and speed vs baselines, train = training images/s vs a "
-           "plain PyTorch loop with the same settings, and the cost of the masks")
-    a("--export", default=None, metavar="PATH",
-      help="instead of training: save the ticket (--ticket, or the last level in --out-dir of the run "
-           "--method names) without its dead channels, as a smaller dense network (models.load_slim)")
-    a("--ticket", default=None,
-      help="ticket.pt to benchmark (default: the last level, in --out-dir, of the run --method names)")
-    a("--bench-density", type=float, default=None,
-      help="bench a fresh --arch pruned to this density and post-processed by --method (with the "
-           "regroup/refill flags) instead of a saved ticket")
-    a("--bench-batch", type=int, nargs="+", default=[64], help="batch sizes for --bench kernels")
-    a("--bench-repeats", type=int, default=30, help="timed runs per measurement (median)")
-    a("--bench-memory-format", default="auto", choices=["auto", *kernels.MEMORY_FORMATS],
-      help="memory format of the activations, dense and regrouped alike; auto = the one in which the "
-           "dense model runs faster on this machine (measured first)")
-    a("--report", nargs="+", default=None, metavar="DIR",
-      help="instead of training: report.md, CSVs and figures (matplotlib) of experiment directories, "
-           "into --out-dir if given, else DIR/report (one DIR) or report/ in the DIRs' common parent")
-    a("--report-layers", nargs="+", default=None, metavar="NAME",
-      help="convs drawn by --report's mask pictures, e.g. layer3.2.conv2 (default: the last three)")
+    sections = {group: p.add_argument_group(group) for group in GROUPS}
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        meta, default = f.metadata, getattr(defaults, f.name)
+        text = meta["help"] + (f" (official: {meta['official']})" if meta["official"] else "")
+        if f.type is bool:
+            sections[meta["group"]].add_argument(flag_name(f.name), action="store_true", help=text)
+            continue
+        kind = next(a for a in (*typing.get_args(f.type), f.type) if a is not type(None))
+        kind = str if kind is list else kind   # a list flag's items: strings unless its flag says otherwise
+        sections[meta["group"]].add_argument(flag_name(f.name), default=default, help=text,
+                                             **{"type": kind, **meta["flag"]})
     return p
 
 
 def config_from_args(args):
-    """Validate the parsed flags and fill in Table 1's row for --arch/--dataset into a Config."""
-    def need(ok, msg):
-        if not ok:
-            raise UsageError(msg)
-    table = paper_schedule(args.arch, args.dataset)
-    epochs = args.epochs if args.epochs is not None else table["epochs"]
-    need(epochs >= 1, f"--epochs must be >= 1, got {epochs}")
-    scaled = lambda e: round(e * epochs / table["epochs"])   # the table's epochs at this schedule's length
-    lr_drops = args.lr_drops if args.lr_drops is not None else [scaled(e) for e in table["lr_drops"]]
-    rewind_epoch = args.rewind_epoch if args.rewind_epoch is not None else scaled(table["rewind_epoch"])
-    pick = lambda flag, key: getattr(args, flag) if getattr(args, flag) is not None else table[key]
-    need(0.0 < args.prune_rate < 1.0, f"--prune-rate must be in (0, 1), got {args.prune_rate}")
-    need(args.levels >= 0, f"--levels must be >= 0, got {args.levels}")
-    need(0 <= rewind_epoch < epochs,
-         f"--rewind-epoch must be in [0, --epochs), got {rewind_epoch} with --epochs {epochs}")
-    need(pick("batch_size", "batch_size") >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
-    need(args.train_subset is None or args.train_subset >= 1, "--train-subset must be >= 1")
-    need(args.val_split >= 0, f"--val-split must be >= 0, got {args.val_split}")
-    need(args.synflow_rounds >= 1, f"--synflow-rounds must be >= 1, got {args.synflow_rounds}")
-    need(0.0 <= args.refill_extra <= 1.0, f"--refill-extra must be in [0, 1], got {args.refill_extra}")
-    for flag in ("groups", "row_multiple", "min_col_nnz", "min_block_cols"):
-        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be >= 1")
-    need(not args.group_aware or args.method != "imp",
-         "--group-aware post-processes every level of its own chain: give it a --method (refill, "
-         "refill+ or regroup)")
-    need(not args.group_aware or args.mask_source == "imp",
-         f"--group-aware prunes its own previous level iteratively: it needs --mask-source imp, not "
-         f"{args.mask_source} (one-shot sources have no chain)")
-    out_dir = args.out_dir or os.path.join(
-        "runs", f"{args.arch}_{args.dataset}_{args.mask_source}" + (f"_seed{args.seed}" if args.seed else ""))
-    return Config(
-        arch=args.arch, dataset=args.dataset, data_dir=args.data_dir, out_dir=out_dir, levels=args.levels,
-        epochs=epochs, lr_drops=sorted(lr_drops), rewind_epoch=rewind_epoch, prune_rate=args.prune_rate,
-        lr=pick("lr", "lr"), momentum=args.momentum, weight_decay=pick("weight_decay", "weight_decay"),
-        batch_size=pick("batch_size", "batch_size"), train_subset=args.train_subset, val_split=args.val_split,
-        seed=args.seed, device=args.device, amp=args.amp, sync_bn=args.sync_bn,
-        channels_last=args.channels_last, compile=args.compile, mask_source=args.mask_source,
-        synflow_rounds=args.synflow_rounds, method=args.method, init=args.init, group_aware=args.group_aware,
-        refill_score=args.refill_score, refill_extra=args.refill_extra, regroup_unit=args.regroup_unit,
-        groups=args.groups, row_multiple=args.row_multiple, min_col_nnz=args.min_col_nnz,
-        min_block_cols=args.min_block_cols, verbose=args.verbose)
+    """The parsed flags as a resolved Config (Table 1's row for --arch/--dataset filled in, values checked)."""
+    return resolve(Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}))
+
+
+def run_bench(cfg, out_dir):
+    """--bench: the benchmark cfg.bench names, on a saved ticket (--ticket / out_dir and --method) or on a
+    fresh pruned network (--bench-density)."""
+    device = resolve_device(cfg.device)
+    if cfg.bench == "train":
+        check_training_flags(cfg, device, Processes())
+        return bench_train(cfg.arch, cfg.dataset, cfg.batch_size, device, cfg.amp, cfg.channels_last, cfg.compile,
+                           cfg.bench_repeats, cfg.seed)
+    knobs = branch_knobs(cfg, cfg.method)
+    if cfg.bench == "regroup":
+        path, ticket = find_ticket(cfg.ticket, out_dir, cfg, required=False)
+        if ticket is not None:                 # its next IMP mask: the trained weights pruned once more
+            weights = {n: ticket["state_dict"][n] for n in ticket["masks"]}
+            masks = magnitude_prune(weights, ticket["masks"], cfg.prune_rate)
+        else:                                  # a seeded, freshly initialized network at 20% density
+            torch.manual_seed(cfg.seed)
+            weights = prunable_weights(model_zoo.MODELS[cfg.arch](datasets.CLASS_COUNTS[cfg.dataset]))
+            masks = prune_to_density({n: w.detach().abs() for n, w in weights.items()}, BENCH_TRAIN_DENSITY)
+        regroup_knobs = {k: v for k, v in branch_knobs(cfg, "regroup").items() if k != "unit"}
+        return bench_regroup(masks, cfg.regroup_unit, cfg.seed, **regroup_knobs)
+    path, ticket = fresh_ticket(cfg.arch, cfg.dataset, cfg.bench_density, cfg.method, knobs, cfg.seed, out_dir) \
+        if cfg.bench_density is not None else find_ticket(cfg.ticket, out_dir, cfg)
+    return bench_kernels(path, ticket, device, cfg.bench_batch, cfg.bench_repeats, cfg.bench_memory_format,
+                         paper=cfg.bench == "paper")
 
 
 def main(argv=None):
@@ -2408,24 +3204,44 @@ def main(argv=None):
     or a report (--report)."""
     args = build_parser().parse_args(argv)
     try:
-        if args.report:
-            write_report(args.report, args.out_dir, args.report_layers)
-        elif args.bench:
-            BENCHES[args.bench](args)
-        elif args.export:
-            export_slim(args)
+        cfg = config_from_args(args)
+        if cfg.report:
+            write_report(cfg.report, args.out_dir, cfg.report_layers)
+        elif cfg.bench:
+            run_bench(cfg, args.out_dir)
+        elif cfg.export:
+            export_slim(*find_ticket(cfg.ticket, args.out_dir, cfg), cfg.export)
         else:
-            run_experiment(config_from_args(args))
+            previous = signal.signal(signal.SIGTERM, stop_on_signal)   # a scheduler's stop: as Ctrl-C
+            try:
+                run_experiment(cfg)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
     except (UsageError, datasets.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if main_process():
+            print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Stopped) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        if main_process():
+            print(f"stopped by {signal.Signals(signum).name} at {getattr(e, 'where', 'the start')}: the last epoch "
+                  "checkpoint is kept; run the same command again to resume", file=sys.stderr)
+        return 128 + signum
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
+
+
+def stop_on_signal(signum, frame):
+    """SIGTERM handler: stop the run where it is (the current step is abandoned) like Ctrl-C does."""
+    raise Stopped(signum)
+
+
+def main_process():
+    """True in one process, and on rank 0 under torchrun (the one that reports)."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
 
 
 if __name__ == "__main__":

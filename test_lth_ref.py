@@ -6,6 +6,7 @@ import copy
 import csv
 import dataclasses
 import functools
+import inspect
 import io
 import itertools
 import json
@@ -15,6 +16,7 @@ import pickle
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import tarfile
 import threading
 import urllib.error
 import urllib.request
+import warnings
 import zlib
 
 import numpy as np
@@ -36,6 +39,8 @@ import data
 import kernels
 import lth_ref as L
 import models
+
+warnings.filterwarnings("ignore", message="Unknown pytest.mark.slow", category=pytest.PytestUnknownMarkWarning)  # the slow marker: the project keeps no pytest config file
 
 
 # ---- models ----
@@ -991,7 +996,7 @@ def test_missing_folders_say_where_to_put_what(tmp_path):
         data.load_dataset("tinyimagenet", str(tmp_path / "t"), log=quiet)
 
 
-# ---- IMP: global magnitude pruning, masking, rewinding ----
+# ---- masks and IMP's step: global magnitude pruning, rewinding ----
 
 
 def random_weights(seed=0, shapes=((16, 8, 3, 3), (32, 16, 3, 3), (10, 32, 1, 1))):
@@ -1021,37 +1026,22 @@ def test_magnitude_prune_is_global_not_per_layer():
     assert new["a"].sum() == 0 and new["b"].sum() == 4
 
 
-def train_one_epoch(model, d, opt, masks, **settings):
-    """L.train_epoch in one process with batch 16 (and --amp / --channels-last as given)."""
-    cfg = L.Config(batch_size=16, **settings)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return L.train_epoch(model, d, opt, L.mask_pairs(model, masks), cfg, torch.Generator().manual_seed(0), scaler)
+def test_top_k_breaks_ties_by_lower_index():
+    assert L.top_k(torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0]), 2).tolist() == [False, True, True, False, False]
 
 
-@pytest.mark.parametrize("amp, channels_last", [("off", False), ("bf16", False), ("off", True), ("bf16", True)])
-def test_pruned_weights_stay_zero_through_sgd_momentum_and_weight_decay(amp, channels_last):
-    torch.manual_seed(0)
-    model = models.MODELS["resnet20"](10)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    weights = L.prunable_weights(model)
-    masks = L.magnitude_prune(weights, L.ones_masks(weights), 0.7)
-    L.apply_masks(model, masks)
-    d = data.load_dataset("synthetic", "unused", "cpu", train_subset=64, seed=0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    before = {n: w.detach().clone() for n, w in weights.items()}
-    loss, acc = train_one_epoch(model, d, opt, masks, amp=amp, channels_last=channels_last)
-    assert math.isfinite(loss) and 0 <= acc <= 1
-    for n, w in weights.items():
-        assert torch.all(w[masks[n] == 0] == 0)
-        assert not torch.equal(w[masks[n] == 1], before[n][masks[n] == 1])  # the rest did train
+def test_keep_top_is_global_exact_and_breaks_ties_by_position():
+    scores = {"a": torch.tensor([[1.0, 5.0], [3.0, 3.0]]), "b": torch.tensor([3.0, 0.5, 9.0])}
+    keep = L.keep_top(scores, 4)
+    assert keep["a"].tolist() == [[0.0, 1.0], [1.0, 1.0]] and keep["b"].tolist() == [0.0, 0.0, 1.0]
+    assert L.density(L.prune_to_density(scores, 3 / 7)) == pytest.approx(3 / 7)
 
 
-def test_prunable_weights_skip_stem_and_linear():
-    model = models.MODELS["resnet18"](10)
-    names = list(L.prunable_weights(model))
-    assert "conv1.weight" not in names and all("fc" not in n for n in names)
-    assert len(names) == 19                                 # 16 3x3 convs + 3 shortcut 1x1 convs
+def test_prunable_weights_skip_the_stem_unless_asked_and_never_depthwise():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    assert list(L.prunable_weights(model)) == ["2.weight"]
+    assert list(L.prunable_weights(model, skip_stem=False)) == ["0.weight", "2.weight"]
 
 
 def test_rewind_restores_saved_state_and_applies_mask():
@@ -1075,18 +1065,136 @@ def test_check_masks_fit_names_the_problem():
         L.check_masks_fit(model, masks)
 
 
+# ---- mask sources: OMP, random, SNIP, GraSP, SynFlow ----
+def source_model(seed=0):
+    torch.manual_seed(seed)
+    return models.MODELS["resnet20"](10)
+
+
+def test_snip_scores_equal_an_independent_computation():
+    model = source_model()
+    d = data.load_dataset("synthetic", "unused", "cpu", train_subset=32, seed=0)
+    x, y = next(data.train_batches(d, 16, torch.Generator().manual_seed(1)))
+    names = list(L.prunable_weights(model))
+    before = copy.deepcopy(model.state_dict())
+    scores = L.snip_scores(model, names, x, y)
+    reference = copy.deepcopy(model).eval()                   # |w * dL/dw| with BN in eval mode, by hand
+    F.cross_entropy(reference(x), y).backward()
+    params = dict(reference.named_parameters())
+    for n in names:
+        assert torch.allclose(scores[n], (params[n] * params[n].grad).abs(), rtol=1e-5, atol=1e-9), n
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())   # model untouched
+    training_mode = copy.deepcopy(model).train()              # the official variant scores otherwise
+    F.cross_entropy(training_mode(x), y).backward()
+    n = names[0]
+    assert not torch.allclose(scores[n], (dict(training_mode.named_parameters())[n].grad * params[n]).abs())
+
+
+def test_admm_projection_keeps_the_largest_weights_of_all_layers():
+    w = {"a": torch.tensor([[3.0, -1.0], [0.5, -4.0]]), "b": torch.tensor([2.0, -0.1, 0.2])}
+    z = L.admm_project(w, 3 / 7)                              # keep 3 of 7: |-4|, |3|, |2|
+    assert z["a"].tolist() == [[3.0, 0.0], [0.0, -4.0]] and z["b"].tolist() == [2.0, 0.0, 0.0]
+
+
+def test_admm_pulls_the_weights_toward_the_projection_and_hits_the_density():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.Conv2d(4, 6, 3, bias=False))
+    names, seen = ["1.weight"], []
+
+    def w_step(iteration, penalty):              # no data loss: the W-step minimizes the penalty alone
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(20):
+            opt.zero_grad()
+            penalty().backward()
+            opt.step()
+        seen.append(float(penalty().detach()))
+    masks = L.admm_prune(model, names, 0.25, w_step, iterations=4, rho=1.0)
+    assert int(masks["1.weight"].sum()) == round(0.25 * 216)
+    w = model[1].weight.detach()
+    assert w[masks["1.weight"] == 0].abs().max() < 0.05 * w.abs().max()   # the pruned ones went to ~0
+    assert seen[-1] < seen[0]
+
+
+def test_grasp_scores_are_w_times_hessian_gradient_product():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.Conv2d(4, 5, 3, bias=False), nn.Flatten(),
+                          nn.Linear(5 * 3 * 3, 3)).double()    # float64: finite differences below
+    x, y = torch.randn(6, 3, 7, 7, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    scores = L.grasp_scores(model, ["1.weight"], x, y, temperature=2.0)
+    weights = [model[0].weight, model[1].weight, model[3].weight]
+    loss = lambda xs, ys: F.cross_entropy(model(xs) / 2.0, ys)
+    g = [a + b for a, b in zip(torch.autograd.grad(loss(x[:3], y[:3]), weights),
+                               torch.autograd.grad(loss(x[3:], y[3:]), weights))]
+    hg = torch.zeros_like(model[1].weight)                    # H g by finite differences of the gradient
+    eps = 1e-5
+    for sign in (1, -1):
+        shifted = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, gi in zip([shifted[0].weight, shifted[1].weight, shifted[3].weight], g):
+                p.add_(sign * eps * gi)
+        lf = lambda xs, ys: F.cross_entropy(shifted(xs) / 2.0, ys)
+        grad = sum(torch.autograd.grad(lf(xs, ys), shifted[1].weight)[0] for xs, ys in ((x[:3], y[:3]), (x[3:], y[3:])))
+        hg += sign * grad / (2 * eps)
+    expected = model[1].weight.detach() * hg
+    assert torch.allclose(scores["1.weight"], expected, rtol=1e-5, atol=1e-7 * expected.abs().max())
+
+
+@pytest.mark.parametrize("target", [0.5, 0.2])
+def test_synflow_hits_the_density_is_deterministic_and_scores_like_published(target):
+    model = source_model()
+    names = list(L.prunable_weights(model))
+    a = L.synflow_masks(model, names, target, rounds=3)
+    b = L.synflow_masks(model, names, target, rounds=3)
+    total = sum(m.numel() for m in a.values())
+    assert sum(int(m.sum()) for m in a.values()) == round(target * total)
+    assert all(torch.equal(a[n], b[n]) for n in names)
+    one = L.synflow_masks(model, names, target, rounds=1)     # one round = |w dR/dw| of |theta|, top-k
+    lin = copy.deepcopy(model).eval().double()
+    with torch.no_grad():
+        for t in lin.state_dict().values():
+            t.abs_()
+    lin(torch.ones(1, 3, 32, 32, dtype=torch.float64)).sum().backward()
+    params = dict(lin.named_parameters())
+    ref = L.prune_to_density({n: (params[n] * params[n].grad).abs() for n in names}, target)
+    assert all(torch.equal(one[n], ref[n]) for n in names)
+
+
+def test_random_masks_keep_each_layers_count_and_follow_the_seed():
+    model = source_model()
+    weights = L.prunable_weights(model)
+    omp = L.prune_to_density({n: w.detach().abs() for n, w in weights.items()}, 0.3)
+    r1 = L.random_masks(omp, torch.Generator().manual_seed(5))
+    r2 = L.random_masks(omp, torch.Generator().manual_seed(5))
+    r3 = L.random_masks(omp, torch.Generator().manual_seed(6))
+    assert all(int(r1[n].sum()) == int(omp[n].sum()) for n in omp)
+    assert all(torch.equal(r1[n], r2[n]) for n in omp) and not all(torch.equal(r1[n], r3[n]) for n in omp)
+
+
 # ---- refill / refill+ ----
+def channel_counts(mask):
+    """Kept weights per output channel of a 4-D or 2-D mask."""
+    return mask.reshape(mask.shape[0], -1).sum(1)
+
+
 def test_refill_keeps_whole_channels_with_the_right_count():
     weights = random_weights(1)
     masks = L.magnitude_prune(weights, L.ones_masks(weights), 0.75)
     for extra in (0.0, 0.3):
         out = L.refill(weights, masks, extra=extra)
         for n, m in out.items():
-            m2, o = m.reshape(m.shape[0], -1), m.shape[0]
-            rows = m2.sum(1)
-            assert torch.all((rows == 0) | (rows == m2.shape[1]))   # all ones or all zeros
-            base = max(1, round(float(masks[n].sum()) / m2.shape[1]))
+            rows, o, k = channel_counts(m), m.shape[0], m[0].numel()
+            assert torch.all((rows == 0) | (rows == k))     # all ones or all zeros
+            base = max(1, round(float(masks[n].sum()) / k))
             assert int((rows > 0).sum()) == min(o, base + round(extra * (o - base)))
+
+
+def test_refill_keeps_the_channels_of_largest_l1_norm():
+    weights = random_weights(4)
+    masks = L.magnitude_prune(weights, L.ones_masks(weights), 0.6)
+    for n, m in L.refill(weights, masks).items():
+        l1 = (weights[n] * masks[n]).abs().reshape(m.shape[0], -1).sum(1)   # the paper's score, by hand
+        kept = channel_counts(m) > 0
+        assert l1[kept].min() >= l1[~kept].max() if (~kept).any() else True
 
 
 def test_refill_plus_keeps_a_superset_and_scores_differ():
@@ -1095,11 +1203,11 @@ def test_refill_plus_keeps_a_superset_and_scores_differ():
     m = torch.ones(4, 1, 2, 2)
     m[0, 0, 0] = 0                                          # channel 0 keeps 2 of 4, others 4 of 4
     m[1:, 0, 1, 1] = 0                                      # others keep 3 of 4; nnz = 2+9 = 11
-    l1 = L.refill_mask(w, m, score="l1").reshape(4, -1).sum(1) > 0
-    remain = L.refill_mask(w, m, score="remain").reshape(4, -1).sum(1) > 0
+    l1 = channel_counts(L.refill_mask(w, m, score="l1")) > 0
+    remain = channel_counts(L.refill_mask(w, m, score="remain")) > 0
     assert l1.tolist() == [True, True, True, False]         # n = round(11/4) = 3; l1 wants channel 0
     assert remain.tolist() == [False, True, True, True]     # remain ranks channel 0 last
-    plus = L.refill_mask(w, m, extra=1.0, score="l1").reshape(4, -1).sum(1) > 0
+    plus = channel_counts(L.refill_mask(w, m, extra=1.0, score="l1")) > 0
     assert torch.all(plus >= l1) and plus.all()
 
 
@@ -1111,7 +1219,7 @@ def test_refill_with_a_feature_score_keeps_the_top_channels_of_that_score():
         order = torch.randperm(6, generator=g).float()
         feats = {s: torch.zeros(6) for s in L.FEATURE_SCORES}
         feats[score] = order                               # only this statistic may decide
-        kept = L.refill_mask(w, m, score=score, feats=feats).reshape(6, -1).sum(1) > 0
+        kept = channel_counts(L.refill_mask(w, m, score=score, feats=feats)) > 0
         assert kept.tolist() == (order >= 6 - n).tolist()
     with pytest.raises(ValueError, match="conv_channel_stats"):
         L.refill_mask(w, m, score="saliency")
@@ -1138,18 +1246,15 @@ def test_conv_channel_stats_match_a_manual_forward_and_backward():
         L.conv_channel_stats(model, ["fc.weight"], x, labels)
 
 
-def test_top_k_breaks_ties_by_lower_index():
-    assert L.top_k(torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0]), 2).tolist() == [False, True, True, False, False]
-
-
 # ---- regroup ----
 def planted_mask(out_rows=64, k=576, group=8, width=60, seed=0):
+    """Row groups of `group` rows, each row using its group's `width` columns; rows shuffled."""
     g = torch.Generator().manual_seed(seed)
     m, perm = torch.zeros(out_rows, k), torch.randperm(out_rows, generator=g)
     for i in range(out_rows // group):
         rows = perm[i * group:(i + 1) * group]
         m[rows[:, None], torch.randperm(k, generator=g)[:width]] = 1
-    return m
+    return m, [perm[i * group:(i + 1) * group] for i in range(out_rows // group)]
 
 
 def realistic_mask(out_rows, k, dens=0.2, seed=0):
@@ -1162,28 +1267,42 @@ def realistic_mask(out_rows, k, dens=0.2, seed=0):
     return (w > w.flatten().kthvalue(int((1 - dens) * w.numel())).values).float()
 
 
-def check_blocks(mask2d, blocks, row_multiple=8):
-    rows = torch.cat([r for r, _ in blocks])
-    assert len(rows) == len(set(rows.tolist()))             # rows disjoint
-    assert torch.equal(kernels.block_mask(tuple(mask2d.shape), blocks), mask2d)   # union of rectangles
-    sizes = sorted(len(r) for r, _ in blocks)
-    assert sum(s % row_multiple != 0 for s in sizes) <= 2   # only a pass's last group may be ragged
+def check_regroup(mask, new, blocks, row_multiple=8, min_block_cols=8, budget=True):
+    """The rules a regrouped mask obeys, checked from its blocks and the input mask alone (no
+    kernels.block_mask): rows disjoint; each block >= b1 rows (a multiple of b1) and >= b2 columns, dense
+    in the new mask; nothing outside the blocks; with the budget rule, area within IMP's nonzeros (or one
+    minimal block). Returns the coverage (kept input nonzeros / input nonzeros)."""
+    m2, n2 = mask.reshape(mask.shape[0], -1), new.reshape(new.shape[0], -1)
+    assert blocks, "regroup kept no block"
+    seen, area = set(), 0
+    for rows, cols in blocks:
+        r = set(rows.tolist())
+        assert not r & seen and len(r) == len(rows)                  # rows disjoint
+        seen |= r
+        assert len(rows) >= row_multiple and len(rows) % row_multiple == 0, len(rows)
+        assert len(cols) >= min_block_cols and len(set(cols.tolist())) == len(cols)
+        assert bool(n2[rows][:, cols].all())                         # the rectangle is dense
+        area += len(rows) * len(cols)
+    assert int(n2.sum()) == area                                     # nothing outside the blocks
+    assert set(torch.nonzero(n2.sum(1)).flatten().tolist()) == seen
+    if budget:
+        assert area <= max(int(m2.sum()), row_multiple * min_block_cols)
+    return float((m2 * n2).sum() / m2.sum())
 
 
 def test_regroup_recovers_planted_groups():
-    m = planted_mask()
+    m, planted = planted_mask()
     new, blocks = L.regroup_mask(m)
-    check_blocks(new, blocks)
-    stats = L.layer_stats(m, new, blocks)
-    assert stats["coverage"] >= 0.95 and len(blocks) == 8
-    assert 0.67 <= stats["density"] / stats["density_before"] <= 1.5
+    coverage = check_regroup(m, new, blocks)
+    assert coverage >= 0.95 and len(blocks) == 8
+    assert {frozenset(r.tolist()) for r, _ in blocks} == {frozenset(p.tolist()) for p in planted}
 
 
 def test_regroup_beats_random_and_sorted_partitions():
     for out_rows, k in ((64, 576), (256, 2304)):
         m = realistic_mask(out_rows, k)
         new, blocks = L.regroup_mask(m)
-        ours = L.layer_stats(m, new, blocks)["coverage"]
+        ours = check_regroup(m, new, blocks)
         size = len(blocks[0][0])
         perm = np.random.default_rng(0).permutation(out_rows)
         by_nnz = np.argsort(-m.sum(1).numpy(), kind="stable")
@@ -1193,6 +1312,34 @@ def test_regroup_beats_random_and_sorted_partitions():
             assert ours > theirs + 0.01, (out_rows, ours, theirs)
 
 
+def test_refinement_repairs_a_planted_bad_partition():
+    m, planted = planted_mask(out_rows=32, k=288, group=8, width=40)
+    sim = L.row_similarity(m.numpy())
+    good = [p.sort().values.numpy() for p in planted]
+    bad = [np.sort(np.concatenate([g[:7], good[(i + 1) % 4][7:]])) for i, g in enumerate(good)]  # one row swapped
+    score = lambda ps: sum(sim[np.ix_(p, p)].sum() for p in ps)
+    refined = L.refine_partition(sim, bad)
+    assert sorted(len(p) for p in refined) == [8, 8, 8, 8]
+    assert score(refined) > score(bad) + 1.0                        # it improved, by a swap's worth
+    assert {frozenset(p.tolist()) for p in refined} == {frozenset(p.tolist()) for p in good}
+
+
+def test_regroup_keeps_b1_on_masks_with_empty_rows():
+    m = realistic_mask(64, 288, dens=0.3, seed=3)
+    m[[5, 17, 40]] = 0                                              # 61 non-empty rows: 7 x 8 + 5
+    for groups, rows in ((8, 8), (4, 16), (8, 4)):
+        new, blocks = L.regroup_mask(m, groups=groups, row_multiple=rows)
+        check_regroup(m, new, blocks, row_multiple=rows)
+        assert not {5, 17, 40} & {int(r) for b, _ in blocks for r in b}
+    few = torch.zeros(16, 72)
+    few[[1, 2, 3]] = 1                                              # 3 non-empty rows < b1: empty rows join
+    for rule in ("budget", "paper"):
+        new, blocks = L.regroup_mask(few, block_columns=rule)
+        coverage = check_regroup(few, new, blocks, budget=rule == "budget")
+        assert len(blocks) == 1 and {1, 2, 3} <= set(blocks[0][0].tolist())
+    assert coverage == 1.0                                          # paper: every used column joins
+
+
 def test_regroup_on_resnet20_masks_is_never_a_no_op_and_is_deterministic():
     torch.manual_seed(0)
     weights = L.prunable_weights(models.MODELS["resnet20"](10))
@@ -1200,18 +1347,17 @@ def test_regroup_on_resnet20_masks_is_never_a_no_op_and_is_deterministic():
     new, blocks = L.regroup(masks)
     new2, blocks2 = L.regroup(masks)
     for n in masks:
-        m2 = new[n].reshape(new[n].shape[0], -1)
-        assert blocks[n] and not torch.equal(new[n], masks[n])
-        check_blocks(m2, blocks[n])
-        assert all(torch.equal(a, c) and torch.equal(b, d)
-                   for (a, b), (c, d) in zip(blocks[n], blocks2[n]))
-        ratio = float(new[n].sum()) / float(masks[n].sum())
-        assert 0.67 <= ratio <= 1.5, (n, ratio)
+        assert not torch.equal(new[n], masks[n])
+        check_regroup(masks[n], new[n], blocks[n])
+        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(blocks[n], blocks2[n]))
+        assert 0.67 <= float(new[n].sum()) / float(masks[n].sum()) <= 1.0, n
 
 
 def test_regroup_channel_unit_selects_whole_input_channels():
     m = realistic_mask(64, 64 * 9).reshape(64, 64, 3, 3)
     new, blocks = L.regroup({"w": m}, unit="channel")
+    assert blocks["w"], "no block found"
+    check_regroup(m, new["w"], blocks["w"], min_block_cols=9)
     for rows, cols in blocks["w"]:
         assert len(cols) % 9 == 0 and torch.equal(cols.view(-1, 9) % 9, torch.arange(9).expand(len(cols) // 9, 9))
 
@@ -1220,21 +1366,56 @@ def test_regroup_mask_takes_the_conv_mask_with_either_unit_or_its_2d_view():
     m = realistic_mask(32, 32 * 9).reshape(32, 32, 3, 3)
     for unit in L.REGROUP_UNITS:
         new, blocks = L.regroup_mask(m, unit)
-        assert new.shape == m.shape and torch.equal(kernels.block_mask(tuple(m.shape), blocks), new)
-    flat, flat_blocks = L.regroup_mask(m.reshape(32, -1))
+        assert new.shape == m.shape
+        check_regroup(m, new, blocks, min_block_cols=9 if unit == "channel" else 8)
+    flat, _ = L.regroup_mask(m.reshape(32, -1))
     assert torch.equal(flat, L.regroup_mask(m, "position")[0].reshape(32, -1))
+
+
+def test_paper_columns_take_every_column_with_t2_nonzeros_in_the_group():
+    m, planted = planted_mask(out_rows=32, k=200, group=8, width=30, seed=4)
+    noise = (torch.rand(32, 200, generator=torch.Generator().manual_seed(5)) < 0.02).float()
+    m = ((m + noise) > 0).float()
+    for t2 in (1, 2, 5):
+        new, blocks = L.regroup_mask(m, min_col_nnz=t2, block_columns="paper")
+        check_regroup(m, new, blocks, budget=False)
+        for rows, cols in blocks:                                    # Alg. 3's rule, by hand
+            counts = m[rows].sum(0)
+            assert set(cols.tolist()) == set(torch.nonzero(counts >= t2).flatten().tolist())
+    assert L.density({"m": L.regroup_mask(m, block_columns="paper")[0]}) > L.density({"m": m})  # it refills
+
+
+def test_budget_columns_keep_imps_density():
+    m = realistic_mask(64, 576, dens=0.25)
+    new, blocks = L.regroup_mask(m, block_columns="budget")
+    check_regroup(m, new, blocks)
+    assert 0.95 * m.sum() <= new.sum() <= m.sum()
+
+
+def test_official_columns_match_a_hand_computation():
+    m = torch.zeros(8, 50)
+    m[:, 10:30] = 1                                                 # every row: the same 20 columns
+    m[0, 40] = 1                                                    # one row has one more
+    (rows, cols), = L.group_blocks(m, [np.arange(8)], 1, "official")
+    # prefix k (most used first: the 20 shared columns, then column 40): the first k with every row's
+    # uncovered nonzeros < k / 1.5; row 0 has 21 - min(k, 21), the others 20 - min(k, 20)
+    expect = next(k for k in range(1, 51) if 21 - min(k, 21) < k / 1.5)   # k = 13
+    assert len(cols) == expect == 13 and set(cols.tolist()) <= set(range(10, 30))
+    new, blocks = L.regroup_mask(realistic_mask(32, 288), block_columns="official")
+    check_regroup(realistic_mask(32, 288), new, blocks, budget=False)
 
 
 @pytest.mark.parametrize("call, message", [
     (lambda: L.regroup_mask(torch.ones(8, 18), unit="channel"), "expected the conv's mask"),
     (lambda: L.regroup_mask(torch.ones(8, 18), unit=9), "unknown regroup unit 9"),
+    (lambda: L.regroup_mask(torch.ones(8, 18), block_columns="wide"), "unknown block column rule 'wide'"),
     (lambda: L.regroup_mask(torch.ones(2, 8, 3, 3, 1)), "got shape"),
     (lambda: L.regroup_mask(torch.ones(8, 18), groups=0), "groups must be an integer >= 1"),
     (lambda: L.regroup_mask(torch.full((8, 18), 0.5)), "only 0 and 1"),
     (lambda: L.refill_mask(torch.ones(4, 2, 3, 3), torch.ones(4, 18)), "must have the same shape"),
     (lambda: L.refill_mask(torch.ones(4, 18), torch.ones(4, 18), extra=2), "must be in [0, 1]"),
     (lambda: L.postprocess("prune", {}, {}), "unknown method 'prune'"),
-    (lambda: L.postprocess("refill", {}, {}, groups=4), "refill takes the knobs ['refill_score']"),
+    (lambda: L.postprocess("refill", {}, {}, groups=4), "refill takes the knobs ['score', 'channel_multiple'], not ['groups']"),
     (lambda: L.magnitude_prune({}, {}, 1.5), "rate must be in [0, 1)"),
     (lambda: L.magnitude_prune({"a": torch.ones(3)}, {"a": torch.ones(4)}, 0.5), "same names and shapes"),
 ])
@@ -1244,113 +1425,109 @@ def test_public_functions_say_what_they_expected(call, message):
     assert message in str(e.value)
 
 
-def test_prunable_weights_skip_the_stem_unless_asked_and_never_depthwise():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1))
-    assert list(L.prunable_weights(model)) == ["2.weight"]
-    assert list(L.prunable_weights(model, skip_stem=False)) == ["0.weight", "2.weight"]
-
-
-def test_postprocess_is_the_pipelines_step_on_your_own_masks():
+# ---- post-processing ----
+def test_postprocess_is_the_papers_step_on_your_own_masks():
     weights = random_weights(3)
     masks = L.magnitude_prune(weights, L.ones_masks(weights), 0.7)
-    new, blocks = L.postprocess("refill+", weights, masks, refill_extra=0.5, refill_score="remain")
+    new, blocks = L.postprocess("refill+", weights, masks, extra=0.5, score="remain")
     assert blocks is None and all(torch.equal(new[n], L.refill(weights, masks, 0.5, "remain")[n]) for n in masks)
     new, blocks = L.postprocess("regroup", weights, masks, groups=2)
     assert set(blocks) == set(masks) and all(torch.equal(new[n], L.regroup(masks, groups=2)[0][n]) for n in masks)
+    assert L.postprocess("imp", weights, masks) == (masks, None)
 
 
-def test_refine_partition_does_not_lower_within_group_similarity():
-    m = realistic_mask(128, 1152).numpy()
-    sim = L.row_similarity(m)
-    parts = L.partition_rows(sim, 16)
-    refined = L.refine_partition(sim, parts, 10)
-    score = lambda ps: sum(sim[np.ix_(p, p)].sum() for p in ps)
-    assert sorted(len(p) for p in refined) == sorted(len(p) for p in parts)
-    assert score(refined) >= score(parts) - 1e-6
+def test_knob_defaults_of_the_functions_equal_the_clis():
+    fields = {f.metadata["knob"]: f for f in dataclasses.fields(L.Config) if f.metadata["knob"]}
+    defaults = L.Config()
+    for method in L.POSTPROCESS:
+        for knob, default in L.method_knobs(method).items():
+            assert getattr(defaults, fields[knob].name) == default, (method, knob)
+    assert set(L.method_knobs("regroup")) == set(inspect.signature(L.regroup_mask).parameters) - {"mask"}
+    assert set(L.method_knobs("refill+")) == {"extra", "score", "channel_multiple"}
+    assert set(L.method_knobs("refill")) == {"score", "channel_multiple"}
 
 
-# ---- mask sources ----
-def source_model(seed=0):
+# ---- training: masks stay applied, the schedule, one ticket retrained ----
+def tiny_classifier(seed=0):
+    """A small CNN for the 10 synthetic classes: stem, two prunable convs with BN, classifier."""
     torch.manual_seed(seed)
-    return models.MODELS["resnet20"](10)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
-def test_keep_top_is_global_exact_and_breaks_ties_by_position():
-    scores = {"a": torch.tensor([[1.0, 5.0], [3.0, 3.0]]), "b": torch.tensor([3.0, 0.5, 9.0])}
-    keep = L.keep_top(scores, 4)
-    assert keep["a"].tolist() == [[0.0, 1.0], [1.0, 1.0]] and keep["b"].tolist() == [0.0, 0.0, 1.0]
-    assert L.density(L.prune_to_density(scores, 3 / 7)) == pytest.approx(3 / 7)
+def tiny_experiment(model, batch_size=16, train_subset=64, **settings):
+    """An Experiment around `model` on synthetic data in one process (no files)."""
+    cfg = L.resolve(L.Config(dataset="synthetic", batch_size=batch_size, train_subset=train_subset, epochs=2,
+                             rewind_epoch=0, lr=0.1, out_dir="unused", **settings))
+    d = data.load_dataset("synthetic", "unused", "cpu", train_subset=train_subset, seed=0)
+    return L.Experiment(cfg, model, model, d, "cpu", L.Processes(), log=lambda *_: None)
 
 
-def test_snip_scores_equal_an_independent_computation():
-    model = source_model()
-    d = data.load_dataset("synthetic", "unused", "cpu", train_subset=32, seed=0)
-    x, y = next(data.train_batches(d, 16, torch.Generator().manual_seed(1)))
-    names = list(L.prunable_weights(model))
-    before = copy.deepcopy(model.state_dict())
-    scores = L.snip_scores(model, names, x, y)
-    reference = copy.deepcopy(model).train()                  # |w * dL/dw|, computed by hand
-    F.cross_entropy(reference(x), y).backward()
-    params = dict(reference.named_parameters())
-    for n in names:
-        assert torch.allclose(scores[n], (params[n] * params[n].grad).abs(), rtol=1e-5, atol=1e-9), n
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())   # model untouched
+def test_plus_schedule_is_app_a2s_and_explicit_flags_override():
+    cfg = L.resolve(L.Config(arch="vgg16", dataset="cifar100", schedule="plus"))
+    assert (cfg.epochs, cfg.lr_drops, cfg.rewind_epoch, cfg.weight_decay) == (240, [150, 180, 210], 8, 5e-4)
+    assert L.resolve(L.Config(schedule="plus", lr_drops=[100])).lr_drops == [100]
+    assert L.resolve(L.Config()).epochs == 160
 
 
-def test_grasp_scores_are_w_times_hessian_gradient_product():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.Conv2d(4, 5, 3, bias=False), nn.Flatten(),
-                          nn.Linear(5 * 3 * 3, 3)).double()    # float64: finite differences below
-    x, y = torch.randn(6, 3, 7, 7, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
-    names = ["1.weight"]
-    scores = L.grasp_scores(model, names, x, y, temperature=2.0)
-    weights = [model[0].weight, model[1].weight, model[3].weight]
-    loss = lambda xs, ys: F.cross_entropy(model(xs) / 2.0, ys)
-    g = [a + b for a, b in zip(torch.autograd.grad(loss(x[:3], y[:3]), weights),
-                               torch.autograd.grad(loss(x[3:], y[3:]), weights))]
-    hg = torch.zeros_like(model[1].weight)                    # H g by finite differences of the gradient
-    eps = 1e-5
-    for sign in (1, -1):
-        shifted = copy.deepcopy(model)
-        with torch.no_grad():
-            for p, gi in zip([shifted[0].weight, shifted[1].weight, shifted[3].weight], g):
-                p.add_(sign * eps * gi)
-        lf = lambda xs, ys: F.cross_entropy(shifted(xs) / 2.0, ys)
-        grad = sum(torch.autograd.grad(lf(xs, ys), shifted[1].weight)[0] for xs, ys in ((x[:3], y[:3]), (x[3:], y[3:])))
-        hg += sign * grad / (2 * eps)
-    expected = model[1].weight.detach() * hg
-    assert torch.allclose(scores["1.weight"], expected, rtol=1e-5, atol=1e-7 * expected.abs().max())
+def test_lr_restart_starts_rewound_levels_at_epoch_0_and_allows_a_full_rewind():
+    trunk, reinit = L.Run("trunk", "x", "imp", "rewind", False), L.Run("b", "x/b", "refill", "reinit", False)
+    resume, restart = L.resolve(L.Config()), L.resolve(L.Config(lr_schedule="restart", rewind_epoch=160))
+    assert [L.first_epoch(resume, trunk, 0), L.first_epoch(resume, trunk, 3), L.first_epoch(resume, reinit, 3)] == [0, 8, 0]
+    assert L.first_epoch(restart, trunk, 3) == 0 and restart.rewind_epoch == restart.epochs
+    with pytest.raises(L.UsageError, match="--lr-schedule restart also allows"):
+        L.resolve(L.Config(rewind_epoch=160))
 
 
-@pytest.mark.parametrize("target", [0.5, 0.2])
-def test_synflow_hits_the_density_is_deterministic_and_scores_like_published(target):
-    model = source_model()
-    names = list(L.prunable_weights(model))
-    a = L.synflow_masks(model, names, target, rounds=5)
-    b = L.synflow_masks(model, names, target, rounds=5)
-    total = sum(m.numel() for m in a.values())
-    assert sum(int(m.sum()) for m in a.values()) == round(target * total)
-    assert all(torch.equal(a[n], b[n]) for n in names)
-    one = L.synflow_masks(model, names, target, rounds=1)     # one round = |w dR/dw| of |theta|, top-k
-    lin = copy.deepcopy(model).eval().double()
-    with torch.no_grad():
-        for t in lin.state_dict().values():
-            t.abs_()
-    lin(torch.ones(1, 3, 32, 32, dtype=torch.float64)).sum().backward()
-    params = dict(lin.named_parameters())
-    ref = L.prune_to_density({n: (params[n] * params[n].grad).abs() for n in names}, target)
-    assert all(torch.equal(one[n], ref[n]) for n in names)
+def test_lr_schedule_steps_down_at_the_drops():
+    cfg = L.Config(lr=0.1, lr_drops=[3, 5])
+    assert [round(L.lr_at(e, cfg), 6) for e in range(7)] == [0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
 
 
-def test_random_masks_keep_each_layers_count_and_follow_the_seed():
-    model = source_model()
+@pytest.mark.parametrize("amp, channels_last", [("off", False), ("bf16", True)])
+def test_retrain_keeps_pruned_weights_zero_through_sgd_momentum_and_weight_decay(amp, channels_last):
+    model = tiny_classifier()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    exp = tiny_experiment(model, amp=amp, channels_last=channels_last, weight_decay=1e-3)
     weights = L.prunable_weights(model)
-    omp = L.prune_to_density({n: w.detach().abs() for n, w in weights.items()}, 0.3)
-    r1 = L.random_masks(omp, torch.Generator().manual_seed(5))
-    r2 = L.random_masks(omp, torch.Generator().manual_seed(5))
-    r3 = L.random_masks(omp, torch.Generator().manual_seed(6))
-    assert all(int(r1[n].sum()) == int(omp[n].sum()) for n in omp)
-    assert all(torch.equal(r1[n], r2[n]) for n in omp) and not all(torch.equal(r1[n], r3[n]) for n in omp)
+    masks = L.magnitude_prune(weights, L.ones_masks(weights), 0.7)
+    state = copy.deepcopy(model.state_dict())
+    epochs = []
+    metrics = L.retrain(exp, masks, state, 0, 1, after_epoch=lambda m, o, s: epochs.append(m["epoch"]))
+    assert epochs == [1, 2] and math.isfinite(metrics["loss"]) and 0 <= metrics["test"] <= 1
+    for n, w in weights.items():
+        assert torch.all(w[masks[n] == 0] == 0)                      # the masks were applied
+        assert not torch.equal(w[masks[n] == 1], state[n][masks[n] == 1])   # the rest did train
+
+
+def test_retrain_from_a_later_epoch_trains_only_the_rest_of_the_schedule():
+    model = tiny_classifier()
+    exp = tiny_experiment(model)
+    masks = L.ones_masks(L.prunable_weights(model))
+    seen = []
+    L.retrain(exp, masks, copy.deepcopy(model.state_dict()), 1, 1, after_epoch=lambda m, o, s: seen.append(
+        (m["epoch"], o.param_groups[0]["lr"])))
+    assert seen == [(2, pytest.approx(L.lr_at(1, exp.cfg)))]
+
+
+def test_dead_bn_stays_zero_through_training_and_the_trained_ticket_slims_exactly():
+    torch.manual_seed(0)
+    model = models.MODELS["resnet20"](10)
+    masks = random_channel_masks(model, seed=6)
+    train_masks = {**masks, **models.bn_masks(model, masks)}  # conv weights and the BN of dead rows
+    bn_before = model.layer1[0].bn1.weight.detach().clone()
+    L.retrain(tiny_experiment(model, weight_decay=1e-3), train_masks, copy.deepcopy(model.state_dict()), 1, 1)
+    params = dict(model.named_parameters())
+    for name, mask in models.bn_masks(model, masks).items():
+        assert torch.all(params[name][mask == 0] == 0)
+    alive = masks["layer1.0.conv1.weight"][:, 0, 0, 0] == 1
+    assert not torch.equal(model.layer1[0].bn1.weight[alive], bn_before[alive])  # the rest did train
+    ticket = model.double().eval()
+    slim = models.slim_model(ticket, masks)
+    assert slim_err(ticket, slim) < SLIM_TOL and slim.layer1[0].conv1.out_channels == int(alive.sum())
 
 
 # ---- the experiment end to end: trunk and branches ----
@@ -1364,6 +1541,10 @@ def run_cli(tmp_path, *extra, name="run"):
     assert L.main(FAST + ["--out-dir", out, *extra]) == 0
     with open(os.path.join(out, "results.json")) as f:
         return out, json.load(f)
+
+
+def cli_config(*flags):
+    return L.config_from_args(L.build_parser().parse_args(FAST + list(flags)))
 
 
 def ticket(out, level, branch=""):
@@ -1380,6 +1561,7 @@ def trunk_mask(out, level):
     return L.magnitude_prune({n: prev["state_dict"][n] for n in prev["masks"]}, prev["masks"], 0.2)
 
 
+@pytest.mark.slow
 def test_imp_trunk_levels_densities_and_files(tmp_path):
     out, rows = run_cli(tmp_path, "--levels", "2")
     assert [r["level"] for r in rows] == [0, 1, 2] and {r["branch"] for r in rows} == {"trunk"}
@@ -1390,14 +1572,15 @@ def test_imp_trunk_levels_densities_and_files(tmp_path):
         assert not os.path.exists(os.path.join(out, f"level_{level:02d}", "checkpoint.pt"))
     assert open(os.path.join(out, "results.csv")).readline().startswith("branch,source,method,init,level")
     assert sorted(os.listdir(out)) == ["config.json", "init.pt", "level_00", "level_01", "level_02",
-                                       "results.csv", "results.json"]
+                                       "results.csv", "results.json", "results.lock", "run.lock"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, flags", [("refill", []), ("refill+", []), ("regroup", []),
                                            ("refill", ["--refill-score", "saliency"])])
 def test_branches_post_process_the_unstructured_trunk(tmp_path, method, flags):
     out, rows = run_cli(tmp_path, "--levels", "2", "--method", method, *flags)
-    name = L.branch_name(L.config_from_args(L.build_parser().parse_args(FAST + ["--method", method, *flags])))
+    name = L.branch_name(cli_config("--method", method, *flags))
     assert [r["level"] for r in rows_of(rows, "trunk")] == [0, 1, 2]
     assert [r["level"] for r in rows_of(rows, name)] == [1, 2]
     for level in (1, 2):
@@ -1405,28 +1588,27 @@ def test_branches_post_process_the_unstructured_trunk(tmp_path, method, flags):
         assert all(torch.equal(trunk["masks"][n], m_level[n]) for n in m_level)   # trunk stays unstructured IMP
         assert round(trunk["metrics"]["density"], 3) == round(0.8 ** level, 3)
         for n, m in branch["masks"].items():
-            m2, before = m.reshape(m.shape[0], -1), m_level[n].reshape(m.shape[0], -1)
             if method == "regroup":
-                assert torch.equal(kernels.block_mask(tuple(m2.shape), branch["blocks"][n]), m2)
+                check_regroup(m_level[n], m, branch["blocks"][n])
             else:
-                kept = m2.sum(1)
-                assert torch.all((kept == 0) | (kept == m2.shape[1]))
+                kept, k = channel_counts(m), m[0].numel()
+                assert torch.all((kept == 0) | (kept == k))
                 if method == "refill":                   # n = nnz(m_L) / K channels of the trunk's mask
-                    assert int((kept > 0).sum()) == max(1, round(float(before.sum()) / m2.shape[1]))
-            stats = L.layer_stats(m_level[n], m)         # coverage is measured against m_L
-            assert branch["layer_stats"][n]["coverage"] == pytest.approx(stats["coverage"])
+                    assert int((kept > 0).sum()) == max(1, round(float(m_level[n].sum()) / k))
+            coverage = float((m_level[n] * m).sum() / m_level[n].sum())  # measured against m_L
+            assert branch["layer_stats"][n]["coverage"] == pytest.approx(coverage)
             assert torch.all(branch["state_dict"][n][m == 0] == 0)
         assert os.path.exists(os.path.join(out, name, "level_01", "layers.csv"))
     assert json.load(open(os.path.join(out, name, "results.json")))[0]["branch"] == name
 
 
+@pytest.mark.slow
 def test_a_second_method_reuses_the_trunk(tmp_path):
     out, _ = run_cli(tmp_path, "--levels", "1", "--method", "regroup")
     trunk_bytes = [open(os.path.join(out, f"level_0{i}", "ticket.pt"), "rb").read() for i in (0, 1)]
     lines = []
     assert L.main(FAST + ["--out-dir", out, "--levels", "1", "--method", "refill"]) == 0
-    L.run_experiment(L.config_from_args(L.build_parser().parse_args(
-        FAST + ["--out-dir", out, "--levels", "1", "--method", "refill+"])), log=lines.append)
+    L.run_experiment(cli_config("--out-dir", out, "--levels", "1", "--method", "refill+"), log=lines.append)
     assert not any(line.startswith("trunk level") and " epoch " in line for line in lines)
     assert sum("finished earlier, reused" in line for line in lines) == 2
     assert trunk_bytes == [open(os.path.join(out, f"level_0{i}", "ticket.pt"), "rb").read() for i in (0, 1)]
@@ -1435,6 +1617,7 @@ def test_a_second_method_reuses_the_trunk(tmp_path):
         ("trunk", "imp"), ("regroup", "regroup"), ("refill", "refill"), ("refill+", "refill+")}
 
 
+@pytest.mark.slow
 def test_group_aware_prunes_its_own_previous_level(tmp_path):
     out, rows = run_cli(tmp_path, "--levels", "2", "--method", "refill", "--group-aware")
     assert [(r["branch"], r["level"]) for r in rows] == [("trunk", 0), ("refill_group-aware", 1),
@@ -1447,28 +1630,155 @@ def test_group_aware_prunes_its_own_previous_level(tmp_path):
         assert all(torch.equal(got[n], expected[n]) for n in expected)
 
 
-@pytest.mark.parametrize("source", ["omp", "random", "snip", "grasp", "synflow"])
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["omp", "random", "snip", "grasp", "synflow", "admm"])
 def test_every_mask_source_runs_hits_its_density_and_is_deterministic(tmp_path, source):
     flags = ["--levels", "1", "--epochs", "1", "--mask-source", source, "--method", "regroup",
-             "--synflow-rounds", "3"]
+             "--synflow-rounds", "3", "--admm-iterations", "1"]
     out, rows = run_cli(tmp_path, *flags)
     assert rows_of(rows, "trunk")[1]["density"] == pytest.approx(0.8, abs=1e-4)
     assert rows_of(rows, "regroup")[0]["coverage"] > 0
-    cfg = L.config_from_args(L.build_parser().parse_args(FAST + ["--out-dir", out, *flags]))
-    exp, _, _ = L.open_experiment(cfg, log=lambda *_: None)
+    exp, _, _ = L.open_experiment(cli_config("--out-dir", out, *flags), log=lambda *_: None)
     again, _ = L.MASK_SOURCES[source](exp, 1)
     assert all(torch.equal(again[n].cpu(), ticket(out, 1)["masks"][n]) for n in again)
 
 
+@pytest.mark.slow
 def test_reinit_starts_from_a_fresh_initialization(tmp_path):
     out, rows = run_cli(tmp_path, "--levels", "1", "--init", "reinit")
     assert [r["branch"] for r in rows] == ["trunk", "trunk", "imp_reinit"]
-    cfg = L.config_from_args(L.build_parser().parse_args(FAST + ["--out-dir", out, "--init", "reinit"]))
-    exp, trunk, branch = L.open_experiment(cfg, log=lambda *_: None)
-    masks, _, _, state, epoch = L.start_level(exp, branch, 1)
-    _, _, _, rewound, k = L.start_level(exp, trunk, 1)
-    assert epoch == 0 and all(torch.equal(masks[n], ticket(out, 1)["masks"][n]) for n in masks)
-    assert not torch.equal(state["layer1.0.conv1.weight"], rewound["layer1.0.conv1.weight"])
+    exp, trunk, branch = L.open_experiment(cli_config("--out-dir", out, "--init", "reinit"), log=lambda *_: None)
+    fresh, rewound = L.level_start(exp, branch, 1), L.level_start(exp, trunk, 1)
+    assert fresh.first_epoch == 0 and all(torch.equal(fresh.masks[n], ticket(out, 1)["masks"][n]) for n in fresh.masks)
+    assert not torch.equal(fresh.state["layer1.0.conv1.weight"], rewound.state["layer1.0.conv1.weight"])
+
+
+@pytest.mark.slow
+def test_restart_retrains_every_epoch_after_a_rewind_to_the_last_one(tmp_path):
+    lines = []
+    out = str(tmp_path / "run")
+    L.run_experiment(cli_config("--out-dir", out, "--levels", "1", "--lr-schedule", "restart", "--rewind-epoch", "2"),
+                     log=lines.append)
+    assert [l.split(" epoch ")[1][:5].strip() for l in lines if l.startswith("trunk level  1 epoch")] == ["1/2", "2/2"]
+    assert json.load(open(os.path.join(out, "config.json")))["lr_schedule"] == "restart"
+    dense = L.load_file(os.path.join(out, "rewind.pt"), "rewind state")
+    assert all(torch.equal(dense[k], ticket(out, 0)["state_dict"][k]) for k in dense)   # 100%: the trained net
+
+
+def planted_nan_at_step(n, monkeypatch):
+    """train_step whose n-th call returns a NaN loss (the weights are untouched: only the report lies)."""
+    real, calls = L.train_step, []
+
+    def step(*args, **kwargs):
+        loss, correct = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == n else loss), correct
+    monkeypatch.setattr(L, "train_step", step)
+
+
+@pytest.mark.slow
+def test_a_diverging_loss_stops_the_run_keeps_the_last_checkpoint_and_writes_nothing_for_the_level(
+        tmp_path, capsys, monkeypatch):
+    planted_nan_at_step(3, monkeypatch)                          # 2 steps per epoch: epoch 2 diverges
+    out = tmp_path / "run"
+    assert L.main(FAST + ["--out-dir", str(out), "--levels", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: trunk level 0 diverged in epoch 2/2 at learning rate 0.01: the training loss is nan" in err
+    assert "lower --lr" in err and "another --out-dir" in err and "Traceback" not in err
+    assert (out / "level_00" / "checkpoint.pt").exists() and not (out / "level_00" / "ticket.pt").exists()
+    assert not (out / "results.json").exists()
+    assert L.load_checkpoint(str(out / "level_00" / "checkpoint.pt"), models.MODELS["resnet20"](10))["metrics"]["epoch"] == 1
+    monkeypatch.undo()
+    assert L.main(FAST + ["--out-dir", str(tmp_path / "huge"), "--levels", "0", "--lr", "1e30"]) == 2
+    assert "diverged in epoch 1/2 at learning rate 1e+30" in capsys.readouterr().err
+
+
+def lth_ref_process(out, *extra):
+    """lth_ref.py with the fast settings in a subprocess (its own process group), stdout+stderr piped."""
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lth_ref.py"), *FAST,
+           "--out-dir", out, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+
+
+def epoch_lines(log, run, level):
+    return [l for l in log.splitlines() if l.startswith(f"{run} level {level:2d} epoch")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("methods", [("imp", "imp"), ("regroup", "refill")])
+def test_two_processes_on_one_experiment_train_each_level_once(tmp_path, methods):
+    out = str(tmp_path / "run")
+    procs = [lth_ref_process(out, "--levels", "1", "--method", m) for m in methods]
+    logs = [p.communicate(timeout=TORCHRUN_TIMEOUT_S)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and not any("Traceback" in log for log in logs), logs
+    for level in (0, 1):                                        # exactly one process trained each trunk level
+        assert sum(len(epoch_lines(log, "trunk", level)) for log in logs) == 2, logs
+    rows = json.load(open(os.path.join(out, "results.json")))
+    assert {(r["branch"], r["level"]) for r in rows} >= {("trunk", 0), ("trunk", 1)} | \
+        {(m, 1) for m in methods if m != "imp"}
+    assert any("being trained by pid" in log or "finished by another process" in log for log in logs)
+
+
+@pytest.mark.slow
+def test_the_same_branch_from_a_second_process_stops_with_a_message_unless_it_waits(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "regroup").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, lth_ref; f = lth_ref.try_lock(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(600)", str(out / "regroup" / "run.lock")],
+                              stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert L.main(FAST + ["--out-dir", str(out), "--levels", "1", "--method", "regroup"]) == 2
+        err = capsys.readouterr().err
+        assert f"is being trained by pid {holder.pid} on " in err and "--wait" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = L.try_lock(str(out / "regroup" / "run.lock"))      # the kernel released the killed holder's lock
+    assert lock is not None and L.lock_holder(str(out / "regroup" / "run.lock")) == f"pid {os.getpid()} on {socket.gethostname()}"
+    L.release(lock)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_level_stops_with_128_plus_15_and_the_same_command_resumes_exactly(tmp_path):
+    flags = ["--levels", "1", "--method", "regroup"]
+    results = lambda out: [{k: v for k, v in r.items() if k != "seconds"}
+                           for r in json.load(open(os.path.join(out, "results.json")))]
+    straight = lth_ref_process(str(tmp_path / "straight"), *flags)   # the same threads as the cut run
+    assert straight.wait(timeout=TORCHRUN_TIMEOUT_S) == 0
+    out = str(tmp_path / "cut")
+    proc, lines = lth_ref_process(out, *flags), []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("trunk level  1 epoch   1/"):
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    log = "".join(lines) + proc.communicate(timeout=TORCHRUN_TIMEOUT_S)[0]
+    assert proc.returncode == 143, log
+    assert "stopped by SIGTERM at trunk level 1 after epoch 1/2: the last epoch checkpoint is kept" in log
+    assert "Traceback" not in log and os.path.exists(os.path.join(out, "level_01", "checkpoint.pt"))
+    resumed = lth_ref_process(out, *flags)
+    assert "resuming at epoch 1" in resumed.communicate(timeout=TORCHRUN_TIMEOUT_S)[0] and resumed.returncode == 0
+    assert results(out) == results(str(tmp_path / "straight"))
+
+
+def test_an_out_dir_or_data_dir_that_is_a_file_is_an_error_with_a_hint(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert L.main(FAST + ["--out-dir", str(tmp_path / "file")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert L.main(FAST + ["--out-dir", str(tmp_path / "file" / "sub")]) == 2
+    assert f"{tmp_path / 'file'} is a file" in capsys.readouterr().err
+    assert L.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "file"), "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--data-dir" in err and "is a file" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write anywhere")
+def test_an_out_dir_this_user_cannot_write_is_an_error_with_a_hint(tmp_path, capsys):
+    (tmp_path / "ro").mkdir(mode=0o500)
+    assert L.main(FAST + ["--out-dir", str(tmp_path / "ro" / "run")]) == 2
+    assert "may not write to" in capsys.readouterr().err
 
 
 def cut_after_first_epoch_of(prefix):
@@ -1478,14 +1788,14 @@ def cut_after_first_epoch_of(prefix):
     return log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prefix", ["trunk level  1 epoch   1/", "regroup level  1 epoch   1/"])
 def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, prefix):
     flags = ["--levels", "1", "--method", "regroup"]
     straight_dir, straight = run_cli(tmp_path, *flags, name="straight")
     out = str(tmp_path / "cut")
-    args = L.config_from_args(L.build_parser().parse_args(FAST + ["--out-dir", out, *flags]))
     with pytest.raises(KeyboardInterrupt):
-        L.run_experiment(args, log=cut_after_first_epoch_of(prefix))
+        L.run_experiment(cli_config("--out-dir", out, *flags), log=cut_after_first_epoch_of(prefix))
     branch = "" if prefix.startswith("trunk") else "regroup"
     assert os.path.exists(os.path.join(out, branch, "level_01", "checkpoint.pt"))
     _, resumed = run_cli(tmp_path, *flags, name="cut")
@@ -1631,13 +1941,30 @@ def test_help_states_each_default_once():
     assert "(default: resnet20)" in text and "runs/ARCH_DATASET_SOURCE" in text
 
 
-def test_corrupt_checkpoint_is_named_in_the_error(tmp_path, capsys):
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_set_aside_with_a_warning_and_the_level_starts_over(tmp_path, capsys):
+    _, straight = run_cli(tmp_path, "--levels", "0", name="straight")
     out = tmp_path / "run"
-    (out / "level_00").mkdir(parents=True)
-    (out / "level_00" / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    assert L.main(FAST + ["--out-dir", str(out), "--levels", "0"]) == 2
+    with pytest.raises(KeyboardInterrupt):                      # a level stopped after its first epoch
+        L.run_experiment(cli_config("--out-dir", str(out), "--levels", "0"),
+                         log=cut_after_first_epoch_of("trunk level  0 epoch   1/"))
+    (out / "level_00" / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut short")   # then damaged
+    _, rows = run_cli(tmp_path, "--levels", "0")
     err = capsys.readouterr().err
-    assert "checkpoint.pt" in err and "Delete it" in err
+    assert err.count("WARNING: cannot read the checkpoint") == 1 and "starts over" in err
+    assert (out / "level_00" / "checkpoint.pt.damaged").exists() and "Traceback" not in err
+    assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in straight]
+
+
+@pytest.mark.slow
+def test_a_damaged_ticket_is_an_error_that_names_it_and_says_what_to_do(tmp_path, capsys):
+    out, _ = run_cli(tmp_path, "--levels", "0")
+    path = os.path.join(out, "level_00", "ticket.pt")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)                  # a copy cut short
+    assert L.main(FAST + ["--out-dir", out, "--levels", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read the ticket {path}" in err and "Delete it" in err and "Traceback" not in err
 
 
 def test_ticket_of_another_arch_is_refused(tmp_path, capsys):
@@ -1691,8 +2018,7 @@ def test_lth_ref_imports_next_to_a_foreign_data_package(tmp_path):
 
 def test_bench_regroup_on_a_ticket_reports_every_layer_and_beats_random(tmp_path, capsys):
     run_cli(tmp_path, "--levels", "0")
-    args = L.build_parser().parse_args(["--bench", "regroup", "--out-dir", str(tmp_path / "run")] + FAST)
-    rows = L.bench_regroup(args, log=lambda *_: None)
+    rows = L.run_bench(cli_config("--bench", "regroup"), str(tmp_path / "run"))
     assert len(rows) == 18 and all(r["blocks"] > 0 for r in rows)
     assert np.mean([r["coverage"] for r in rows]) > np.mean([r["random"] for r in rows])
 
@@ -1878,6 +2204,44 @@ def test_report_groups_seeds_and_reads_the_single_run_layout(tmp_path, monkeypat
     old = md_table_after(text, "## old")
     assert [(r["branch"], r["method"], r["level"]) for r in old] == [("regroup", "regroup", "0"), ("regroup", "regroup", "1")]
     assert md_table_after(text[text.index("## old"):], "Extreme")[0]["extreme winning ticket"] == "level 1"
+
+
+def test_transcribed_paper_cells():
+    assert L.paper_cell("resnet18", "cifar10", "regroup", "rewind", 1) == ("A4", "table1", 80.00, 94.48)
+    assert L.paper_cell("resnet18", "cifar10", "refill", "reinit", 5) == ("A3", "table1", 32.97, 93.53)
+    assert L.paper_cell("vgg16", "cifar100", "regroup", "rewind", 9) == ("A5", "plus", 25.27, 75.25)
+    assert L.paper_cell("wrn32_2", "cifar100", "imp", "rewind", 5) is None          # Table A6 prints no round 5
+    assert L.PAPER_DENSE[("resnet50_3x3stem", "tinyimagenet")] == ("A7", 65.33)
+    assert L.PAPER_SAVINGS[("resnet18", "cifar100", "regroup")][0] == 64.93
+
+
+def test_report_puts_the_papers_numbers_beside_a_run_of_the_same_setting(tmp_path, monkeypatch):
+    no_matplotlib(monkeypatch)
+    row = lambda branch, method, level, density, acc: dict(branch=branch, source="imp", method=method, init="rewind",
+                                                           level=level, density=density, test_acc=acc,
+                                                           flop_ratio="", blocks="", coverage="")
+    cfg = dict(arch="resnet18", dataset="cifar10", seed=0, mask_source="imp", out_dir="x")
+    write_experiment(tmp_path / "r18", cfg, [row("trunk", "imp", 0, 1.0, 0.95), row("trunk", "imp", 1, 0.8, 0.951),
+                                             row("regroup", "regroup", 1, 0.8, 0.9400)])
+    written = L.write_report([str(tmp_path / "r18")], str(tmp_path / "rep"), log=lambda *_: None)
+    table = {(r["branch"], r["level"]): r for r in md_table_after(open(written["report.md"]).read(), "Dense accuracy")}
+    assert table[("regroup", "1")]["paper: table, remaining %, acc %"] == "A4: 80.00, 94.48"
+    assert table[("regroup", "1")]["acc - paper (points)"] == "-0.48"
+    assert table[("trunk", "1")]["paper: table, remaining %, acc %"] == "no paper number"
+    assert next(csv.DictReader(open(written["accuracy_vs_sparsity.csv"])))["paper_table"] == ""
+
+
+@pytest.mark.slow
+def test_a_resnet18_cifar_run_reports_table_a4_beside_its_own_numbers(tmp_path, capsys):
+    write_cifar(tmp_path / "data", data.CIFAR10, train_rows=[8, 8, 8, 8, 8], test_rows=[10])
+    out = str(tmp_path / "run")
+    assert L.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--arch", "resnet18", "--levels", "1",
+                   "--epochs", "1", "--batch-size", "20", "--device", "cpu", "--method", "regroup",
+                   "--block-columns", "paper", "--out-dir", out]) == 0
+    assert L.main(["--report", out]) == 0
+    text = open(os.path.join(out, "report", "report.md")).read()
+    regroup = next(r for r in md_table_after(text, "Dense accuracy") if r["branch"] == "regroup_colrule-paper")
+    assert regroup["paper: table, remaining %, acc %"] == "A4: 80.00, 94.48"
 
 
 def test_block_order_draws_blocks_as_rectangles():
@@ -2518,16 +2882,15 @@ def test_regrouped_model_of_a_pipeline_ticket_equals_the_masked_dense_model(tmp_
 
 
 def test_bench_density_runs_the_grouped_gemm_on_a_fresh_regrouped_model(tmp_path):
-    args = L.build_parser().parse_args(
-        ["--bench", "--arch", "resnet20", "--method", "regroup", "--bench-density", "0.2",
-         "--bench-repeats", "1", "--bench-batch", "16", "--out-dir", str(tmp_path)])  # (each layer times its paths)
-    report = L.bench_kernels(args, log=lambda *_: None)
+    cfg = cli_config("--bench", "--method", "regroup", "--bench-density", "0.2", "--bench-repeats", "1",
+                     "--bench-batch", "16")
+    report = L.run_bench(cfg, str(tmp_path))            # (each layer times its paths)
     run = report["runs"][0]
     assert len(run["layers"]) == 18 and run["model"]["max_rel_err"] < 1e-4
     assert report["memory_format"] == run["model"]["memory_format"] in kernels.MEMORY_FORMATS  # measured
     assert run["slim"]["max_rel_err"] < 1e-4 and run["slim"]["params_slim"] <= run["slim"]["params"]
     assert json.load(open(tmp_path / "bench.json"))["arch"] == "resnet20"
-    _, ticket = L.fresh_ticket(args)
+    _, ticket = L.fresh_ticket("resnet20", "synthetic", 0.2, "regroup", {}, out_dir=str(tmp_path))
     model = models.MODELS["resnet20"](10)
     model.load_state_dict(ticket["state_dict"])
     with torch.no_grad():                    # BN calibrated: the output depends on the input
@@ -2547,18 +2910,17 @@ def test_auto_memory_format_is_the_faster_one_for_the_dense_model(monkeypatch):
 
 
 def test_bench_train_times_ours_plain_and_the_masking(capsys):
-    row = L.bench_train(L.build_parser().parse_args(
-        ["--bench", "train", "--arch", "resnet20", "--batch-size", "4", "--bench-repeats", "2", "--device", "cpu"]),
-        log=lambda *_: None)
+    row = L.bench_train("resnet20", "synthetic", batch_size=4, repeats=2, log=lambda *_: None)
     assert row["img_s_ours"] > 0 and row["img_s_plain"] > 0 and row["img_s_unmasked"] > 0
     assert row["ms_masking"] > 0 and 0 < row["masking_pct_of_step"] < 100
-    assert row["ours_vs_plain"] == pytest.approx(row["img_s_ours"] / row["img_s_plain"], rel=1e-2)
 
 
 def test_bench_density_refuses_an_unstructured_method(tmp_path, capsys):
     assert L.main(["--bench", "--bench-density", "0.2", "--method", "imp",
                    "--out-dir", str(tmp_path)]) == 2
     assert "--bench-density needs" in capsys.readouterr().err
+    assert L.main(["--bench", "--bench-density", "1.5", "--method", "regroup", "--out-dir", str(tmp_path)]) == 2
+    assert "--bench-density must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
 def test_cli_without_network_stops_with_a_hint_and_exit_2(tmp_path, monkeypatch, capsys):
@@ -2567,14 +2929,6 @@ def test_cli_without_network_stops_with_a_hint_and_exit_2(tmp_path, monkeypatch,
                    "--epochs", "2", "--levels", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "Put cifar-10-python.tar.gz" in err and "Traceback" not in err
-
-
-def test_official_width_rule_stops_at_the_first_prefix_that_leaves_rows_under_prefix_over_ratio():
-    m = torch.zeros(8, 50)
-    m[:, 10:30] = 1                           # every row: the same 20 columns
-    (rows, cols), = L.official_width_blocks(m, [np.arange(8)])
-    expect = next(k for k in range(1, 51) if 20 - min(k, 20) < k / 1.5)     # k = 13
-    assert len(cols) == expect == 13 and set(cols.tolist()) <= set(range(10, 30))
 
 
 def test_device_auto_without_cuda_warns_once_and_uses_the_cpu(monkeypatch, capsys):
@@ -2805,26 +3159,6 @@ def test_channel_links_of_an_unknown_model_say_how_to_add_a_rule():
         models.channel_links(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
 
 
-def test_dead_bn_stays_zero_through_training_and_the_trained_ticket_slims_exactly():
-    torch.manual_seed(0)
-    model = models.MODELS["resnet20"](10)
-    masks = random_channel_masks(model, seed=6)
-    train_masks = {**masks, **models.bn_masks(model, masks)}  # conv weights and the BN of dead rows
-    L.apply_masks(model, train_masks)
-    d = data.load_dataset("synthetic", "unused", "cpu", train_subset=64, seed=0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    bn_before = model.layer1[0].bn1.weight.detach().clone()
-    train_one_epoch(model, d, opt, train_masks)
-    params = dict(model.named_parameters())
-    for name, mask in models.bn_masks(model, masks).items():
-        assert torch.all(params[name][mask == 0] == 0)
-    alive = masks["layer1.0.conv1.weight"][:, 0, 0, 0] == 1
-    assert not torch.equal(model.layer1[0].bn1.weight[alive], bn_before[alive])  # the rest did train
-    ticket = model.double().eval()
-    slim = models.slim_model(ticket, masks)
-    assert slim_err(ticket, slim) < SLIM_TOL and slim.layer1[0].conv1.out_channels == int(alive.sum())
-
-
 def test_a_refill_branch_trains_exactly_dead_channels_and_exports_a_slim_network(tmp_path, capsys):
     out, _ = run_cli(tmp_path, "--levels", "1", "--method", "refill")
     t = ticket(out, 1, "refill")
@@ -2854,6 +3188,155 @@ def test_exporting_an_unstructured_trunk_ticket_warns_that_dead_rows_stay(tmp_pa
     torch.save(t, path)
     assert L.main(["--export", str(tmp_path / "slim.pt"), "--ticket", path]) == 0
     assert "WARNING: 1 pruned output channels keep a BN scale or shift" in capsys.readouterr().err
+
+
+# ---- bringing masks in, taking networks out ----
+def torch_pruned_resnet20(amount=0.2, seed=0):
+    """A resnet20 pruned by torch.nn.utils.prune.global_unstructured over lth_ref's prunable convs: its
+    state_dict has `<conv>.weight_orig` and `<conv>.weight_mask` instead of `<conv>.weight`."""
+    import torch.nn.utils.prune as prune
+    torch.manual_seed(seed)
+    model = models.MODELS["resnet20"](10)
+    convs = [(model.get_submodule(n[:-len(".weight")]), "weight") for n in L.prunable_weights(model)]
+    prune.global_unstructured(convs, pruning_method=prune.L1Unstructured, amount=amount)
+    return model
+
+
+def test_import_reads_a_torch_prune_state_dict_with_its_weights(tmp_path):
+    pruned = torch_pruned_resnet20()
+    sd = pruned.state_dict()
+    assert "layer1.0.conv1.weight_mask" in sd and "layer1.0.conv1.weight" not in sd
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "ckpt.pth.tar")
+    masks, weights = L.read_imported_masks(str(tmp_path / "ckpt.pth.tar"), models.MODELS["resnet20"](10), "resnet20")
+    assert set(masks) == set(L.prunable_weights(pruned)) == set(weights)
+    assert all(torch.equal(masks[n], sd[n + "_mask"]) and torch.equal(weights[n], sd[n + "_orig"]) for n in masks)
+
+
+def test_import_reads_open_lth_masks_and_plain_dicts_and_ignores_the_stem_and_classifier(tmp_path, capsys):
+    model = models.MODELS["resnet20"](10)
+    masks = L.magnitude_prune(L.prunable_weights(model), L.ones_masks(L.prunable_weights(model)), 0.5)
+    olth = {"conv.weight": torch.ones(16, 3, 3, 3, dtype=torch.int32), "fc.weight": torch.ones(10, 64, dtype=torch.int32)}
+    for name, m in masks.items():                 # layer{s}.{j}.convK -> open_lth's flat blocks.{3(s-1)+j}.convK
+        stage, block, conv = re.match(r"layer(\d)\.(\d)\.(conv\d)\.weight", name).groups()
+        olth[f"blocks.{3 * (int(stage) - 1) + int(block)}.{conv}.weight"] = m.int()
+    torch.save(olth, tmp_path / "mask.pth")
+    torch.save({n: m.bool() for n, m in masks.items()}, tmp_path / "plain.pt")
+    for f in ("mask.pth", "plain.pt"):
+        got, weights = L.read_imported_masks(str(tmp_path / f), model, "resnet20")
+        assert weights == {} and set(got) == set(masks) and all(torch.equal(got[n], masks[n]) for n in masks)
+    err = capsys.readouterr().err
+    assert err.count("WARNING") == 1 and "conv1.weight, fc.weight" in err    # open_lth's stem and classifier
+
+
+def test_import_maps_the_official_codes_names():
+    ours = dict(models.MODELS["wrn32_2"](10).named_parameters())
+    official = ["bn.weight", "layer2.0.downsample.0.weight", "layer2.0.bn3.bias", "linear.weight", "layer1.0.conv1.weight"]
+    rules = L.best_name_map(official, ours, "wrn32_2")
+    assert [L.rename(n, rules) for n in official] == ["bn1.weight", "layer2.0.shortcut.0.weight",
+                                                     "layer2.0.shortcut.1.bias", "fc.weight", "layer1.0.conv1.weight"]
+    vgg = dict(models.MODELS["vgg16"](10).named_parameters())
+    rules = L.best_name_map(["layers.16.conv.weight", "layers.3.bn.weight"], vgg, "vgg16")
+    assert L.rename("layers.16.conv.weight", rules) == "features.40.weight" and \
+        L.rename("layers.3.bn.weight", rules) == "features.8.weight"
+
+
+@pytest.mark.parametrize("content, message", [
+    (lambda sd: {k.replace("layer1", "stage1"): v for k, v in sd.items()}, "no weight of that name ['stage1.0.conv1.weight"),
+    (lambda sd: {k: v for k, v in sd.items() if "layer3" not in k}, "no mask for ['layer3.0.conv1.weight"),
+    (lambda sd: {k: v * 0.5 for k, v in sd.items()}, "only 0 and 1"),
+    (lambda sd: {"layers": RunsCode("unused")}, "re-save its tensors"),
+])
+def test_import_refuses_what_does_not_fit_with_a_message(tmp_path, content, message):
+    model = models.MODELS["resnet20"](10)
+    torch.save(content(L.ones_masks(L.prunable_weights(model))), tmp_path / "m.pt")
+    with pytest.raises(L.UsageError) as e:
+        L.read_imported_masks(str(tmp_path / "m.pt"), model, "resnet20")
+    assert message in str(e.value)
+
+
+@pytest.mark.slow
+def test_an_imported_torch_prune_trunk_trains_and_a_regroup_branch_post_processes_it(tmp_path):
+    pruned = torch_pruned_resnet20()
+    torch.save(pruned.state_dict(), tmp_path / "level1.pt")
+    out, rows = run_cli(tmp_path, "--import-masks", str(tmp_path / "level1.pt"), "--method", "regroup")
+    assert [(r["branch"], r["source"], r["level"]) for r in rows] == [
+        ("trunk", "import", 0), ("trunk", "import", 1), ("regroup", "import", 1)]
+    sd = pruned.state_dict()
+    assert all(torch.equal(m, sd[n + "_mask"]) for n, m in ticket(out, 1)["masks"].items())
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["mask_source"] == "import" and config["import_sha256"] == [L.file_sha256(str(tmp_path / "level1.pt"))]
+    assert ticket(out, 1, "regroup")["blocks"]
+
+
+@pytest.mark.slow
+def test_a_ticket_found_on_10_classes_transfers_to_a_100_class_run(tmp_path):
+    out10, _ = run_cli(tmp_path, "--levels", "1", "--method", "refill", name="ten")
+    write_cifar(tmp_path / "data", data.CIFAR100, train_rows=[40], test_rows=[10])
+    found = os.path.join(out10, "level_01", "ticket.pt")
+    out = str(tmp_path / "hundred")
+    assert L.main(["--dataset", "cifar100", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "20",
+                   "--device", "cpu", "--import-masks", found, "--out-dir", out]) == 0
+    moved = ticket(out, 1)
+    assert moved["num_classes"] == 100 and moved["state_dict"]["fc.weight"].shape == (100, 64)
+    assert all(torch.equal(moved["masks"][n], m) for n, m in ticket(out10, 1)["masks"].items())
+
+
+def test_channel_multiple_rounds_every_layers_kept_channels_up():
+    weights = random_weights(5, shapes=((37, 8, 3, 3), (20, 37, 3, 3), (64, 20, 1, 1)))
+    masks = L.magnitude_prune(weights, L.ones_masks(weights), 0.7)
+    for method in ("refill", "refill+"):
+        plain, _ = L.postprocess(method, weights, masks)
+        rounded, _ = L.postprocess(method, weights, masks, channel_multiple=8)
+        for n in masks:
+            kept, before = int((channel_counts(rounded[n]) > 0).sum()), int((channel_counts(plain[n]) > 0).sum())
+            assert kept == min(masks[n].shape[0], -(-before // 8) * 8), (method, n, kept, before)
+            assert torch.all(rounded[n] >= plain[n])                   # the same channels and a few more
+
+
+def test_whole_model_counts_match_a_hand_count():
+    torch.manual_seed(0)
+    model = models.MODELS["vgg16"](10)
+    masks = L.ones_masks(L.prunable_weights(model))
+    masks["features.3.weight"][32:] = 0                             # conv 2 of 13: 32 of its 64 rows dead
+    masks["features.7.weight"][:, :, 0, 0] = 0                       # conv 3: one tap of 9 pruned
+    with torch.no_grad():
+        model.features[4].weight[32:] = 0
+        model.features[4].bias[32:] = 0                              # their BN, as training leaves it
+    counts = L.whole_model_counts(model, masks, (3, 32, 32))
+    assert counts["params"] == 14_724_042 and counts["macs"] == models.count_macs(model)
+    # removed: conv 2's dead rows (32 x 64 x 9) and their BN affine (2 x 32); conv 3's columns that read
+    # them (128 x 32 x 9); conv 3's pruned tap on the 32 inputs that are left (128 x 32)
+    assert counts["params"] - counts["params_ticket"] == 32 * 64 * 9 + 2 * 32 + 128 * 32 * 9 + 128 * 32
+    # the same weights' MACs: conv 2 at 32 x 32 pixels, conv 3 at 16 x 16 (after a max-pool)
+    assert counts["macs"] - counts["macs_ticket"] == 1024 * 32 * 64 * 9 + 256 * (128 * 32 * 9 + 128 * 32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_a_slim_network_exports_to_torch_export_and_onnx_and_matches_the_ticket(tmp_path, capsys, suffix):
+    if suffix == ".onnx":
+        for extra in ("onnx", "onnxscript", "onnxruntime"):
+            pytest.importorskip(extra, reason=f"the ONNX extra ({L.ONNX_EXTRA}) is not installed")
+    out, _ = run_cli(tmp_path, "--levels", "1", "--method", "refill")
+    path = str(tmp_path / f"slim{suffix}")
+    assert L.main(FAST + ["--out-dir", out, "--method", "refill", "--export", path]) == 0
+    model = L.ticket_model(ticket(out, 1, "refill"))
+    x = torch.randn(5, 3, 32, 32)
+    if suffix == ".pt2":
+        y = torch.export.load(path).module()(x)
+    else:
+        import onnxruntime
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        y = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        assert kernels.rel_err(y, model(x), centered=True) < 1e-5
+    assert "max_rel_err" in capsys.readouterr().out
+
+
+def test_onnx_export_without_the_extra_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    with pytest.raises(L.UsageError, match="pip install onnx onnxscript onnxruntime"):
+        L.import_onnx("--export .onnx")
 
 
 # ---- README ----
