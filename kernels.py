@@ -3,34 +3,48 @@ Running regrouped convs fast: a grouped GEMM over the dense blocks of a structur
 
 Paper: Chen et al., "Coarsening the Granularity: Towards Structurally Sparse Lottery Tickets",
 ICML 2022, Sec. 3.3 and A1 (regroup, then one kernel per layer that runs all dense blocks).
-A regrouped conv with weight W (O, C, kh, kw) has `blocks`: a list of (rows, cols) int64 tensors,
-rows = output channels (disjoint across blocks), cols = flattened (c, ky, kx) positions of
+
+The op. A regrouped conv with weight W (O, C, kh, kw) has `blocks`: a list of (rows, cols) int64
+tensors, rows = output channels (disjoint across blocks), cols = flattened (c, ky, kx) positions of
 W.view(O, K), K = C*kh*kw. Its mask is the union of the rows x cols rectangles, and
     Y[n, rows_b, oh, ow] = sum_{k in cols_b} W2[rows_b, k] * im2col(X)[n, k, oh, ow]
-with output channels in no block equal to 0 (plus the bias, if any).
+with output channels in no block equal to 0 (plus the bias, if any). grouped_gemm_reference
+(unfold + index_select + matmul) computes exactly this; every path equals it up to float rounding.
 
-Paths (PATHS), all giving the output of F.conv2d with the block-masked weight:
-- dense: one F.conv2d (oneDNN / cuDNN) with the masked weight, rebuilt from the packed blocks.
-- conv: one conv per block over the input channels it uses; grouped: the same as one grouped conv
-  (blocks zero-padded to the largest); gather: im2col of the used columns once, one matmul per block.
-- kernel (CUDA only): CUDA_SRC, one launch per layer, WMMA tensor cores, implicit im2col.
-RegroupedConv2d runs the fastest path for each input it meets: on the first input of each shape,
-dtype, memory format and device it times every candidate (CANDIDATES; dense always among them, like
-cudnn.benchmark) and keeps the winner. It holds the packed blocks and index tables; a path's own
-tensors are built when it is measured or chosen and freed when it is not chosen.
-grouped_gemm_reference (unfold + index_select + matmul) is the obviously-correct reference.
-Without a GPU, test_lth_ref.emulated_grouped_conv2d runs CUDA_SRC itself on the CPU (g++, an
-emulation of CUDA threads, barriers and WMMA), also under sanitizers.
-bench_layers / bench_model: dense (cuDNN/oneDNN) vs regrouped, per layer and end to end.
+The paths: one table, PATHS, name -> Path(build, run, devices, ready).
+    name      build: once per layer, from the packed blocks      run: per input               candidate on
+    dense     the block-masked dense weight                      one F.conv2d (oneDNN/cuDNN)   cpu, cuda
+    conv      per block: the input channels it reads, a weight   one conv per block            cpu
+    grouped   the blocks zero-padded to the largest              one grouped conv              cpu, cuda
+    gather    the union U of the blocks' columns                 im2col of U, a GEMM per block cpu
+    kernel16  int32 tables for 16-row CTA tiles                  CUDA_SRC: one launch, WMMA    cuda
+    kernel64  int32 tables for 64-row CTA tiles                  CUDA_SRC: one launch, WMMA    cuda
+Every path has the same two halves:
+    p = build(info, t)              everything run needs besides the plan: tensors and python values
+    y = run(x, info, t, p, conv)    x (N, C, H, W) -> y (N, O, OH, OW), a new tensor in x's memory
+                                    format, rows in no block 0, no bias
+info and t come from make_plan: info describes the layer (shapes, block sizes, the forced path, the
+measured times and choice per input kind); t holds its tensors (packed block weights, rows, cols,
+rows in no block). conv = (stride, padding, dilation) as pairs.
+
+RegroupedConv2d runs the fastest path for each input it meets: on the first input of each
+choice_key (shape, dtype, memory format, device) it times every candidate of that device
+(CANDIDATES, from the table; dense always among them, like cudnn.benchmark; the CUDA kernel's tile
+height is measured as two paths) and keeps the winner. bench_layers / bench_model: dense vs
+regrouped, per layer and end to end. The CUDA source (CUDA_SRC, CPP_SRC) closes the file;
+test_lth_ref.py runs it on the CPU under an emulation of CUDA (emulated_grouped_conv2d).
 This file imports nothing else of its project: copy it alone.
 """
 
 import copy
+import dataclasses
+import functools
 import math
 import statistics
 import sys
 import time
 from collections import Counter
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -147,28 +161,18 @@ def grouped_gemm_reference(x, weight, blocks, stride=1, padding=0, dilation=1):
     return y.view(N, O, OH, OW)
 
 
-# ---- paths: the candidates, their tensors (built lazily from the packed blocks), runners ----
-
-PATHS = ("dense", "conv", "grouped", "gather", "kernel")
-CANDIDATES = {"cpu": ("dense", "conv", "grouped", "gather"),  # measured on the first input of each kind
-              "cuda": ("dense", "kernel", "grouped")}         # (cuDNN dense, WMMA kernel, cuDNN grouped)
-MEASURE_WARMUP = 1  # untimed runs per candidate first: a first call pays allocation and oneDNN/cuDNN setup
-MEASURE_RUNS = 3    # timed runs per candidate, interleaved across candidates (a slow spell on a shared
-                    # machine hits all of them alike); the median of these decides
-MEASURE_CUTOFF = 3.0  # a candidate this many times slower than the fastest in the first timed round is
-                      # not run again: run-to-run noise is far smaller, it could not win the median
-
+# ---- the plan: what every path needs, once per layer ----
 
 def make_plan(weight, blocks, strategy=None):
-    """What every path needs, once: (info, tensors).
+    """(info, t) of a layer. weight (O, C, kh, kw); blocks as returned by check_blocks; strategy
+    forces one of PATHS (else RegroupedConv2d measures the candidates per input).
 
-    weight (O, C, kh, kw); blocks as returned by check_blocks; strategy forces one of PATHS (else
-    RegroupedConv2d measures the candidates per input). info: python values (shapes, per-block
-    sizes, the forced path, and per input kind the measured times and the choice). tensors, on
-    weight's device: the packed block weights (weight's dtype), rows, cols (int64, blocks
-    concatenated) and the rows in no block. A path's own tensors come from path_tensors."""
+    info, python values that describe the layer: weight_shape, flop_ratio, sizes (per block (rows,
+    cols)), forced, and per input kind (choice_key) the measured times and the choice. t, tensors
+    on weight's device: packed (the block weights, weight's dtype), rows and cols (int64, blocks
+    concatenated), empty_rows (the rows in no block)."""
     if strategy not in (None, *PATHS):
-        raise ValueError(f"unknown path {strategy!r}, expected one of {PATHS}")
+        raise ValueError(f"unknown path {strategy!r}, expected one of {tuple(PATHS)}")
     O = weight.shape[0]
     empty = torch.zeros(0, dtype=torch.int64)
     rows = torch.cat([r for r, _ in blocks]) if blocks else empty
@@ -204,186 +208,270 @@ def _block_channels(info, t):
     return out
 
 
-def _dense_tensors(info, t):
-    """The block-masked dense weight (O, C, kh, kw), rebuilt from the packed blocks."""
+def _output_shape(x, info, conv):
+    """(N, O, OH, OW) of the layer's output on x."""
+    return (x.shape[0], info["weight_shape"][0], *conv_out_hw(x.shape[2:], info["weight_shape"][2:], *conv))
+
+
+def _new(x, shape, memory_format=torch.contiguous_format):
+    """An uninitialized tensor in x's dtype and on x's device. Every runner allocates its output and
+    scratch here, so a test can fill them with NaN and see that every value read was written."""
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format)
+
+
+# ---- path dense: one conv with the block-masked weight ----
+
+def _build_dense(info, t):
+    """{"weight": the block-masked dense weight (O, C, kh, kw)}, rebuilt from the packed blocks."""
     O, C, kh, kw = info["weight_shape"]
     w2 = t["packed"].new_zeros(O, C * kh * kw)
     for rows, cols, w in _blocks_of(info, t):
         w2[rows[:, None], cols[None, :]] = w
-    return {"dense_weight": w2.view(O, C, kh, kw)}
+    return {"weight": w2.view(O, C, kh, kw)}
 
 
-def _conv_tensors(info, t):
-    """Per block its input channels and conv weight (r_b, c_b, kh, kw), concatenated; per output
-    channel its position among the blocks' rows side by side (the row count for rows in no block)."""
-    O, _, kh, kw = info["weight_shape"]
-    per_block = _block_channels(info, t)
-    info["chan_counts"] = [len(chans) for _, chans, _ in per_block]
-    position = torch.full((O,), len(t["rows"]), dtype=torch.int64, device=t["rows"].device)
-    position[t["rows"]] = torch.arange(len(t["rows"]), device=t["rows"].device)
-    return {"conv_chans": torch.cat([c for _, c, _ in per_block]) if per_block else t["rows"].new_zeros(0),
-            "conv_weight": torch.cat([w.reshape(-1) for _, _, w in per_block]) if per_block else t["packed"],
-            "conv_position": position}
+def _run_dense(x, info, t, p, conv):
+    """One F.conv2d (oneDNN / cuDNN); its output keeps x's memory format."""
+    return F.conv2d(x, p["weight"], None, *conv)
 
 
-def _grouped_tensors(info, t):
-    """The per-block convs as one grouped conv: every block zero-padded to (r_max, c_max), padding
-    channels reading channel 0; the real rows' positions among the padded ones."""
+# ---- path conv: one conv per block over the input channels it reads ----
+
+def _build_conv(info, t):
+    """Per block the input channels it reads and its conv weight over them (r_b, c_b, kh, kw), zero
+    at the (c, ky, kx) it does not use: "chans" and "weight" concatenated, "chan_counts" to split
+    them; "position": per output channel its place among the blocks' rows side by side (len(rows)
+    for rows in no block: a zero column)."""
+    O = info["weight_shape"][0]
+    per_block, rows = _block_channels(info, t), t["rows"]
+    position = torch.full((O,), len(rows), dtype=torch.int64, device=rows.device)
+    position[rows] = torch.arange(len(rows), device=rows.device)
+    return {"chans": torch.cat([c for _, c, _ in per_block]) if per_block else rows.new_zeros(0),
+            "weight": torch.cat([w.reshape(-1) for _, _, w in per_block]) if per_block else t["packed"].new_zeros(0),
+            "chan_counts": [len(c) for _, c, _ in per_block], "position": position}
+
+
+def _conv_blocks(info, t, p):
+    """(rows, input channels, conv weight (r_b, c_b, kh, kw)) of each block."""
+    kh, kw = info["weight_shape"][2:]
+    rows = t["rows"].split([r for r, _ in info["sizes"]])
+    chans = p["chans"].split(p["chan_counts"])
+    weights = p["weight"].split([len(r) * len(c) * kh * kw for r, c in zip(rows, chans)])
+    return [(r, c, w.view(len(r), len(c), kh, kw)) for r, c, w in zip(rows, chans, weights)]
+
+
+def _run_conv(x, info, t, p, conv):
+    """NCHW: each block's conv output is copied into its rows of y; channels-last: _run_conv_nhwc."""
+    if memory_format_of(x) == torch.channels_last:
+        return _run_conv_nhwc(x, info, t, p, conv)
+    y = _new(x, _output_shape(x, info, conv))
+    y.index_fill_(1, t["empty_rows"], 0.0)
+    for rows_b, chans_b, w_b in _conv_blocks(info, t, p):
+        y.index_copy_(1, rows_b, F.conv2d(x.index_select(1, chans_b), w_b, None, *conv))  # (N, r_b, OH, OW)
+    return y
+
+
+def _run_conv_nhwc(x, info, t, p, conv):
+    """Channels-last x (memory N, H, W, C): a block's input is a column gather of the (N*H*W, C)
+    matrix, oneDNN runs natively on it (no reorder of each block's input and output, which NCHW
+    needs), and one index_select over the block outputs side by side (plus a zero column for rows
+    in no block) puts every output channel in place."""
+    N, _, OH, OW = _output_shape(x, info, conv)
+    rows_total = len(t["rows"])
+    y = _new(x, (N, OH, OW, rows_total + 1))  # block outputs side by side, then a zero column
+    y[..., rows_total] = 0
+    r0 = 0
+    for rows_b, chans_b, w_b in _conv_blocks(info, t, p):
+        y_b = F.conv2d(select_channels(x, chans_b), w_b, None, *conv)  # (N, r_b, OH, OW)
+        y[..., r0:r0 + len(rows_b)] = y_b.permute(0, 2, 3, 1)
+        r0 += len(rows_b)
+    y = y.view(-1, rows_total + 1).index_select(1, p["position"])  # (N*OH*OW, O)
+    return y.view(N, OH, OW, -1).permute(0, 3, 1, 2)  # (N, O, OH, OW), channels-last
+
+
+# ---- path grouped: the per-block convs as one grouped conv ----
+
+def _build_grouped(info, t):
+    """Every block zero-padded to (r_max, c_max) side by side: "weight" (B*r_max, c_max, kh, kw)
+    channels-last, "chans" (B*c_max,) the input channel of each group input (padding reads channel
+    0), "real_rows" the real rows' positions among the padded ones."""
     _, _, kh, kw = info["weight_shape"]
-    per_block = _block_channels(info, t)
+    per_block, device = _block_channels(info, t), t["rows"].device
     B, r_max = len(per_block), max((len(r) for r, _, _ in per_block), default=0)
     c_max = max((len(c) for _, c, _ in per_block), default=0)
     weight = t["packed"].new_zeros(B, r_max, c_max * kh * kw)
-    chans = torch.zeros(B, c_max, dtype=torch.int64, device=t["rows"].device)
+    chans = torch.zeros(B, c_max, dtype=torch.int64, device=device)
     for b, (rows, ch, w) in enumerate(per_block):
         weight[b, :len(rows), :w.shape[1]] = w
         chans[b, :len(ch)] = ch
-    real = [b * r_max + torch.arange(len(r), device=t["rows"].device) for b, (r, _, _) in enumerate(per_block)]
-    return {"group_weight": weight.view(B * r_max, c_max, kh, kw).contiguous(memory_format=torch.channels_last),
-            "group_chans": chans.view(-1), "group_rows": torch.cat(real) if real else t["rows"].new_zeros(0)}
+    real = [b * r_max + torch.arange(len(r), device=device) for b, (r, _, _) in enumerate(per_block)]
+    return {"weight": weight.view(B * r_max, c_max, kh, kw).contiguous(memory_format=torch.channels_last),
+            "chans": chans.view(-1), "real_rows": torch.cat(real) if real else t["rows"].new_zeros(0)}
 
 
-def _gather_tensors(info, t):
+def _run_grouped(x, info, t, p, conv):
+    """One grouped conv (channels-last, B groups) over the gathered channels, scattered to rows."""
+    y = _new(x, _output_shape(x, info, conv), memory_format_of(x))
+    y.index_fill_(1, t["empty_rows"], 0.0)
+    if not info["sizes"]:
+        return y
+    x_groups = select_channels(x, p["chans"]).contiguous(memory_format=torch.channels_last)  # (N, B*c_max, H, W)
+    y_groups = F.conv2d(x_groups, p["weight"], None, *conv, len(info["sizes"]))  # (N, B*r_max, OH, OW)
+    return y.index_copy_(1, t["rows"], select_channels(y_groups, p["real_rows"]))
+
+
+# ---- path gather: im2col of the used columns once, one GEMM per block ----
+
+def _build_gather(info, t):
     """im2col rows = the union U of the blocks' columns, ordered by kernel position j = ky*kw + kx,
-    then channel; per block, where its columns sit in U."""
+    then channel: "union_chans" (|U|,) their channels, "pos_counts" how many per j, "union_idx"
+    where each block's columns sit in U (blocks concatenated)."""
     _, C, kh, kw = info["weight_shape"]
     khkw, cols = kh * kw, t["cols"].cpu()
     union = torch.unique(cols)
     union = union[torch.argsort((union % khkw) * C + union // khkw)]
     pos_of_col = torch.full((C * khkw,), -1, dtype=torch.int64)
     pos_of_col[union] = torch.arange(union.numel())
-    info["union_size"] = union.numel()
-    info["pos_counts"] = torch.bincount(union % khkw, minlength=khkw).tolist()
     device = t["cols"].device
-    return {"union_chans": (union // khkw).to(device), "block_union_idx": pos_of_col[cols].to(device)}
+    return {"union_chans": (union // khkw).to(device), "union_idx": pos_of_col[cols].to(device),
+            "pos_counts": torch.bincount(union % khkw, minlength=khkw).tolist()}
 
 
-THIN_BLOCK_ROWS = 24  # mean rows per block up to which the kernel uses 16-row tiles (less padding), else 64
-
-
-def kernel_tables(info, t, tile_rows=None):
-    """The CUDA kernel's int32 tables: per block (row start, rows, col start, cols, weight offset);
-    per CTA row tile (block, first row). tile_rows 16 or 64; None: 16 when blocks are thin."""
-    sizes = info["sizes"]
-    if tile_rows is None:
-        tile_rows = 16 if sizes and statistics.mean(r for r, _ in sizes) <= THIN_BLOCK_ROWS else 64
-    if tile_rows not in (16, 64):
-        raise ValueError(f"tile_rows={tile_rows}: the kernel is built for 16- and 64-row tiles")
-    info["tile_rows"] = tile_rows
-    meta, tiles, r0, c0, w0 = [], [], 0, 0, 0
-    for b, (r, c) in enumerate(sizes):
-        meta.append([r0, r, c0, c, w0])
-        tiles += [[b, i] for i in range(0, r, tile_rows)]
-        r0, c0, w0 = r0 + r, c0 + c, w0 + r * c
-    if w0 >= 2 ** 31:
-        raise ValueError(f"{w0} packed block weights: too many for the kernel's int32 offsets")
-    device = t["rows"].device
-    return {"cuda_meta": torch.tensor(meta, dtype=torch.int32).view(-1, 5).to(device),
-            "cuda_tiles": torch.tensor(tiles, dtype=torch.int32).view(-1, 2).to(device),
-            "cuda_rows": t["rows"].int(), "cuda_cols": t["cols"].int()}
-
-
-_BUILDERS = {"dense": _dense_tensors, "conv": _conv_tensors, "grouped": _grouped_tensors,
-             "gather": _gather_tensors, "kernel": kernel_tables}
-
-
-def path_tensors(info, t, path):
-    """The tensors `path` needs besides the plan's (make_plan), built from its packed blocks on
-    their device and dtype: dense_weight | conv_* | group_* | union_chans, block_union_idx | cuda_*."""
-    return _BUILDERS[path](info, t)
-
-
-def _run_dense(x, info, t, conv_args, out):
-    """One dense conv with the block-masked weight."""
-    y = F.conv2d(x, t["dense_weight"], None, *conv_args)
-    return out.copy_(y) if out is not None else y
-
-
-def _conv_blocks(info, t):
-    """(rows, input channels, conv weight (r_b, c_b, kh, kw)) of each block, from the conv tensors."""
-    kernel = info["weight_shape"][2:]
-    rows = t["rows"].split([r for r, _ in info["sizes"]])
-    chans = t["conv_chans"].split(info["chan_counts"])
-    weights = t["conv_weight"].split([r * c * kernel[0] * kernel[1]
-                                      for (r, _), c in zip(info["sizes"], info["chan_counts"])])
-    return [(r, c, w.view(len(r), len(c), *kernel)) for r, c, w in zip(rows, chans, weights)]
-
-
-def _run_conv_nhwc(x, info, t, conv_args, out):
-    """The "conv" path on a channels-last input (memory N, H, W, C): the per-block input is a
-    column gather of the (N*H*W, C) matrix, oneDNN runs natively on it (no reorder of each block's
-    input and output, which NCHW needs), and one index_select over the concatenated block outputs
-    (plus a zero column for rows in no block) puts every output channel in place."""
-    N, (OH, OW) = x.shape[0], conv_out_hw(x.shape[2:], info["weight_shape"][2:], *conv_args)
-    rows_total = len(t["rows"])
-    y = x.new_empty(N, OH, OW, rows_total + 1)  # block outputs side by side, then a zero column
-    y[..., rows_total] = 0
-    r0 = 0
-    for rows_b, chans_b, w_b in _conv_blocks(info, t):
-        y_b = F.conv2d(select_channels(x, chans_b), w_b, None, *conv_args)  # (N, r_b, OH, OW)
-        y[..., r0:r0 + len(rows_b)] = y_b.permute(0, 2, 3, 1)
-        r0 += len(rows_b)
-    y = y.view(-1, rows_total + 1).index_select(1, t["conv_position"])  # (N*OH*OW, O)
-    y = y.view(N, OH, OW, -1).permute(0, 3, 1, 2)  # (N, O, OH, OW), channels-last
-    return out.copy_(y) if out is not None else y
-
-
-def _run_conv(x, info, t, conv_args, out):
-    """One dense conv per block over the input channels it uses, written into its rows of out."""
-    for rows_b, chans_b, w_b in _conv_blocks(info, t):
-        out.index_copy_(1, rows_b, F.conv2d(x.index_select(1, chans_b), w_b, None, *conv_args))  # (N, r_b, OH, OW)
-    return out
-
-
-def _run_grouped(x, info, t, conv_args, out):
-    """All per-block convs as one grouped conv (channels-last, blocks padded), scattered to rows."""
-    x_groups = select_channels(x, t["group_chans"])  # (N, B*c_max, H, W)
-    x_groups = x_groups.contiguous(memory_format=torch.channels_last)
-    y = F.conv2d(x_groups, t["group_weight"], None, *conv_args, len(info["sizes"]))  # (N, B*r_max, OH, OW)
-    return out.index_copy_(1, t["rows"], select_channels(y, t["group_rows"]))
-
-
-def _run_gather(x, info, t, conv_args, out):
-    """im2col of the union of the blocks' columns once, then one GEMM per block."""
-    stride, padding, dilation = conv_args
-    N, O, (kh, kw) = x.shape[0], info["weight_shape"][0], info["weight_shape"][2:]
-    OH, OW = conv_out_hw(x.shape[2:], (kh, kw), stride, padding, dilation)
+def _im2col_union(x, info, p, conv):
+    """The im2col rows U of x, (|U|, N*OH*OW): per kernel position j, one strided window of the
+    padded input and one index_select of its channels."""
+    stride, padding, dilation = conv
+    N, _, OH, OW = _output_shape(x, info, conv)
+    kw = info["weight_shape"][3]
     xp = F.pad(x.transpose(0, 1).contiguous(), (padding[1], padding[1], padding[0], padding[0]))  # (C, N, Hp, Wp)
-    x_cols = x.new_empty(info["union_size"], N, OH, OW)  # (|U|, N, OH, OW)
+    x_cols = _new(x, (len(p["union_chans"]), N, OH, OW))
     start = 0
-    for j, (count, chans) in enumerate(zip(info["pos_counts"], t["union_chans"].split(info["pos_counts"]))):
-        if count:
+    for j, chans in enumerate(p["union_chans"].split(p["pos_counts"])):
+        if len(chans):
             y0, x0 = (j // kw) * dilation[0], (j % kw) * dilation[1]
             y1, x1 = y0 + stride[0] * (OH - 1) + 1, x0 + stride[1] * (OW - 1) + 1
             window = xp[:, :, y0:y1:stride[0], x0:x1:stride[1]]  # (C, N, OH, OW)
-            torch.index_select(window, 0, chans, out=x_cols[start:start + count])
-            start += count
-    x_cols = x_cols.view(info["union_size"], -1)  # (|U|, N*OH*OW)
-    y2 = x.new_empty(O, N * OH * OW)  # (O, N*OH*OW)
+            torch.index_select(window, 0, chans, out=x_cols[start:start + len(chans)])
+            start += len(chans)
+    return x_cols.view(len(p["union_chans"]), N * OH * OW)
+
+
+def _run_gather(x, info, t, p, conv):
+    """One GEMM per block on its rows of the shared im2col, into its output rows."""
+    N, O, OH, OW = _output_shape(x, info, conv)
+    x_cols = _im2col_union(x, info, p, conv)  # (|U|, N*OH*OW)
+    y2 = _new(x, (O, N * OH * OW))
     y2.index_fill_(0, t["empty_rows"], 0.0)
-    idx = t["block_union_idx"].split([c for _, c in info["sizes"]])
+    idx = p["union_idx"].split([c for _, c in info["sizes"]])
     for (rows_b, _, w_b), idx_b in zip(_blocks_of(info, t), idx):
         y2.index_copy_(0, rows_b, w_b @ x_cols.index_select(0, idx_b))
     y = y2.view(O, N, OH, OW).transpose(0, 1)  # (N, O, OH, OW), channel-major in memory
-    return out.copy_(y) if out is not None else y.contiguous(memory_format=memory_format_of(x))
+    return y.contiguous(memory_format=memory_format_of(x))
 
 
-def run_path(x, info, t, conv_args, path, out=None):
-    """One path on x (N, C, H, W) -> (N, O, OH, OW), into out if given, else into a new tensor in
-    x's memory format; rows in no block come out 0. t: the plan's tensors plus the path's.
-    conv_args: (stride, padding, dilation) as pairs."""
-    if path in ("dense", "gather", "kernel"):
-        return {"dense": _run_dense, "gather": _run_gather, "kernel": _run_kernel}[path](x, info, t, conv_args, out)
-    if path == "conv" and info["sizes"] and memory_format_of(x) == torch.channels_last:
-        return _run_conv_nhwc(x, info, t, conv_args, out)
-    N, O = x.shape[0], info["weight_shape"][0]
-    OH, OW = conv_out_hw(x.shape[2:], info["weight_shape"][2:], *conv_args)
-    out = out if out is not None else torch.empty(N, O, OH, OW, dtype=x.dtype, device=x.device,
-                                                      memory_format=memory_format_of(x))
-    out.index_fill_(1, t["empty_rows"], 0.0)
-    if not info["sizes"]:
-        return out
-    return (_run_conv if path == "conv" else _run_grouped)(x, info, t, conv_args, out)
+# ---- paths kernel16, kernel64: all blocks of a layer in one launch of CUDA_SRC ----
+
+KERNEL_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the launcher's dtype codes
+KERNEL_TILE_ROWS = (16, 64)  # rows of a CTA tile, as CUDA_SRC instantiates them (16x128 and 64x64
+                             # pixels): 16 pads thin blocks less, 64 reuses each im2col tile more;
+                             # which is faster depends on the layer and the GPU, so both are measured
+INT32_MAX = 2 ** 31 - 1      # the kernel's tables and weight offsets are int32
+_EXT = {}  # "module": the built extension, or None once a build failed / CUDA is absent
+
+
+def kernel_tables(info, t, tile_rows):
+    """The kernel's int32 tables for tile_rows-row CTA tiles (one of KERNEL_TILE_ROWS): "meta" (B, 5)
+    per block (row start, rows, col start, cols, weight offset); "tiles" (T, 2) per CTA row tile
+    (block, first row); "rows", "cols" the plan's as int32; "tile_rows"."""
+    if tile_rows not in KERNEL_TILE_ROWS:
+        raise ValueError(f"tile_rows={tile_rows}: CUDA_SRC instantiates row tiles of {KERNEL_TILE_ROWS} only")
+    meta, tiles, r0, c0, w0 = [], [], 0, 0, 0
+    for b, (r, c) in enumerate(info["sizes"]):
+        meta.append([r0, r, c0, c, w0])
+        tiles += [[b, i] for i in range(0, r, tile_rows)]
+        r0, c0, w0 = r0 + r, c0 + c, w0 + r * c
+    if w0 > INT32_MAX:
+        raise ValueError(f"{w0} packed block weights: too many for the kernel's int32 offsets")
+    device = t["rows"].device
+    return {"meta": torch.tensor(meta, dtype=torch.int32).view(-1, 5).to(device),
+            "tiles": torch.tensor(tiles, dtype=torch.int32).view(-1, 2).to(device),
+            "rows": t["rows"].int(), "cols": t["cols"].int(), "tile_rows": tile_rows}
+
+
+def cuda_extension():
+    """The CUDA kernel as a torch extension, built on first use (load_inline, cached). None where it
+    cannot be: without a GPU silently (the kernel is no candidate there), else (a GPU before sm_80, a
+    failed build) with one WARNING."""
+    if "module" not in _EXT:
+        _EXT["module"] = None
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability()
+        if major < 8:
+            _warn_once(f"grouped-GEMM kernel needs sm_80+ (have sm_{major}{minor}): measuring the other paths only")
+            return None
+        try:
+            from torch.utils.cpp_extension import load_inline
+            _EXT["module"] = load_inline(
+                name=f"lth_ref_grouped_gemm_sm{major}{minor}", cpp_sources=[CPP_SRC], cuda_sources=[CUDA_SRC],
+                functions=["grouped_conv2d_cuda"], with_cuda=True,
+                extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"])
+        except Exception as e:  # noqa: BLE001 -- any build failure means: measure the other paths, loudly
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            _warn_once(f"building the grouped-GEMM CUDA kernel failed ({type(e).__name__}: {first}): "
+                       "measuring the other paths only")
+    return _EXT["module"]
+
+
+def _kernel_ready(x):
+    """The kernel can run x: a dtype it is built for, and the extension built."""
+    return x.dtype in KERNEL_DTYPES and cuda_extension() is not None
+
+
+def _run_kernel(x, info, t, p, conv):
+    """One launch of CUDA_SRC for all blocks (CUDA tensors of KERNEL_DTYPES); it reads and writes NCHW."""
+    if not x.is_cuda or x.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"the CUDA kernel runs CUDA tensors of {[str(d) for d in KERNEL_DTYPES]}, got a "
+                         f"{x.device.type} {x.dtype} input (without a GPU, test_lth_ref.emulated_grouped_conv2d "
+                         "runs its source on the CPU)")
+    ext = cuda_extension()
+    if ext is None:
+        raise RuntimeError("a kernel path is forced but the CUDA kernel is not available (see the WARNING above)")
+    y = ext.grouped_conv2d_cuda(x.contiguous(), t["packed"].to(x.dtype), p["meta"], p["tiles"], p["rows"],
+                                p["cols"], t["empty_rows"], list(info["weight_shape"]),
+                                [v for pair in conv for v in pair], p["tile_rows"])
+    return y.contiguous(memory_format=memory_format_of(x))
+
+
+# ---- the path table, and measuring which path is fastest ----
+
+@dataclasses.dataclass(frozen=True)
+class Path:
+    """One way to run a regrouped conv (the contract: module docstring). build(info, t) -> p, the
+    tensors (RegroupedConv2d holds them as non-persistent buffers) and python values run needs;
+    run(x, info, t, p, conv) -> y; devices: the device types where it is a candidate; ready(x):
+    whether it can run x here (measured only then)."""
+    build: Callable
+    run: Callable
+    devices: tuple
+    ready: Callable = lambda x: True
+
+
+PATHS = {
+    "dense": Path(_build_dense, _run_dense, ("cpu", "cuda")),
+    "conv": Path(_build_conv, _run_conv, ("cpu",)),
+    "grouped": Path(_build_grouped, _run_grouped, ("cpu", "cuda")),
+    "gather": Path(_build_gather, _run_gather, ("cpu",)),
+    **{f"kernel{rows}": Path(functools.partial(kernel_tables, tile_rows=rows), _run_kernel, ("cuda",), _kernel_ready)
+       for rows in KERNEL_TILE_ROWS},  # kernel16, kernel64
+}
+CANDIDATES = {device: tuple(name for name, path in PATHS.items() if device in path.devices)
+              for device in ("cpu", "cuda")}  # the paths measured per device type
+MEASURE_WARMUP = 1  # untimed runs per candidate first: a first call pays allocation and oneDNN/cuDNN setup
+MEASURE_RUNS = 3    # timed runs per candidate, interleaved across candidates (a slow spell on a shared
+                    # machine hits all of them alike); the median of these decides
+MEASURE_CUTOFF = 3.0  # a candidate this many times slower than the fastest in the first timed round is
+                      # not run again: run-to-run noise is far smaller, it could not win the median
 
 
 def choice_key(x):
@@ -394,30 +482,30 @@ def choice_key(x):
 
 
 def candidate_paths(x):
-    """The paths measured for input x: CANDIDATES of its device (the CPU's for other devices),
-    the CUDA kernel only where it is built and supports x's dtype."""
-    paths = CANDIDATES.get(x.device.type, CANDIDATES["cpu"])
-    if "kernel" in paths and (x.dtype not in KERNEL_DTYPES or cuda_extension() is None):
-        paths = tuple(p for p in paths if p != "kernel")
-    return paths
+    """The paths measured for input x: CANDIDATES of its device type that are ready for x. A device
+    type without candidates gets the CPU's, with one WARNING."""
+    device = x.device.type
+    if device not in CANDIDATES:
+        _warn_once(f"no paths are listed for {device} tensors: measuring the CPU's candidates on them")
+        device = "cpu"
+    return tuple(name for name in CANDIDATES[device] if PATHS[name].ready(x))
 
 
-def measure_paths(x, info, t, conv_args, candidates):
-    """{path: median ms} of each candidate on x, like cudnn.benchmark: MEASURE_WARMUP untimed runs
-    each, then MEASURE_RUNS interleaved timed rounds, candidates over MEASURE_CUTOFF x the fastest
-    after the first round dropped (their one time is kept). t holds every candidate's tensors."""
-    runs = {p: (lambda p=p: run_path(x, info, t, conv_args, p)) for p in candidates}
+def measure_paths(runs, device):
+    """{name: median ms} of each zero-argument fn in runs = {name: fn}, like cudnn.benchmark:
+    MEASURE_WARMUP untimed runs each, then MEASURE_RUNS interleaved timed rounds; a candidate over
+    MEASURE_CUTOFF x the fastest after the first round is dropped (its one time is kept)."""
     with torch.no_grad():
         for _ in range(MEASURE_WARMUP):
             for fn in runs.values():
                 fn()
-        times = {p: [time_once_ms(fn, x.device)] for p, fn in runs.items()}
+        times = {name: [time_once_ms(fn, device)] for name, fn in runs.items()}
         fastest = min(ts[0] for ts in times.values())
-        contenders = [p for p in candidates if times[p][0] <= MEASURE_CUTOFF * fastest]
+        contenders = [name for name in runs if times[name][0] <= MEASURE_CUTOFF * fastest]
         for _ in range(MEASURE_RUNS - 1):
-            for p in contenders:
-                times[p].append(time_once_ms(runs[p], x.device))
-    return {p: statistics.median(ts) for p, ts in times.items()}
+            for name in contenders:
+                times[name].append(time_once_ms(runs[name], device))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def time_once_ms(fn, device):
@@ -444,13 +532,248 @@ def time_interleaved(fns, device, repeats, warmup):
     return [statistics.median(ts) for ts in zip(*rounds)]
 
 
-# ---- CUDA path: all blocks of a layer in one launch, WMMA tensor cores, implicit im2col ----
+# ---- modules: a regrouped conv that measures its paths and holds only what it runs ----
+
+class RegroupedConv2d(nn.Module):
+    """Inference conv that runs only its dense blocks; output = the block-masked conv.
+
+    Holds the packed block weights, the index tables (rows, cols, rows in no block, block sizes)
+    and the bias; state_dict keeps exactly those. On the first input of each kind (choice_key) it
+    times the candidate paths (candidate_paths, measure_paths) and keeps the fastest in
+    info["choice"] (times in info["times"]); strategy= forces a path instead. A path's tensors
+    (its build's, as buffers "<path>_<key>") are non-persistent, built when measured or chosen and
+    dropped when no input chose it, so .to() moves them and .half() casts them.
+    x (N, C, H, W) -> (N, O, OH, OW) in x's memory format."""
+
+    def __init__(self, weight, blocks, bias=None, stride=1, padding=0, dilation=1, name="conv", strategy=None):
+        super().__init__()
+        blocks = check_blocks(tuple(weight.shape), blocks, name)
+        self.name, self.weight_shape = name, tuple(weight.shape)
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.info, tensors = make_plan(weight, blocks, strategy)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("block_sizes", torch.tensor(self.info["sizes"], dtype=torch.int64).view(-1, 2))
+        for key, value in tensors.items():  # state_dict: packed, rows, cols, block_sizes, bias
+            self.register_buffer("plan_" + key, value, persistent=key != "empty_rows")
+        self._plan_keys = list(tensors)
+        self._built = {}  # path -> (its build's python values, the keys of its tensors)
+        self.register_load_state_dict_post_hook(_drop_built_paths)  # new weights: rebuild on next use
+
+    @classmethod
+    def from_conv(cls, conv, blocks, name="conv", strategy=None):
+        """Build from an nn.Conv2d (groups 1, zero padding given as numbers) and its blocks."""
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"{name}: expected nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise ValueError(f"{name}: grouped convs (groups={conv.groups}) are not supported")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"{name}: only numeric zero padding is supported, got "
+                             f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+        return cls(conv.weight, blocks, conv.bias, conv.stride, conv.padding, conv.dilation, name, strategy)
+
+    def extra_repr(self):
+        chosen = ", ".join(f"{'x'.join(map(str, k[0]))} {' '.join(k[1:])}: {p}" for k, p in self.info["choice"].items())
+        path = f"{self.info['forced']} (forced)" if self.info["forced"] else f"measured {{{chosen}}}"
+        return (f"{self.name}: weight={self.weight_shape}, blocks={len(self.info['sizes'])}, "
+                f"flop_ratio={self.info['flop_ratio']:.3f}, stride={self.stride}, padding={self.padding}, path={path}")
+
+    def path_for(self, x):
+        """The path this layer runs (or ran) on inputs like x; None before it met one."""
+        return self.info["forced"] or self.info["choice"].get(choice_key(x))
+
+    def _plan(self):
+        """The plan's tensors (make_plan's t) as this module holds them."""
+        return {k: self._buffers["plan_" + k] for k in self._plan_keys}  # (getattr is 7x slower per call)
+
+    def _path(self, name, t):
+        """Path `name`'s build output p, built from t on first use (its tensors as buffers)."""
+        if name not in self._built:
+            built = PATHS[name].build(self.info, t)
+            keys = [k for k, v in built.items() if torch.is_tensor(v)]
+            for key in keys:
+                self.register_buffer(f"{name}_{key}", built[key], persistent=False)
+            self._built[name] = ({k: v for k, v in built.items() if k not in keys}, keys)
+        values, keys = self._built[name]
+        return {**values, **{k: self._buffers[f"{name}_{k}"] for k in keys}}
+
+    def _drop_paths(self, keep):
+        """Free the tensors of every built path not in keep."""
+        for name in [p for p in self._built if p not in keep]:
+            for key in self._built.pop(name)[1]:
+                del self._buffers[f"{name}_{key}"]
+
+    def _measure(self, x, conv):
+        """Time the candidates on x, record and return the fastest; free the tensors of the others."""
+        t = self._plan()
+        runs = {name: functools.partial(PATHS[name].run, x, self.info, t, self._path(name, t), conv)
+                for name in candidate_paths(x)}
+        times, key = measure_paths(runs, x.device), choice_key(x)
+        self.info["times"][key], self.info["choice"][key] = times, min(times, key=times.get)
+        self._drop_paths(keep={*self.info["choice"].values()})
+        return self.info["choice"][key]
+
+    def forward(self, x):
+        conv = (self.stride, self.padding, self.dilation)
+        path = self.path_for(x) or self._measure(x, conv)
+        t = self._plan()
+        y = PATHS[path].run(x, self.info, t, self._path(path, t), conv)  # a new tensor: add the bias in place
+        return y if self.bias is None else y.add_(self.bias.view(1, -1, 1, 1))
+
+
+def _drop_built_paths(module, incompatible_keys):
+    """load_state_dict hook of RegroupedConv2d: its path tensors came from the old blocks."""
+    module._drop_paths(keep=())
+
+
+def _conv_modules(model, blocks):
+    """[(param name, module name, nn.Conv2d)] for every key of blocks; ValueError if one is unknown."""
+    found = []
+    for key in blocks:
+        module_name = key[:-len(".weight")] if key.endswith(".weight") else None
+        try:
+            conv = model.get_submodule(module_name) if module_name else None
+        except AttributeError:
+            conv = None
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"{key}: no nn.Conv2d weight of that name in {type(model).__name__} "
+                             "(the ticket does not fit the model)")
+        found.append((key, module_name, conv))
+    return found
+
+
+def masked_model(model, blocks):
+    """Deep-copied eval model whose conv weights named in blocks are multiplied by the block mask."""
+    model = copy.deepcopy(model).eval()
+    for key, _, conv in _conv_modules(model, blocks):
+        mask = block_mask(tuple(conv.weight.shape), check_blocks(tuple(conv.weight.shape), blocks[key], key))
+        with torch.no_grad():
+            conv.weight.mul_(mask.to(conv.weight))
+    return model
+
+
+def regrouped_model(model, blocks):
+    """Deep-copied eval inference model with every conv named in blocks (keys: parameter names,
+    e.g. "layer1.0.conv1.weight") swapped for a RegroupedConv2d. Output = masked_model's output.
+    ValueError (naming the layer) for an unknown name or a block out of range for its conv."""
+    model = copy.deepcopy(model).eval()
+    for key, module_name, conv in _conv_modules(model, blocks):
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, RegroupedConv2d.from_conv(conv, blocks[key], name=key))
+    return model
+
+
+# ---- benchmarks: dense masked conv (cuDNN / oneDNN) vs regrouped ----
+
+def rel_err(y, ref, centered=False):
+    """max |y - ref| / max |ref|; centered: / max |ref - batch mean of ref| (logits of an untrained
+    model are mostly the classifier bias, which would hide errors in the features)."""
+    y, ref = y.double(), ref.double()
+    scale = (ref - ref.mean(0, keepdim=True)) if centered else ref
+    return ((y - ref).abs().max() / scale.abs().max().clamp_min(1e-30)).item()
+
+
+def _conv_input_shapes(model, batch_size, device, input_size):
+    """{module name: input shape} of every Conv2d for one random batch (forward hooks)."""
+    shapes, hooks = {}, []
+
+    def record(name):
+        def hook(module, inputs, output):
+            shapes.setdefault(name, tuple(inputs[0].shape))
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(record(name)))
+    with torch.no_grad():
+        model(torch.randn(batch_size, *input_size, device=device))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def bench_layers(model, blocks, batch_size=64, device="cpu", paper_setting=False, repeats=10,
+                 input_size=(3, 32, 32), log=None, memory_format=torch.contiguous_format):
+    """Per regrouped conv: dense F.conv2d with the masked weight vs RegroupedConv2d, conv only.
+
+    Inputs: the layer's real activation shape for a batch of `input_size` images (default), or with
+    paper_setting every conv fed a (batch_size, C, 127, 127) input (paper Sec. A1 / Fig. 7 used
+    batch 64). Same precision and memory_format (of the inputs) on both sides (on GPU, cuDNN convs
+    and our kernel both use TF32 for fp32 by default). Outputs are checked against dense before
+    timing (that first call also measures the layer's paths). Returns one dict per conv; `path` is
+    the path the layer chose, `ideal_speedup` (1 / flop_ratio) is "-" where that is dense."""
+    device = torch.device(device)
+    model = copy.deepcopy(model).to(device).eval()
+    shapes = None if paper_setting else _conv_input_shapes(model, batch_size, device, input_size)
+    results = []
+    for key, module_name, conv in _conv_modules(model, blocks):
+        shape = (batch_size, conv.in_channels, 127, 127) if paper_setting else shapes[module_name]
+        x = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
+        layer = RegroupedConv2d.from_conv(conv, blocks[key], name=key)
+        mask = block_mask(layer.weight_shape, check_blocks(layer.weight_shape, blocks[key], key))
+        weight, bias = conv.weight.detach() * mask.to(conv.weight), conv.bias
+
+        def dense():
+            return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
+
+        with torch.no_grad():
+            err = rel_err(layer(x), dense())
+            dense_ms, regrouped_ms = time_interleaved([dense, lambda: layer(x)], device, repeats, warmup=2)
+        ratio, path = layer.info["flop_ratio"], layer.path_for(x)
+        row = {"name": key, "shape": layer.weight_shape, "input_hw": tuple(shape[2:]),
+               "blocks": len(layer.info["sizes"]), "flop_ratio": ratio, "path": path,
+               "ideal_speedup": "-" if path == "dense" else 1 / ratio if ratio else float("inf"),
+               "dense_ms": dense_ms, "regrouped_ms": regrouped_ms, "speedup": dense_ms / regrouped_ms,
+               "max_rel_err": err}
+        results.append(row)
+        if log:
+            log(row)
+    return results
+
+
+def bench_model(model, blocks, batch_size=64, device="cpu", repeats=10, input_size=(3, 32, 32), log=None,
+                memory_format=torch.contiguous_format):
+    """End to end (eval, no_grad): the masked dense model vs regrouped_model, same input, precision
+    and memory_format (both models and the input converted to it); outputs checked first
+    (max_rel_err against the batch spread of the dense logits; this also measures every layer's
+    paths). conv_flop_ratio counts every conv's MACs, the unpruned stem's too; paths counts the
+    regrouped convs per chosen path. Returns one dict."""
+    device = torch.device(device)
+    dense = masked_model(model, blocks).to(device, memory_format=memory_format)
+    regrouped = regrouped_model(model, blocks).to(device, memory_format=memory_format)
+    x = torch.randn(batch_size, *input_size, device=device).contiguous(memory_format=memory_format)
+    shapes = _conv_input_shapes(dense, 1, device, input_size)
+    macs_dense = macs_regrouped = 0
+    for name, m in dense.named_modules():
+        if isinstance(m, nn.Conv2d):
+            oh, ow = conv_out_hw(shapes[name][2:], m.kernel_size, m.stride, m.padding, m.dilation)
+            macs, swapped = m.weight.numel() * oh * ow, regrouped.get_submodule(name)
+            ratio = swapped.info["flop_ratio"] if isinstance(swapped, RegroupedConv2d) else 1.0
+            macs_dense, macs_regrouped = macs_dense + macs, macs_regrouped + ratio * macs
+    with torch.no_grad():
+        err = rel_err(regrouped(x), dense(x), centered=True)
+        dense_ms, regrouped_ms = time_interleaved([lambda: dense(x), lambda: regrouped(x)], device, repeats, warmup=2)
+    paths = Counter(p for m in regrouped.modules() if isinstance(m, RegroupedConv2d)
+                    for p in ([m.info["forced"]] if m.info["forced"] else m.info["choice"].values()))
+    result = {"batch_size": batch_size, "device": str(device),
+              "memory_format": {v: k for k, v in MEMORY_FORMATS.items()}[memory_format], "dense_ms": dense_ms,
+              "regrouped_ms": regrouped_ms, "speedup": dense_ms / regrouped_ms, "max_rel_err": err,
+              "conv_flop_ratio": macs_regrouped / macs_dense,
+              "ideal_conv_speedup": macs_dense / max(macs_regrouped, 1e-30),
+              "paths": ", ".join(f"{p} {n}" for p, n in paths.most_common())}
+    if log:
+        log(result)
+    return result
+
+
+# ---- the CUDA kernel's source: all blocks of a layer in one launch, WMMA tensor cores, implicit im2col ----
 # Each CTA (128 threads, 4 warps) computes a (BM rows of one block) x (BN output pixels) tile:
 # it loops over the block's columns BK at a time, staging the packed weights (BM, BK) and the
 # im2col values (BK, BN), gathered straight from the NCHW input with zeros outside the image, in
 # shared memory (ragged edges zero-padded), multiplies with WMMA (fp32 inputs: TF32 m16n16k8;
 # half/bf16: m16n16k16; fp32 accumulate), and scatters rows to output channels rows_b.
-# BM x BN = 16 x 128 for thin blocks (mean rows <= 24), else 64 x 64. Needs sm_80+.
+# BM x BN = 16 x 128 (path kernel16) or 64 x 64 (kernel64), both measured. Needs sm_80+.
+# LTH_REF_HOST_EMULATION: the host emulation in test_lth_ref.py compiles this text with g++.
 
 CUDA_SRC = r"""
 #ifndef LTH_REF_HOST_EMULATION  // the host emulation (EMULATION_HEADER) provides all of this
@@ -684,274 +1007,3 @@ torch::Tensor grouped_conv2d_cuda(torch::Tensor x, torch::Tensor packed, torch::
   return y;
 }
 """
-
-KERNEL_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the launcher's dtype codes
-_EXT = {}  # "module": the built extension, or None once a build failed / CUDA is absent
-
-
-def cuda_extension():
-    """Build the CUDA extension on first use (load_inline, cached); None with one WARNING if not."""
-    if "module" not in _EXT:
-        _EXT["module"] = None
-        if not torch.cuda.is_available():
-            return None
-        major, minor = torch.cuda.get_device_capability()
-        if major < 8:
-            _warn_once(f"grouped-GEMM kernel needs sm_80+ (have sm_{major}{minor}): measuring the other paths only")
-            return None
-        try:
-            from torch.utils.cpp_extension import load_inline
-            _EXT["module"] = load_inline(
-                name=f"lth_ref_grouped_gemm_sm{major}{minor}", cpp_sources=[CPP_SRC], cuda_sources=[CUDA_SRC],
-                functions=["grouped_conv2d_cuda"], with_cuda=True,
-                extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"])
-        except Exception as e:  # noqa: BLE001 -- any build failure means: measure the other paths, loudly
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            _warn_once(f"building the grouped-GEMM CUDA kernel failed ({type(e).__name__}: {first}): "
-                       "measuring the other paths only")
-    return _EXT["module"]
-
-
-def _run_kernel(x, info, t, conv_args, out):
-    """All blocks of a layer in one launch of CUDA_SRC (CUDA tensors of KERNEL_DTYPES)."""
-    if not x.is_cuda or x.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"path 'kernel' runs CUDA tensors of {[str(d) for d in KERNEL_DTYPES]}, got a "
-                         f"{x.device.type} {x.dtype} input (on the CPU, test_lth_ref.emulated_grouped_conv2d runs its source)")
-    ext = cuda_extension()
-    if ext is None:
-        raise RuntimeError("path 'kernel' is forced but the CUDA kernel is not available (see the WARNING above)")
-    conv = [v for pair in conv_args for v in pair]
-    y = ext.grouped_conv2d_cuda(x.contiguous(), t["packed"].to(x.dtype), t["cuda_meta"], t["cuda_tiles"],
-                                t["cuda_rows"], t["cuda_cols"], t["empty_rows"], list(info["weight_shape"]),
-                                conv, info["tile_rows"])
-    y = y.contiguous(memory_format=memory_format_of(x))  # the kernel reads and writes NCHW
-    return out.copy_(y) if out is not None else y
-
-
-# ---- modules: a regrouped conv that measures its paths and holds only what it runs ----
-
-class RegroupedConv2d(nn.Module):
-    """Inference conv that runs only its dense blocks; output = the block-masked conv.
-
-    Holds the packed block weights, the index tables (rows, cols, rows in no block, block sizes)
-    and the bias; state_dict keeps exactly those. On the first input of each kind (choice_key) it
-    times the candidate paths (candidate_paths, measure_paths) and keeps the fastest in
-    info["choice"] (times in info["times"]); strategy= forces a path instead. A path's tensors
-    (path_tensors) are non-persistent buffers, built when measured or chosen and dropped when no
-    input chose it, so .to() moves them and .half() casts them. x (N, C, H, W) -> (N, O, OH, OW)."""
-
-    def __init__(self, weight, blocks, bias=None, stride=1, padding=0, dilation=1, name="conv", strategy=None):
-        super().__init__()
-        blocks = check_blocks(tuple(weight.shape), blocks, name)
-        self.name, self.weight_shape = name, tuple(weight.shape)
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
-        self.info, tensors = make_plan(weight, blocks, strategy)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.register_buffer("block_sizes", torch.tensor(self.info["sizes"], dtype=torch.int64).view(-1, 2))
-        for key, value in tensors.items():  # state_dict: packed, rows, cols, block_sizes, bias
-            self.register_buffer("plan_" + key, value, persistent=key != "empty_rows")
-        self._plan_keys, self._built = list(tensors), {}  # _built: path -> keys of its buffers
-        self.register_load_state_dict_post_hook(_drop_built_paths)  # new weights: rebuild on next use
-
-    @classmethod
-    def from_conv(cls, conv, blocks, name="conv", strategy=None):
-        """Build from an nn.Conv2d (groups 1, zero padding given as numbers) and its blocks."""
-        if not isinstance(conv, nn.Conv2d):
-            raise ValueError(f"{name}: expected nn.Conv2d, got {type(conv).__name__}")
-        if conv.groups != 1:
-            raise ValueError(f"{name}: grouped convs (groups={conv.groups}) are not supported")
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"{name}: only numeric zero padding is supported, got "
-                             f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
-        return cls(conv.weight, blocks, conv.bias, conv.stride, conv.padding, conv.dilation, name, strategy)
-
-    def extra_repr(self):
-        chosen = ", ".join(f"{'x'.join(map(str, k[0]))} {' '.join(k[1:])}: {p}" for k, p in self.info["choice"].items())
-        path = f"{self.info['forced']} (forced)" if self.info["forced"] else f"measured {{{chosen}}}"
-        return (f"{self.name}: weight={self.weight_shape}, blocks={len(self.info['sizes'])}, "
-                f"flop_ratio={self.info['flop_ratio']:.3f}, stride={self.stride}, padding={self.padding}, path={path}")
-
-    def path_for(self, x):
-        """The path this layer runs (or ran) on inputs like x; None before it met one."""
-        return self.info["forced"] or self.info["choice"].get(choice_key(x))
-
-    def _tensors(self, paths):
-        """The plan's tensors plus those of `paths`, built (as non-persistent buffers) if missing."""
-        t = {k: self._buffers["plan_" + k] for k in self._plan_keys}  # (getattr is 7x slower per call)
-        for path in paths:
-            if path not in self._built:
-                built = path_tensors(self.info, t, path)
-                for key, value in built.items():
-                    self.register_buffer("plan_" + key, value, persistent=False)
-                self._built[path] = list(built)
-            t.update({k: self._buffers["plan_" + k] for k in self._built[path]})
-        return t
-
-    def _drop_paths(self, keep):
-        """Free the tensors of every built path not in keep."""
-        for path in [p for p in self._built if p not in keep]:
-            for key in self._built.pop(path):
-                del self._buffers["plan_" + key]
-
-    def _measure(self, x, conv_args):
-        """Time the candidates on x, record and return the fastest; free the tensors of the others."""
-        candidates = candidate_paths(x)
-        times = measure_paths(x, self.info, self._tensors(candidates), conv_args, candidates)
-        key = choice_key(x)
-        self.info["times"][key], self.info["choice"][key] = times, min(times, key=times.get)
-        self._drop_paths(keep={*self.info["choice"].values()})
-        return self.info["choice"][key]
-
-    def forward(self, x, out=None):
-        conv_args = (self.stride, self.padding, self.dilation)
-        path = self.path_for(x) or self._measure(x, conv_args)
-        y = run_path(x, self.info, self._tensors((path,)), conv_args, path, out)
-        if self.bias is None:
-            return y
-        return y.add_(self.bias.view(1, -1, 1, 1)) if out is not None else y + self.bias.view(1, -1, 1, 1)
-
-
-def _drop_built_paths(module, incompatible_keys):
-    """load_state_dict hook of RegroupedConv2d: its path tensors came from the old blocks."""
-    module._drop_paths(keep=())
-
-
-def _conv_modules(model, blocks):
-    """[(param name, module name, nn.Conv2d)] for every key of blocks; ValueError if one is unknown."""
-    found = []
-    for key in blocks:
-        module_name = key[:-len(".weight")] if key.endswith(".weight") else None
-        try:
-            conv = model.get_submodule(module_name) if module_name else None
-        except AttributeError:
-            conv = None
-        if not isinstance(conv, nn.Conv2d):
-            raise ValueError(f"{key}: no nn.Conv2d weight of that name in {type(model).__name__} "
-                             "(the ticket does not fit the model)")
-        found.append((key, module_name, conv))
-    return found
-
-
-def masked_model(model, blocks):
-    """Deep-copied eval model whose conv weights named in blocks are multiplied by the block mask."""
-    model = copy.deepcopy(model).eval()
-    for key, _, conv in _conv_modules(model, blocks):
-        mask = block_mask(tuple(conv.weight.shape), check_blocks(tuple(conv.weight.shape), blocks[key], key))
-        with torch.no_grad():
-            conv.weight.mul_(mask.to(conv.weight))
-    return model
-
-
-def regrouped_model(model, blocks):
-    """Deep-copied eval inference model with every conv named in blocks (keys: parameter names,
-    e.g. "layer1.0.conv1.weight") swapped for a RegroupedConv2d. Output = masked_model's output.
-    ValueError (naming the layer) for an unknown name or a block out of range for its conv."""
-    model = copy.deepcopy(model).eval()
-    for key, module_name, conv in _conv_modules(model, blocks):
-        parent_name, _, child = module_name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, RegroupedConv2d.from_conv(conv, blocks[key], name=key))
-    return model
-
-
-# ---- benchmarks: dense masked conv (cuDNN / oneDNN) vs regrouped ----
-
-def rel_err(y, ref, centered=False):
-    """max |y - ref| / max |ref|; centered: / max |ref - batch mean of ref| (logits of an untrained
-    model are mostly the classifier bias, which would hide errors in the features)."""
-    y, ref = y.double(), ref.double()
-    scale = (ref - ref.mean(0, keepdim=True)) if centered else ref
-    return ((y - ref).abs().max() / scale.abs().max().clamp_min(1e-30)).item()
-
-
-def _conv_input_shapes(model, batch_size, device, input_size):
-    """{module name: input shape} of every Conv2d for one random batch (forward hooks)."""
-    shapes, hooks = {}, []
-
-    def record(name):
-        def hook(module, inputs, output):
-            shapes.setdefault(name, tuple(inputs[0].shape))
-        return hook
-
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(record(name)))
-    with torch.no_grad():
-        model(torch.randn(batch_size, *input_size, device=device))
-    for h in hooks:
-        h.remove()
-    return shapes
-
-
-def bench_layers(model, blocks, batch_size=64, device="cpu", paper_setting=False, repeats=10,
-                 input_size=(3, 32, 32), log=None, memory_format=torch.contiguous_format):
-    """Per regrouped conv: dense F.conv2d with the masked weight vs RegroupedConv2d, conv only.
-
-    Inputs: the layer's real activation shape for a batch of `input_size` images (default), or with
-    paper_setting every conv fed a (batch_size, C, 127, 127) input (paper Sec. A1 / Fig. 7 used
-    batch 64). Same precision and memory_format (of the inputs) on both sides (on GPU, cuDNN convs
-    and our kernel both use TF32 for fp32 by default). Outputs are checked against dense before
-    timing (that first call also measures the layer's paths). Returns one dict per conv; `path` is
-    the path the layer chose, `ideal_speedup` (1 / flop_ratio) is "-" where that is dense."""
-    device = torch.device(device)
-    model = copy.deepcopy(model).to(device).eval()
-    shapes = None if paper_setting else _conv_input_shapes(model, batch_size, device, input_size)
-    results = []
-    for key, module_name, conv in _conv_modules(model, blocks):
-        shape = (batch_size, conv.in_channels, 127, 127) if paper_setting else shapes[module_name]
-        x = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
-        layer = RegroupedConv2d.from_conv(conv, blocks[key], name=key)
-        mask = block_mask(layer.weight_shape, check_blocks(layer.weight_shape, blocks[key], key))
-        weight, bias = conv.weight.detach() * mask.to(conv.weight), conv.bias
-
-        def dense():
-            return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
-
-        with torch.no_grad():
-            err = rel_err(layer(x), dense())
-            dense_ms, regrouped_ms = time_interleaved([dense, lambda: layer(x)], device, repeats, warmup=2)
-        ratio, path = layer.info["flop_ratio"], layer.path_for(x)
-        row = {"name": key, "shape": layer.weight_shape, "input_hw": tuple(shape[2:]),
-               "blocks": len(layer.info["sizes"]), "flop_ratio": ratio, "path": path,
-               "ideal_speedup": "-" if path == "dense" else 1 / ratio if ratio else float("inf"),
-               "dense_ms": dense_ms, "regrouped_ms": regrouped_ms, "speedup": dense_ms / regrouped_ms,
-               "max_rel_err": err}
-        results.append(row)
-        if log:
-            log(row)
-    return results
-
-
-def bench_model(model, blocks, batch_size=64, device="cpu", repeats=10, input_size=(3, 32, 32), log=None,
-                memory_format=torch.contiguous_format):
-    """End to end (eval, no_grad): the masked dense model vs regrouped_model, same input, precision
-    and memory_format (both models and the input converted to it); outputs checked first
-    (max_rel_err against the batch spread of the dense logits; this also measures every layer's
-    paths). conv_flop_ratio counts every conv's MACs, the unpruned stem's too; paths counts the
-    regrouped convs per chosen path. Returns one dict."""
-    device = torch.device(device)
-    dense = masked_model(model, blocks).to(device, memory_format=memory_format)
-    regrouped = regrouped_model(model, blocks).to(device, memory_format=memory_format)
-    x = torch.randn(batch_size, *input_size, device=device).contiguous(memory_format=memory_format)
-    shapes = _conv_input_shapes(dense, 1, device, input_size)
-    macs_dense = macs_regrouped = 0
-    for name, m in dense.named_modules():
-        if isinstance(m, nn.Conv2d):
-            oh, ow = conv_out_hw(shapes[name][2:], m.kernel_size, m.stride, m.padding, m.dilation)
-            macs, swapped = m.weight.numel() * oh * ow, regrouped.get_submodule(name)
-            ratio = swapped.info["flop_ratio"] if isinstance(swapped, RegroupedConv2d) else 1.0
-            macs_dense, macs_regrouped = macs_dense + macs, macs_regrouped + ratio * macs
-    with torch.no_grad():
-        err = rel_err(regrouped(x), dense(x), centered=True)
-        dense_ms, regrouped_ms = time_interleaved([lambda: dense(x), lambda: regrouped(x)], device, repeats, warmup=2)
-    paths = Counter(p for m in regrouped.modules() if isinstance(m, RegroupedConv2d)
-                    for p in ([m.info["forced"]] if m.info["forced"] else m.info["choice"].values()))
-    result = {"batch_size": batch_size, "device": str(device),
-              "memory_format": {v: k for k, v in MEMORY_FORMATS.items()}[memory_format], "dense_ms": dense_ms,
-              "regrouped_ms": regrouped_ms, "speedup": dense_ms / regrouped_ms, "max_rel_err": err,
-              "conv_flop_ratio": macs_regrouped / macs_dense,
-              "ideal_conv_speedup": macs_dense / max(macs_regrouped, 1e-30),
-              "paths": ", ".join(f"{p} {n}" for p, n in paths.most_common())}
-    if log:
-        log(result)
-    return result

@@ -1965,12 +1965,12 @@ def rel_err(y, ref):
     return ((y.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
-def grouped_conv2d_cpu(x, weight, blocks, stride, padding, dilation=1, out=None, strategy=None):
-    """A RegroupedConv2d of weight and blocks run once on x (measuring its paths unless strategy forces one)."""
-    return kernels.RegroupedConv2d(weight, blocks, None, stride, padding, dilation, strategy=strategy)(x, out=out)
+def empty_rows(mask2d):
+    """The output channels in no block, from the test's own mask."""
+    return torch.nonzero(mask2d.sum(1) == 0).view(-1)
 
 
-# ---- reference and CPU path ----
+# ---- reference and CPU paths ----
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_reference_matches_masked_conv(shape):
@@ -1982,25 +1982,29 @@ def test_reference_matches_masked_conv(shape):
     assert rel_err(y64, ref) < 1e-12
 
 
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every runner's output and scratch (kernels._new) starts as NaN: a value never written shows."""
+    def nan_filled(x, shape, memory_format=torch.contiguous_format):
+        return torch.full(shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=memory_format)
+    monkeypatch.setattr(kernels, "_new", nan_filled)
+
+
 @pytest.mark.parametrize("memory_format", list(kernels.MEMORY_FORMATS))
 @pytest.mark.parametrize("strategy", [None, *kernels.CANDIDATES["cpu"]])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cpu_path_matches_masked_conv(shape, strategy, memory_format):
+def test_cpu_path_matches_masked_conv(shape, strategy, memory_format, poisoned):
     fmt = kernels.MEMORY_FORMATS[memory_format]
     x, weight, blocks, mask2d, masked, conv = make_case(shape, seed=2)
     x = x.contiguous(memory_format=fmt)
     ref = F.conv2d(x.double(), masked.double(), **conv)
-    out = torch.full(ref.shape, float("nan")).contiguous(memory_format=fmt)
-    y = grouped_conv2d_cpu(x, weight, blocks, out=out, strategy=strategy, **conv)
-    assert y.data_ptr() == out.data_ptr()
-    assert not torch.isnan(out).any()
-    assert rel_err(out, ref) < 1e-5
-    empty = torch.nonzero(mask2d.sum(1) == 0).view(-1)
-    assert len(empty) >= 1 and (out[:, empty] == 0).all()
-    y_new = grouped_conv2d_cpu(x, weight, blocks, strategy=strategy, **conv)  # no out=
-    assert torch.allclose(y_new, out, rtol=0, atol=1e-6 * ref.abs().max().item())
+    with torch.no_grad():
+        y = kernels.RegroupedConv2d(weight, blocks, strategy=strategy, **conv)(x)
+    assert y.shape == ref.shape and not torch.isnan(y).any() and rel_err(y, ref) < 1e-5
+    empty = empty_rows(mask2d)
+    assert len(empty) >= 1 and (y[:, empty] == 0).all()
     if x.shape[0] > 1:  # (N=1 tensors are contiguous in both formats)
-        assert y_new.is_contiguous(memory_format=fmt) and kernels.memory_format_of(y_new) == fmt
+        assert y.is_contiguous(memory_format=fmt) and kernels.memory_format_of(y) == fmt
 
 
 def test_select_channels_keeps_the_memory_format():
@@ -2017,42 +2021,73 @@ def test_cpu_path_float64_is_exact():
     x, weight, blocks, _, masked, conv = make_case(SHAPES[1], seed=3, dtype=torch.float64)
     ref = F.conv2d(x, masked, **conv)
     for strategy in kernels.CANDIDATES["cpu"]:
-        assert rel_err(grouped_conv2d_cpu(x, weight, blocks, strategy=strategy, **conv), ref) < 1e-12
+        y = kernels.RegroupedConv2d(weight, blocks, strategy=strategy, **conv)(x)
+        assert rel_err(y, ref) < 1e-12, strategy
 
 
 def test_weights_outside_blocks_are_ignored():
     x, weight, blocks, mask2d, masked, conv = make_case(SHAPES[0], seed=4)
     noisy = weight + 100.0 * (1 - mask2d).view(weight.shape)  # only the mask's complement changes
     for strategy in kernels.CANDIDATES["cpu"]:
-        y = grouped_conv2d_cpu(x, noisy, blocks, strategy=strategy, **conv)
-        assert rel_err(y, F.conv2d(x, masked, **conv)) < 1e-5
+        y = kernels.RegroupedConv2d(noisy, blocks, strategy=strategy, **conv)(x)
+        assert rel_err(y, F.conv2d(x, masked, **conv)) < 1e-5, strategy
+
+
+@pytest.mark.parametrize("memory_format", list(kernels.MEMORY_FORMATS))
+def test_each_builder_returns_all_its_runner_needs(memory_format, poisoned):
+    """Each path from a fresh plan: its run gets only the plan's tensors and its build's return
+    value, and must give the masked conv; its build changes neither the plan's info nor its tensors.
+    (The kernel paths' tables run under the host emulation, below.)"""
+    fmt = kernels.MEMORY_FORMATS[memory_format]
+    x, weight, blocks, mask2d, masked, conv = make_case(SHAPES[1], seed=12, dtype=torch.float64)
+    x, ref = x.contiguous(memory_format=fmt), F.conv2d(x, masked, **conv)
+    pairs = tuple((v, v) for v in (conv["stride"], conv["padding"], conv["dilation"]))
+    for name, path in kernels.PATHS.items():
+        info, t = kernels.make_plan(weight, kernels.check_blocks(tuple(weight.shape), blocks))
+        info_before, t_before = copy.deepcopy(info), {k: v.clone() for k, v in t.items()}
+        p = path.build(info, t)
+        assert info == info_before, f"{name}: its build wrote into info"
+        assert t.keys() == t_before.keys() and all(torch.equal(t[k], t_before[k]) for k in t), name
+        if "cpu" in path.devices:
+            y = path.run(x, info, t, p, pairs)
+            assert rel_err(y, ref) < 1e-12 and kernels.memory_format_of(y) == fmt, name
+            assert (y[:, empty_rows(mask2d)] == 0).all(), name
+
+
+def test_every_device_measures_dense_and_the_gpu_both_kernel_tiles(capsys):
+    assert all("dense" in paths for paths in kernels.CANDIDATES.values())  # never slower than dense
+    assert {f"kernel{r}" for r in kernels.KERNEL_TILE_ROWS} <= set(kernels.CANDIDATES["cuda"])
+    x = torch.randn(1, 2, 3, 3)
+    assert kernels.candidate_paths(x) == ("dense", "conv", "grouped", "gather")  # no kernel on the CPU
+    meta = torch.empty(1, 2, 3, 3, device="meta")
+    assert kernels.candidate_paths(meta) == kernels.candidate_paths(meta) == kernels.candidate_paths(x)
+    assert capsys.readouterr().err.count("WARNING: no paths are listed for meta tensors") == 1
 
 
 def fake_clock(monkeypatch, ticks):
-    """time.perf_counter in kernels advances by ticks[path] during each run of that path."""
+    """time.perf_counter in kernels advances by ticks[path] (10 for others) during each run of that path."""
     clock = [0]
-    real_run = kernels.run_path
 
-    def run(x, info, t, conv_args, path, out=None):
-        clock[0] += ticks.get(path, 10)
-        return real_run(x, info, t, conv_args, path, out)
+    def ticking(name, run):
+        def run_and_tick(*args):
+            clock[0] += ticks.get(name, 10)
+            return run(*args)
+        return run_and_tick
     monkeypatch.setattr(kernels.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(kernels, "run_path", run)
+    for name, path in list(kernels.PATHS.items()):
+        monkeypatch.setitem(kernels.PATHS, name, dataclasses.replace(path, run=ticking(name, path.run)))
 
 
-def small_layer(**kw):
-    w = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+def small_layer(seed=0, **kw):
+    w = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(seed))
     blocks = [(torch.arange(8), torch.arange(9)), (torch.arange(8, 15), torch.arange(9, 40))]
     masked = w * kernels.block_mask(w.shape, blocks)
     return kernels.RegroupedConv2d(w, blocks, padding=1, **kw), masked
 
 
 def built_paths(layer):
-    """Which paths' tensors a layer holds (by their buffer names)."""
-    names = {n for n, _ in layer.named_buffers()}
-    prefix = {"dense": "plan_dense_weight", "conv": "plan_conv_weight", "grouped": "plan_group_weight",
-              "gather": "plan_union_chans", "kernel": "plan_cuda_meta"}
-    return {p for p, n in prefix.items() if n in names}
+    """Which paths' tensors a layer holds (its buffers are named <path>_<key>)."""
+    return {n.split("_")[0] for n, _ in layer.named_buffers()} & set(kernels.PATHS)
 
 
 def test_measured_choice_is_the_fastest_candidate_and_the_others_are_freed(monkeypatch):
@@ -2063,7 +2098,7 @@ def test_measured_choice_is_the_fastest_candidate_and_the_others_are_freed(monke
     with torch.no_grad():
         y = layer(x)
     key = kernels.choice_key(x)
-    assert set(layer.info["times"][key]) == set(kernels.CANDIDATES["cpu"])  # dense among them
+    assert set(layer.info["times"][key]) == {"dense", "conv", "grouped", "gather"}
     assert layer.info["times"][key]["grouped"] == 1e3 and layer.path_for(x) == "grouped"  # ms
     assert built_paths(layer) == {"grouped"} and "2x8x6x6 contiguous float32 cpu: grouped" in repr(layer)
     assert rel_err(y, F.conv2d(x, masked, padding=1)) < 1e-5
@@ -2073,7 +2108,7 @@ def test_choice_is_measured_once_per_shape_format_and_dtype(monkeypatch):
     layer, masked = small_layer()
     calls = []
     real = kernels.measure_paths
-    monkeypatch.setattr(kernels, "measure_paths", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(kernels, "measure_paths", lambda runs, device: calls.append(list(runs)) or real(runs, device))
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
         for inp in (x, x, x.contiguous(memory_format=torch.channels_last), x.double(), x[:1], x[:1]):
@@ -2093,7 +2128,19 @@ def test_forced_path_runs_without_measuring(monkeypatch):
     with pytest.raises(ValueError, match="unknown path 'fast'"):
         small_layer(strategy="fast")
     with pytest.raises(ValueError, match="emulated_grouped_conv2d"):
-        small_layer(strategy="kernel")[0](x)
+        small_layer(strategy="kernel16")[0](x)
+
+
+def test_load_state_dict_drops_built_paths_and_runs_the_new_weights():
+    layer, _ = small_layer(seed=0)
+    other, masked = small_layer(seed=1)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        layer(x)
+        assert built_paths(layer) == {layer.path_for(x)}
+        layer.load_state_dict(other.state_dict())
+        assert built_paths(layer) == set()
+        assert rel_err(layer(x), F.conv2d(x, masked, padding=1)) < 1e-5  # not the old weights
 
 
 def test_regrouped_conv_holds_less_than_the_dense_conv(monkeypatch):
@@ -2109,7 +2156,7 @@ def test_regrouped_conv_holds_less_than_the_dense_conv(monkeypatch):
     held = lambda: sum(b.numel() * b.element_size() for b in layer.buffers())   # noqa: E731
     assert 0.1 * dense_bytes < held() < 0.11 * dense_bytes                      # 10% packed, tiny tables
     monkeypatch.setattr(kernels, "measure_paths",                               # conv wins, all were built
-                        lambda x, info, t, conv_args, cands: {p: 1.0 if p == "conv" else 2.0 for p in cands})
+                        lambda runs, device: {p: 1.0 if p == "conv" else 2.0 for p in runs})
     x = torch.randn(1, 512, 4, 4, generator=g)
     with torch.no_grad():
         y = layer(x)
@@ -2119,12 +2166,23 @@ def test_regrouped_conv_holds_less_than_the_dense_conv(monkeypatch):
     assert rel_err(y, F.conv2d(x, masked, padding=1)) < 1e-5
 
 
-def test_measure_paths_times_every_candidate_interleaved(monkeypatch):
-    fake_clock(monkeypatch, {"dense": 5, "conv": 1})
-    layer, _ = small_layer()
-    t = layer._tensors(("dense", "conv"))
-    times = kernels.measure_paths(torch.randn(2, 8, 6, 6), layer.info, t, ((1, 1), (1, 1), (1, 1)), ("dense", "conv"))
-    assert times == {"dense": 5e3, "conv": 1e3}  # ms of the fake clock's seconds
+def test_measure_paths_warms_up_interleaves_takes_the_median_and_drops_the_hopeless(monkeypatch):
+    monkeypatch.setattr(kernels, "MEASURE_WARMUP", 1)
+    monkeypatch.setattr(kernels, "MEASURE_RUNS", 3)
+    monkeypatch.setattr(kernels, "MEASURE_CUTOFF", 3.0)
+    clock, calls = [0], []
+    seconds = {"a": iter([9, 2, 2, 3]), "b": iter([9, 1, 5, 1]), "c": iter([9, 4])}  # warmup first
+
+    def run(name):
+        def fn():
+            calls.append(name)
+            clock[0] += next(seconds[name])
+        return fn
+    monkeypatch.setattr(kernels.time, "perf_counter", lambda: clock[0])
+    times = kernels.measure_paths({name: run(name) for name in seconds}, torch.device("cpu"))
+    # c took 4 > 3.0 x 1 s in the first timed round: not run again; b's median is 1 s (its mean is not)
+    assert calls == ["a", "b", "c", "a", "b", "c", "a", "b", "a", "b"]
+    assert times == {"a": 2e3, "b": 1e3, "c": 4e3}
 
 
 # ---- validation ----
@@ -2200,18 +2258,19 @@ def test_regrouped_model_equals_masked_dense_model():
     assert (inner[:, empty] == 0).all()
 
 
-def test_regrouped_conv_stores_packed_blocks_and_keeps_bias():
+def test_regrouped_conv_stores_packed_blocks_and_adds_the_bias_on_every_path():
     model, blocks, masks = tiny_model_and_blocks()
-    layer = kernels.RegroupedConv2d.from_conv(model.body[4], blocks["body.4.weight"], name="body.4.weight")
-    sd = layer.state_dict()
+    conv, mask2d = model.body[4], masks["body.4.weight"]
+    sd = kernels.RegroupedConv2d.from_conv(conv, blocks["body.4.weight"], name="body.4.weight").state_dict()
     assert set(sd) == {"bias", "block_sizes", "plan_packed", "plan_rows", "plan_cols"}
-    assert sd["plan_packed"].numel() == int(masks["body.4.weight"].sum())
+    assert sd["plan_packed"].numel() == int(mask2d.sum())
     x = torch.randn(3, 10, 5, 6)
-    masked = model.body[4].weight * masks["body.4.weight"].view(model.body[4].weight.shape)
+    ref = F.conv2d(x, conv.weight * mask2d.view(conv.weight.shape), conv.bias)
     with torch.no_grad():
-        assert rel_err(layer(x), F.conv2d(x, masked, model.body[4].bias)) < 1e-5
-        y = kernels.RegroupedConv2d(model.body[4].weight, blocks["body.4.weight"])(x)
-        assert rel_err(y, F.conv2d(x, masked)) < 1e-5
+        for strategy in (None, *kernels.CANDIDATES["cpu"]):
+            layer = kernels.RegroupedConv2d.from_conv(conv, blocks["body.4.weight"], strategy=strategy)
+            y1, y2 = layer(x), layer(x)
+            assert rel_err(y1, ref) < 1e-5 and torch.equal(y1, y2), strategy  # the bias added once, to a new y
 
 
 def test_regrouped_model_rejects_tickets_that_do_not_fit():
@@ -2224,19 +2283,55 @@ def test_regrouped_model_rejects_tickets_that_do_not_fit():
         kernels.regrouped_model(model, {"body.4.weight": [(torch.tensor([7]), torch.tensor([0]))]})
 
 
-def test_bench_helpers_return_checked_rows():
-    model, blocks, _ = tiny_model_and_blocks()
-    rows = kernels.bench_layers(model, blocks, batch_size=2, device="cpu", repeats=1, input_size=(3, 16, 16))
+# The benches under a fake clock (fake_clock) and a planted bug: what they time, check and report,
+# against the test's own masks and MAC counts.
+TINY_MACS = {"stem.weight": 12 * 3 * 9 * 16 * 16,   # TinyCNN on 16x16 images: out channels x in x k*k x OH*OW
+             "body.2.weight": 10 * 12 * 9 * 8 * 8,  # (stride 2)
+             "body.4.weight": 7 * 10 * 1 * 8 * 8}
+
+
+def planted_bug(monkeypatch, name, offset=1.0):
+    """Path `name` adds `offset` to every output: wrong on purpose."""
+    path = kernels.PATHS[name]
+    monkeypatch.setitem(kernels.PATHS, name, dataclasses.replace(path, run=lambda *a: path.run(*a) + offset))
+
+
+def fake_timing(monkeypatch, ms=(3.0, 1.5)):
+    """kernels.time_interleaved calls every fn once and says they took `ms`; returns their outputs per call."""
+    outputs = []
+
+    def run_once(fns, device, repeats, warmup):
+        outputs.append([fn() for fn in fns])
+        return list(ms)
+    monkeypatch.setattr(kernels, "time_interleaved", run_once)
+    return outputs
+
+
+def test_bench_layers_times_the_masked_conv_and_the_fastest_path_on_the_real_activations(monkeypatch):
+    model, blocks, masks = tiny_model_and_blocks()
+    fake_clock(monkeypatch, {"gather": 1})  # gather is the fastest candidate of every layer...
+    planted_bug(monkeypatch, "gather")      # ... and off by one
+    timed = fake_timing(monkeypatch)
+    rows = kernels.bench_layers(model, blocks, batch_size=2, repeats=1, input_size=(3, 16, 16))
     assert [r["name"] for r in rows] == list(blocks)
-    assert rows[1]["input_hw"] == (16, 16) and rows[2]["input_hw"] == (8, 8)
-    for r in rows:
-        assert r["max_rel_err"] < 1e-5 and r["dense_ms"] > 0 and r["regrouped_ms"] > 0
-        assert r["path"] in kernels.CANDIDATES["cpu"]
-        assert r["ideal_speedup"] == "-" if r["path"] == "dense" else abs(r["ideal_speedup"] * r["flop_ratio"] - 1) < 1e-9
-    total = kernels.bench_model(model, blocks, batch_size=2, device="cpu", repeats=1, input_size=(3, 16, 16))
-    assert total["max_rel_err"] < 1e-5 and 0 < total["conv_flop_ratio"] < 1
-    assert total["memory_format"] == "contiguous"
-    assert sum(int(n) for n in re.findall(r"\d+", total["paths"])) == len(blocks)  # e.g. "conv 2, dense 1"
+    assert [r["input_hw"] for r in rows] == [(16, 16), (16, 16), (8, 8)]  # body.2 has stride 2
+    for r, (dense_y, layer_y), mask2d in zip(rows, timed, masks.values()):
+        assert r["path"] == "gather" and (layer_y - dense_y - 1).abs().max() < 1e-5  # dense, then the layer
+        assert (r["dense_ms"], r["regrouped_ms"]) == (3.0, 1.5) and r["max_rel_err"] > 0.1  # the bug is reported
+        assert r["flop_ratio"] == pytest.approx(mask2d.mean().item())
+
+
+def test_bench_model_reports_the_chosen_paths_the_conv_macs_and_a_wrong_path(monkeypatch):
+    model, blocks, masks = tiny_model_and_blocks()
+    fake_clock(monkeypatch, {"gather": 1})
+    fake_timing(monkeypatch)
+    bench = functools.partial(kernels.bench_model, model, blocks, batch_size=4, repeats=1, input_size=(3, 16, 16))
+    total = bench()
+    assert total["paths"] == "gather 3" and total["max_rel_err"] < 1e-5 and total["memory_format"] == "contiguous"
+    ratio = sum(masks[n].mean().item() * macs for n, macs in TINY_MACS.items()) / sum(TINY_MACS.values())
+    assert total["conv_flop_ratio"] == pytest.approx(ratio)
+    planted_bug(monkeypatch, "gather")
+    assert bench()["max_rel_err"] > 0.1
 
 
 def test_regrouped_model_in_channels_last_equals_masked_dense_model():
@@ -2262,22 +2357,27 @@ def test_regrouped_model_in_channels_last_equals_masked_dense_model():
 
 # ---- CUDA: tables (CPU), compile check (nvcc), kernel (GPU only) ----
 
-def test_cuda_tables_cover_every_block_row_once():
-    """Emulate the kernel's tile loop with the int32 tables: it must reproduce the reference."""
+KERNEL_PATHS = [f"kernel{r}" for r in kernels.KERNEL_TILE_ROWS]
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_cuda_tables_cover_every_block_row_once(path):
+    """Run the kernel's tile loop in torch on its path's tables: it must reproduce the masked conv."""
     x, weight, blocks, _, masked, conv = make_case(SHAPES[5], seed=5)
     info, t = kernels.make_plan(weight, kernels.check_blocks(tuple(weight.shape), blocks))
-    t.update(kernels.kernel_tables(info, t))
-    meta, tiles = t["cuda_meta"].tolist(), t["cuda_tiles"].tolist()
-    rows, cols, packed = t["cuda_rows"].long(), t["cuda_cols"].long(), t["packed"]
+    p = kernels.PATHS[path].build(info, t)
+    meta, tiles = p["meta"].tolist(), p["tiles"].tolist()
+    rows, cols, packed = p["rows"].long(), p["cols"].long(), t["packed"]
     x_cols = F.unfold(x, weight.shape[2:], **conv)  # (N, K, L)
     y = torch.zeros(x.shape[0], weight.shape[0], x_cols.shape[2])
     for b, row0 in tiles:
         r_start, n_rows, c_start, n_cols, w_off = meta[b]
         wb = packed[w_off:w_off + n_rows * n_cols].view(n_rows, n_cols)
-        r = torch.arange(row0, min(row0 + info["tile_rows"], n_rows))
+        r = torch.arange(row0, min(row0 + p["tile_rows"], n_rows))
         y[:, rows[r_start + r]] += wb[r] @ x_cols[:, cols[c_start:c_start + n_cols]]
     ref = F.conv2d(x, masked, **conv)
     assert rel_err(y.view(ref.shape), ref) < 1e-5
+    assert len(tiles) == sum(-(-len(r) // p["tile_rows"]) for r, _ in blocks)  # ceil(rows / tile) per block
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
@@ -2301,18 +2401,18 @@ GPU_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}  # TF
 
 
 @cuda
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("dtype", list(GPU_TOL))
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cuda_kernel_matches_reference(shape, dtype):
+def test_cuda_kernel_matches_reference(shape, dtype, path):
     x, weight, blocks, mask2d, masked, conv = make_case(shape, seed=6)
     assert kernels.cuda_extension() is not None
     ref = F.conv2d(x.double(), masked.double(), **conv)
-    layer = kernels.RegroupedConv2d(weight, blocks, None, name="t", strategy="kernel", **conv).cuda().to(dtype)
+    layer = kernels.RegroupedConv2d(weight, blocks, None, name="t", strategy=path, **conv).cuda().to(dtype)
     y = layer(x.cuda().to(dtype))
     assert y.dtype == dtype and not torch.isnan(y).any()
     assert rel_err(y.cpu(), ref) < GPU_TOL[dtype]
-    empty = torch.nonzero(mask2d.sum(1) == 0).view(-1).cuda()
-    assert (y[:, empty] == 0).all()
+    assert (y[:, empty_rows(mask2d).cuda()] == 0).all()
     y_cl = layer(x.cuda().to(dtype).contiguous(memory_format=torch.channels_last))
     assert torch.equal(y_cl, y) and kernels.memory_format_of(y_cl) == kernels.memory_format_of(
         x.contiguous(memory_format=torch.channels_last))  # same values, the input's layout
@@ -2335,7 +2435,8 @@ def test_cuda_paths_match_reference_and_all_are_measured(dtype):
 
 
 @cuda
-def test_cuda_thick_blocks_and_model():
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_cuda_thick_blocks_and_model(path):
     model, blocks, _ = tiny_model_and_blocks()
     x = torch.randn(5, 3, 33, 31)
     with torch.no_grad():
@@ -2343,7 +2444,7 @@ def test_cuda_thick_blocks_and_model():
         regrouped = kernels.regrouped_model(model, blocks).cuda()
         for m in regrouped.modules():
             if isinstance(m, kernels.RegroupedConv2d):
-                m.info["forced"] = "kernel"
+                m.info["forced"] = path
         y = regrouped(x.cuda())
     assert rel_err(y.cpu(), ref) < 1e-3
     g = torch.Generator().manual_seed(7)
@@ -2351,16 +2452,15 @@ def test_cuda_thick_blocks_and_model():
     thick = [(torch.arange(0, 70), torch.randperm(360, generator=g)[:77].sort().values),
              (torch.arange(80, 150), torch.randperm(360, generator=g)[:300].sort().values)]
     ref = kernels.grouped_gemm_reference(xs.double(), w.double(), thick, padding=1)
-    layer = kernels.RegroupedConv2d(w, thick, padding=1, strategy="kernel").cuda()
-    y = layer(xs.cuda())
-    assert layer.info["tile_rows"] == 64 and rel_err(y.cpu(), ref) < 1e-3
+    layer = kernels.RegroupedConv2d(w, thick, padding=1, strategy=path).cuda()
+    assert rel_err(layer(xs.cuda()).cpu(), ref) < 1e-3
 
 
 # ---- host emulation of the CUDA kernel ----
 # kernels.CUDA_SRC compiled by g++ and run on the CPU, with or without sanitizers, so a change to the
 # kernel can be checked without a GPU:
 #     import test_lth_ref as T
-#     y = T.emulated_grouped_conv2d(x, weight, blocks, stride, padding, dilation, tile_rows, source=new_src)
+#     y = T.emulated_grouped_conv2d(x, weight, blocks, stride, padding, dilation, tile_rows=16, source=new_src)
 # The kernel's own text, unchanged (only its CUDA includes and its <<<...>>> launch sit behind
 # #ifndef LTH_REF_HOST_EMULATION), compiled with EMULATION_HEADER: CUDA threads are OS threads,
 # __syncthreads() a real barrier, __shared__ memory NaN-poisoned before each CTA, WMMA computed on
@@ -2919,15 +3019,17 @@ def emulation_call(fn, *args):
 
 
 def _kernel_case(x, weight, blocks, stride, padding, dilation, tile_rows):
-    """The launcher's arguments for x (N, C, H, W) on the CPU: (dtype code, tile_rows, [x, packed
-    weights, y, meta, tiles, rows, cols], dims). y (N, O, OH, OW) is NaN except the rows in no
-    block, which are 0 as the launcher's caller sets them (CPP_SRC): rows the kernel misses show."""
+    """The launcher's arguments for x (N, C, H, W) on the CPU, from the tables the GPU's path
+    kernel<tile_rows> builds: (dtype code, [x, packed weights, y, meta, tiles, rows, cols], dims).
+    y (N, O, OH, OW) is NaN except the rows in no block, which are 0 as the launcher's caller sets
+    them (CPP_SRC): rows the kernel misses show."""
     if x.device.type != "cpu" or x.dtype not in kernels.KERNEL_DTYPES or x.dim() != 4 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"emulated_grouped_conv2d: x must be a CPU (N, {weight.shape[1]}, H, W) tensor of "
                          f"{[str(d) for d in kernels.KERNEL_DTYPES]}, got {x.device.type} {x.dtype} {tuple(x.shape)}")
-    blocks = kernels.check_blocks(tuple(weight.shape), blocks)
-    info, t = kernels.make_plan(weight.detach().cpu(), blocks)
-    tables = kernels.kernel_tables(info, t, tile_rows)
+    if tile_rows not in kernels.KERNEL_TILE_ROWS:
+        raise ValueError(f"emulated_grouped_conv2d: tile_rows={tile_rows}, expected one of {kernels.KERNEL_TILE_ROWS}")
+    info, t = kernels.make_plan(weight.detach().cpu(), kernels.check_blocks(tuple(weight.shape), blocks))
+    p = kernels.PATHS[f"kernel{tile_rows}"].build(info, t)
     stride, padding, dilation = kernels._pair(stride), kernels._pair(padding), kernels._pair(dilation)
     (N, C, H, W), (O, _, kh, kw) = x.shape, weight.shape
     OH, OW = kernels.conv_out_hw((H, W), (kh, kw), stride, padding, dilation)
@@ -2936,20 +3038,20 @@ def _kernel_case(x, weight, blocks, stride, padding, dilation, tile_rows):
     y = torch.full((N, O, OH, OW), float("nan"), dtype=x.dtype)
     y.index_fill_(1, t["empty_rows"], 0.0)
     arrays = [x.contiguous(), t["packed"].to(x.dtype).contiguous(), y,
-              *(tables[k].contiguous() for k in ("cuda_meta", "cuda_tiles", "cuda_rows", "cuda_cols"))]
-    return kernels.KERNEL_DTYPES[x.dtype], info["tile_rows"], arrays, [N, C, H, W, O, OH, OW, kh, kw, *stride, *padding, *dilation]
+              *(p[k].contiguous() for k in ("meta", "tiles", "rows", "cols"))]
+    return kernels.KERNEL_DTYPES[x.dtype], arrays, [N, C, H, W, O, OH, OW, kh, kw, *stride, *padding, *dilation]
 
 
-def emulated_grouped_conv2d(x, weight, blocks, stride=1, padding=0, dilation=1, tile_rows=None, *,
+def emulated_grouped_conv2d(x, weight, blocks, stride=1, padding=0, dilation=1, *, tile_rows,
                             source=None, sanitizer=None):
-    """The CUDA kernel (kernels.CUDA_SRC, or `source`) run on the CPU under the host emulation: x (N, C, H, W)
-    float32/float16/bfloat16, weight (O, C, kh, kw) (values outside the blocks ignored) ->
-    y (N, O, OH, OW) in x's dtype, NCHW, bit for bit what the emulated hardware computes (fp32: TF32
-    products, fp32 sums). tile_rows: 16 or 64 (None: the rule RegroupedConv2d uses). sanitizer:
-    None runs in this process (ctypes); "address" or "thread" run a sanitizer build in a
-    subprocess. RuntimeError with the message when a rule breaks or a sanitizer reports;
-    EmulationUnavailable without a compiler."""
-    code, tile_rows, arrays, dims = _kernel_case(x, weight, blocks, stride, padding, dilation, tile_rows)
+    """The CUDA kernel (kernels.CUDA_SRC, or `source`) run on the CPU under the host emulation:
+    x (N, C, H, W) float32/float16/bfloat16, weight (O, C, kh, kw) (values outside the blocks
+    ignored) -> y (N, O, OH, OW) in x's dtype, NCHW, bit for bit what the emulated hardware computes
+    (fp32: TF32 products, fp32 sums). tile_rows: one of kernels.KERNEL_TILE_ROWS (the paths kernel16
+    and kernel64). sanitizer: None runs in this process (ctypes); "address" or "thread" run a
+    sanitizer build in a subprocess. RuntimeError with the message when a rule breaks or a
+    sanitizer reports; EmulationUnavailable without a compiler."""
+    code, arrays, dims = _kernel_case(x, weight, blocks, stride, padding, dilation, tile_rows)
     if sanitizer is not None:
         return _run_emulation_program(build_emulation(source, sanitizer), sanitizer, code, tile_rows, arrays, dims)
     lib, ptr = emulation_library(source), (lambda a: ctypes.c_void_p(a.data_ptr()))
@@ -2990,7 +3092,6 @@ def round_like_mma(x):
     bits = x.contiguous().view(torch.int32)
     finite = (bits & 0x7F800000) != 0x7F800000
     return torch.where(finite, (bits + 0x1000) & ~0x1FFF, bits).view(torch.float32)  # (ties: magnitude up)
-
 
 
 def emulation_or_skip(source=None, sanitizer=None):
@@ -3046,7 +3147,7 @@ def emulation_inputs(case, dtype):
     return x, weight, blocks, ref, seen, empty, conv
 
 
-@pytest.mark.parametrize("tile_rows", [16, 64])
+@pytest.mark.parametrize("tile_rows", kernels.KERNEL_TILE_ROWS)
 @pytest.mark.parametrize("dtype", list(EMU_TOL))
 @pytest.mark.parametrize("case", EMULATION_CASES, ids=[c[0] for c in EMULATION_CASES])
 def test_emulated_kernel_matches_reference(emulation, case, dtype, tile_rows):
@@ -3088,7 +3189,7 @@ def test_emulation_stops_a_kernel_that_breaks_a_rule(emulation, which, message):
     with pytest.raises(RuntimeError, match=message):
         emulation_call(emulation.lth_emu_broken, which)
     x, weight, blocks, _, seen, _, conv = emulation_inputs(EMULATION_CASES[0], torch.float32)
-    assert rel_err(emulated_grouped_conv2d(x, weight, blocks, **conv), seen) <= EMU_TOL[torch.float32]
+    assert rel_err(emulated_grouped_conv2d(x, weight, blocks, tile_rows=16, **conv), seen) <= EMU_TOL[torch.float32]
 
 
 # Padding 1 and a block over every column: the bottom kernel row of the last channel reaches one row
@@ -3113,7 +3214,7 @@ def sanitized(dtype, tile_rows, sanitizer, source=None):
 
 def test_emulated_kernel_is_clean_under_address_and_undefined_behaviour_sanitizers():
     for dtype in EMU_TOL:
-        for tile_rows in (16, 64):
+        for tile_rows in kernels.KERNEL_TILE_ROWS:
             y, seen = sanitized(dtype, tile_rows, "address")
             assert rel_err(y, seen) <= EMU_TOL[dtype]
 
@@ -3187,13 +3288,17 @@ def test_auto_memory_format_is_the_faster_one_for_the_dense_model(monkeypatch):
     assert timed["n"] == len(kernels.MEMORY_FORMATS)
 
 
-def test_bench_train_times_ours_plain_and_the_masking(capsys):
+def test_bench_train_times_ours_plain_and_the_masking(monkeypatch):
+    """Under a fake clock (each step runs once; ours 20 ms, without masks 10, plain 40, masking 2),
+    the row says what those times mean for a batch of 4, computed here by hand."""
+    steps = fake_timing(monkeypatch, ms=(20.0, 10.0, 40.0, 2.0))
     row = L.bench_train(L.build_parser().parse_args(
         ["--bench", "train", "--arch", "resnet20", "--batch-size", "4", "--bench-repeats", "2", "--device", "cpu"]),
         log=lambda *_: None)
-    assert row["img_s_ours"] > 0 and row["img_s_plain"] > 0 and row["img_s_unmasked"] > 0
-    assert row["ms_masking"] > 0 and 0 < row["masking_pct_of_step"] < 100
-    assert row["ours_vs_plain"] == pytest.approx(row["img_s_ours"] / row["img_s_plain"], rel=1e-2)
+    assert len(steps[0]) == 4  # ours, ours without masks, plain, the masking: each ran
+    assert (row["img_s_ours"], row["img_s_unmasked"], row["img_s_plain"]) == (200.0, 400.0, 100.0)
+    assert (row["ours_vs_plain"], row["masked_vs_unmasked"]) == (2.0, 0.5)
+    assert (row["ms_masking"], row["masking_pct_of_step"]) == (2.0, 10.0)
 
 
 def test_bench_density_refuses_an_unstructured_method(tmp_path, capsys):
