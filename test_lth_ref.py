@@ -25,6 +25,7 @@ import tempfile
 import threading
 import urllib.error
 import urllib.request
+import warnings
 import zlib
 
 import numpy as np
@@ -39,6 +40,8 @@ import data
 import kernels
 import lth_ref as L
 import models
+
+warnings.filterwarnings("ignore", message="Unknown pytest.mark.slow", category=pytest.PytestUnknownMarkWarning)  # the slow marker: the project keeps no pytest config file
 
 
 # ---- models ----
@@ -2380,6 +2383,7 @@ def test_cuda_tables_cover_every_block_row_once(path):
     assert len(tiles) == sum(-(-len(r) // p["tile_rows"]) for r, _ in blocks)  # ceil(rows / tile) per block
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_cuda_source_compiles_without_spills(tmp_path):
     src = tmp_path / "grouped_gemm.cu"
@@ -3147,6 +3151,7 @@ def emulation_inputs(case, dtype):
     return x, weight, blocks, ref, seen, empty, conv
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tile_rows", kernels.KERNEL_TILE_ROWS)
 @pytest.mark.parametrize("dtype", list(EMU_TOL))
 @pytest.mark.parametrize("case", EMULATION_CASES, ids=[c[0] for c in EMULATION_CASES])
@@ -3162,6 +3167,7 @@ def test_emulated_kernel_matches_reference(emulation, case, dtype, tile_rows):
         assert (y == seen.to(dtype)).double().mean() > 0.99  # sum falls within 1e-6 of a rounding tie
 
 
+@pytest.mark.slow
 def test_emulated_conversions_round_like_the_hardware(emulation):
     bits = lambda v: struct.unpack("<I", struct.pack("<f", v))[0]  # noqa: E731
     # cvt.rna keeps 10 mantissa bits, ties away from zero: 1 + 2^-11 lies halfway between 1 and 1 + 2^-10
@@ -3178,6 +3184,7 @@ def test_emulated_conversions_round_like_the_hardware(emulation):
         assert emulation.lth_emu_float2bfloat16(v) == values[i:i + 1].bfloat16().view(torch.int16).item() & 0xFFFF
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which,message", [
     (1, "load_matrix_sync: pointer .* is not 256-bit aligned"),
     (2, "ldm=10 elements \\(40 bytes\\) is not a multiple of 16 bytes"),
@@ -3212,6 +3219,7 @@ def sanitized(dtype, tile_rows, sanitizer, source=None):
     return y, seen
 
 
+@pytest.mark.slow
 def test_emulated_kernel_is_clean_under_address_and_undefined_behaviour_sanitizers():
     for dtype in EMU_TOL:
         for tile_rows in kernels.KERNEL_TILE_ROWS:
@@ -3219,12 +3227,14 @@ def test_emulated_kernel_is_clean_under_address_and_undefined_behaviour_sanitize
             assert rel_err(y, seen) <= EMU_TOL[dtype]
 
 
+@pytest.mark.slow
 def test_emulated_kernel_is_clean_under_thread_sanitizer():
     for dtype, tile_rows in ((torch.float32, 16), (torch.bfloat16, 64)):
         y, seen = sanitized(dtype, tile_rows, "thread")
         assert rel_err(y, seen) <= EMU_TOL[dtype]
 
 
+@pytest.mark.slow
 def test_sanitizers_catch_planted_bugs():
     """The harness is not vacuous: one read past the input, one missing barrier, each caught."""
     src = kernels.CUDA_SRC
@@ -3245,6 +3255,7 @@ def test_emulation_without_a_compiler_says_what_to_install(monkeypatch):
 
 # ---- kernels on pipeline tickets and the CLI's --bench ----
 
+@pytest.mark.slow
 def test_regrouped_model_of_a_pipeline_ticket_equals_the_masked_dense_model(tmp_path):
     out, _ = run_cli(tmp_path, "--levels", "1", "--method", "regroup")
     t = ticket(out, 1, "regroup")
@@ -3259,6 +3270,7 @@ def test_regrouped_model_of_a_pipeline_ticket_equals_the_masked_dense_model(tmp_
     assert sum(isinstance(m, kernels.RegroupedConv2d) for m in fast.modules()) == 18
 
 
+@pytest.mark.slow
 def test_bench_density_runs_the_grouped_gemm_on_a_fresh_regrouped_model(tmp_path):
     args = L.build_parser().parse_args(
         ["--bench", "--arch", "resnet20", "--method", "regroup", "--bench-density", "0.2",
