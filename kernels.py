@@ -970,7 +970,7 @@ int grouped_conv2d_launch(int dtype, int tile_rows, const void* x, const void* w
                           const int* tiles, int num_tiles, const int* rows, const int* cols, const int* dims,
                           cudaStream_t stream);
 
-// x (N, C, H, W); packed block weights; int32 tables from make_plan; empty_rows int64;
+// x (N, C, H, W); packed block weights; int32 tables from kernel_tables; empty_rows int64;
 // weight_shape (O, C, kh, kw); conv (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w) -> y (N, O, OH, OW)
 torch::Tensor grouped_conv2d_cuda(torch::Tensor x, torch::Tensor packed, torch::Tensor meta, torch::Tensor tiles,
                                   torch::Tensor rows, torch::Tensor cols, torch::Tensor empty_rows,
