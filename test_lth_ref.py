@@ -4,8 +4,10 @@ Run with `python -m pytest -q test_lth_ref.py` (CPU, a few minutes). CUDA tests 
 """
 import copy
 import csv
+import ctypes
 import dataclasses
 import functools
+import hashlib
 import inspect
 import io
 import itertools
@@ -21,6 +23,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -2326,7 +2329,12 @@ def rel_err(y, ref):
     return ((y.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
-# ---- reference and CPU path ----
+def empty_rows(mask2d):
+    """The output channels in no block, from the test's own mask."""
+    return torch.nonzero(mask2d.sum(1) == 0).view(-1)
+
+
+# ---- reference and CPU paths ----
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_reference_matches_masked_conv(shape):
@@ -2338,25 +2346,29 @@ def test_reference_matches_masked_conv(shape):
     assert rel_err(y64, ref) < 1e-12
 
 
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every runner's output and scratch (kernels._new) starts as NaN: a value never written shows."""
+    def nan_filled(x, shape, memory_format=torch.contiguous_format):
+        return torch.full(shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=memory_format)
+    monkeypatch.setattr(kernels, "_new", nan_filled)
+
+
 @pytest.mark.parametrize("memory_format", list(kernels.MEMORY_FORMATS))
 @pytest.mark.parametrize("strategy", [None, *kernels.CANDIDATES["cpu"]])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cpu_path_matches_masked_conv(shape, strategy, memory_format):
+def test_cpu_path_matches_masked_conv(shape, strategy, memory_format, poisoned):
     fmt = kernels.MEMORY_FORMATS[memory_format]
     x, weight, blocks, mask2d, masked, conv = make_case(shape, seed=2)
     x = x.contiguous(memory_format=fmt)
     ref = F.conv2d(x.double(), masked.double(), **conv)
-    out = torch.full(ref.shape, float("nan")).contiguous(memory_format=fmt)
-    y = kernels.grouped_conv2d_cpu(x, weight, blocks, out=out, strategy=strategy, **conv)
-    assert y.data_ptr() == out.data_ptr()
-    assert not torch.isnan(out).any()
-    assert rel_err(out, ref) < 1e-5
-    empty = torch.nonzero(mask2d.sum(1) == 0).view(-1)
-    assert len(empty) >= 1 and (out[:, empty] == 0).all()
-    y_new = kernels.grouped_conv2d_cpu(x, weight, blocks, strategy=strategy, **conv)  # no out=
-    assert torch.allclose(y_new, out, rtol=0, atol=1e-6 * ref.abs().max().item())
+    with torch.no_grad():
+        y = kernels.RegroupedConv2d(weight, blocks, strategy=strategy, **conv)(x)
+    assert y.shape == ref.shape and not torch.isnan(y).any() and rel_err(y, ref) < 1e-5
+    empty = empty_rows(mask2d)
+    assert len(empty) >= 1 and (y[:, empty] == 0).all()
     if x.shape[0] > 1:  # (N=1 tensors are contiguous in both formats)
-        assert y_new.is_contiguous(memory_format=fmt) and kernels.memory_format_of(y_new) == fmt
+        assert y.is_contiguous(memory_format=fmt) and kernels.memory_format_of(y) == fmt
 
 
 def test_select_channels_keeps_the_memory_format():
@@ -2373,42 +2385,73 @@ def test_cpu_path_float64_is_exact():
     x, weight, blocks, _, masked, conv = make_case(SHAPES[1], seed=3, dtype=torch.float64)
     ref = F.conv2d(x, masked, **conv)
     for strategy in kernels.CANDIDATES["cpu"]:
-        assert rel_err(kernels.grouped_conv2d_cpu(x, weight, blocks, strategy=strategy, **conv), ref) < 1e-12
+        y = kernels.RegroupedConv2d(weight, blocks, strategy=strategy, **conv)(x)
+        assert rel_err(y, ref) < 1e-12, strategy
 
 
 def test_weights_outside_blocks_are_ignored():
     x, weight, blocks, mask2d, masked, conv = make_case(SHAPES[0], seed=4)
     noisy = weight + 100.0 * (1 - mask2d).view(weight.shape)  # only the mask's complement changes
     for strategy in kernels.CANDIDATES["cpu"]:
-        y = kernels.grouped_conv2d_cpu(x, noisy, blocks, strategy=strategy, **conv)
-        assert rel_err(y, F.conv2d(x, masked, **conv)) < 1e-5
+        y = kernels.RegroupedConv2d(noisy, blocks, strategy=strategy, **conv)(x)
+        assert rel_err(y, F.conv2d(x, masked, **conv)) < 1e-5, strategy
+
+
+@pytest.mark.parametrize("memory_format", list(kernels.MEMORY_FORMATS))
+def test_each_builder_returns_all_its_runner_needs(memory_format, poisoned):
+    """Each path from a fresh plan: its run gets only the plan's tensors and its build's return
+    value, and must give the masked conv; its build changes neither the plan's info nor its tensors.
+    (The kernel paths' tables run under the host emulation, below.)"""
+    fmt = kernels.MEMORY_FORMATS[memory_format]
+    x, weight, blocks, mask2d, masked, conv = make_case(SHAPES[1], seed=12, dtype=torch.float64)
+    x, ref = x.contiguous(memory_format=fmt), F.conv2d(x, masked, **conv)
+    pairs = tuple((v, v) for v in (conv["stride"], conv["padding"], conv["dilation"]))
+    for name, path in kernels.PATHS.items():
+        info, t = kernels.make_plan(weight, kernels.check_blocks(tuple(weight.shape), blocks))
+        info_before, t_before = copy.deepcopy(info), {k: v.clone() for k, v in t.items()}
+        p = path.build(info, t)
+        assert info == info_before, f"{name}: its build wrote into info"
+        assert t.keys() == t_before.keys() and all(torch.equal(t[k], t_before[k]) for k in t), name
+        if "cpu" in path.devices:
+            y = path.run(x, info, t, p, pairs)
+            assert rel_err(y, ref) < 1e-12 and kernels.memory_format_of(y) == fmt, name
+            assert (y[:, empty_rows(mask2d)] == 0).all(), name
+
+
+def test_every_device_measures_dense_and_the_gpu_both_kernel_tiles(capsys):
+    assert all("dense" in paths for paths in kernels.CANDIDATES.values())  # never slower than dense
+    assert {f"kernel{r}" for r in kernels.KERNEL_TILE_ROWS} <= set(kernels.CANDIDATES["cuda"])
+    x = torch.randn(1, 2, 3, 3)
+    assert kernels.candidate_paths(x) == ("dense", "conv", "grouped", "gather")  # no kernel on the CPU
+    meta = torch.empty(1, 2, 3, 3, device="meta")
+    assert kernels.candidate_paths(meta) == kernels.candidate_paths(meta) == kernels.candidate_paths(x)
+    assert capsys.readouterr().err.count("WARNING: no paths are listed for meta tensors") == 1
 
 
 def fake_clock(monkeypatch, ticks):
-    """time.perf_counter in kernels advances by ticks[path] during each run of that path."""
+    """time.perf_counter in kernels advances by ticks[path] (10 for others) during each run of that path."""
     clock = [0]
-    real_run = kernels.run_path
 
-    def run(x, info, t, conv_args, path, out=None):
-        clock[0] += ticks.get(path, 10)
-        return real_run(x, info, t, conv_args, path, out)
+    def ticking(name, run):
+        def run_and_tick(*args):
+            clock[0] += ticks.get(name, 10)
+            return run(*args)
+        return run_and_tick
     monkeypatch.setattr(kernels.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(kernels, "run_path", run)
+    for name, path in list(kernels.PATHS.items()):
+        monkeypatch.setitem(kernels.PATHS, name, dataclasses.replace(path, run=ticking(name, path.run)))
 
 
-def small_layer(**kw):
-    w = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+def small_layer(seed=0, **kw):
+    w = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(seed))
     blocks = [(torch.arange(8), torch.arange(9)), (torch.arange(8, 15), torch.arange(9, 40))]
     masked = w * kernels.block_mask(w.shape, blocks)
     return kernels.RegroupedConv2d(w, blocks, padding=1, **kw), masked
 
 
 def built_paths(layer):
-    """Which paths' tensors a layer holds (by their buffer names)."""
-    names = {n for n, _ in layer.named_buffers()}
-    prefix = {"dense": "plan_dense_weight", "conv": "plan_conv_weight", "grouped": "plan_group_weight",
-              "gather": "plan_union_chans", "kernel": "plan_cuda_meta"}
-    return {p for p, n in prefix.items() if n in names}
+    """Which paths' tensors a layer holds (its buffers are named <path>_<key>)."""
+    return {n.split("_")[0] for n, _ in layer.named_buffers()} & set(kernels.PATHS)
 
 
 def test_measured_choice_is_the_fastest_candidate_and_the_others_are_freed(monkeypatch):
@@ -2419,7 +2462,7 @@ def test_measured_choice_is_the_fastest_candidate_and_the_others_are_freed(monke
     with torch.no_grad():
         y = layer(x)
     key = kernels.choice_key(x)
-    assert set(layer.info["times"][key]) == set(kernels.CANDIDATES["cpu"])  # dense among them
+    assert set(layer.info["times"][key]) == {"dense", "conv", "grouped", "gather"}
     assert layer.info["times"][key]["grouped"] == 1e3 and layer.path_for(x) == "grouped"  # ms
     assert built_paths(layer) == {"grouped"} and "2x8x6x6 contiguous float32 cpu: grouped" in repr(layer)
     assert rel_err(y, F.conv2d(x, masked, padding=1)) < 1e-5
@@ -2429,7 +2472,7 @@ def test_choice_is_measured_once_per_shape_format_and_dtype(monkeypatch):
     layer, masked = small_layer()
     calls = []
     real = kernels.measure_paths
-    monkeypatch.setattr(kernels, "measure_paths", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(kernels, "measure_paths", lambda runs, device: calls.append(list(runs)) or real(runs, device))
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
         for inp in (x, x, x.contiguous(memory_format=torch.channels_last), x.double(), x[:1], x[:1]):
@@ -2449,7 +2492,19 @@ def test_forced_path_runs_without_measuring(monkeypatch):
     with pytest.raises(ValueError, match="unknown path 'fast'"):
         small_layer(strategy="fast")
     with pytest.raises(ValueError, match="emulated_grouped_conv2d"):
-        small_layer(strategy="kernel")[0](x)
+        small_layer(strategy="kernel16")[0](x)
+
+
+def test_load_state_dict_drops_built_paths_and_runs_the_new_weights():
+    layer, _ = small_layer(seed=0)
+    other, masked = small_layer(seed=1)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        layer(x)
+        assert built_paths(layer) == {layer.path_for(x)}
+        layer.load_state_dict(other.state_dict())
+        assert built_paths(layer) == set()
+        assert rel_err(layer(x), F.conv2d(x, masked, padding=1)) < 1e-5  # not the old weights
 
 
 def test_regrouped_conv_holds_less_than_the_dense_conv(monkeypatch):
@@ -2465,7 +2520,7 @@ def test_regrouped_conv_holds_less_than_the_dense_conv(monkeypatch):
     held = lambda: sum(b.numel() * b.element_size() for b in layer.buffers())   # noqa: E731
     assert 0.1 * dense_bytes < held() < 0.11 * dense_bytes                      # 10% packed, tiny tables
     monkeypatch.setattr(kernels, "measure_paths",                               # conv wins, all were built
-                        lambda x, info, t, conv_args, cands: {p: 1.0 if p == "conv" else 2.0 for p in cands})
+                        lambda runs, device: {p: 1.0 if p == "conv" else 2.0 for p in runs})
     x = torch.randn(1, 512, 4, 4, generator=g)
     with torch.no_grad():
         y = layer(x)
@@ -2475,12 +2530,23 @@ def test_regrouped_conv_holds_less_than_the_dense_conv(monkeypatch):
     assert rel_err(y, F.conv2d(x, masked, padding=1)) < 1e-5
 
 
-def test_measure_paths_times_every_candidate_interleaved(monkeypatch):
-    fake_clock(monkeypatch, {"dense": 5, "conv": 1})
-    layer, _ = small_layer()
-    t = layer._tensors(("dense", "conv"))
-    times = kernels.measure_paths(torch.randn(2, 8, 6, 6), layer.info, t, ((1, 1), (1, 1), (1, 1)), ("dense", "conv"))
-    assert times == {"dense": 5e3, "conv": 1e3}  # ms of the fake clock's seconds
+def test_measure_paths_warms_up_interleaves_takes_the_median_and_drops_the_hopeless(monkeypatch):
+    monkeypatch.setattr(kernels, "MEASURE_WARMUP", 1)
+    monkeypatch.setattr(kernels, "MEASURE_RUNS", 3)
+    monkeypatch.setattr(kernels, "MEASURE_CUTOFF", 3.0)
+    clock, calls = [0], []
+    seconds = {"a": iter([9, 2, 2, 3]), "b": iter([9, 1, 5, 1]), "c": iter([9, 4])}  # warmup first
+
+    def run(name):
+        def fn():
+            calls.append(name)
+            clock[0] += next(seconds[name])
+        return fn
+    monkeypatch.setattr(kernels.time, "perf_counter", lambda: clock[0])
+    times = kernels.measure_paths({name: run(name) for name in seconds}, torch.device("cpu"))
+    # c took 4 > 3.0 x 1 s in the first timed round: not run again; b's median is 1 s (its mean is not)
+    assert calls == ["a", "b", "c", "a", "b", "c", "a", "b", "a", "b"]
+    assert times == {"a": 2e3, "b": 1e3, "c": 4e3}
 
 
 # ---- validation ----
@@ -2556,19 +2622,19 @@ def test_regrouped_model_equals_masked_dense_model():
     assert (inner[:, empty] == 0).all()
 
 
-def test_regrouped_conv_stores_packed_blocks_and_keeps_bias():
+def test_regrouped_conv_stores_packed_blocks_and_adds_the_bias_on_every_path():
     model, blocks, masks = tiny_model_and_blocks()
-    layer = kernels.RegroupedConv2d.from_conv(model.body[4], blocks["body.4.weight"], name="body.4.weight")
-    sd = layer.state_dict()
+    conv, mask2d = model.body[4], masks["body.4.weight"]
+    sd = kernels.RegroupedConv2d.from_conv(conv, blocks["body.4.weight"], name="body.4.weight").state_dict()
     assert set(sd) == {"bias", "block_sizes", "plan_packed", "plan_rows", "plan_cols"}
-    assert sd["plan_packed"].numel() == int(masks["body.4.weight"].sum())
+    assert sd["plan_packed"].numel() == int(mask2d.sum())
     x = torch.randn(3, 10, 5, 6)
-    masked = model.body[4].weight * masks["body.4.weight"].view(model.body[4].weight.shape)
+    ref = F.conv2d(x, conv.weight * mask2d.view(conv.weight.shape), conv.bias)
     with torch.no_grad():
-        assert rel_err(layer(x), F.conv2d(x, masked, model.body[4].bias)) < 1e-5
-        assert rel_err(kernels.grouped_conv2d(x, layer), layer(x)) == 0
-        y = kernels.grouped_conv2d(x, model.body[4].weight, blocks["body.4.weight"])
-        assert rel_err(y, F.conv2d(x, masked)) < 1e-5
+        for strategy in (None, *kernels.CANDIDATES["cpu"]):
+            layer = kernels.RegroupedConv2d.from_conv(conv, blocks["body.4.weight"], strategy=strategy)
+            y1, y2 = layer(x), layer(x)
+            assert rel_err(y1, ref) < 1e-5 and torch.equal(y1, y2), strategy  # the bias added once, to a new y
 
 
 def test_regrouped_model_rejects_tickets_that_do_not_fit():
@@ -2581,19 +2647,55 @@ def test_regrouped_model_rejects_tickets_that_do_not_fit():
         kernels.regrouped_model(model, {"body.4.weight": [(torch.tensor([7]), torch.tensor([0]))]})
 
 
-def test_bench_helpers_return_checked_rows():
-    model, blocks, _ = tiny_model_and_blocks()
-    rows = kernels.bench_layers(model, blocks, batch_size=2, device="cpu", repeats=1, input_size=(3, 16, 16))
+# The benches under a fake clock (fake_clock) and a planted bug: what they time, check and report,
+# against the test's own masks and MAC counts.
+TINY_MACS = {"stem.weight": 12 * 3 * 9 * 16 * 16,   # TinyCNN on 16x16 images: out channels x in x k*k x OH*OW
+             "body.2.weight": 10 * 12 * 9 * 8 * 8,  # (stride 2)
+             "body.4.weight": 7 * 10 * 1 * 8 * 8}
+
+
+def planted_bug(monkeypatch, name, offset=1.0):
+    """Path `name` adds `offset` to every output: wrong on purpose."""
+    path = kernels.PATHS[name]
+    monkeypatch.setitem(kernels.PATHS, name, dataclasses.replace(path, run=lambda *a: path.run(*a) + offset))
+
+
+def fake_timing(monkeypatch, ms=(3.0, 1.5)):
+    """kernels.time_interleaved calls every fn once and says they took `ms`; returns their outputs per call."""
+    outputs = []
+
+    def run_once(fns, device, repeats, warmup):
+        outputs.append([fn() for fn in fns])
+        return list(ms)
+    monkeypatch.setattr(kernels, "time_interleaved", run_once)
+    return outputs
+
+
+def test_bench_layers_times_the_masked_conv_and_the_fastest_path_on_the_real_activations(monkeypatch):
+    model, blocks, masks = tiny_model_and_blocks()
+    fake_clock(monkeypatch, {"gather": 1})  # gather is the fastest candidate of every layer...
+    planted_bug(monkeypatch, "gather")      # ... and off by one
+    timed = fake_timing(monkeypatch)
+    rows = kernels.bench_layers(model, blocks, batch_size=2, repeats=1, input_size=(3, 16, 16))
     assert [r["name"] for r in rows] == list(blocks)
-    assert rows[1]["input_hw"] == (16, 16) and rows[2]["input_hw"] == (8, 8)
-    for r in rows:
-        assert r["max_rel_err"] < 1e-5 and r["dense_ms"] > 0 and r["regrouped_ms"] > 0
-        assert r["path"] in kernels.CANDIDATES["cpu"]
-        assert r["ideal_speedup"] == "-" if r["path"] == "dense" else abs(r["ideal_speedup"] * r["flop_ratio"] - 1) < 1e-9
-    total = kernels.bench_model(model, blocks, batch_size=2, device="cpu", repeats=1, input_size=(3, 16, 16))
-    assert total["max_rel_err"] < 1e-5 and 0 < total["conv_flop_ratio"] < 1
-    assert total["memory_format"] == "contiguous"
-    assert sum(int(n) for n in re.findall(r"\d+", total["paths"])) == len(blocks)  # e.g. "conv 2, dense 1"
+    assert [r["input_hw"] for r in rows] == [(16, 16), (16, 16), (8, 8)]  # body.2 has stride 2
+    for r, (dense_y, layer_y), mask2d in zip(rows, timed, masks.values()):
+        assert r["path"] == "gather" and (layer_y - dense_y - 1).abs().max() < 1e-5  # dense, then the layer
+        assert (r["dense_ms"], r["regrouped_ms"]) == (3.0, 1.5) and r["max_rel_err"] > 0.1  # the bug is reported
+        assert r["flop_ratio"] == pytest.approx(mask2d.mean().item())
+
+
+def test_bench_model_reports_the_chosen_paths_the_conv_macs_and_a_wrong_path(monkeypatch):
+    model, blocks, masks = tiny_model_and_blocks()
+    fake_clock(monkeypatch, {"gather": 1})
+    fake_timing(monkeypatch)
+    bench = functools.partial(kernels.bench_model, model, blocks, batch_size=4, repeats=1, input_size=(3, 16, 16))
+    total = bench()
+    assert total["paths"] == "gather 3" and total["max_rel_err"] < 1e-5 and total["memory_format"] == "contiguous"
+    ratio = sum(masks[n].mean().item() * macs for n, macs in TINY_MACS.items()) / sum(TINY_MACS.values())
+    assert total["conv_flop_ratio"] == pytest.approx(ratio)
+    planted_bug(monkeypatch, "gather")
+    assert bench()["max_rel_err"] > 0.1
 
 
 def test_regrouped_model_in_channels_last_equals_masked_dense_model():
@@ -2619,30 +2721,37 @@ def test_regrouped_model_in_channels_last_equals_masked_dense_model():
 
 # ---- CUDA: tables (CPU), compile check (nvcc), kernel (GPU only) ----
 
-def test_cuda_tables_cover_every_block_row_once():
-    """Emulate the kernel's tile loop with the int32 tables: it must reproduce the reference."""
+KERNEL_PATHS = [f"kernel{r}" for r in kernels.KERNEL_TILE_ROWS]
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_cuda_tables_cover_every_block_row_once(path):
+    """Run the kernel's tile loop in torch on its path's tables: it must reproduce the masked conv."""
     x, weight, blocks, _, masked, conv = make_case(SHAPES[5], seed=5)
     info, t = kernels.make_plan(weight, kernels.check_blocks(tuple(weight.shape), blocks))
-    t.update(kernels.kernel_tables(info, t))
-    meta, tiles = t["cuda_meta"].tolist(), t["cuda_tiles"].tolist()
-    rows, cols, packed = t["cuda_rows"].long(), t["cuda_cols"].long(), t["packed"]
+    p = kernels.PATHS[path].build(info, t)
+    meta, tiles = p["meta"].tolist(), p["tiles"].tolist()
+    rows, cols, packed = p["rows"].long(), p["cols"].long(), t["packed"]
     x_cols = F.unfold(x, weight.shape[2:], **conv)  # (N, K, L)
     y = torch.zeros(x.shape[0], weight.shape[0], x_cols.shape[2])
     for b, row0 in tiles:
         r_start, n_rows, c_start, n_cols, w_off = meta[b]
         wb = packed[w_off:w_off + n_rows * n_cols].view(n_rows, n_cols)
-        r = torch.arange(row0, min(row0 + info["tile_rows"], n_rows))
+        r = torch.arange(row0, min(row0 + p["tile_rows"], n_rows))
         y[:, rows[r_start + r]] += wb[r] @ x_cols[:, cols[c_start:c_start + n_cols]]
     ref = F.conv2d(x, masked, **conv)
     assert rel_err(y.view(ref.shape), ref) < 1e-5
+    assert len(tiles) == sum(-(-len(r) // p["tile_rows"]) for r, _ in blocks)  # ceil(rows / tile) per block
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_cuda_source_compiles_without_spills(tmp_path):
-    src = kernels.write_cuda_source(str(tmp_path / "grouped_gemm.cu"))
+    src = tmp_path / "grouped_gemm.cu"
+    src.write_text(kernels.CUDA_SRC)
     torch_flags = ["-std=c++20", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",  # as load_inline
                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
-    res = subprocess.run(["nvcc", "-arch=sm_90", "-c", "-Xptxas", "-v", *torch_flags, src,
+    res = subprocess.run(["nvcc", "-arch=sm_90", "-c", "-Xptxas", "-v", *torch_flags, str(src),
                           "-o", str(tmp_path / "grouped_gemm.o")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
@@ -2657,18 +2766,18 @@ GPU_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}  # TF
 
 
 @cuda
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("dtype", list(GPU_TOL))
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cuda_kernel_matches_reference(shape, dtype):
+def test_cuda_kernel_matches_reference(shape, dtype, path):
     x, weight, blocks, mask2d, masked, conv = make_case(shape, seed=6)
-    assert kernels.cuda_available_kernel()
+    assert kernels.cuda_extension() is not None
     ref = F.conv2d(x.double(), masked.double(), **conv)
-    layer = kernels.RegroupedConv2d(weight, blocks, None, name="t", strategy="kernel", **conv).cuda().to(dtype)
+    layer = kernels.RegroupedConv2d(weight, blocks, None, name="t", strategy=path, **conv).cuda().to(dtype)
     y = layer(x.cuda().to(dtype))
     assert y.dtype == dtype and not torch.isnan(y).any()
     assert rel_err(y.cpu(), ref) < GPU_TOL[dtype]
-    empty = torch.nonzero(mask2d.sum(1) == 0).view(-1).cuda()
-    assert (y[:, empty] == 0).all()
+    assert (y[:, empty_rows(mask2d).cuda()] == 0).all()
     y_cl = layer(x.cuda().to(dtype).contiguous(memory_format=torch.channels_last))
     assert torch.equal(y_cl, y) and kernels.memory_format_of(y_cl) == kernels.memory_format_of(
         x.contiguous(memory_format=torch.channels_last))  # same values, the input's layout
@@ -2691,7 +2800,8 @@ def test_cuda_paths_match_reference_and_all_are_measured(dtype):
 
 
 @cuda
-def test_cuda_thick_blocks_and_model():
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_cuda_thick_blocks_and_model(path):
     model, blocks, _ = tiny_model_and_blocks()
     x = torch.randn(5, 3, 33, 31)
     with torch.no_grad():
@@ -2699,7 +2809,7 @@ def test_cuda_thick_blocks_and_model():
         regrouped = kernels.regrouped_model(model, blocks).cuda()
         for m in regrouped.modules():
             if isinstance(m, kernels.RegroupedConv2d):
-                m.info["forced"] = "kernel"
+                m.info["forced"] = path
         y = regrouped(x.cuda())
     assert rel_err(y.cpu(), ref) < 1e-3
     g = torch.Generator().manual_seed(7)
@@ -2707,27 +2817,660 @@ def test_cuda_thick_blocks_and_model():
     thick = [(torch.arange(0, 70), torch.randperm(360, generator=g)[:77].sort().values),
              (torch.arange(80, 150), torch.randperm(360, generator=g)[:300].sort().values)]
     ref = kernels.grouped_gemm_reference(xs.double(), w.double(), thick, padding=1)
-    layer = kernels.RegroupedConv2d(w, thick, padding=1, strategy="kernel").cuda()
-    y = layer(xs.cuda())
-    assert layer.info["tile_rows"] == 64 and rel_err(y.cpu(), ref) < 1e-3
+    layer = kernels.RegroupedConv2d(w, thick, padding=1, strategy=path).cuda()
+    assert rel_err(layer(xs.cuda()).cpu(), ref) < 1e-3
 
 
-# ---- kernels: host emulation of the CUDA kernel ----
-# CUDA_SRC itself, compiled by g++ with kernels.EMULATION_HEADER and run on the CPU (cached builds:
-# a few seconds for the library, ~10 s per sanitizer program on first use). Skips without g++.
+# ---- host emulation of the CUDA kernel ----
+# kernels.CUDA_SRC compiled by g++ and run on the CPU, with or without sanitizers, so a change to the
+# kernel can be checked without a GPU:
+#     import test_lth_ref as T
+#     y = T.emulated_grouped_conv2d(x, weight, blocks, stride, padding, dilation, tile_rows=16, source=new_src)
+# The kernel's own text, unchanged (only its CUDA includes and its <<<...>>> launch sit behind
+# #ifndef LTH_REF_HOST_EMULATION), compiled with EMULATION_HEADER: CUDA threads are OS threads,
+# __syncthreads() a real barrier, __shared__ memory NaN-poisoned before each CTA, WMMA computed on
+# the host with its preconditions checked on every call. emulated_grouped_conv2d loads the build
+# with ctypes; with sanitizer="address" (AddressSanitizer + UBSan) or "thread" (ThreadSanitizer)
+# it builds a program (EMULATION_DRIVER with LTH_EMU_MAIN) that runs the case in a subprocess:
+# every array in its own exact-size heap buffer, so ASan sees a read past any of them.
+# Builds are cached in emulation_cache_dir(), named by a hash of every text and flag that goes in
+# (a few seconds for the library, ~10 s per sanitizer program on first use). Tests skip without g++.
+
+EMULATION_HEADER = r"""
+// Host emulation of the CUDA features CUDA_SRC uses, for g++ (C++17, pthreads).
+// A launch runs its CTAs one after another (x fastest); a CTA runs on one OS thread per CUDA thread,
+// and __syncthreads() is a real barrier across them. __shared__ variables become function statics:
+// one copy per kernel instantiation, which is per CTA since CTAs never overlap. The linker script
+// (EMULATION_LINKER_SCRIPT) gathers them between lth_emu_shared_begin and _end, and every byte there
+// is set to 0xFF (NaN in float, half and bf16; -1 in ints) before each CTA. A broken rule (a WMMA
+// precondition, a barrier or warp-collective not reached by all) stops the launch: cudaGetLastError()
+// returns cudaErrorLaunchFailure and lth_emu::last_failure says what and where.
+#pragma once
+#include <condition_variable>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ static
+
+// ---- launch geometry and runtime stand-ins ----
+struct uint3 { unsigned x, y, z; };
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+inline thread_local uint3 threadIdx, blockIdx;
+inline thread_local dim3 blockDim, gridDim;
+
+typedef struct CUstream_st* cudaStream_t;
+enum cudaError_t {
+  cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9, cudaErrorLaunchFailure = 719
+};
+
+// ---- host __half / __nv_bfloat16: IEEE bits, round-to-nearest-even conversions as cuda_fp16/bf16 ----
+struct __half { uint16_t bits; };
+struct __nv_bfloat16 { uint16_t bits; };
+
+inline uint32_t lth_emu_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float lth_emu_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+inline __half __float2half(float f) {
+  const uint32_t u = lth_emu_bits(f), mag = u & 0x7fffffffu;
+  const uint16_t sign = (u >> 16) & 0x8000u;
+  if (mag > 0x7f800000u) return {uint16_t(sign | 0x7e00u)};            // NaN
+  if (mag >= 0x477ff000u) return {uint16_t(sign | 0x7c00u)};           // >= 65520 rounds to inf
+  if (mag >= 0x38800000u)                                              // normal: 2^-14 <= |f|
+    return {uint16_t(sign | ((mag + 0xfffu + ((mag >> 13) & 1u) - 0x38000000u) >> 13))};
+  return {uint16_t(sign | (uint16_t)std::nearbyint(lth_emu_float(mag) * 16777216.0f))};  // subnormal: m * 2^-24
+}
+inline float __half2float(__half h) {
+  const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16, e = (h.bits >> 10) & 0x1fu, m = h.bits & 0x3ffu;
+  if (e == 0x1f) return lth_emu_float(sign | 0x7f800000u | (m << 13));          // inf, NaN
+  if (e == 0) return (sign ? -1.0f : 1.0f) * float(m) * (1.0f / 16777216.0f);   // zero, subnormal
+  return lth_emu_float(sign | ((e + 112u) << 23) | (m << 13));
+}
+inline __nv_bfloat16 __float2bfloat16(float f) {
+  const uint32_t u = lth_emu_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {uint16_t((u >> 16) | 0x40u)};    // NaN stays NaN
+  return {uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+inline float __bfloat162float(__nv_bfloat16 b) { return lth_emu_float(uint32_t(b.bits) << 16); }
+
+// ---- the runtime: launch state, failures, barriers ----
+namespace lth_emu {
+struct Abort {};  // unwinds a CUDA thread out of the kernel once the launch has failed
+
+struct Launch {
+  std::mutex m;
+  std::condition_variable cv;
+  int threads = 0, arrived = 0, kind = 0, first = 0;
+  unsigned long generation = 0;
+  bool failed = false;
+  std::string message;
+  std::vector<uint64_t> calls;  // per thread: hash of its warp-collective calls in this CTA
+};
+inline Launch* running = nullptr;          // the launch in progress (launches never overlap)
+inline std::mutex launch_lock;
+inline cudaError_t last_error = cudaSuccess;
+inline std::string last_failure;
+inline thread_local int tid = 0;           // linear thread index in the CTA
+inline thread_local uint64_t calls = 0;    // this thread's hash of warp-collective calls
+
+inline std::string cta() {
+  char s[64];
+  std::snprintf(s, sizeof s, " (CTA (%u,%u,%u))", blockIdx.x, blockIdx.y, blockIdx.z);
+  return s;
+}
+
+// Record a failure (the first one wins), wake every waiting thread, unwind this one.
+[[noreturn]] inline void fail(const std::string& what) {
+  Launch& L = *running;
+  {
+    std::lock_guard<std::mutex> lk(L.m);
+    if (!L.failed) L.message = what + ", thread " + std::to_string(tid) + cta();
+    L.failed = true;
+  }
+  L.cv.notify_all();
+  throw Abort{};
+}
+
+// One CTA-wide barrier episode. kind: 1 __syncthreads, 2 kernel exit. Every thread of the CTA must
+// arrive with the same kind; the last to arrive runs done() (under the lock) before anyone leaves.
+template <typename Done>
+inline void arrive(int kind, Done done) {
+  Launch& L = *running;
+  std::unique_lock<std::mutex> lk(L.m);
+  if (L.failed) throw Abort{};
+  L.calls[tid] = calls;
+  if (L.arrived == 0) {
+    L.kind = kind;
+    L.first = tid;
+  } else if (L.kind != kind) {
+    static const char* name[] = {"", "__syncthreads()", "the end of the kernel"};
+    L.message = std::string("barrier divergence: thread ") + std::to_string(tid) + " reached " + name[kind] +
+                " while thread " + std::to_string(L.first) + " waits at " + name[L.kind] +
+                " (every thread of a CTA must reach each __syncthreads())" + cta();
+    L.failed = true;
+    L.cv.notify_all();
+    throw Abort{};
+  }
+  if (++L.arrived < L.threads) {
+    const unsigned long g = L.generation;
+    L.cv.wait(lk, [&] { return L.generation != g || L.failed; });
+    if (L.failed) throw Abort{};
+    return;
+  }
+  L.arrived = 0;
+  for (int t = 0; t < L.threads; t++)  // warp-collectives: every lane of a warp made the same calls
+    if (L.calls[t] != L.calls[t - t % 32]) {
+      L.message = "warp " + std::to_string(t / 32) + ": lane " + std::to_string(t % 32) +
+                  " made other wmma *_sync calls than lane 0 since the CTA began (they are warp-collective: "
+                  "every lane calls them, with the same arguments)" + cta();
+      L.failed = true;
+      break;
+    }
+  if (!L.failed) done();
+  L.generation++;
+  L.cv.notify_all();
+  if (L.failed) throw Abort{};
+}
+
+inline void mix(uint64_t v) { calls = (calls ^ v) * 0x100000001b3ull; }  // FNV-1a step
+
+extern "C" char lth_emu_shared_begin[] __attribute__((visibility("hidden")));
+extern "C" char lth_emu_shared_end[] __attribute__((visibility("hidden")));
+
+// 0xFF in every byte of every __shared__ variable: NaN in float/half/bf16, -1 in ints.
+__attribute__((no_sanitize_address)) inline void poison_shared() {
+  for (volatile char* p = lth_emu_shared_begin; p < lth_emu_shared_end; p++) *p = char(0xff);
+}
+inline bool in_shared(const void* p) {
+  return (const char*)p >= lth_emu_shared_begin && (const char*)p < lth_emu_shared_end;
+}
+
+template <typename... P, typename... A>
+void launch(dim3 grid, dim3 block, void (*kernel)(P...), A... args) {
+  const unsigned long long threads = 1ull * block.x * block.y * block.z;
+  if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+      grid.y > 65535 || grid.z > 65535) {
+    last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  std::lock_guard<std::mutex> serial(launch_lock);
+  Launch L;
+  L.threads = (int)threads;
+  L.calls.assign(threads, 0);
+  running = &L;
+  poison_shared();
+  auto body = [&](int t) {
+    tid = t;
+    threadIdx = {t % block.x, t / block.x % block.y, t / (block.x * block.y)};
+    blockDim = block;
+    gridDim = grid;
+    try {
+      for (unsigned z = 0; z < grid.z; z++)
+        for (unsigned y = 0; y < grid.y; y++)
+          for (unsigned x = 0; x < grid.x; x++) {
+            blockIdx = {x, y, z};
+            calls = 0;
+            kernel(P(args)...);
+            arrive(2, poison_shared);  // the next CTA starts on poisoned shared memory
+          }
+    } catch (const Abort&) {
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 0; t < (int)threads; t++) pool.emplace_back(body, t);
+  for (auto& th : pool) th.join();
+  running = nullptr;
+  if (L.failed) {
+    last_error = cudaErrorLaunchFailure;
+    last_failure = L.message;
+  }
+}
+}  // namespace lth_emu
+
+inline void __syncthreads() { lth_emu::arrive(1, [] {}); }
+
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = lth_emu::last_error;
+  lth_emu::last_error = cudaSuccess;
+  return e;
+}
+
+// ---- nvcuda::wmma: the subset CUDA_SRC uses, preconditions checked on every call ----
+// Which lane holds which element is unspecified by the API; here a matrix_a / matrix_b fragment holds
+// the whole tile in every lane (num_elements = rows * cols, row-major whatever the memory layout), and
+// an accumulator element e of lane l is tile element l + 32 e, row-major (num_elements = 8).
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+namespace precision { struct tf32 {}; }
+
+// cvt.rna.tf32.f32: round to nearest, ties away from zero, to 10 mantissa bits (low 13 bits zero).
+inline float __float_to_tf32(float f) {
+  const uint32_t u = lth_emu_bits(f);
+  if ((u & 0x7f800000u) == 0x7f800000u) return f;  // inf and NaN unchanged
+  return lth_emu_float((u + 0x1000u) & 0xffffe000u);
+}
+
+template <typename T> struct storage { using type = T; };
+template <> struct storage<precision::tf32> { using type = float; };
+inline float to_float(float v) { return v; }
+inline float to_float(__half v) { return __half2float(v); }
+inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename E> E from(float v);
+template <> inline float from<float>(float v) { return v; }
+template <> inline __half from<__half>(float v) { return __float2half(v); }
+template <> inline __nv_bfloat16 from<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+class fragment {
+  static constexpr bool acc = std::is_same<Use, accumulator>::value;
+  static constexpr bool tf32 = std::is_same<T, precision::tf32>::value;
+  static constexpr bool half = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
+  static_assert(M == 16 && N == 16 && ((K == 8 && (acc || tf32)) || (K == 16 && (acc || half))),
+                "emulated shapes: m16n16k8 (precision::tf32) and m16n16k16 (__half, __nv_bfloat16)");
+  static_assert(acc ? std::is_same<T, float>::value && std::is_void<Layout>::value
+                    : std::is_same<Layout, row_major>::value || std::is_same<Layout, col_major>::value,
+                "an accumulator is float with layout void; matrix_a/b need row_major or col_major");
+
+ public:
+  static constexpr int rows = std::is_same<Use, matrix_b>::value ? K : M;
+  static constexpr int cols = std::is_same<Use, matrix_a>::value ? K : N;
+  static constexpr int num_elements = acc ? rows * cols / 32 : rows * cols;
+  using element_type = typename storage<T>::type;
+  element_type x[num_elements];
+};
+
+inline int lane() { return lth_emu::tid % 32; }
+// Tile element (i, j) of accumulator element e of this lane: index lane + 32 e, row-major.
+inline int acc_row(int e, int cols) { return (lane() + 32 * e) / cols; }
+inline int acc_col(int e, int cols) { return (lane() + 32 * e) % cols; }
+
+// The documented preconditions of load/store_matrix_sync, and the tile inside its __shared__ variable.
+template <typename E>
+__forceinline__ void check_tile(const char* op, const E* p, unsigned ldm, int rows, int cols, bool row_major_) {
+  char s[200];
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) {
+    std::snprintf(s, sizeof s, "wmma::%s: pointer %p is not 256-bit aligned", op, (const void*)p);
+    lth_emu::fail(s);
+  }
+  if (ldm * sizeof(E) % 16 != 0) {
+    std::snprintf(s, sizeof s, "wmma::%s: ldm=%u elements (%zu bytes) is not a multiple of 16 bytes", op, ldm,
+                  ldm * sizeof(E));
+    lth_emu::fail(s);
+  }
+  const unsigned inner = row_major_ ? cols : rows, outer = row_major_ ? rows : cols;
+  if (ldm < inner) {
+    std::snprintf(s, sizeof s, "wmma::%s: ldm=%u is smaller than the tile's %u %s", op, ldm, inner,
+                  row_major_ ? "columns" : "rows");
+    lth_emu::fail(s);
+  }
+  const size_t need = ((outer - 1) * (size_t)ldm + inner) * sizeof(E), room = __builtin_dynamic_object_size(p, 1);
+  if (lth_emu::in_shared(p) && room == (size_t)-1)  // global memory is ASan's job
+    lth_emu::fail(std::string("wmma::") + op + ": cannot bound a __shared__ tile: build with -O1 or more");
+  if (lth_emu::in_shared(p) && need > room) {
+    std::snprintf(s, sizeof s, "wmma::%s: the %dx%d tile (ldm=%u) needs %zu bytes from %p, its __shared__ "
+                  "variable has %zu left", op, rows, cols, ldm, need, (const void*)p, room);
+    lth_emu::fail(s);
+  }
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+__forceinline__ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& a,
+                                      const typename fragment<Use, M, N, K, T, Layout>::element_type* p,
+                                      unsigned ldm) {
+  using F = fragment<Use, M, N, K, T, Layout>;
+  constexpr bool row = std::is_same<Layout, row_major>::value;
+  static_assert(!std::is_same<Use, accumulator>::value, "emulated: loads of matrix_a / matrix_b only");
+  check_tile("load_matrix_sync", p, ldm, F::rows, F::cols, row);
+  lth_emu::mix(1);
+  lth_emu::mix(reinterpret_cast<uintptr_t>(p));
+  lth_emu::mix(ldm);
+  for (int i = 0; i < F::rows; i++)
+    for (int j = 0; j < F::cols; j++) a.x[i * F::cols + j] = p[row ? i * ldm + j : j * ldm + i];
+}
+
+template <int M, int N, int K>
+__forceinline__ void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& a, unsigned ldm,
+                                       layout_t layout) {
+  using F = fragment<accumulator, M, N, K, float>;
+  check_tile("store_matrix_sync", p, ldm, F::rows, F::cols, layout == mem_row_major);
+  lth_emu::mix(2);
+  lth_emu::mix(reinterpret_cast<uintptr_t>(p));
+  lth_emu::mix(ldm * 2 + layout);
+  for (int e = 0; e < F::num_elements; e++) {
+    const int i = acc_row(e, F::cols), j = acc_col(e, F::cols);
+    p[layout == mem_row_major ? i * ldm + j : j * ldm + i] = a.x[e];
+  }
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout, typename V>
+inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& a, const V& v) {
+  using E = typename fragment<Use, M, N, K, T, Layout>::element_type;
+  for (int e = 0; e < a.num_elements; e++) a.x[e] = from<E>(float(v));
+}
+
+inline float operand(float v, bool tf32) { return tf32 ? lth_emu_float(lth_emu_bits(v) & 0xffffe000u) : v; }
+template <typename E> inline float operand(E v, bool) { return to_float(v); }
+
+// D = A B + C. Each lane computes its own accumulator elements from its whole copies of A and B (the
+// lanes need not meet); the calls are checked to be warp-collective at the next barrier. fp32 FMAs in
+// k order (products of TF32/half/bf16 values are exact in fp32; the hardware's summation order is
+// unspecified). A TF32 operand contributes only its TF32 bits.
+template <int M, int N, int K, typename T, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
+                     const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  constexpr bool tf32 = std::is_same<T, precision::tf32>::value;
+  float out[fragment<accumulator, M, N, K, float>::num_elements];
+  for (int e = 0; e < c.num_elements; e++) {
+    const int i = acc_row(e, N), j = acc_col(e, N);
+    float s = c.x[e];
+    for (int k = 0; k < K; k++) s = std::fma(operand(a.x[i * K + k], tf32), operand(b.x[k * N + j], tf32), s);
+    out[e] = s;
+  }
+  for (int e = 0; e < d.num_elements; e++) d.x[e] = out[e];
+  lth_emu::mix(3);
+  lth_emu::mix(M * 10000 + N * 100 + K);
+}
+}  // namespace wmma
+}  // namespace nvcuda
+"""
+
+EMULATION_DRIVER = r"""
+// The emulated kernel as a C library (ctypes) or, with -DLTH_EMU_MAIN, a program that runs one case
+// file (for the sanitizer builds). CUDA_SRC is included inside an anonymous namespace: its __shared__
+// statics then get the names EMULATION_LINKER_SCRIPT collects.
+#include "lth_emu.h"
+namespace {
+#include "grouped_gemm.cu"
+}
+
+static void copy_message(char* message, int len) {
+  std::snprintf(message, len, "%s", lth_emu::last_failure.c_str());
+  lth_emu::last_failure.clear();
+}
+
+extern "C" int lth_emu_grouped_conv2d(int dtype, int tile_rows, const void* x, const void* w, void* y,
+                                      const int* meta, const int* tiles, int num_tiles, const int* rows,
+                                      const int* cols, const int* dims, char* message, int len) {
+  const int err = grouped_conv2d_launch(dtype, tile_rows, x, w, y, meta, tiles, num_tiles, rows, cols, dims, nullptr);
+  copy_message(message, len);
+  return err;
+}
+
+extern "C" float lth_emu_float_to_tf32(float v) { return nvcuda::wmma::__float_to_tf32(v); }
+extern "C" uint16_t lth_emu_float2half(float v) { return __float2half(v).bits; }
+extern "C" uint16_t lth_emu_float2bfloat16(float v) { return __float2bfloat16(v).bits; }
+
+// ---- small kernels that break one rule each: the harness must stop them with a clear message ----
+namespace {
+using namespace nvcuda;
+__global__ void broken_kernel(int which) {
+  __shared__ __align__(128) float s[16 * 8 * 2];
+  for (int i = threadIdx.x; i < 16 * 8 * 2; i += blockDim.x) s[i] = 1.0f;
+  __syncthreads();
+  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
+  if (which == 1) wmma::load_matrix_sync(a, s + 1, 8);                     // misaligned pointer
+  if (which == 2) wmma::load_matrix_sync(a, s, 10);                        // ldm of 40 bytes
+  if (which == 3) wmma::load_matrix_sync(a, s + 16 * 8 + 8, 8);            // tile past the array's end
+  if (which == 4 && threadIdx.x < 32) __syncthreads();                     // divergent barrier
+  if (which == 5) wmma::load_matrix_sync(a, s + 8 * (threadIdx.x % 2), 8);  // lanes disagree
+  __syncthreads();
+}
+}  // namespace
+
+extern "C" int lth_emu_broken(int which, char* message, int len) {
+  lth_emu::launch(dim3(1), dim3(64), broken_kernel, which);
+  const int err = cudaGetLastError();
+  copy_message(message, len);
+  return err;
+}
+
+#ifdef LTH_EMU_MAIN
+// lth_emu CASE OUT: CASE holds int64 dtype, tile_rows, num_tiles, dims[15], the byte sizes of x, w, y,
+// meta, tiles, rows, cols, then those arrays; each gets its own exact-size heap buffer (so ASan
+// guards its ends); y as the kernel leaves it is written to OUT.
+#include <cstdlib>
+int main(int argc, char** argv) {
+  if (argc != 3) return std::fprintf(stderr, "usage: %s CASE OUT\n", argv[0]), 2;
+  FILE* f = std::fopen(argv[1], "rb");
+  int64_t head[3 + 15 + 7];
+  if (!f || std::fread(head, sizeof head, 1, f) != 1) return std::fprintf(stderr, "cannot read %s\n", argv[1]), 2;
+  int dims[15];
+  for (int i = 0; i < 15; i++) dims[i] = (int)head[3 + i];
+  void* a[7];
+  for (int i = 0; i < 7; i++) {
+    a[i] = std::malloc(head[18 + i] ? head[18 + i] : 1);
+    if (head[18 + i] && std::fread(a[i], head[18 + i], 1, f) != 1) return std::fprintf(stderr, "short %s\n", argv[1]), 2;
+  }
+  std::fclose(f);
+  char message[1024];
+  const int err = lth_emu_grouped_conv2d((int)head[0], (int)head[1], a[0], a[1], a[2], (const int*)a[3],
+                                         (const int*)a[4], (int)head[2], (const int*)a[5], (const int*)a[6], dims,
+                                         message, sizeof message);
+  if (err) return std::fprintf(stderr, "kernel failed (cudaError %d): %s\n", err, message), 3;
+  FILE* o = std::fopen(argv[2], "wb");
+  if (!o || (head[20] && std::fwrite(a[2], head[20], 1, o) != 1)) return std::fprintf(stderr, "cannot write %s\n", argv[2]), 2;
+  std::fclose(o);
+  for (void* p : a) std::free(p);
+  return 0;
+}
+#endif
+"""
+
+# Collects the kernel's __shared__ statics (functions in the anonymous namespace of EMULATION_DRIVER,
+# with -fdata-sections one .bss section each) into one range the emulator poisons before each CTA.
+EMULATION_LINKER_SCRIPT = ("SECTIONS { lth_emu_shared : { HIDDEN(lth_emu_shared_begin = .); "
+                           "*(.bss._ZZN12_GLOBAL__N_1*) HIDDEN(lth_emu_shared_end = .); } } INSERT BEFORE .bss;\n")
+EMULATION_FLAGS = ["-std=c++17", "-pthread", "-fdata-sections", "-DLTH_REF_HOST_EMULATION", "-Wno-unknown-pragmas"]
+# Optimization at least -O1 everywhere: the WMMA bounds check on __shared__ tiles needs the compiler
+# to see which array a pointer points into (__builtin_dynamic_object_size).
+SANITIZERS = {None: ["-O2", "-fPIC", "-shared"],
+              "address": ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                          "-fno-sanitize-recover=all", "-DLTH_EMU_MAIN"],
+              "thread": ["-O1", "-g", "-fsanitize=thread", "-DLTH_EMU_MAIN"]}
+SANITIZER_ENV = {"address": {"ASAN_OPTIONS": "detect_leaks=0", "UBSAN_OPTIONS": "print_stacktrace=1"},
+                 "thread": {"TSAN_OPTIONS": "halt_on_error=1"}}  # stop at the first race
+EMULATION_TIMEOUT_S = 600  # per build or run; a sanitizer build of the six instantiations takes ~10 s
+_EMU = {}  # built library path -> ctypes.CDLL; "version": the compiler's --version line
+
+
+class EmulationUnavailable(RuntimeError):
+    """No C++ compiler, or no runtime for the asked sanitizer, to build the emulated kernel with."""
+
+
+def emulation_compiler():
+    """The C++ compiler for the emulation: $CXX, else g++; EmulationUnavailable if missing."""
+    cxx = os.environ.get("CXX", "g++")
+    path = shutil.which(cxx)
+    if path is None:
+        raise EmulationUnavailable(f"no C++ compiler {cxx!r} found: install g++ (or set CXX) to run "
+                                   "the CUDA kernel's host emulation")
+    return path
+
+
+def emulation_cache_dir():
+    """$XDG_CACHE_HOME/lth_ref/emulation (default ~/.cache), or a per-user temp dir if not writable."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "lth_ref", "emulation")
+    try:
+        os.makedirs(path, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    path = os.path.join(tempfile.gettempdir(), f"lth_ref_emulation_{os.getuid() if hasattr(os, 'getuid') else 0}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def build_emulation(source=None, sanitizer=None):
+    """Path of the emulated kernel built from `source` (default CUDA_SRC): a shared library for
+    ctypes (sanitizer None) or a program for one case file (sanitizer "address" or "thread").
+    Cached by a hash of the source, EMULATION_HEADER, EMULATION_DRIVER, the linker script, the
+    compiler and the flags. RuntimeError with the compiler's output when the build fails."""
+    if sanitizer not in SANITIZERS:
+        raise ValueError(f"sanitizer={sanitizer!r}: expected one of {list(SANITIZERS)}")
+    source, cxx = kernels.CUDA_SRC if source is None else source, emulation_compiler()
+    if "version" not in _EMU:
+        _EMU["version"] = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    flags = [*EMULATION_FLAGS, *SANITIZERS[sanitizer]]
+    parts = [source, EMULATION_HEADER, EMULATION_DRIVER, EMULATION_LINKER_SCRIPT, cxx, _EMU["version"], *flags]
+    digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+    cache = emulation_cache_dir()
+    out = os.path.join(cache, f"grouped_gemm_{sanitizer or 'lib'}_{digest}{'' if sanitizer else '.so'}")
+    if os.path.exists(out):
+        return out
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        for name, text in (("lth_emu.h", EMULATION_HEADER), ("driver.cpp", EMULATION_DRIVER),
+                           ("grouped_gemm.cu", source), ("shared.ld", EMULATION_LINKER_SCRIPT)):
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+        cmd = [cxx, *flags, os.path.join(tmp, "driver.cpp"), f"-Wl,-T,{os.path.join(tmp, 'shared.ld')}",
+               "-o", os.path.join(tmp, "out")]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=EMULATION_TIMEOUT_S)
+        if res.returncode != 0 and sanitizer and "cannot find" in res.stderr:
+            raise EmulationUnavailable(f"{cxx} cannot link -fsanitize for {sanitizer!r} (is its runtime "
+                                       f"library installed?): {res.stderr.strip().splitlines()[-1]}")
+        if res.returncode != 0:
+            raise RuntimeError(f"building the emulated kernel failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}")
+        os.replace(os.path.join(tmp, "out"), out)  # atomic: a concurrent build of the same key is harmless
+    return out
+
+
+def emulation_library(source=None):
+    """The emulated kernel built from `source` (default CUDA_SRC), loaded with ctypes (cached)."""
+    path = build_emulation(source)
+    if path not in _EMU:
+        lib = ctypes.CDLL(path)
+        lib.lth_emu_grouped_conv2d.argtypes = [ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 5, ctypes.c_int,
+                                               ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int),
+                                               ctypes.c_char_p, ctypes.c_int]
+        lib.lth_emu_broken.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.lth_emu_float_to_tf32.argtypes = lib.lth_emu_float2half.argtypes = [ctypes.c_float]
+        lib.lth_emu_float2bfloat16.argtypes = [ctypes.c_float]
+        lib.lth_emu_float_to_tf32.restype = ctypes.c_float
+        lib.lth_emu_float2half.restype = lib.lth_emu_float2bfloat16.restype = ctypes.c_uint16
+        _EMU[path] = lib
+    return _EMU[path]
+
+
+def emulation_call(fn, *args):
+    """Call an emulated launch fn(*args, message, len); RuntimeError with its message if it failed."""
+    message = ctypes.create_string_buffer(2048)
+    err = fn(*args, message, len(message))
+    if err:
+        raise RuntimeError(f"emulated CUDA kernel failed (cudaError {err}): "
+                           f"{message.value.decode() or 'invalid launch configuration or arguments'}")
+
+
+def _kernel_case(x, weight, blocks, stride, padding, dilation, tile_rows):
+    """The launcher's arguments for x (N, C, H, W) on the CPU, from the tables the GPU's path
+    kernel<tile_rows> builds: (dtype code, [x, packed weights, y, meta, tiles, rows, cols], dims).
+    y (N, O, OH, OW) is NaN except the rows in no block, which are 0 as the launcher's caller sets
+    them (CPP_SRC): rows the kernel misses show."""
+    if x.device.type != "cpu" or x.dtype not in kernels.KERNEL_DTYPES or x.dim() != 4 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"emulated_grouped_conv2d: x must be a CPU (N, {weight.shape[1]}, H, W) tensor of "
+                         f"{[str(d) for d in kernels.KERNEL_DTYPES]}, got {x.device.type} {x.dtype} {tuple(x.shape)}")
+    if tile_rows not in kernels.KERNEL_TILE_ROWS:
+        raise ValueError(f"emulated_grouped_conv2d: tile_rows={tile_rows}, expected one of {kernels.KERNEL_TILE_ROWS}")
+    info, t = kernels.make_plan(weight.detach().cpu(), kernels.check_blocks(tuple(weight.shape), blocks))
+    p = kernels.PATHS[f"kernel{tile_rows}"].build(info, t)
+    stride, padding, dilation = kernels._pair(stride), kernels._pair(padding), kernels._pair(dilation)
+    (N, C, H, W), (O, _, kh, kw) = x.shape, weight.shape
+    OH, OW = kernels.conv_out_hw((H, W), (kh, kw), stride, padding, dilation)
+    if OH < 1 or OW < 1:
+        raise ValueError(f"emulated_grouped_conv2d: empty output {OH}x{OW} for input {H}x{W}")
+    y = torch.full((N, O, OH, OW), float("nan"), dtype=x.dtype)
+    y.index_fill_(1, t["empty_rows"], 0.0)
+    arrays = [x.contiguous(), t["packed"].to(x.dtype).contiguous(), y,
+              *(p[k].contiguous() for k in ("meta", "tiles", "rows", "cols"))]
+    return kernels.KERNEL_DTYPES[x.dtype], arrays, [N, C, H, W, O, OH, OW, kh, kw, *stride, *padding, *dilation]
+
+
+def emulated_grouped_conv2d(x, weight, blocks, stride=1, padding=0, dilation=1, *, tile_rows,
+                            source=None, sanitizer=None):
+    """The CUDA kernel (kernels.CUDA_SRC, or `source`) run on the CPU under the host emulation:
+    x (N, C, H, W) float32/float16/bfloat16, weight (O, C, kh, kw) (values outside the blocks
+    ignored) -> y (N, O, OH, OW) in x's dtype, NCHW, bit for bit what the emulated hardware computes
+    (fp32: TF32 products, fp32 sums). tile_rows: one of kernels.KERNEL_TILE_ROWS (the paths kernel16
+    and kernel64). sanitizer: None runs in this process (ctypes); "address" or "thread" run a
+    sanitizer build in a subprocess. RuntimeError with the message when a rule breaks or a
+    sanitizer reports; EmulationUnavailable without a compiler."""
+    code, arrays, dims = _kernel_case(x, weight, blocks, stride, padding, dilation, tile_rows)
+    if sanitizer is not None:
+        return _run_emulation_program(build_emulation(source, sanitizer), sanitizer, code, tile_rows, arrays, dims)
+    lib, ptr = emulation_library(source), (lambda a: ctypes.c_void_p(a.data_ptr()))
+    x, w, y, meta, tiles, rows, cols = arrays
+    emulation_call(lib.lth_emu_grouped_conv2d, code, tile_rows, ptr(x), ptr(w), ptr(y), ptr(meta), ptr(tiles),
+                   len(tiles), ptr(rows), ptr(cols), (ctypes.c_int * 15)(*dims))
+    return y
+
+
+def _run_emulation_program(program, sanitizer, code, tile_rows, arrays, dims):
+    """Run a sanitizer build on one case file (format: EMULATION_DRIVER's main); y, or RuntimeError
+    with the start of the sanitizer's report."""
+    raw = [a.reshape(-1).view(torch.uint8).numpy().tobytes() if a.numel() else b"" for a in arrays]
+    with tempfile.TemporaryDirectory() as tmp:
+        case, out = os.path.join(tmp, "case.bin"), os.path.join(tmp, "y.bin")
+        with open(case, "wb") as f:
+            f.write(struct.pack("<25q", code, tile_rows, len(arrays[4]), *dims, *map(len, raw)))
+            f.write(b"".join(raw))
+        res = subprocess.run([program, case, out], capture_output=True, text=True, timeout=EMULATION_TIMEOUT_S,
+                             env={**os.environ, **SANITIZER_ENV[sanitizer]})
+        if res.returncode != 0 or "Sanitizer" in res.stderr or "runtime error" in res.stderr:
+            lines = res.stderr.strip().splitlines()
+            report = "\n".join(lines[:25] + [l for l in lines[25:] if l.startswith("SUMMARY")])
+            raise RuntimeError(f"emulated CUDA kernel under the {sanitizer} sanitizer failed "
+                               f"(exit {res.returncode}):\n{report}")
+        with open(out, "rb") as f:
+            data = bytearray(f.read())
+    y = arrays[2]
+    return torch.frombuffer(data, dtype=torch.uint8).view(y.dtype).view(y.shape) if data else y
+
+
+def round_like_mma(x):
+    """x's values as the CUDA kernel's tensor cores multiply them: float32 rounded to TF32 the way
+    cvt.rna does (nearest, ties away from zero, 10 mantissa bits), half and bfloat16 unchanged.
+    A reference computed in float64 from these differs from the kernel only by its fp32 sums."""
+    if x.dtype != torch.float32:
+        return x
+    bits = x.contiguous().view(torch.int32)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return torch.where(finite, (bits + 0x1000) & ~0x1FFF, bits).view(torch.float32)  # (ties: magnitude up)
+
 
 def emulation_or_skip(source=None, sanitizer=None):
     """Build (or find cached) the emulated kernel; skip the test where it cannot be built."""
     try:
-        return kernels.build_emulation(source, sanitizer)
-    except kernels.EmulationUnavailable as e:
+        return build_emulation(source, sanitizer)
+    except EmulationUnavailable as e:
         pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
 def emulation():
     emulation_or_skip()
-    return kernels.emulation_library()
+    return emulation_library()
 
 
 # Against a float64 reference on the values the tensor cores multiply (round_like_mma): the fp32
@@ -2763,18 +3506,19 @@ def emulation_inputs(case, dtype):
     blocks = random if blocks is None else [(r.sort().values, c.sort().values) for r, c in blocks]
     x, weight = x.to(dtype), weight.to(dtype)
     ref = kernels.grouped_gemm_reference(x.double(), weight.double(), blocks, **conv)
-    seen = kernels.grouped_gemm_reference(kernels.round_like_mma(x).double(), kernels.round_like_mma(weight).double(),
+    seen = kernels.grouped_gemm_reference(round_like_mma(x).double(), round_like_mma(weight).double(),
                                           blocks, **conv)
     empty = torch.nonzero(kernels.block_mask(weight.shape, blocks).view(weight.shape[0], -1).sum(1) == 0).view(-1)
     return x, weight, blocks, ref, seen, empty, conv
 
 
-@pytest.mark.parametrize("tile_rows", [16, 64])
+@pytest.mark.slow
+@pytest.mark.parametrize("tile_rows", kernels.KERNEL_TILE_ROWS)
 @pytest.mark.parametrize("dtype", list(EMU_TOL))
 @pytest.mark.parametrize("case", EMULATION_CASES, ids=[c[0] for c in EMULATION_CASES])
 def test_emulated_kernel_matches_reference(emulation, case, dtype, tile_rows):
     x, weight, blocks, ref, seen, empty, conv = emulation_inputs(case, dtype)
-    y = kernels.emulated_grouped_conv2d(x, weight, blocks, tile_rows=tile_rows, **conv)  # y starts as NaN
+    y = emulated_grouped_conv2d(x, weight, blocks, tile_rows=tile_rows, **conv)  # y starts as NaN
     assert y.dtype == dtype and y.shape == ref.shape and not torch.isnan(y).any()  # every output written
     assert (y[:, empty] == 0).all()
     if blocks:
@@ -2784,6 +3528,7 @@ def test_emulated_kernel_matches_reference(emulation, case, dtype, tile_rows):
         assert (y == seen.to(dtype)).double().mean() > 0.99  # sum falls within 1e-6 of a rounding tie
 
 
+@pytest.mark.slow
 def test_emulated_conversions_round_like_the_hardware(emulation):
     bits = lambda v: struct.unpack("<I", struct.pack("<f", v))[0]  # noqa: E731
     # cvt.rna keeps 10 mantissa bits, ties away from zero: 1 + 2^-11 lies halfway between 1 and 1 + 2^-10
@@ -2793,13 +3538,14 @@ def test_emulated_conversions_round_like_the_hardware(emulation):
         assert bits(emulation.lth_emu_float_to_tf32(v)) == bits(expect)
     values = torch.cat([torch.randn(2000) * 10.0 ** torch.randint(-9, 6, (2000,)),   # normal and subnormal half
                         torch.tensor([65504.0, 65519.0, 65520.0, 1e-8, 2.0 ** -25, -3e38])])
-    tf32 = kernels.round_like_mma(values)
+    tf32 = round_like_mma(values)
     for i, v in enumerate(values.tolist()):
         assert bits(emulation.lth_emu_float_to_tf32(v)) == bits(tf32[i].item())
         assert emulation.lth_emu_float2half(v) == values[i:i + 1].half().view(torch.int16).item() & 0xFFFF
         assert emulation.lth_emu_float2bfloat16(v) == values[i:i + 1].bfloat16().view(torch.int16).item() & 0xFFFF
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which,message", [
     (1, "load_matrix_sync: pointer .* is not 256-bit aligned"),
     (2, "ldm=10 elements \\(40 bytes\\) is not a multiple of 16 bytes"),
@@ -2807,11 +3553,11 @@ def test_emulated_conversions_round_like_the_hardware(emulation):
     (4, "barrier divergence: thread \\d+ reached"),
     (5, "lane 1 made other wmma \\*_sync calls than lane 0")])
 def test_emulation_stops_a_kernel_that_breaks_a_rule(emulation, which, message):
-    """Small kernels in kernels.EMULATION_DRIVER that each break one rule of CUDA or WMMA."""
+    """Small kernels in EMULATION_DRIVER that each break one rule of CUDA or WMMA."""
     with pytest.raises(RuntimeError, match=message):
-        kernels.emulation_call(emulation.lth_emu_broken, which)
+        emulation_call(emulation.lth_emu_broken, which)
     x, weight, blocks, _, seen, _, conv = emulation_inputs(EMULATION_CASES[0], torch.float32)
-    assert rel_err(kernels.emulated_grouped_conv2d(x, weight, blocks, **conv), seen) <= EMU_TOL[torch.float32]
+    assert rel_err(emulated_grouped_conv2d(x, weight, blocks, tile_rows=16, **conv), seen) <= EMU_TOL[torch.float32]
 
 
 # Padding 1 and a block over every column: the bottom kernel row of the last channel reaches one row
@@ -2825,7 +3571,7 @@ def sanitized(dtype, tile_rows, sanitizer, source=None):
     emulation_or_skip(source, sanitizer)
     x, weight, blocks, _, seen, _, conv = emulation_inputs(SANITIZER_CASE, dtype)
     try:
-        y = kernels.emulated_grouped_conv2d(x, weight, blocks, tile_rows=tile_rows, source=source,
+        y = emulated_grouped_conv2d(x, weight, blocks, tile_rows=tile_rows, source=source,
                                             sanitizer=sanitizer, **conv)
     except RuntimeError as e:
         if "unexpected memory mapping" in str(e):  # old TSan runtimes and high-entropy ASLR
@@ -2834,19 +3580,22 @@ def sanitized(dtype, tile_rows, sanitizer, source=None):
     return y, seen
 
 
+@pytest.mark.slow
 def test_emulated_kernel_is_clean_under_address_and_undefined_behaviour_sanitizers():
     for dtype in EMU_TOL:
-        for tile_rows in (16, 64):
+        for tile_rows in kernels.KERNEL_TILE_ROWS:
             y, seen = sanitized(dtype, tile_rows, "address")
             assert rel_err(y, seen) <= EMU_TOL[dtype]
 
 
+@pytest.mark.slow
 def test_emulated_kernel_is_clean_under_thread_sanitizer():
     for dtype, tile_rows in ((torch.float32, 16), (torch.bfloat16, 64)):
         y, seen = sanitized(dtype, tile_rows, "thread")
         assert rel_err(y, seen) <= EMU_TOL[dtype]
 
 
+@pytest.mark.slow
 def test_sanitizers_catch_planted_bugs():
     """The harness is not vacuous: one read past the input, one missing barrier, each caught."""
     src = kernels.CUDA_SRC
@@ -2861,12 +3610,13 @@ def test_sanitizers_catch_planted_bugs():
 
 def test_emulation_without_a_compiler_says_what_to_install(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-lth")
-    with pytest.raises(kernels.EmulationUnavailable, match="install g\\+\\+"):
-        kernels.build_emulation()
+    with pytest.raises(EmulationUnavailable, match="install g\\+\\+"):
+        build_emulation()
 
 
 # ---- kernels on pipeline tickets and the CLI's --bench ----
 
+@pytest.mark.slow
 def test_regrouped_model_of_a_pipeline_ticket_equals_the_masked_dense_model(tmp_path):
     out, _ = run_cli(tmp_path, "--levels", "1", "--method", "regroup")
     t = ticket(out, 1, "regroup")
@@ -2881,6 +3631,7 @@ def test_regrouped_model_of_a_pipeline_ticket_equals_the_masked_dense_model(tmp_
     assert sum(isinstance(m, kernels.RegroupedConv2d) for m in fast.modules()) == 18
 
 
+@pytest.mark.slow
 def test_bench_density_runs_the_grouped_gemm_on_a_fresh_regrouped_model(tmp_path):
     cfg = cli_config("--bench", "--method", "regroup", "--bench-density", "0.2", "--bench-repeats", "1",
                      "--bench-batch", "16")
@@ -2909,10 +3660,15 @@ def test_auto_memory_format_is_the_faster_one_for_the_dense_model(monkeypatch):
     assert timed["n"] == len(kernels.MEMORY_FORMATS)
 
 
-def test_bench_train_times_ours_plain_and_the_masking(capsys):
-    row = L.bench_train("resnet20", "synthetic", batch_size=4, repeats=2, log=lambda *_: None)
-    assert row["img_s_ours"] > 0 and row["img_s_plain"] > 0 and row["img_s_unmasked"] > 0
-    assert row["ms_masking"] > 0 and 0 < row["masking_pct_of_step"] < 100
+def test_bench_train_times_ours_plain_and_the_masking(monkeypatch):
+    """Under a fake clock (each step runs once; ours 20 ms, without masks 10, plain 40, masking 2),
+    the row says what those times mean for a batch of 4, computed here by hand."""
+    steps = fake_timing(monkeypatch, ms=(20.0, 10.0, 40.0, 2.0))
+    row = L.bench_train("resnet20", "cifar10", batch_size=4, repeats=2, device="cpu", log=lambda *_: None)
+    assert len(steps[0]) == 4  # ours, ours without masks, plain, the masking: each ran
+    assert (row["img_s_ours"], row["img_s_unmasked"], row["img_s_plain"]) == (200.0, 400.0, 100.0)
+    assert (row["ours_vs_plain"], row["masked_vs_unmasked"]) == (2.0, 0.5)
+    assert (row["ms_masking"], row["masking_pct_of_step"]) == (2.0, 10.0)
 
 
 def test_bench_density_refuses_an_unstructured_method(tmp_path, capsys):
