@@ -377,6 +377,7 @@ KERNEL_TILE_ROWS = (16, 64)  # rows of a CTA tile, as CUDA_SRC instantiates them
                              # which is faster depends on the layer and the GPU, so both are measured
 INT32_MAX = 2 ** 31 - 1      # the kernel's tables and weight offsets are int32
 _EXT = {}  # "module": the built extension, or None once a build failed / CUDA is absent
+BUILD_ERROR_CHARS = 200  # a failed build's first error line is cut to this many characters in its WARNING
 
 
 def kernel_tables(info, t, tile_rows):
@@ -417,7 +418,7 @@ def cuda_extension():
                 functions=["grouped_conv2d_cuda"], with_cuda=True,
                 extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"])
         except Exception as e:  # noqa: BLE001 -- any build failure means: measure the other paths, loudly
-            first = (str(e).strip().splitlines() or [""])[0][:200]
+            first = (str(e).strip().splitlines() or [""])[0][:BUILD_ERROR_CHARS]
             _warn_once(f"building the grouped-GEMM CUDA kernel failed ({type(e).__name__}: {first}): "
                        "measuring the other paths only")
     return _EXT["module"]
@@ -467,6 +468,8 @@ PATHS = {
 }
 CANDIDATES = {device: tuple(name for name, path in PATHS.items() if device in path.devices)
               for device in ("cpu", "cuda")}  # the paths measured per device type
+BENCH_WARMUP = 3    # untimed rounds before a benchmark's timing (bench_layers, bench_model and lth_ref's benches):
+                    # allocator, oneDNN/cuDNN setup, compilation; each regrouped layer measures its paths first
 MEASURE_WARMUP = 1  # untimed runs per candidate first: a first call pays allocation and oneDNN/cuDNN setup
 MEASURE_RUNS = 3    # timed runs per candidate, interleaved across candidates (a slow spell on a shared
                     # machine hits all of them alike); the median of these decides
@@ -718,7 +721,7 @@ def bench_layers(model, blocks, batch_size=64, device="cpu", paper_setting=False
 
         with torch.no_grad():
             err = rel_err(layer(x), dense())
-            dense_ms, regrouped_ms = time_interleaved([dense, lambda: layer(x)], device, repeats, warmup=2)
+            dense_ms, regrouped_ms = time_interleaved([dense, lambda: layer(x)], device, repeats, warmup=BENCH_WARMUP)
         ratio, path = layer.info["flop_ratio"], layer.path_for(x)
         row = {"name": key, "shape": layer.weight_shape, "input_hw": tuple(shape[2:]),
                "blocks": len(layer.info["sizes"]), "flop_ratio": ratio, "path": path,
@@ -752,7 +755,8 @@ def bench_model(model, blocks, batch_size=64, device="cpu", repeats=10, input_si
             macs_dense, macs_regrouped = macs_dense + macs, macs_regrouped + ratio * macs
     with torch.no_grad():
         err = rel_err(regrouped(x), dense(x), centered=True)
-        dense_ms, regrouped_ms = time_interleaved([lambda: dense(x), lambda: regrouped(x)], device, repeats, warmup=2)
+        dense_ms, regrouped_ms = time_interleaved([lambda: dense(x), lambda: regrouped(x)], device, repeats,
+                                                    warmup=BENCH_WARMUP)
     paths = Counter(p for m in regrouped.modules() if isinstance(m, RegroupedConv2d)
                     for p in ([m.info["forced"]] if m.info["forced"] else m.info["choice"].values()))
     result = {"batch_size": batch_size, "device": str(device),
