@@ -404,7 +404,8 @@ def refill_mask(weight, mask, extra=0.0, score="l1", feats=None, channel_multipl
         raise ValueError(f"refill_mask: weight {tuple(weight.shape)} and mask {tuple(mask.shape)} must "
                          "have the same shape (O, C, kh, kw) or (O, K)")
     if not 0.0 <= extra <= 1.0:
-        raise ValueError(f"refill_mask: extra (refill+'s fraction of the pruned channels) must be in [0, 1], got {extra}")
+        raise ValueError(f"refill_mask: extra (refill+'s fraction of the pruned channels) must be in [0, 1], "
+                         f"got {extra}")
     if int(channel_multiple) != channel_multiple or channel_multiple < 1:
         raise ValueError(f"refill_mask: channel_multiple must be an integer >= 1, got {channel_multiple!r}")
     if score in FEATURE_SCORES and feats is None:
@@ -812,7 +813,8 @@ def retrain(exp, masks, state, first_epoch, level, resume=None, after_epoch=None
 
     Paper: Alg. 1 / Sec. 3.1: weights <- theta_k * m, then SGD with Table 1's step schedule from epoch k
     (the schedule resumes, as Frankle et al. 2020; first_epoch 0 with --lr-schedule restart, as the
-    official main_imp.py); the final epoch's test accuracy is recorded, nothing is chosen on the test set. masks: what is multiplied in after every step (training_masks). resume:
+    official main_imp.py); the final epoch's test accuracy is recorded, nothing is chosen on the test set.
+    masks: what is multiplied in after every step (training_masks). resume:
     an epoch checkpoint's optimizer, scaler and metrics (`state` is then its model). after_epoch(metrics,
     optimizer, scaler): checkpointing and logging. Returns the last epoch's metrics (epoch, loss,
     train_acc, test and, with a validation split, val accuracy)."""
@@ -1018,7 +1020,8 @@ def admm_source(exp, level):
         cached = load_file(path, "ADMM result")
         return cached["masks"], cached["state"]
     model = holding(exp, trained(exp, trunk_run(cfg), 0)[1])
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.admm_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.admm_lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(torch.device(exp.device).type, enabled=cfg.amp == "fp16")
     w_step = lambda iteration, penalty: train_epoch(exp, optimizer, scaler, [], torch.Generator(
         device=exp.device).manual_seed(mix_seed(cfg.seed, level, ADMM_EPOCHS - iteration)), penalty)
@@ -1216,8 +1219,8 @@ def run_experiment(cfg, log=print):
     for run, level in order:
         lock = claim_level(exp, run, level) if (run, level) in todo else None
         if lock is None:
-            exp.log(f"{run.name} level {level}: finished {'earlier' if (run, level) not in todo else 'by another process'}"
-                    f", reused ({ticket_path(run, level)})")
+            by = "earlier" if (run, level) not in todo else "by another process"
+            exp.log(f"{run.name} level {level}: finished {by}, reused ({ticket_path(run, level)})")
             continue
         try:
             exp.log(summary_line(train_level(exp, run, level, eta)))
@@ -1233,6 +1236,9 @@ def run_experiment(cfg, log=print):
 # ==================================== tooling ====================================
 # Everything below serves the method above: the settings and the CLI parser derived from them, torchrun,
 # files (atomic writes, safe loading, checkpoints, tickets), results, benchmarks, export, report, the CLI.
+
+MESSAGE_CHARS = 300  # an exception's first line is cut to this many characters when a message quotes it
+
 
 class UsageError(Exception):
     """A user-facing error: the CLI prints it (with its hint) and exits with code 2, no traceback."""
@@ -1294,7 +1300,8 @@ class Config:
     out_dir: str | None = setting(None, "experiment directory (default: runs/ARCH_DATASET_SOURCE, plus _seedN "
                                   "for --seed N != 0)", "experiment")
     levels: int | None = setting(None, f"pruning levels after the dense level 0 (default: {PAPER['levels']}, or the "
-                                 "number of --import-masks files)", "experiment", check=NOT_NEGATIVE)
+                                 "number of --import-masks files)", "experiment", check=NOT_NEGATIVE,
+                                 official="--pruning_times")
     import_masks: list | None = setting(
         None, "trunk masks from files, one per level (level 1 first): a torch.nn.utils.prune state_dict "
         "(`*_mask`, with `*_orig` weights), an official Structure-LTH checkpoint, an open_lth mask.pth, a "
@@ -1320,22 +1327,22 @@ class Config:
         "(group-wise dense blocks)", "experiment", "branch", choices=list(POSTPROCESS))
     init: str = setting("rewind", "the branch's weights: rewind (theta_k, the paper's tickets) or reinit (a fresh "
                         "seeded initialization trained from epoch 0: random tickets)", "experiment", "branch",
-                        choices=INITS)
+                        choices=INITS, official="--reinit (main_eval_fillback.py)")
     group_aware: bool = setting(False, "group-aware IMP (paper App. A1, Alg. 4): the branch prunes its own "
                                 "previous level instead of the trunk's; needs --mask-source imp and a --method "
                                 "other than imp", "experiment", "branch", official="main_imp_regroup.py")
-    seed: int = setting(0, "seed for init, data order and augmentation", "experiment", "trunk")
+    seed: int = setting(0, "seed for init, data order and augmentation", "experiment", "trunk", official="--seed")
     verbose: bool = setting(False, "print the per-layer table of every level", "experiment")
     wait: bool = setting(False, "when another process trains the branch this command asks for: wait for it "
                          "(default: stop with a message; the trunk is always waited for)", "experiment")
     epochs: int | None = setting(None, f"epochs per level; default: {TABLE1} (CIFAR: 160, (Tiny-)ImageNet: 95)",
-                                 "training", "trunk", check=IS_POSITIVE)
+                                 "training", "trunk", check=IS_POSITIVE, official="--epochs")
     lr_drops: list | None = setting(None, f"epochs at which the LR drops x0.1; default: {TABLE1} (CIFAR: 80 120 "
                                     "of 160), scaled to --epochs", "training", "trunk", nargs="*", metavar="EPOCH",
-                                    type=int)
+                                    type=int, official="--decreasing_lr")
     rewind_epoch: int | None = setting(None, "rewind to the end of this epoch (0 = initialization); default: epoch "
                                        "8 of Table 1's schedule, scaled to --epochs (8 of 160, 5%%)", "training",
-                                       "trunk", check=NOT_NEGATIVE)
+                                       "trunk", check=NOT_NEGATIVE, official="--rewind_epoch")
     schedule: str = setting("table1", "the defaults of --epochs, --lr-drops and --rewind-epoch: table1 (the paper's "
                             "Table 1 for --arch on --dataset) or plus (App. A2's (+) setting of VGG-16(+) and "
                             "WRN-32-2(+): 240 epochs, x0.1 at 150, 180, 210, rewind to epoch 8); explicit flags "
@@ -1343,15 +1350,18 @@ class Config:
     lr_schedule: str = setting("resume", "after rewinding to epoch k: resume = the schedule goes on from epoch k to "
                                "the end (the paper's Alg. 1, Frankle et al. 2020); restart = it runs from epoch 0 "
                                "for the full length (official main_imp.py; --rewind-epoch may then equal --epochs)",
-                               "training", "trunk", choices=LR_SCHEDULES)
+                               "training", "trunk", choices=LR_SCHEDULES, official="main_imp.py: restart")
     prune_rate: float = setting(PAPER["prune_rate"], "fraction of the remaining prunable weights removed per "
-                                "level", "training", "trunk", check=("in (0, 1)", lambda v: 0 < v < 1))
-    lr: float | None = setting(None, f"SGD learning rate; default: {TABLE1} (CIFAR: 0.1)", "training", "trunk")
+                                "level", "training", "trunk", check=("in (0, 1)", lambda v: 0 < v < 1),
+                                official="--rate")
+    lr: float | None = setting(None, f"SGD learning rate; default: {TABLE1} (CIFAR: 0.1)", "training", "trunk",
+                               official="--lr")
     momentum: float = setting(PAPER["momentum"], "SGD momentum", "training", "trunk")
     weight_decay: float | None = setting(None, f"L2 weight decay; default: {TABLE1} (CIFAR: 1e-4, VGG-16 2e-4; "
-                                         "CIFAR-100 2e-4, VGG-16 5e-4)", "training", "trunk")
+                                         "CIFAR-100 2e-4, VGG-16 5e-4)", "training", "trunk", official="--weight_decay")
     batch_size: int | None = setting(None, f"examples per SGD step, over all processes under torchrun; default: "
-                                     f"{TABLE1} (CIFAR: 128)", "training", "trunk", check=IS_POSITIVE)
+                                     f"{TABLE1} (CIFAR: 128)", "training", "trunk", check=IS_POSITIVE,
+                                     official="--batch_size")
     train_subset: int | None = setting(None, "train on a seeded random subset of N examples (default: all)",
                                        "training", "trunk", check=IS_POSITIVE)
     val_split: int = setting(0, "hold out N training images (seeded, before --train-subset) as a validation set; "
@@ -1367,10 +1377,10 @@ class Config:
     refill_score: str = setting(
         "l1", "channel score for refill: l1 = L1 norm of the kept weights (paper), remain = number of kept "
         "weights (official default); fmap_l1, fmap_l2, saliency = the channel's output on one training batch: "
-        "sum |y|, sum y^2, sum |y dL/dy| (official l1, l2, saliency)", "refill", "branch", official="criteria",
+        "sum |y|, sum y^2, sum |y dL/dy| (official l1, l2, saliency)", "refill", "branch", official="--criterion",
         knob="score", label="score", choices=list(CHANNEL_SCORES))
     refill_extra: float = setting(REFILL_PLUS_EXTRA, "refill+: extra fraction of the pruned channels kept (ours; "
-                                  "the paper gives no value)", "refill", "branch", official="fillback_rate",
+                                  "the paper gives no value)", "refill", "branch", official="--fillback-rate",
                                   check=("in [0, 1]", lambda v: 0 <= v <= 1), knob="extra", label="extra")
     channel_multiple: int = setting(1, "refill, refill+: each layer's kept-channel count rounded up to a multiple of "
                                     "this, at most the layer's width (ours: 8 suits GPUs and vector units; 1 = off)",
@@ -1378,10 +1388,11 @@ class Config:
     regroup_unit: str = setting("position", "regroup column unit: position = one (c,ky,kx) (paper), channel = "
                                 "whole input channel", "regroup", "branch", knob="unit", label="unit",
                                 choices=list(REGROUP_UNITS))
-    groups: int = setting(8, "regroup: groups per layer (paper t1)", "regroup", "branch", official="8 hMETIS parts",
-                          check=IS_POSITIVE, knob="groups", label="groups")
+    groups: int = setting(8, "regroup: groups per layer (paper t1)", "regroup", "branch",
+                          official="cn = 8 hMETIS parts", check=IS_POSITIVE, knob="groups", label="groups")
     row_multiple: int = setting(8, "regroup: group rows are a multiple of this, at least this (paper b1, min rows)",
-                                "regroup", "branch", check=IS_POSITIVE, knob="row_multiple", label="rows")
+                                "regroup", "branch", check=IS_POSITIVE, knob="row_multiple", label="rows",
+                                official="B2 = 16: parts of more than 16 rows")
     min_col_nnz: int = setting(1, "regroup: nonzeros a column needs inside a group to be selected (paper t2)",
                                "regroup", "branch", check=IS_POSITIVE, knob="min_col_nnz", label="colnnz")
     min_block_cols: int = setting(8, "regroup: columns a group needs to become a block (paper b2)", "regroup",
@@ -1438,7 +1449,8 @@ def resolve(cfg):
     pick = lambda value, key: value if value is not None else table[key]
     cfg = resolve_import(cfg)
     cfg = dataclasses.replace(
-        cfg, levels=cfg.levels if cfg.levels is not None else PAPER["levels"], epochs=epochs, lr=pick(cfg.lr, "lr"), weight_decay=pick(cfg.weight_decay, "weight_decay"),
+        cfg, levels=cfg.levels if cfg.levels is not None else PAPER["levels"], epochs=epochs, lr=pick(cfg.lr, "lr"),
+        weight_decay=pick(cfg.weight_decay, "weight_decay"),
         batch_size=pick(cfg.batch_size, "batch_size"),
         lr_drops=sorted(cfg.lr_drops if cfg.lr_drops is not None else [scaled(e) for e in table["lr_drops"]]),
         rewind_epoch=cfg.rewind_epoch if cfg.rewind_epoch is not None else scaled(table["rewind_epoch"]),
@@ -1688,7 +1700,8 @@ def load_file(path, what, mmap=False):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, wrong format, disallowed globals: all mean "not ours"
-        first = f"cannot read the {what} {path} ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]})"
+        first = (str(e).strip().splitlines() or [""])[0][:MESSAGE_CHARS]
+        first = f"cannot read the {what} {path} ({type(e).__name__}: {first})"
         raise DamagedFile(f"{first}; lth_ref writes only tensors and plain data, so the file is cut short, "
                           "damaged or was not written by lth_ref. Delete it to compute that step again (a "
                           "ticket: its level is trained again), or point --out-dir elsewhere", first) from None
@@ -1762,8 +1775,8 @@ def check_config(path, settings, started):
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UsageError(f"{path} is corrupt; delete its folder or fix the file") from None
     defaults = Config()                        # a setting newer than the file: its default then
-    changed = [f"{flag_name(k)} {old.get(k, getattr(defaults, k))} -> {v}" for k, v in settings.items()
-               if old.get(k, getattr(defaults, k)) != v]
+    changed = [f"{flag_name(k)} {old.get(k, getattr(defaults, k, None))} -> {v}" for k, v in settings.items()
+               if old.get(k, getattr(defaults, k, None)) != v]
     if changed:
         raise UsageError(f"{os.path.dirname(path) or '.'} holds an experiment with other settings "
                          f"({'; '.join(changed)}); use the same flags to go on (only --levels may grow), "
@@ -1841,7 +1854,8 @@ IMPORT_NAME_MAPS = {  # tool -> --arch -> [(pattern, replacement)]: its paramete
                      (r"^blocks\.(\d+)\.", lambda m: f"layer{int(m[1]) // 3 + 1}.{int(m[1]) % 3}.")],
         "resnet32": [(r"^conv\.", "conv1."), (r"^bn\.", "bn1."),
                      (r"^blocks\.(\d+)\.", lambda m: f"layer{int(m[1]) // 5 + 1}.{int(m[1]) % 5}.")],
-        "vgg16": [(r"^layers\.(\d+)\.(conv|bn)\.", lambda m: f"features.{OPEN_LTH_VGG16[int(m[1])] + (m[2] == 'bn')}.")],
+        "vgg16": [(r"^layers\.(\d+)\.(conv|bn)\.",
+                   lambda m: f"features.{OPEN_LTH_VGG16[int(m[1])] + (m[2] == 'bn')}.")],
     },
 }
 OPEN_LTH_VGG16 = dict(zip((0, 1, 3, 4, 6, 7, 8, 10, 11, 12, 14, 15, 16),   # open_lth layers.i (its max-pools
@@ -1859,8 +1873,9 @@ def read_imported_masks(path, model, arch):
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- anything weights_only refuses or cannot read
+        first = (str(e).strip().splitlines() or [""])[0][:MESSAGE_CHARS]
         raise UsageError(f"--import-masks: cannot read {path} as tensors and plain data ({type(e).__name__}: "
-                         f"{(str(e).strip().splitlines() or [''])[0][:200]}); {RESAVE_HINT.replace('FILE', path)}") from None
+                         f"{first}); {RESAVE_HINT.replace('FILE', path)}") from None
     masks, weights = split_import(raw, path)
     ours = dict(model.named_parameters())
     prunable, rules = prunable_weights(model), best_name_map(list(masks), ours, arch)
@@ -2103,11 +2118,13 @@ def find_ticket(ticket=None, out_dir=None, cfg=None, required=True):
     `out_dir`, of the run that cfg's --method/--init and knobs name (the trunk for imp)."""
     path = ticket
     if path is None and out_dir and os.path.isdir(out_dir):
-        run = branch_run(dataclasses.replace(cfg, out_dir=out_dir)) or trunk_run(dataclasses.replace(cfg, out_dir=out_dir))
+        located = dataclasses.replace(cfg, out_dir=out_dir)
+        run = branch_run(located) or trunk_run(located)
         tickets = finished_tickets(run.path)
         if not tickets:
-            raise UsageError(f"{out_dir} has no finished level of the {run.name} (branches here: "
-                             f"{branch_dirs(out_dir) or 'none'}); name one with --method and its knobs, or pass --ticket")
+                raise UsageError(f"{out_dir} has no finished level of the {run.name} (branches here: "
+                             f"{branch_dirs(out_dir) or 'none'}); name one with --method and its knobs, "
+                             "or pass --ticket")
         path = tickets[-1]
     if path is None:
         if required:
@@ -2312,7 +2329,6 @@ def whole_model_counts(model, masks, shape):
 
 
 # ---- benchmarks (python lth_ref.py --bench [kernels|paper|regroup|train]) ----
-BENCH_WARMUP = 3            # untimed rounds before timing: allocator, oneDNN/cuDNN setup (and compilation)
 BENCH_TRAIN_DENSITY = 0.2   # the benchmarked ticket keeps 20% of the prunable weights (7 IMP levels)
 FORMAT_PROBE_RUNS = 5       # timed forwards per memory format when --bench-memory-format auto measures them
 
@@ -2344,7 +2360,7 @@ def bench_train(arch="resnet20", dataset="cifar10", batch_size=128, device="cpu"
             functools.partial(train_step, net, opt, scaler, pairs, x, y, 1.0 / batch_size, cfg)
     steps["masking"] = functools.partial(apply_pairs, ours_pairs)
     ms = dict(zip(steps, kernels.time_interleaved(list(steps.values()), torch.device(device), repeats,
-                                                  warmup=BENCH_WARMUP)))
+                                                  warmup=kernels.BENCH_WARMUP)))
     ips = {k: batch_size / (ms[k] / 1e3) for k in ("ours", "ours_unmasked", "plain")}
     row = dict(arch=arch, device=device_name(device), batch=batch_size, amp=amp, channels_last=channels_last,
                compile=compile, steps=repeats, img_s_ours=round(ips["ours"], 1),
@@ -2394,7 +2410,8 @@ def bench_regroup(masks, unit="position", seed=0, log=print, **knobs):
         official = group_blocks(m2, [b[0].numpy() for b in blocks], 1, "official")
         official_stats = layer_stats(m2, kernels.block_mask(tuple(m2.shape), official), official)
         rows.append(dict(name=name, shape="x".join(map(str, m2.shape)), density=round(float(m2.mean()), 4),
-                         group_rows=size, blocks=len(blocks), coverage=round(layer_stats(m2, new, blocks)["coverage"], 4),
+                         group_rows=size, blocks=len(blocks),
+                         coverage=round(layer_stats(m2, new, blocks)["coverage"], 4),
                          random=round(partition_coverage(m2, chunks(rng.permutation(nonempty)), cols_per_unit), 4),
                          sorted_nnz=round(partition_coverage(m2, chunks(by_nnz), cols_per_unit), 4),
                          area_vs_nnz=round(float(new.sum() / m2.sum()), 3),
@@ -2469,20 +2486,22 @@ def bench_end_to_end(model, ticket, blocks, batch, device, repeats, shape, fmt, 
                slim=bench_slim(model, ticket["masks"], batch, device, repeats, shape, fmt))
     log(markdown_table([{k: fmt_cell(v) for k, v in out["model"].items()}]))
     log("the ticket without its dead channels (slim_model), end to end:")
-    slims = [dict(channel_multiple=1, **out["slim"])]
+    slims, variants = [dict(channel_multiple=1, **out["slim"])], {"slim": ticket["masks"]}
     if ticket["config"].get("method") in ("refill", "refill+"):
         weights = {n: ticket["state_dict"][n] for n in ticket["masks"]}
         rounded = refill(weights, ticket["masks"], channel_multiple=SLIM_CHANNEL_MULTIPLE)   # its channels + zeros
         out["slim_multiple"] = bench_slim(model, rounded, batch, device, repeats, shape, fmt)
         slims.append(dict(channel_multiple=SLIM_CHANNEL_MULTIPLE, **out["slim_multiple"]))
-        out["onnx"] = bench_onnx(model, ticket["masks"], batch, device, repeats, shape, log)
+        variants[f"slim_multiple_{SLIM_CHANNEL_MULTIPLE}"] = rounded
     log(markdown_table(slims))
+    if len(variants) > 1:
+        out["onnx"] = bench_onnx(model, variants, batch, device, repeats, shape, log)
     return out
 
 
-def bench_onnx(model, masks, batch_size, device, repeats, input_size, log):
-    """The masked dense ticket and its slim network as ONNX models in ONNX Runtime (CPU), interleaved on one
-    batch; None (with one WARNING) without the ONNX extra or off the CPU."""
+def bench_onnx(model, variants, batch_size, device, repeats, input_size, log):
+    """The masked dense ticket and its slim networks ({name: masks}) as ONNX models in ONNX Runtime (CPU),
+    interleaved on one batch; None (with one WARNING) without the ONNX extra or off the CPU."""
     if torch.device(device).type != "cpu":
         return None
     try:
@@ -2490,21 +2509,24 @@ def bench_onnx(model, masks, batch_size, device, repeats, input_size, log):
     except UsageError as e:
         kernels._warn_once(f"{e}; skipping the ONNX Runtime timing")
         return None
+    first = next(iter(variants.values()))
     ticket = copy.deepcopy(model).eval()
-    apply_masks(ticket, {**masks, **model_zoo.bn_masks(ticket, masks)})
+    apply_masks(ticket, {**first, **model_zoo.bn_masks(ticket, first)})
+    nets = {"dense": ticket, **{name: model_zoo.slim_model(ticket, m).eval() for name, m in variants.items()}}
     x = torch.randn(batch_size, *input_size)
-    sessions = []
-    for net in (ticket, model_zoo.slim_model(ticket, masks).eval()):
+    runs = {}
+    for name, net in nets.items():
         with quiet_onnx_export(), torch.no_grad():
             program = torch.onnx.export(net, (x,), external_data=False, verbose=False)
         buffer = io.BytesIO()
         program.save(buffer)
-        sessions.append(onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"]))
-    feed = [{s.get_inputs()[0].name: x.numpy()} for s in sessions]
-    dense_ms, slim_ms = kernels.time_interleaved([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feed)],
-                                                 torch.device("cpu"), repeats, warmup=BENCH_WARMUP)
-    row = dict(runtime=f"onnxruntime {onnxruntime.__version__}", dense_ms=round(dense_ms, 2),
-               slim_ms=round(slim_ms, 2), speedup=round(dense_ms / slim_ms, 3))
+        session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+        runs[name] = lambda s=session: s.run(None, {s.get_inputs()[0].name: x.numpy()})
+    ms = dict(zip(runs, kernels.time_interleaved(list(runs.values()), torch.device("cpu"), repeats,
+                                                 warmup=kernels.BENCH_WARMUP)))
+    row = dict(runtime=f"onnxruntime {onnxruntime.__version__}", **{f"{k}_ms": round(v, 2) for k, v in ms.items()},
+               **{f"{k}_speedup": round(ms["dense"] / v, 3) for k, v in ms.items() if k != "dense"})
+    log("in ONNX Runtime (CPU), end to end:")
     log(markdown_table([row]))
     return row
 
@@ -2523,7 +2545,7 @@ def bench_slim(model, masks, batch_size, device, repeats, input_size, memory_for
     with torch.no_grad():
         err = kernels.rel_err(slim(x), ticket(x), centered=True)
         dense_ms, slim_ms = kernels.time_interleaved([lambda: ticket(x), lambda: slim(x)], device, repeats,
-                                                     warmup=BENCH_WARMUP)
+                                                     warmup=kernels.BENCH_WARMUP)
     return dict(params=model_zoo.count_params(ticket), params_slim=model_zoo.count_params(slim),
                 mac_ratio=round(macs[1] / macs[0], 4), ideal_speedup=round(macs[0] / macs[1], 3),
                 dense_ms=round(dense_ms, 2), slim_ms=round(slim_ms, 2), speedup=round(dense_ms / slim_ms, 3),
@@ -2542,7 +2564,7 @@ def faster_memory_format(model, shape, batch_size, device, log=print):
         runs[name] = lambda m=m, xf=xf: m(xf)
     with torch.no_grad():
         ms = dict(zip(runs, kernels.time_interleaved(list(runs.values()), torch.device(device), FORMAT_PROBE_RUNS,
-                                                     warmup=BENCH_WARMUP)))
+                                                     warmup=kernels.BENCH_WARMUP)))
     best = min(ms, key=ms.get)
     log(f"memory format: {best} (dense forward {', '.join(f'{k} {v:.1f} ms' for k, v in ms.items())})")
     return best
