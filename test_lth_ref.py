@@ -43,7 +43,8 @@ import kernels
 import lth_ref as L
 import models
 
-warnings.filterwarnings("ignore", message="Unknown pytest.mark.slow", category=pytest.PytestUnknownMarkWarning)  # the slow marker: the project keeps no pytest config file
+# the slow marker (tests that train, start processes or build): the project keeps no pytest config file
+warnings.filterwarnings("ignore", message="Unknown pytest.mark.slow", category=pytest.PytestUnknownMarkWarning)
 
 
 # ---- models ----
@@ -1696,6 +1697,13 @@ def test_a_diverging_loss_stops_the_run_keeps_the_last_checkpoint_and_writes_not
     assert "diverged in epoch 1/2 at learning rate 1e+30" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_under_torchrun_a_diverging_loss_stops_every_rank_and_rank_0_reports(tmp_path):
+    code, log = torchrun(str(tmp_path / "run"), "--levels", "0", "--lr", "1e30")
+    assert code != 0 and log.count("diverged in epoch 1/2 at learning rate 1e+30") == 1, log
+    assert not os.path.exists(tmp_path / "run" / "level_00" / "ticket.pt")
+
+
 def lth_ref_process(out, *extra):
     """lth_ref.py with the fast settings in a subprocess (its own process group), stdout+stderr piped."""
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lth_ref.py"), *FAST,
@@ -1834,6 +1842,7 @@ def torchrun(out, *extra, stop_at=None):
     return code, "".join(lines)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_like_one_write_once_and_resume(tmp_path):
     flags = ["--levels", "1"]
     one_dir, one = run_cli(tmp_path, *flags, name="one")
@@ -1857,6 +1866,7 @@ def test_torchrun_two_processes_train_like_one_write_once_and_resume(tmp_path):
     assert all(torch.equal(t1["state_dict"][k], t2["state_dict"][k]) for k in t1["state_dict"])
 
 
+@pytest.mark.slow
 def test_bf16_channels_last_level_keeps_pruned_weights_zero(tmp_path):
     out, rows = run_cli(tmp_path, "--levels", "1", "--epochs", "1", "--amp", "bf16", "--channels-last",
                         "--method", "refill")
@@ -1866,6 +1876,7 @@ def test_bf16_channels_last_level_keeps_pruned_weights_zero(tmp_path):
     assert json.load(open(os.path.join(out, "config.json")))["amp"] == "bf16"
 
 
+@pytest.mark.slow
 def test_a_resnet50_level_runs_on_a_tiny_image_folder(tmp_path):
     pytest.importorskip("PIL.Image")
     write_tiny_imagenet(tmp_path / "data")
@@ -1879,6 +1890,7 @@ def test_a_resnet50_level_runs_on_a_tiny_image_folder(tmp_path):
     assert json.load(open(os.path.join(out, "config.json")))["lr_drops"] == [0, 1]   # 30, 60 of 95 -> 1 epoch
 
 
+@pytest.mark.slow
 def test_compile_flag_compiles_the_training_network(tmp_path, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda net: compiled.append(net) or net)
@@ -1886,6 +1898,7 @@ def test_compile_flag_compiles_the_training_network(tmp_path, monkeypatch):
     assert len(compiled) == 1 and isinstance(compiled[0], models.ResNet)
 
 
+@pytest.mark.slow
 def test_raising_levels_continues_like_asking_at_start(tmp_path):
     _, two = run_cli(tmp_path, "--levels", "2", name="a")
     run_cli(tmp_path, "--levels", "1", name="b")
@@ -1894,12 +1907,14 @@ def test_raising_levels_continues_like_asking_at_start(tmp_path):
     assert strip(two) == strip(grown)
 
 
+@pytest.mark.slow
 def test_changed_trunk_setting_is_refused_once_training_started(tmp_path, capsys):
     run_cli(tmp_path, "--levels", "0")
     assert L.main(FAST + ["--out-dir", str(tmp_path / "run"), "--levels", "0", "--lr", "0.05"]) == 2
     assert "--lr 0.1 -> 0.05" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_failed_start_leaves_the_experiment_free(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert L.main(FAST[:4] + ["--train-subset", "10000", "--epochs", "1", "--out-dir", out]) == 2
@@ -1970,6 +1985,7 @@ def test_a_damaged_ticket_is_an_error_that_names_it_and_says_what_to_do(tmp_path
     assert f"cannot read the ticket {path}" in err and "Delete it" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_ticket_of_another_arch_is_refused(tmp_path, capsys):
     run_cli(tmp_path, "--levels", "0")
     path = tmp_path / "run" / "level_00" / "ticket.pt"
@@ -2006,6 +2022,7 @@ def test_a_ticket_missing_a_key_says_what_a_ticket_is(tmp_path, capsys):
     assert "is not a ticket" in err and "state_dict" in err and "level_NN/ticket.pt" in err
 
 
+@pytest.mark.slow
 def test_lth_ref_imports_next_to_a_foreign_data_package(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "__init__.py").write_text("USER_DATA = True\n")
@@ -2019,6 +2036,7 @@ def test_lth_ref_imports_next_to_a_foreign_data_package(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
+@pytest.mark.slow
 def test_bench_regroup_on_a_ticket_reports_every_layer_and_beats_random(tmp_path, capsys):
     run_cli(tmp_path, "--levels", "0")
     rows = L.run_bench(cli_config("--bench", "regroup"), str(tmp_path / "run"))
@@ -2031,6 +2049,7 @@ def test_bench_without_a_ticket_says_how_to_get_one(tmp_path, capsys):
     assert "no ticket to benchmark" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_names_the_branches_when_the_run_asked_for_has_none(tmp_path, capsys):
     run_cli(tmp_path, "--levels", "1", "--epochs", "1", "--method", "refill")
     assert L.main(["--bench", "--out-dir", str(tmp_path / "run"), "--method", "regroup"] + FAST) == 2
@@ -2103,6 +2122,7 @@ def png_size(path):
     return width, height
 
 
+@pytest.mark.slow
 def test_report_has_every_row_and_each_runs_extreme_ticket_by_the_rule(report_exp, capsys):
     out, rows = report_exp
     assert L.main(["--report", out]) == 0
@@ -2126,6 +2146,7 @@ def test_report_has_every_row_and_each_runs_extreme_ticket_by_the_rule(report_ex
     assert extremes["regroup"]["time saving"].startswith("50.0% conv layers, 25.0% end to end (batch 64, test device")
 
 
+@pytest.mark.slow
 def test_report_pictures_decode_at_the_stated_sizes(report_exp, tmp_path):
     pytest.importorskip("matplotlib")
     out, _ = report_exp
@@ -2147,6 +2168,7 @@ def no_matplotlib(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)               # `import matplotlib` raises ImportError
 
 
+@pytest.mark.slow
 def test_report_without_matplotlib_says_so_once_and_writes_the_tables(report_exp, tmp_path, monkeypatch, capsys):
     no_matplotlib(monkeypatch)
     out, _ = report_exp
@@ -2274,6 +2296,7 @@ def test_block_order_draws_blocks_as_rectangles():
     assert all(contiguous(where_col[c.numpy()]) for _, c in widest)
 
 
+@pytest.mark.slow
 def test_report_refuses_what_it_cannot_read(report_exp, tmp_path, capsys):
     assert L.main(["--report", str(tmp_path)]) == 2
     assert "is not an experiment directory" in capsys.readouterr().err
@@ -3915,6 +3938,7 @@ def test_channel_links_of_an_unknown_model_say_how_to_add_a_rule():
         models.channel_links(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
 
 
+@pytest.mark.slow
 def test_a_refill_branch_trains_exactly_dead_channels_and_exports_a_slim_network(tmp_path, capsys):
     out, _ = run_cli(tmp_path, "--levels", "1", "--method", "refill")
     t = ticket(out, 1, "refill")
@@ -3935,6 +3959,7 @@ def test_a_refill_branch_trains_exactly_dead_channels_and_exports_a_slim_network
     assert models.count_params(slim) < models.count_params(model)
 
 
+@pytest.mark.slow
 def test_exporting_an_unstructured_trunk_ticket_warns_that_dead_rows_stay(tmp_path, capsys):
     out, _ = run_cli(tmp_path, "--levels", "0")
     path = os.path.join(out, "level_00", "ticket.pt")
@@ -4022,6 +4047,9 @@ def test_an_imported_torch_prune_trunk_trains_and_a_regroup_branch_post_processe
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["mask_source"] == "import" and config["import_sha256"] == [L.file_sha256(str(tmp_path / "level1.pt"))]
     assert ticket(out, 1, "regroup")["blocks"]
+    run_cli(tmp_path, "--import-masks", str(tmp_path / "level1.pt"), "--method", "refill")   # the same trunk again
+    torch.save(torch_pruned_resnet20(seed=1).state_dict(), tmp_path / "other.pt")
+    assert L.main(FAST + ["--out-dir", out, "--import-masks", str(tmp_path / "other.pt")]) == 2   # other masks
 
 
 @pytest.mark.slow
