@@ -814,10 +814,10 @@ def retrain(exp, masks, state, first_epoch, level, resume=None, after_epoch=None
     Paper: Alg. 1 / Sec. 3.1: weights <- theta_k * m, then SGD with Table 1's step schedule from epoch k
     (the schedule resumes, as Frankle et al. 2020; first_epoch 0 with --lr-schedule restart, as the
     official main_imp.py); the final epoch's test accuracy is recorded, nothing is chosen on the test set.
-    masks: what is multiplied in after every step (training_masks). resume:
-    an epoch checkpoint's optimizer, scaler and metrics (`state` is then its model). after_epoch(metrics,
-    optimizer, scaler): checkpointing and logging. Returns the last epoch's metrics (epoch, loss,
-    train_acc, test and, with a validation split, val accuracy)."""
+    masks: what is multiplied in after every step (training_masks). resume: an epoch checkpoint's
+    optimizer, scaler and metrics (`state` is then its model). after_epoch(metrics, optimizer, scaler):
+    checkpointing and logging. Returns the last epoch's metrics (epoch, loss, train_acc, test and, with a
+    validation split, val accuracy). Diverged (with the epoch and learning rate) when the loss is not finite."""
     cfg, model = exp.cfg, exp.model
     rewind(model, state, masks)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -2277,8 +2277,8 @@ def write_onnx(slim, ticket, x, x_check, path):
         program = torch.onnx.export(slim, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},),
                                     external_data=False, verbose=False)
     atomic_write(path, program.save)
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x_check.numpy()})[0])
+    runtime = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(runtime.run(None, {runtime.get_inputs()[0].name: x_check.numpy()})[0])
 
 
 EXPORT_FORMATS = {".pt": write_slim_state, ".pt2": write_exported_program, ".onnx": write_onnx}
@@ -2520,8 +2520,8 @@ def bench_onnx(model, variants, batch_size, device, repeats, input_size, log):
             program = torch.onnx.export(net, (x,), external_data=False, verbose=False)
         buffer = io.BytesIO()
         program.save(buffer)
-        session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
-        runs[name] = lambda s=session: s.run(None, {s.get_inputs()[0].name: x.numpy()})
+        runtime = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+        runs[name] = lambda r=runtime: r.run(None, {r.get_inputs()[0].name: x.numpy()})
     ms = dict(zip(runs, kernels.time_interleaved(list(runs.values()), torch.device("cpu"), repeats,
                                                  warmup=kernels.BENCH_WARMUP)))
     row = dict(runtime=f"onnxruntime {onnxruntime.__version__}", **{f"{k}_ms": round(v, 2) for k, v in ms.items()},
@@ -2595,8 +2595,8 @@ REPORT_NUMBERS = ("density", "test_acc", "flop_ratio", "blocks", "coverage")  # 
 
 
 # The paper's numbers, transcribed from its appendix (ICML 2022 version): per (arch, dataset, method, init)
-# the table, its training setting (Table 1, or App. A2's (+)) and (IMP round, remaining weights %, test
-# accuracy %) as printed. Tables A3/A4 (ResNet-18, CIFAR-10): "Ours" = rewind, "Random Tickets" = reinit.
+# the table, the schedule it was trained with (Table 1's, or App. A2's (+): --schedule plus) and (IMP round,
+# remaining weights %, test accuracy %) as printed. Tables A3/A4 (ResNet-18, CIFAR-10): "Ours" = rewind, "Random Tickets" = reinit.
 PAPER_RESULTS = {
     ("resnet18", "cifar10", "refill", "rewind"): ("A3", "table1", (
         (1, 80.29, 94.14), (2, 64.49, 94.24), (3, 51.43, 94.45), (4, 41.24, 94.16), (5, 32.97, 93.86))),

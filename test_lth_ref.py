@@ -4110,8 +4110,8 @@ def test_a_slim_network_exports_to_torch_export_and_onnx_and_matches_the_ticket(
         y = torch.export.load(path).module()(x)
     else:
         import onnxruntime
-        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        y = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        runtime = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        y = torch.from_numpy(runtime.run(None, {runtime.get_inputs()[0].name: x.numpy()})[0])
     with torch.no_grad():
         assert kernels.rel_err(y, model(x), centered=True) < 1e-5
     assert "max_rel_err" in capsys.readouterr().out
