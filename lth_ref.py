@@ -1951,15 +1951,26 @@ def lock_path(run):
     return os.path.join(run.path, "run.lock")
 
 
+def posix_locks():
+    """The fcntl module, or None (with one WARNING) on an OS without POSIX file locks."""
+    try:
+        import fcntl                           # POSIX; the one OS-specific import
+        return fcntl
+    except ImportError:
+        kernels._warn_once("this OS has no POSIX file locks (fcntl): run one process per experiment directory")
+        return None
+
+
 def try_lock(path):
     """Take the OS file lock (fcntl.flock) at `path` without waiting: the open file (the lock lasts while
     it is open; the kernel drops it when the process dies, so a crash leaves no stale lock), or None when
     another process holds it. The file then names this process (pid, host) for the others' messages."""
-    import fcntl                               # POSIX; the one OS-specific import
+    fcntl = posix_locks()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     f = open(path, "a+")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
         return None
@@ -2077,9 +2088,10 @@ def write_results(exp_dir):
     """results.json/csv per branch and, combined with the trunk's rows, for the experiment, rewritten from
     every finished ticket under the experiment's results.lock (two processes never lose each other's
     rows). Returns the combined rows (trunk first, then branches by name; by level within a run)."""
-    import fcntl
+    fcntl = posix_locks()
     with open(os.path.join(exp_dir, "results.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)       # released when the file closes
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes
         return write_result_files(exp_dir)
 
 

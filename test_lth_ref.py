@@ -1751,6 +1751,15 @@ def test_the_same_branch_from_a_second_process_stops_with_a_message_unless_it_wa
     L.release(lock)
 
 
+def test_without_posix_file_locks_one_warning_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fcntl", None)             # `import fcntl` raises ImportError
+    monkeypatch.setattr(kernels, "_WARNED", set())
+    first, second = L.try_lock(str(tmp_path / "run.lock")), L.try_lock(str(tmp_path / "run.lock"))
+    assert first is not None and second is not None            # no lock, but no failure either
+    L.release(first), L.release(second)
+    assert capsys.readouterr().err.count("WARNING: this OS has no POSIX file locks") == 1
+
+
 @pytest.mark.slow
 def test_sigterm_mid_level_stops_with_128_plus_15_and_the_same_command_resumes_exactly(tmp_path):
     flags = ["--levels", "1", "--method", "regroup"]
