@@ -1724,8 +1724,6 @@ TICKET_KEYS = {"level": (int, type(None)), "masks": dict, "blocks": (dict, type(
 
 def load_ticket(path, model=None, mmap=False):
     """Load a ticket.pt and check its structure (and, given a model, that its masks fit it)."""
-    if not os.path.exists(path):
-        raise UsageError(f"ticket {path} does not exist")
     ticket = load_file(path, "ticket", mmap=mmap)
     problems = [k for k, types in TICKET_KEYS.items()
                 if not isinstance(ticket, dict) or not isinstance(ticket.get(k), types)]
@@ -2285,12 +2283,25 @@ def write_exported_program(slim, ticket, x, x_check, path):
 def write_onnx(slim, ticket, x, x_check, path):
     """.onnx: torch.onnx.export (dynamic batch, one file); returns ONNX Runtime's outputs of the file."""
     onnxruntime = import_onnx("--export .onnx")
-    with quiet_onnx_export():
-        program = torch.onnx.export(slim, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                    external_data=False, verbose=False)
-    atomic_write(path, program.save)
-    runtime = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return torch.from_numpy(runtime.run(None, {runtime.get_inputs()[0].name: x_check.numpy()})[0])
+    atomic_write(path, lambda f: f.write(onnx_bytes(slim, x)))
+    run = onnx_runner(onnxruntime, path, x_check)
+    return torch.from_numpy(run()[0])
+
+
+def onnx_bytes(net, x):
+    """The network as one ONNX file's bytes (torch.onnx.export, the batch dimension dynamic), no progress lines."""
+    buffer = io.BytesIO()
+    with quiet_onnx_export(), torch.no_grad():
+        torch.onnx.export(net, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False,
+                          verbose=False).save(buffer)
+    return buffer.getvalue()
+
+
+def onnx_runner(onnxruntime, model, x):
+    """A call that runs an ONNX model (a path or its bytes) on x in ONNX Runtime's CPU provider."""
+    runtime = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+    feed = {runtime.get_inputs()[0].name: x.numpy()}
+    return lambda: runtime.run(None, feed)
 
 
 EXPORT_FORMATS = {".pt": write_slim_state, ".pt2": write_exported_program, ".onnx": write_onnx}
@@ -2331,10 +2342,12 @@ def whole_model_counts(model, masks, shape):
     channels removed, for the models with channel-link rules) without its pruned weights (MACs of nonzero
     weights only)."""
     try:
-        slim = model_zoo.slim_model(model, masks)
-    except ValueError:                         # a model without channel-link rules: the masked copy
+        model_zoo.channel_links(model)
+    except ValueError:                         # a model without channel-link rules: nothing to slim
         slim = copy.deepcopy(model)
         apply_masks(slim, masks)
+    else:
+        slim = model_zoo.slim_model(model, masks)
     pruned = sum(int((w == 0).sum()) for w in prunable_weights(slim).values())
     return dict(params=model_zoo.count_params(model), params_ticket=model_zoo.count_params(slim) - pruned,
                 macs=model_zoo.count_macs(model, shape), macs_ticket=model_zoo.count_macs(slim, shape, nonzero=True))
@@ -2513,7 +2526,8 @@ def bench_end_to_end(model, ticket, blocks, batch, device, repeats, shape, fmt, 
 
 def bench_onnx(model, variants, batch_size, device, repeats, input_size, log):
     """The masked dense ticket and its slim networks ({name: masks}) as ONNX models in ONNX Runtime (CPU),
-    interleaved on one batch; None (with one WARNING) without the ONNX extra or off the CPU."""
+    outputs checked against the ticket, then timed interleaved on one batch; None (with one WARNING)
+    without the ONNX extra or off the CPU."""
     if torch.device(device).type != "cpu":
         return None
     try:
@@ -2521,26 +2535,27 @@ def bench_onnx(model, variants, batch_size, device, repeats, input_size, log):
     except UsageError as e:
         kernels._warn_once(f"{e}; skipping the ONNX Runtime timing")
         return None
-    first = next(iter(variants.values()))
-    ticket = copy.deepcopy(model).eval()
-    apply_masks(ticket, {**first, **model_zoo.bn_masks(ticket, first)})
+    ticket = dead_rows_zeroed(model, next(iter(variants.values())))
     nets = {"dense": ticket, **{name: model_zoo.slim_model(ticket, m).eval() for name, m in variants.items()}}
     x = torch.randn(batch_size, *input_size)
-    runs = {}
-    for name, net in nets.items():
-        with quiet_onnx_export(), torch.no_grad():
-            program = torch.onnx.export(net, (x,), external_data=False, verbose=False)
-        buffer = io.BytesIO()
-        program.save(buffer)
-        runtime = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
-        runs[name] = lambda r=runtime: r.run(None, {r.get_inputs()[0].name: x.numpy()})
+    runs = {name: onnx_runner(onnxruntime, onnx_bytes(net, x), x) for name, net in nets.items()}
+    with torch.no_grad():                      # every ONNX model computes what the ticket does
+        err = max(kernels.rel_err(torch.from_numpy(run()[0]), ticket(x), centered=True) for run in runs.values())
     ms = dict(zip(runs, kernels.time_interleaved(list(runs.values()), torch.device("cpu"), repeats,
                                                  warmup=kernels.BENCH_WARMUP)))
     row = dict(runtime=f"onnxruntime {onnxruntime.__version__}", **{f"{k}_ms": round(v, 2) for k, v in ms.items()},
-               **{f"{k}_speedup": round(ms["dense"] / v, 3) for k, v in ms.items() if k != "dense"})
+               **{f"{k}_speedup": round(ms["dense"] / v, 3) for k, v in ms.items() if k != "dense"}, max_rel_err=err)
     log("in ONNX Runtime (CPU), end to end:")
     log(markdown_table([row]))
     return row
+
+
+def dead_rows_zeroed(model, masks):
+    """An eval copy of the ticket with its masks and the BN of its dead rows applied, as training leaves a
+    structural ticket (a fresh --bench-density ticket has not trained): what slim_model removes exactly."""
+    ticket = copy.deepcopy(model).eval()
+    apply_masks(ticket, {**masks, **model_zoo.bn_masks(ticket, masks)})
+    return ticket
 
 
 def bench_slim(model, masks, batch_size, device, repeats, input_size, memory_format=torch.contiguous_format):
@@ -2548,8 +2563,7 @@ def bench_slim(model, masks, batch_size, device, repeats, input_size, memory_for
     (models.slim_model, stock convs), interleaved on one input; outputs checked first. Dead rows' BN
     scale and shift are zeroed as training leaves them (a fresh --bench-density ticket has not trained)."""
     device = torch.device(device)
-    ticket = copy.deepcopy(model).eval()
-    apply_masks(ticket, {**masks, **model_zoo.bn_masks(ticket, masks)})
+    ticket = dead_rows_zeroed(model, masks)
     slim = model_zoo.slim_model(ticket, masks).eval()
     macs = model_zoo.count_macs(ticket, input_size), model_zoo.count_macs(slim, input_size)
     ticket, slim = (m.to(device, memory_format=memory_format) for m in (ticket, slim))

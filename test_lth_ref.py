@@ -4126,6 +4126,18 @@ def test_a_slim_network_exports_to_torch_export_and_onnx_and_matches_the_ticket(
     assert "max_rel_err" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_bench_of_a_refill_ticket_times_slim_networks_with_both_channel_multiples_and_in_onnx_runtime(tmp_path):
+    for extra in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(extra, reason=f"the ONNX extra ({L.ONNX_EXTRA}) is not installed")
+    report = L.run_bench(cli_config("--bench", "--method", "refill", "--bench-density", "0.5", "--bench-repeats", "1",
+                                    "--bench-batch", "4"), str(tmp_path))
+    run = report["runs"][0]
+    assert run["slim"]["max_rel_err"] < 1e-5 and run["slim_multiple"]["max_rel_err"] < 1e-5
+    assert run["slim_multiple"]["params_slim"] > run["slim"]["params_slim"]      # rounded up: more channels
+    assert run["onnx"]["max_rel_err"] < 1e-5 and {"dense_ms", "slim_ms", "slim_multiple_8_ms"} <= set(run["onnx"])
+
+
 def test_onnx_export_without_the_extra_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(L.UsageError, match="pip install onnx onnxscript onnxruntime"):
