@@ -675,6 +675,9 @@ def load_dataset(name: str, data_dir: str, device="cpu", train_subset: int | Non
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
     data = DATASETS[name](data_dir, download, log)
     keep, held = split_indices(data.num_train, name, val_split, train_subset, seed)
+    if train_subset is not None or val_split:
+        held_out = f", {len(held)} held out for validation" if val_split else ""
+        log(f"training on {len(keep)} of the {data.num_train} training images (seeded{held_out})")
     return data.split_train(keep, held).to(device)
 
 

@@ -17,21 +17,28 @@ The paths: one table, PATHS, name -> Path(build, run, devices, ready).
     conv      per block: the input channels it reads, a weight   one conv per block            cpu
     grouped   the blocks zero-padded to the largest              one grouped conv              cpu, cuda
     gather    the union U of the blocks' columns                 im2col of U, a GEMM per block cpu
-    kernel16  int32 tables for 16-row CTA tiles                  CUDA_SRC: one launch, WMMA    cuda
-    kernel64  int32 tables for 64-row CTA tiles                  CUDA_SRC: one launch, WMMA    cuda
+    kernel32  padded weights, int32 tables, 32-row CTA tiles     CUDA_SRC: one launch, cp.async cuda
+    kernel64  padded weights, int32 tables, 64-row CTA tiles     ring, WMMA; channels-last     cuda
 Every path has the same two halves:
     p = build(info, t)              everything run needs besides the plan: tensors and python values
     y = run(x, info, t, p, conv)    x (N, C, H, W) -> y (N, O, OH, OW), a new tensor in x's memory
-                                    format, rows in no block 0, no bias
+                                    format, rows in no block 0 (+ bias where the path adds it)
 info and t come from make_plan: info describes the layer (shapes, block sizes, the forced path, the
 measured times and choice per input kind); t holds its tensors (packed block weights, rows, cols,
-rows in no block). conv = (stride, padding, dilation) as pairs.
+rows in no block, and "bias" (O,) where the layer has one: RegroupedConv2d adds it to make_plan's).
+A path with adds_bias adds t["bias"] inside its own call (dense: the conv's bias argument); for the
+others the caller adds it. p may hold "<key>_channels_last" next to "<key>": the same tensor in
+channels-last memory: for_format(p, x) puts it in place of "<key>" for channels-last x (once per
+input kind in RegroupedConv2d); every run is correct with either.
+conv = (stride, padding, dilation) as pairs.
 
 RegroupedConv2d runs the fastest path for each input it meets: on the first input of each
 choice_key (shape, dtype, memory format, device) it times every candidate of that device
 (CANDIDATES, from the table; dense always among them, like cudnn.benchmark; the CUDA kernel's tile
-height is measured as two paths) and keeps the winner. bench_layers / bench_model: dense vs
-regrouped, per layer and end to end. The CUDA source (CUDA_SRC, CPP_SRC) closes the file;
+height is measured as two paths) and keeps the winner if it beats dense by PATH_MARGIN, else
+dense. bench_layers / bench_model: dense vs regrouped, per layer and end to end, in a chosen dtype,
+each figure with its spread; on CUDA end to end also in CUDA graphs. bench_dense_cost: the dense
+path against a plain F.conv2d. The CUDA source (CUDA_SRC, CPP_SRC) closes the file;
 test_lth_ref.py runs it on the CPU under an emulation of CUDA (emulated_grouped_conv2d).
 This file imports nothing else of its project: copy it alone.
 """
@@ -222,17 +229,29 @@ def _new(x, shape, memory_format=torch.contiguous_format):
 # ---- path dense: one conv with the block-masked weight ----
 
 def _build_dense(info, t):
-    """{"weight": the block-masked dense weight (O, C, kh, kw)}, rebuilt from the packed blocks."""
+    """{"weight": the block-masked dense weight (O, C, kh, kw), rebuilt from the packed blocks, and
+    "weight_channels_last": the same in channels-last memory}: a weight in the input's memory format
+    spares oneDNN / cuDNN a reorder of the weight on every call."""
     O, C, kh, kw = info["weight_shape"]
     w2 = t["packed"].new_zeros(O, C * kh * kw)
     for rows, cols, w in _blocks_of(info, t):
         w2[rows[:, None], cols[None, :]] = w
-    return {"weight": w2.view(O, C, kh, kw)}
+    weight = w2.view(O, C, kh, kw)
+    return {"weight": weight, "weight_channels_last": weight.contiguous(memory_format=torch.channels_last)}
 
 
 def _run_dense(x, info, t, p, conv):
-    """One F.conv2d (oneDNN / cuDNN); its output keeps x's memory format."""
-    return F.conv2d(x, p["weight"], None, *conv)
+    """One F.conv2d (oneDNN / cuDNN) with the bias inside, as nn.Conv2d runs; output in x's memory
+    format. p["weight"] as given: for_format(p, x) makes it x's (else oneDNN / cuDNN reorder it per call)."""
+    return F.conv2d(x, p["weight"], t.get("bias"), *conv)
+
+
+def for_format(p, x):
+    """p for inputs like x: each "<key>_channels_last" tensor replaces "<key>" when x is channels-last."""
+    if memory_format_of(x) != torch.channels_last:
+        return p
+    suffix = "_channels_last"
+    return {**p, **{k[:-len(suffix)]: v for k, v in p.items() if k.endswith(suffix)}}
 
 
 # ---- path conv: one conv per block over the input channels it reads ----
@@ -294,7 +313,8 @@ def _run_conv_nhwc(x, info, t, p, conv):
 def _build_grouped(info, t):
     """Every block zero-padded to (r_max, c_max) side by side: "weight" (B*r_max, c_max, kh, kw)
     channels-last, "chans" (B*c_max,) the input channel of each group input (padding reads channel
-    0), "real_rows" the real rows' positions among the padded ones."""
+    0), "real_rows" the real rows' positions among the padded ones; with t["bias"]: "bias" (B*r_max,)
+    for the grouped conv (0 on padding rows) and "empty_bias" (1, E, 1, 1) for the rows in no block."""
     _, _, kh, kw = info["weight_shape"]
     per_block, device = _block_channels(info, t), t["rows"].device
     B, r_max = len(per_block), max((len(r) for r, _, _ in per_block), default=0)
@@ -305,18 +325,27 @@ def _build_grouped(info, t):
         weight[b, :len(rows), :w.shape[1]] = w
         chans[b, :len(ch)] = ch
     real = [b * r_max + torch.arange(len(r), device=device) for b, (r, _, _) in enumerate(per_block)]
-    return {"weight": weight.view(B * r_max, c_max, kh, kw).contiguous(memory_format=torch.channels_last),
-            "chans": chans.view(-1), "real_rows": torch.cat(real) if real else t["rows"].new_zeros(0)}
+    p = {"weight": weight.view(B * r_max, c_max, kh, kw).contiguous(memory_format=torch.channels_last),
+         "chans": chans.view(-1), "real_rows": torch.cat(real) if real else t["rows"].new_zeros(0)}
+    if t.get("bias") is not None:
+        p["bias"] = t["bias"].new_zeros(B * r_max)
+        p["bias"][p["real_rows"]] = t["bias"][t["rows"]]
+        p["empty_bias"] = t["bias"][t["empty_rows"]].view(1, -1, 1, 1)
+    return p
 
 
 def _run_grouped(x, info, t, p, conv):
-    """One grouped conv (channels-last, B groups) over the gathered channels, scattered to rows."""
+    """One grouped conv (channels-last, B groups, the bias inside) over the gathered channels,
+    scattered to rows; rows in no block get 0 (+ their bias)."""
     y = _new(x, _output_shape(x, info, conv), memory_format_of(x))
-    y.index_fill_(1, t["empty_rows"], 0.0)
+    if "empty_bias" in p:
+        y[:, t["empty_rows"]] = p["empty_bias"]
+    else:
+        y.index_fill_(1, t["empty_rows"], 0.0)
     if not info["sizes"]:
         return y
     x_groups = select_channels(x, p["chans"]).contiguous(memory_format=torch.channels_last)  # (N, B*c_max, H, W)
-    y_groups = F.conv2d(x_groups, p["weight"], None, *conv, len(info["sizes"]))  # (N, B*r_max, OH, OW)
+    y_groups = F.conv2d(x_groups, p["weight"], p.get("bias"), *conv, len(info["sizes"]))  # (N, B*r_max, OH, OW)
     return y.index_copy_(1, t["rows"], select_channels(y_groups, p["real_rows"]))
 
 
@@ -369,34 +398,66 @@ def _run_gather(x, info, t, p, conv):
     return y.contiguous(memory_format=memory_format_of(x))
 
 
-# ---- paths kernel16, kernel64: all blocks of a layer in one launch of CUDA_SRC ----
+# ---- paths kernel32, kernel64: all blocks of a layer in one launch of CUDA_SRC ----
 
 KERNEL_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the launcher's dtype codes
-KERNEL_TILE_ROWS = (16, 64)  # rows of a CTA tile, as CUDA_SRC instantiates them (16x128 and 64x64
-                             # pixels): 16 pads thin blocks less, 64 reuses each im2col tile more;
+KERNEL_TILE_ROWS = (32, 64)  # rows of a CTA tile, as CUDA_SRC instantiates them (32x128 and 64x64
+                             # pixels): 32 pads thin blocks less, 64 reuses each im2col tile more;
                              # which is faster depends on the layer and the GPU, so both are measured
+KERNEL_K_PAD = 32   # a block's columns are padded to this (CUDA_SRC's k tile: 64 bytes of fp16 or fp32 columns)
+KERNEL_ALIGN = 16   # bytes: the kernel's cp.async copies need 16-byte aligned input and weights
+KERNEL_VECTOR = 8   # channels of one aligned vector: 16 bytes of fp16/bf16 (two 16-byte copies of fp32)
 INT32_MAX = 2 ** 31 - 1      # the kernel's tables and weight offsets are int32
 _EXT = {}  # "module": the built extension, or None once a build failed / CUDA is absent
 BUILD_ERROR_CHARS = 200  # a failed build's first error line is cut to this many characters in its WARNING
 
 
+def _kernel_block_columns(cols, C, kh, kw):
+    """A block's columns in the kernel's order, (ky, kx, c) ascending, and whether they come in aligned
+    vectors: runs of KERNEL_VECTOR consecutive channels from a multiple of KERNEL_VECTOR, at one (ky, kx)."""
+    c, pos = cols // (kh * kw), cols % (kh * kw)
+    order = torch.argsort(pos * C + c)
+    c, pos = c[order], pos[order]
+    runs = len(cols) % KERNEL_VECTOR == 0 and C % KERNEL_VECTOR == 0
+    if runs and len(cols):
+        cv, pv = c.view(-1, KERNEL_VECTOR), pos.view(-1, KERNEL_VECTOR)
+        runs = bool((cv[:, 0] % KERNEL_VECTOR == 0).all() and (cv - cv[:, :1] == torch.arange(KERNEL_VECTOR)).all()
+                    and (pv == pv[:, :1]).all())
+    return order, runs
+
+
 def kernel_tables(info, t, tile_rows):
-    """The kernel's int32 tables for tile_rows-row CTA tiles (one of KERNEL_TILE_ROWS): "meta" (B, 5)
-    per block (row start, rows, col start, cols, weight offset); "tiles" (T, 2) per CTA row tile
-    (block, first row); "rows", "cols" the plan's as int32; "tile_rows"."""
+    """The kernel's tables for tile_rows-row CTA tiles (one of KERNEL_TILE_ROWS), on the plan's device:
+    "meta" int32 (B, 6) per block (row start, rows, column start, padded columns, weight offset, 1 if
+    its columns come in aligned vectors); "tiles" int32 (T, 2) per CTA row tile (block, first row);
+    "rows" int32; "cols" int32 (K', 4) per padded column (c, ky, kx, 1), padding columns (0, 0, 0, 0); "weights": per block its weights, columns in the kernel's order, zero-padded
+    to tile_rows rows and KERNEL_K_PAD columns; "tile_rows". Each block's columns are ordered (ky, kx, c)."""
     if tile_rows not in KERNEL_TILE_ROWS:
         raise ValueError(f"tile_rows={tile_rows}: CUDA_SRC instantiates row tiles of {KERNEL_TILE_ROWS} only")
-    meta, tiles, r0, c0, w0 = [], [], 0, 0, 0
-    for b, (r, c) in enumerate(info["sizes"]):
-        meta.append([r0, r, c0, c, w0])
+    _, C, kh, kw = info["weight_shape"]
+    meta, tiles, cols, weights, r0, c0, w0 = [], [], [], [], 0, 0, 0
+    for b, (rows_b, cols_b, w_b) in enumerate(_blocks_of(info, t)):
+        order, vec = _kernel_block_columns(cols_b.cpu(), C, kh, kw)
+        r, k = len(rows_b), -(-len(cols_b) // KERNEL_K_PAD) * KERNEL_K_PAD
+        rp = -(-r // tile_rows) * tile_rows
+        wp = w_b.new_zeros(rp, k)
+        wp[:r, :len(cols_b)] = w_b[:, order.to(w_b.device)]
+        weights.append(wp.view(-1))
+        col = cols_b.cpu()[order]
+        tab = torch.zeros(k, 4, dtype=torch.int64)
+        pos = col % (kh * kw)
+        tab[:len(col)] = torch.stack([col // (kh * kw), pos // kw, pos % kw, torch.ones_like(col)], 1)
+        cols.append(tab)
+        meta.append([r0, r, c0, k, w0, int(vec)])
         tiles += [[b, i] for i in range(0, r, tile_rows)]
-        r0, c0, w0 = r0 + r, c0 + c, w0 + r * c
+        r0, c0, w0 = r0 + r, c0 + k, w0 + rp * k
     if w0 > INT32_MAX:
-        raise ValueError(f"{w0} packed block weights: too many for the kernel's int32 offsets")
+        raise ValueError(f"{w0} padded block weights: too many for the kernel's int32 offsets")
     device = t["rows"].device
-    return {"meta": torch.tensor(meta, dtype=torch.int32).view(-1, 5).to(device),
-            "tiles": torch.tensor(tiles, dtype=torch.int32).view(-1, 2).to(device),
-            "rows": t["rows"].int(), "cols": t["cols"].int(), "tile_rows": tile_rows}
+    return {"meta": torch.tensor(meta, dtype=torch.int32).view(-1, 6).to(device),
+            "tiles": torch.tensor(tiles, dtype=torch.int32).view(-1, 2).to(device), "rows": t["rows"].int(),
+            "cols": (torch.cat(cols) if cols else torch.zeros(0, 4, dtype=torch.int64)).int().to(device),
+            "weights": torch.cat(weights) if weights else t["packed"].new_zeros(0), "tile_rows": tile_rows}
 
 
 def cuda_extension():
@@ -430,7 +491,8 @@ def _kernel_ready(x):
 
 
 def _run_kernel(x, info, t, p, conv):
-    """One launch of CUDA_SRC for all blocks (CUDA tensors of KERNEL_DTYPES); it reads and writes NCHW."""
+    """One launch of CUDA_SRC for all blocks (CUDA tensors of KERNEL_DTYPES); it reads and writes
+    channels-last (an NCHW input is converted, and its output converted back)."""
     if not x.is_cuda or x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"the CUDA kernel runs CUDA tensors of {[str(d) for d in KERNEL_DTYPES]}, got a "
                          f"{x.device.type} {x.dtype} input (without a GPU, test_lth_ref.emulated_grouped_conv2d "
@@ -438,7 +500,10 @@ def _run_kernel(x, info, t, p, conv):
     ext = cuda_extension()
     if ext is None:
         raise RuntimeError("a kernel path is forced but the CUDA kernel is not available (see the WARNING above)")
-    y = ext.grouped_conv2d_cuda(x.contiguous(), t["packed"].to(x.dtype), p["meta"], p["tiles"], p["rows"],
+    xc = x.contiguous(memory_format=torch.channels_last)
+    if xc.data_ptr() % KERNEL_ALIGN:  # a view at an odd offset: the 16-byte copies need an aligned base
+        xc = xc.clone(memory_format=torch.channels_last)
+    y = ext.grouped_conv2d_cuda(xc, p["weights"].to(x.dtype), p["meta"], p["tiles"], p["rows"],
                                 p["cols"], t["empty_rows"], list(info["weight_shape"]),
                                 [v for pair in conv for v in pair], p["tile_rows"])
     return y.contiguous(memory_format=memory_format_of(x))
@@ -451,30 +516,39 @@ class Path:
     """One way to run a regrouped conv (the contract: module docstring). build(info, t) -> p, the
     tensors (RegroupedConv2d holds them as non-persistent buffers) and python values run needs;
     run(x, info, t, p, conv) -> y; devices: the device types where it is a candidate; ready(x):
-    whether it can run x here (measured only then)."""
+    whether it can run x here (measured only then); adds_bias: run adds t["bias"] itself."""
     build: Callable
     run: Callable
     devices: tuple
     ready: Callable = lambda x: True
+    adds_bias: bool = False
 
 
 PATHS = {
-    "dense": Path(_build_dense, _run_dense, ("cpu", "cuda")),
+    "dense": Path(_build_dense, _run_dense, ("cpu", "cuda"), adds_bias=True),
     "conv": Path(_build_conv, _run_conv, ("cpu",)),
-    "grouped": Path(_build_grouped, _run_grouped, ("cpu", "cuda")),
+    "grouped": Path(_build_grouped, _run_grouped, ("cpu", "cuda"), adds_bias=True),
     "gather": Path(_build_gather, _run_gather, ("cpu",)),
     **{f"kernel{rows}": Path(functools.partial(kernel_tables, tile_rows=rows), _run_kernel, ("cuda",), _kernel_ready)
-       for rows in KERNEL_TILE_ROWS},  # kernel16, kernel64
+       for rows in KERNEL_TILE_ROWS},  # kernel32, kernel64
 }
 CANDIDATES = {device: tuple(name for name, path in PATHS.items() if device in path.devices)
               for device in ("cpu", "cuda")}  # the paths measured per device type
 BENCH_WARMUP = 3    # untimed rounds before a benchmark's timing (bench_layers, bench_model and lth_ref's benches):
                     # allocator, oneDNN/cuDNN setup, compilation; each regrouped layer measures its paths first
 MEASURE_WARMUP = 1  # untimed runs per candidate first: a first call pays allocation and oneDNN/cuDNN setup
-MEASURE_RUNS = 3    # timed runs per candidate, interleaved across candidates (a slow spell on a shared
-                    # machine hits all of them alike); the median of these decides
+MEASURE_RUNS = 3    # timed samples per candidate on the CPU, interleaved across candidates (a slow spell on a
+                    # shared machine hits all of them alike); the median of these decides
+MEASURE_RUNS_CUDA = 5  # the same on CUDA, where a sample costs about CUDA_SAMPLE_MS: more samples, a median
+                       # that clock boosts and other processes' kernels move less
 MEASURE_CUTOFF = 3.0  # a candidate this many times slower than the fastest in the first timed round is
                       # not run again: run-to-run noise is far smaller, it could not win the median
+PATH_MARGIN = 0.05  # a path other than dense is chosen only when its median beats dense's by this fraction:
+                    # closer wins are within the run-to-run spread of medians, and dense is what F.conv2d
+                    # users get, so a near-tie goes to dense ("never slower than dense")
+CUDA_SAMPLE_MS = 1.0  # on CUDA a timed sample runs back-to-back calls for at least this long, synchronized:
+                      # one call of a microsecond kernel measures launch overhead and timer jitter
+CUDA_MAX_CALLS = 1000  # ... but at most this many calls per sample (kernels of under a microsecond)
 
 
 def choice_key(x):
@@ -494,45 +568,76 @@ def candidate_paths(x):
     return tuple(name for name in CANDIDATES[device] if PATHS[name].ready(x))
 
 
+def choose_path(times):
+    """The path to run from {name: median ms}: the fastest, but dense unless the fastest beats dense's
+    median by PATH_MARGIN (a near-tie is noise, and dense is never slower than dense)."""
+    best = min(times, key=times.get)
+    if best != "dense" and "dense" in times and times[best] * (1 + PATH_MARGIN) > times["dense"]:
+        return "dense"
+    return best
+
+
 def measure_paths(runs, device):
     """{name: median ms} of each zero-argument fn in runs = {name: fn}, like cudnn.benchmark:
-    MEASURE_WARMUP untimed runs each, then MEASURE_RUNS interleaved timed rounds; a candidate over
-    MEASURE_CUTOFF x the fastest after the first round is dropped (its one time is kept)."""
+    MEASURE_WARMUP untimed runs each, then MEASURE_RUNS (CUDA: MEASURE_RUNS_CUDA) interleaved timed
+    samples of calls_per_sample calls; a candidate over MEASURE_CUTOFF x the fastest after the first
+    round is dropped (its one time is kept), but never dense: the choice rule compares with its median."""
+    cuda = torch.device(device).type == "cuda"
     with torch.no_grad():
         for _ in range(MEASURE_WARMUP):
             for fn in runs.values():
                 fn()
-        times = {name: [time_once_ms(fn, device)] for name, fn in runs.items()}
+        calls = {name: calls_per_sample(fn, device) for name, fn in runs.items()}
+        times = {name: [time_once_ms(fn, device, calls[name])] for name, fn in runs.items()}
         fastest = min(ts[0] for ts in times.values())
-        contenders = [name for name in runs if times[name][0] <= MEASURE_CUTOFF * fastest]
-        for _ in range(MEASURE_RUNS - 1):
+        contenders = [name for name in runs if name == "dense" or times[name][0] <= MEASURE_CUTOFF * fastest]
+        for _ in range((MEASURE_RUNS_CUDA if cuda else MEASURE_RUNS) - 1):
             for name in contenders:
-                times[name].append(time_once_ms(runs[name], device))
+                times[name].append(time_once_ms(runs[name], device, calls[name]))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def time_once_ms(fn, device):
-    """Wall time of one fn() in ms: CUDA events on GPU (waits for the kernels), perf_counter on the CPU."""
+def calls_per_sample(fn, device):
+    """Calls of fn per timed sample: 1 on the CPU; on CUDA enough to take CUDA_SAMPLE_MS (from one
+    timed call, at most CUDA_MAX_CALLS)."""
+    if torch.device(device).type != "cuda":
+        return 1
+    one_ms = time_once_ms(fn, device)
+    return max(1, min(CUDA_MAX_CALLS, math.ceil(CUDA_SAMPLE_MS / max(one_ms, 1e-6))))
+
+
+def time_once_ms(fn, device, calls=1):
+    """Wall time of one fn() in ms, the mean of `calls` back-to-back calls: CUDA events on GPU
+    (synchronized: waits for the kernels), perf_counter on the CPU."""
     if torch.device(device).type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
+        return start.elapsed_time(end) / calls
     t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / calls
 
 
-def time_interleaved(fns, device, repeats, warmup):
-    """Median ms of each fn() over `repeats` rounds that call every fn once (fair on a shared
-    machine), after `warmup` untimed rounds."""
+def time_spread(fns, device, repeats, warmup):
+    """{"min", "median", "max"} ms of each fn() over `repeats` rounds that time every fn once (fair
+    on a shared machine), after `warmup` untimed rounds; on CUDA each timing is calls_per_sample
+    back-to-back calls."""
     for _ in range(warmup):
         for fn in fns:
             fn()
-    rounds = [[time_once_ms(fn, device) for fn in fns] for _ in range(repeats)]
-    return [statistics.median(ts) for ts in zip(*rounds)]
+    calls = [calls_per_sample(fn, device) for fn in fns]
+    rounds = [[time_once_ms(fn, device, n) for fn, n in zip(fns, calls)] for _ in range(repeats)]
+    return [{"min": min(ts), "median": statistics.median(ts), "max": max(ts)} for ts in zip(*rounds)]
+
+
+def time_interleaved(fns, device, repeats, warmup):
+    """Median ms of each fn() (time_spread's medians)."""
+    return [s["median"] for s in time_spread(fns, device, repeats, warmup)]
 
 
 # ---- modules: a regrouped conv that measures its paths and holds only what it runs ----
@@ -545,8 +650,10 @@ class RegroupedConv2d(nn.Module):
     times the candidate paths (candidate_paths, measure_paths) and keeps the fastest in
     info["choice"] (times in info["times"]); strategy= forces a path instead. A path's tensors
     (its build's, as buffers "<path>_<key>") are non-persistent, built when measured or chosen and
-    dropped when no input chose it, so .to() moves them and .half() casts them.
-    x (N, C, H, W) -> (N, O, OH, OW) in x's memory format."""
+    dropped when no input chose it, so .to() moves them and .half() casts them. forward keeps the
+    last input's kind (shape, strides, dtype, device) and its ready-bound runner: an input like the
+    last one costs one tuple comparison more than the path itself; .to(), .half(), load_state_dict
+    and copies drop that runner. x (N, C, H, W) -> (N, O, OH, OW) in x's memory format."""
 
     def __init__(self, weight, blocks, bias=None, stride=1, padding=0, dilation=1, name="conv", strategy=None):
         super().__init__()
@@ -560,6 +667,7 @@ class RegroupedConv2d(nn.Module):
             self.register_buffer("plan_" + key, value, persistent=key != "empty_rows")
         self._plan_keys = list(tensors)
         self._built = {}  # path -> (its build's python values, the keys of its tensors)
+        self._last = (None, None)  # (the last input's kind, the runner of its path)
         self.register_load_state_dict_post_hook(_drop_built_paths)  # new weights: rebuild on next use
 
     @classmethod
@@ -585,8 +693,9 @@ class RegroupedConv2d(nn.Module):
         return self.info["forced"] or self.info["choice"].get(choice_key(x))
 
     def _plan(self):
-        """The plan's tensors (make_plan's t) as this module holds them."""
-        return {k: self._buffers["plan_" + k] for k in self._plan_keys}  # (getattr is 7x slower per call)
+        """The plan's tensors (make_plan's t, with "bias" where the layer has one) as this module holds them."""
+        t = {k: self._buffers["plan_" + k] for k in self._plan_keys}  # (getattr is 7x slower per call)
+        return t if self.bias is None else {**t, "bias": self.bias}
 
     def _path(self, name, t):
         """Path `name`'s build output p, built from t on first use (its tensors as buffers)."""
@@ -601,6 +710,7 @@ class RegroupedConv2d(nn.Module):
 
     def _drop_paths(self, keep):
         """Free the tensors of every built path not in keep."""
+        self._last = (None, None)
         for name in [p for p in self._built if p not in keep]:
             for key in self._built.pop(name)[1]:
                 del self._buffers[f"{name}_{key}"]
@@ -608,19 +718,41 @@ class RegroupedConv2d(nn.Module):
     def _measure(self, x, conv):
         """Time the candidates on x, record and return the fastest; free the tensors of the others."""
         t = self._plan()
-        runs = {name: functools.partial(PATHS[name].run, x, self.info, t, self._path(name, t), conv)
+        runs = {name: functools.partial(PATHS[name].run, x, self.info, t, for_format(self._path(name, t), x), conv)
                 for name in candidate_paths(x)}
         times, key = measure_paths(runs, x.device), choice_key(x)
-        self.info["times"][key], self.info["choice"][key] = times, min(times, key=times.get)
+        self.info["times"][key], self.info["choice"][key] = times, choose_path(times)
         self._drop_paths(keep={*self.info["choice"].values()})
         return self.info["choice"][key]
 
-    def forward(self, x):
+    def _runner(self, x):
+        """fn(x) -> this layer's output for inputs like x: its path's run with the plan, the path's
+        tensors in x's memory format and conv bound, the bias added after it where the path does not."""
         conv = (self.stride, self.padding, self.dilation)
-        path = self.path_for(x) or self._measure(x, conv)
+        name = self.path_for(x) or self._measure(x, conv)
         t = self._plan()
-        y = PATHS[path].run(x, self.info, t, self._path(path, t), conv)  # a new tensor: add the bias in place
-        return y if self.bias is None else y.add_(self.bias.view(1, -1, 1, 1))
+        path, p, info = PATHS[name], for_format(self._path(name, t), x), self.info
+        if self.bias is None or path.adds_bias:
+            return lambda x: path.run(x, info, t, p, conv)
+        bias = self.bias.view(1, -1, 1, 1)
+        return lambda x: path.run(x, info, t, p, conv).add_(bias)  # run's y is a new tensor: add in place
+
+    def forward(self, x):
+        kind = (x.shape, x.stride(), x.dtype, x.device)
+        last_kind, run = self._last
+        if kind != last_kind:
+            run = self._runner(x)
+            self._last = (kind, run)
+        return run(x)
+
+    def _apply(self, fn, *args, **kwargs):
+        """.to(), .half(), .cuda() ...: new tensors, so the last runner (bound to the old ones) goes."""
+        self._last = (None, None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        """Copies and pickles leave the runner behind (it holds this module's tensors)."""
+        return {**self.__dict__, "_last": (None, None)}
 
 
 def _drop_built_paths(module, incompatible_keys):
@@ -676,7 +808,86 @@ def rel_err(y, ref, centered=False):
     return ((y - ref).abs().max() / scale.abs().max().clamp_min(1e-30)).item()
 
 
-def _conv_input_shapes(model, batch_size, device, input_size):
+BENCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the benches' precisions
+GRAPH_WARMUP = 3  # eager calls on a side stream before a CUDA graph is captured: cuDNN/cuBLAS setup and first
+                  # allocations stay out of the graph (torch.cuda.graphs' rule)
+NVIDIA_DRIVER_FILE = "/proc/driver/nvidia/version"  # Linux: the driver's version line
+
+
+def check_dtype(device, dtype):
+    """ValueError, with the reason, when convs in dtype do not run on device (as fp16 on some CPUs)."""
+    x = torch.zeros(1, 1, 3, 3, device=device, dtype=dtype)
+    try:
+        F.conv2d(x, torch.zeros(1, 1, 3, 3, device=device, dtype=dtype), torch.zeros(1, device=device, dtype=dtype))
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [""])[0][:BUILD_ERROR_CHARS]
+        raise ValueError(f"{str(dtype).replace('torch.', '')} convs do not run on this {torch.device(device).type} "
+                         f"({first}): bench in another precision") from None
+
+
+def runtime_info(device, dtype):
+    """What a timing depends on besides the code: device, dtype, torch and, on CUDA, the GPU's
+    compute capability, the CUDA, cuDNN and driver versions."""
+    device = torch.device(device)
+    info = {"device": f"cpu ({torch.get_num_threads()} threads)", "dtype": str(dtype).replace("torch.", ""),
+            "torch": torch.__version__}
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        info.update(device=torch.cuda.get_device_name(device), capability=f"sm_{major}{minor}",
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), driver=_nvidia_driver())
+    return info
+
+
+def _nvidia_driver():
+    """The NVIDIA driver's version line (Linux), or None."""
+    try:
+        with open(NVIDIA_DRIVER_FILE) as f:
+            return f.readline().strip() or None
+    except OSError:
+        return None
+
+
+def cuda_graph(fn):
+    """fn() captured once in a CUDA graph; returns its replay, a zero-argument fn that reruns the same
+    kernels on the same tensors with one launch. Call it under torch.no_grad() for inference, after
+    an eager call (a RegroupedConv2d measures its paths then, which a capture cannot). ValueError
+    without CUDA."""
+    if not torch.cuda.is_available():
+        raise ValueError("CUDA graphs need a CUDA GPU")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(GRAPH_WARMUP):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def is_noisy(a, b):
+    """True when the spread (max - min) of either side's repeats is larger than the effect, the gap
+    between the medians (a, b: time_spread dicts): the ratio of the medians says nothing then."""
+    return max(a["max"] - a["min"], b["max"] - b["min"]) > abs(a["median"] - b["median"])
+
+
+def spread_fields(dense, other, name, same_path=False, prefix=""):
+    """A bench row's timing cells from two time_spread dicts: both medians, both ranges ("min-max"
+    ms), speedup = dense / other median ("same path" where both sides run the same conv), noisy."""
+    cells = {"dense_ms": dense["median"], f"{name}_ms": other["median"],
+             "dense_range_ms": _range(dense), f"{name}_range_ms": _range(other),
+             "speedup": "same path" if same_path else dense["median"] / other["median"],
+             "noisy": is_noisy(dense, other)}
+    return {prefix + k: v for k, v in cells.items()}
+
+
+def _range(s):
+    """A time_spread dict's range as "min-max" (ms, 3 significant digits)."""
+    return f"{s['min']:.3g}-{s['max']:.3g}"
+
+
+def _conv_input_shapes(model, batch_size, device, input_size, dtype=torch.float32):
     """{module name: input shape} of every Conv2d for one random batch (forward hooks)."""
     shapes, hooks = {}, []
 
@@ -689,45 +900,46 @@ def _conv_input_shapes(model, batch_size, device, input_size):
         if isinstance(m, nn.Conv2d):
             hooks.append(m.register_forward_hook(record(name)))
     with torch.no_grad():
-        model(torch.randn(batch_size, *input_size, device=device))
+        model(torch.randn(batch_size, *input_size, device=device, dtype=dtype))
     for h in hooks:
         h.remove()
     return shapes
 
 
 def bench_layers(model, blocks, batch_size=64, device="cpu", paper_setting=False, repeats=10,
-                 input_size=(3, 32, 32), log=None, memory_format=torch.contiguous_format):
+                 input_size=(3, 32, 32), log=None, memory_format=torch.contiguous_format, dtype=torch.float32):
     """Per regrouped conv: dense F.conv2d with the masked weight vs RegroupedConv2d, conv only.
 
     Inputs: the layer's real activation shape for a batch of `input_size` images (default), or with
     paper_setting every conv fed a (batch_size, C, 127, 127) input (paper Sec. A1 / Fig. 7 used
-    batch 64). Same precision and memory_format (of the inputs) on both sides (on GPU, cuDNN convs
-    and our kernel both use TF32 for fp32 by default). Outputs are checked against dense before
-    timing (that first call also measures the layer's paths). Returns one dict per conv; `path` is
-    the path the layer chose, `ideal_speedup` (1 / flop_ratio) is "-" where that is dense."""
+    batch 64). Same dtype and memory_format (of the inputs and the dense weight) on both sides (on
+    GPU, fp32 convs and our kernel both use TF32 by default). Outputs are checked against dense
+    before timing (that first call also measures the layer's paths). Returns one dict per conv:
+    `path` the chosen path, `candidates` every measured path's median ms, spread_fields (speedup
+    "same path" where the layer runs dense), `ideal_speedup` (1 / flop_ratio, "-" for dense)."""
     device = torch.device(device)
-    model = copy.deepcopy(model).to(device).eval()
-    shapes = None if paper_setting else _conv_input_shapes(model, batch_size, device, input_size)
+    check_dtype(device, dtype)
+    model = copy.deepcopy(model).to(device, dtype).eval()
+    shapes = None if paper_setting else _conv_input_shapes(model, batch_size, device, input_size, dtype)
     results = []
     for key, module_name, conv in _conv_modules(model, blocks):
         shape = (batch_size, conv.in_channels, 127, 127) if paper_setting else shapes[module_name]
-        x = torch.randn(shape, device=device).contiguous(memory_format=memory_format)
+        x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
         layer = RegroupedConv2d.from_conv(conv, blocks[key], name=key)
         mask = block_mask(layer.weight_shape, check_blocks(layer.weight_shape, blocks[key], key))
-        weight, bias = conv.weight.detach() * mask.to(conv.weight), conv.bias
-
-        def dense():
-            return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation)
-
+        weight = (conv.weight.detach() * mask.to(conv.weight)).contiguous(memory_format=memory_format)
+        dense = functools.partial(F.conv2d, x, weight, conv.bias, conv.stride, conv.padding, conv.dilation)
         with torch.no_grad():
             err = rel_err(layer(x), dense())
-            dense_ms, regrouped_ms = time_interleaved([dense, lambda: layer(x)], device, repeats, warmup=BENCH_WARMUP)
+            dense_t, layer_t = time_spread([dense, lambda: layer(x)], device, repeats, warmup=BENCH_WARMUP)
         ratio, path = layer.info["flop_ratio"], layer.path_for(x)
+        measured = layer.info["times"].get(choice_key(x), {})
         row = {"name": key, "shape": layer.weight_shape, "input_hw": tuple(shape[2:]),
                "blocks": len(layer.info["sizes"]), "flop_ratio": ratio, "path": path,
+               "candidates": ", ".join(f"{p} {ms:.3g}" for p, ms in measured.items()),
                "ideal_speedup": "-" if path == "dense" else 1 / ratio if ratio else float("inf"),
-               "dense_ms": dense_ms, "regrouped_ms": regrouped_ms, "speedup": dense_ms / regrouped_ms,
-               "max_rel_err": err}
+               **spread_fields(dense_t, layer_t, "regrouped", same_path=path == "dense"),
+               "max_rel_err": err, "dtype": str(dtype).replace("torch.", "")}
         results.append(row)
         if log:
             log(row)
@@ -735,17 +947,43 @@ def bench_layers(model, blocks, batch_size=64, device="cpu", paper_setting=False
 
 
 def bench_model(model, blocks, batch_size=64, device="cpu", repeats=10, input_size=(3, 32, 32), log=None,
-                memory_format=torch.contiguous_format):
-    """End to end (eval, no_grad): the masked dense model vs regrouped_model, same input, precision
-    and memory_format (both models and the input converted to it); outputs checked first
-    (max_rel_err against the batch spread of the dense logits; this also measures every layer's
-    paths). conv_flop_ratio counts every conv's MACs, the unpruned stem's too; paths counts the
-    regrouped convs per chosen path. Returns one dict."""
+                memory_format=torch.contiguous_format, dtype=torch.float32, graphs=True):
+    """End to end (eval, no_grad): the masked dense model vs regrouped_model, same input, dtype and
+    memory_format (both models and the input converted to it); outputs checked first (max_rel_err
+    against the batch spread of the dense logits; this also measures every layer's paths). Eager,
+    and on CUDA with graphs=True also each model captured in a CUDA graph (graph_* cells; launches
+    no longer hide the compute); without CUDA the graphs are skipped ("timing": "eager").
+    conv_flop_ratio counts every conv's MACs, the unpruned stem's too; paths counts the regrouped
+    convs per chosen path. Returns one dict, with runtime_info."""
     device = torch.device(device)
-    dense = masked_model(model, blocks).to(device, memory_format=memory_format)
-    regrouped = regrouped_model(model, blocks).to(device, memory_format=memory_format)
-    x = torch.randn(batch_size, *input_size, device=device).contiguous(memory_format=memory_format)
-    shapes = _conv_input_shapes(dense, 1, device, input_size)
+    check_dtype(device, dtype)
+    dense = masked_model(model, blocks).to(device, dtype, memory_format=memory_format)
+    regrouped = regrouped_model(model, blocks).to(device, dtype, memory_format=memory_format)
+    x = torch.randn(batch_size, *input_size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    conv_ratio = _conv_flop_ratio(dense, regrouped, _conv_input_shapes(dense, 1, device, input_size, dtype))
+    fns = [lambda: dense(x), lambda: regrouped(x)]
+    with torch.no_grad():
+        err = rel_err(regrouped(x), dense(x), centered=True)
+        result = {"batch_size": batch_size, **runtime_info(device, dtype),
+                  "memory_format": {v: k for k, v in MEMORY_FORMATS.items()}[memory_format],
+                  **spread_fields(*time_spread(fns, device, repeats, warmup=BENCH_WARMUP), "regrouped")}
+        graphed = device.type == "cuda" and graphs
+        if graphed:
+            replays = [cuda_graph(fn) for fn in fns]
+            result.update(spread_fields(*time_spread(replays, device, repeats, warmup=BENCH_WARMUP), "regrouped",
+                                        prefix="graph_"))
+    paths = Counter(p for m in regrouped.modules() if isinstance(m, RegroupedConv2d)
+                    for p in ([m.info["forced"]] if m.info["forced"] else m.info["choice"].values()))
+    result.update(timing="eager + CUDA graphs" if graphed else "eager", max_rel_err=err,
+                  conv_flop_ratio=conv_ratio, ideal_conv_speedup=1 / max(conv_ratio, 1e-30),
+                  paths=", ".join(f"{p} {n}" for p, n in paths.most_common()))
+    if log:
+        log(result)
+    return result
+
+
+def _conv_flop_ratio(dense, regrouped, shapes):
+    """The regrouped model's share of the dense model's conv MACs (shapes: _conv_input_shapes of dense)."""
     macs_dense = macs_regrouped = 0
     for name, m in dense.named_modules():
         if isinstance(m, nn.Conv2d):
@@ -753,30 +991,59 @@ def bench_model(model, blocks, batch_size=64, device="cpu", repeats=10, input_si
             macs, swapped = m.weight.numel() * oh * ow, regrouped.get_submodule(name)
             ratio = swapped.info["flop_ratio"] if isinstance(swapped, RegroupedConv2d) else 1.0
             macs_dense, macs_regrouped = macs_dense + macs, macs_regrouped + ratio * macs
-    with torch.no_grad():
-        err = rel_err(regrouped(x), dense(x), centered=True)
-        dense_ms, regrouped_ms = time_interleaved([lambda: dense(x), lambda: regrouped(x)], device, repeats,
-                                                    warmup=BENCH_WARMUP)
-    paths = Counter(p for m in regrouped.modules() if isinstance(m, RegroupedConv2d)
-                    for p in ([m.info["forced"]] if m.info["forced"] else m.info["choice"].values()))
-    result = {"batch_size": batch_size, "device": str(device),
-              "memory_format": {v: k for k, v in MEMORY_FORMATS.items()}[memory_format], "dense_ms": dense_ms,
-              "regrouped_ms": regrouped_ms, "speedup": dense_ms / regrouped_ms, "max_rel_err": err,
-              "conv_flop_ratio": macs_regrouped / macs_dense,
-              "ideal_conv_speedup": macs_dense / max(macs_regrouped, 1e-30),
-              "paths": ", ".join(f"{p} {n}" for p, n in paths.most_common())}
-    if log:
-        log(result)
-    return result
+    return macs_regrouped / macs_dense
 
 
-# ---- the CUDA kernel's source: all blocks of a layer in one launch, WMMA tensor cores, implicit im2col ----
-# Each CTA (128 threads, 4 warps) computes a (BM rows of one block) x (BN output pixels) tile:
-# it loops over the block's columns BK at a time, staging the packed weights (BM, BK) and the
-# im2col values (BK, BN), gathered straight from the NCHW input with zeros outside the image, in
-# shared memory (ragged edges zero-padded), multiplies with WMMA (fp32 inputs: TF32 m16n16k8;
-# half/bf16: m16n16k16; fp32 accumulate), and scatters rows to output channels rows_b.
-# BM x BN = 16 x 128 (path kernel16) or 64 x 64 (kernel64), both measured. Needs sm_80+.
+DENSE_COST_SHAPES = ((64, 32), (128, 16), (256, 8), (512, 4))  # CIFAR convs (VGG-16, ResNet-18): (channels, H = W)
+DENSE_COST_DENSITY = 0.1  # the blocks' share of the weight (irrelevant to dense, which runs every weight)
+
+
+def bench_dense_cost(batches=(1, 64, 256), device="cpu", dtype=torch.float32, repeats=100, log=print):
+    """What the dense path of RegroupedConv2d costs over a plain F.conv2d (3x3, bias) with the same
+    block-masked weight, per call, on the CIFAR shapes DENSE_COST_SHAPES, both memory formats, next
+    to an nn.Conv2d (which pays the same module call): one dict per (batch, shape, format) with the
+    medians, ratio = conv2d / dense and module_ratio = nn.Conv2d / dense (1.0 = no cost), noisy.
+    A benchmark, not a test: `python -c "import kernels; kernels.bench_dense_cost()"`."""
+    rows, g = [], torch.Generator().manual_seed(0)
+    for batch in batches:
+        for channels, hw in DENSE_COST_SHAPES:
+            w, b = torch.randn(channels, channels, 3, 3, generator=g), torch.randn(channels, generator=g)
+            k = channels * 9
+            blocks = [(torch.arange(channels), torch.randperm(k, generator=g)[:int(DENSE_COST_DENSITY * k)])]
+            layer = RegroupedConv2d(w, blocks, b, padding=1, strategy="dense").to(device, dtype)
+            weight = (w * block_mask(w.shape, blocks)).to(device, dtype)
+            module = nn.Conv2d(channels, channels, 3, padding=1).to(device, dtype)
+            for fmt_name, fmt in MEMORY_FORMATS.items():
+                x = torch.randn(batch, channels, hw, hw, generator=g).to(device, dtype).contiguous(memory_format=fmt)
+                wf, bias = weight.contiguous(memory_format=fmt), b.to(device, dtype)
+                with torch.no_grad():
+                    module.weight.copy_(wf)
+                    module.bias.copy_(bias)
+                    module.to(memory_format=fmt)
+                    fns = [lambda: F.conv2d(x, wf, bias, 1, 1), lambda: layer(x), lambda: module(x)]
+                    conv, dense, nn_conv = time_spread(fns, device, repeats, warmup=BENCH_WARMUP)
+                row = {"batch": batch, "channels": channels, "hw": hw, "memory_format": fmt_name,
+                       "conv2d_ms": conv["median"], "dense_ms": dense["median"], "module_ms": nn_conv["median"],
+                       "ratio": conv["median"] / dense["median"], "module_ratio": nn_conv["median"] / dense["median"],
+                       "noisy": is_noisy(conv, dense)}
+                rows.append(row)
+                log(row)
+    return rows
+
+
+# ---- the CUDA kernel's source: all blocks of a layer in one launch, cp.async ring, WMMA tensor cores ----
+# Each CTA (256 threads, 8 warps) computes a (BM rows of one block) x (BN output pixels) tile, an
+# implicit GEMM over the block's columns, ordered (ky, kx, c) and padded to the k tile (64 bytes per
+# row): a STAGES-deep shared-memory ring, filled with 16-byte cp.async copies (commit_group /
+# wait_group), holds the padded weights (BM, BK) and the im2col tile (BN pixels, BK columns) read
+# straight from the channels-last input: per CTA each pixel's base offset once, per 16-byte copy one
+# table entry (c, ky, kx) and one bounds test for its (pixel, ky, kx); outside the image the copy
+# zero-fills. A block whose columns are not aligned vectors (the paper's position unit) takes the
+# same ring with one plain load per element instead. WMMA multiplies (fp32 inputs: TF32 m16n16k8;
+# half/bf16: m16n16k16; fp32 accumulate); the result tile reuses the ring and is scattered to output
+# channels rows_b of the channels-last output. BM x BN = 32 x 128 (path kernel32) or 64 x 64
+# (kernel64), both measured. The column table holds (c, ky, kx), not the offset delta, so it does
+# not depend on the input's size: the delta costs two multiply-adds per copy. Needs sm_80+.
 # LTH_REF_HOST_EMULATION: the host emulation in test_lth_ref.py compiles this text with g++.
 
 CUDA_SRC = r"""
@@ -791,8 +1058,20 @@ CUDA_SRC = r"""
 namespace lth_ref {
 using namespace nvcuda;
 
-constexpr int BK = 32;        // columns (reduction) per shared-memory tile
-constexpr int THREADS = 128;  // 4 warps per CTA
+constexpr int THREADS = 256;     // 8 warps per CTA
+constexpr int STAGES = 3;        // shared-memory ring: loads of tile k+2 overlap the MMAs of tile k
+constexpr int KT_BYTES = 64;     // bytes of each row per k tile (32 half/bf16 or 16 float columns)
+constexpr int OUTSIDE = -(1 << 29);  // ih0 of a pixel past the batch: never inside the image
+
+#ifndef LTH_REF_HOST_EMULATION
+// cp.async: 16 bytes global -> shared, bypassing L1 (.cg); src_bytes 0 writes 16 zero bytes.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+#endif
 
 // WMMA k and fragment element type per input type (accumulate in fp32 for all)
 template <typename T> struct Mma;
@@ -811,46 +1090,86 @@ struct ConvDims {  // same order as the `dims` array of the launcher
   int N, C, H, W, O, OH, OW, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
 };
 
-// x (N, C, H, W); w: packed blocks, block b is (rows_b, cols_b) row-major at meta[5b+4];
-// y (N, O, OH, OW); meta[5b..5b+4] = row start in rows[], rows, col start in cols[], cols, w offset;
-// tiles[2t..2t+1] = block, first row of CTA row tile t (gridDim.y); gridDim.x = pixel tiles.
+// x (N, H, W, C) and y (N, OH, OW, O): channels-last. w: per block its weights, rows padded to BM and
+// columns to the k tile, row-major at meta[6b+4]. meta[6b..6b+5] = row start in rows[], rows, column
+// start in cols[], padded columns, weight offset, 1 if the block's columns come in aligned vectors
+// (runs of 16 bytes of consecutive channels at one (ky, kx)). cols: per padded column (c, ky, kx, 1);
+// padding columns (0, 0, 0, 0) read as zeros. tiles[2t..2t+1] = block, first row of row tile t.
+// CTA i runs row tile i % num_tiles on pixel tile i / num_tiles: the CTAs of all blocks that read one
+// pixel tile run side by side, so its input is fetched from DRAM about once and then served by L2.
 template <typename T, int BM, int BN>
 __global__ void __launch_bounds__(THREADS)
 grouped_conv2d_kernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
-                      const int* __restrict__ meta, const int* __restrict__ tiles,
-                      const int* __restrict__ rows, const int* __restrict__ cols, const ConvDims d) {
+                      const int* __restrict__ meta, const int* __restrict__ tiles, const int num_tiles,
+                      const int* __restrict__ rows, const int4* __restrict__ cols, const ConvDims d) {
   using Frag = typename Mma<T>::Frag;
-  constexpr int MK = Mma<T>::K;
-  constexpr int WARPS_M = BM >= 32 ? 2 : 1, WARPS_N = THREADS / 32 / WARPS_M;
+  constexpr int MK = Mma<T>::K, BK = KT_BYTES / sizeof(T), VE = 16 / sizeof(T);  // VE: elements per copy
+  constexpr int LDS = BK + VE;                                 // stage row pitch: 16 bytes of padding
+  constexpr int WARPS_M = BM / 16 >= 4 ? 4 : BM / 16, WARPS_N = THREADS / 32 / WARPS_M;
   constexpr int FM = BM / WARPS_M / 16, FN = BN / WARPS_N / 16;  // 16x16 fragments per warp
-  constexpr int PAD = 16 / sizeof(T);                             // 16 bytes: fewer bank conflicts
-  constexpr int LDA = BK + PAD, LDB = BN + PAD, LDC = BN + 4;
-  constexpr int ROW_STEP = THREADS / BN;                          // threads per pixel column
-  static_assert(THREADS % BN == 0 && BK % MK == 0 && FM >= 1 && FN >= 1, "tile shape");
+  constexpr int STAGE = (BM + BN) * LDS, LDC = BM + 4;         // elements per stage; c_s pixel pitch
+  constexpr int RING = STAGES * STAGE * (int)sizeof(T), CBYTES = BN * LDC * (int)sizeof(float);
+  static_assert(FM >= 1 && FN >= 1 && BK % MK == 0 && WARPS_M * WARPS_N * 32 == THREADS, "tile shape");
+  // one buffer: the ring while the k loop runs, then the fp32 result tile (BN pixels x BM rows)
+  __shared__ __align__(128) T ring[(RING > CBYTES ? RING : CBYTES) / sizeof(T)];
+  __shared__ long long pix_base[BN];     // element offset of (n, ih0, iw0, 0) in x
+  __shared__ int pix_ih[BN], pix_iw[BN];  // ih0, iw0 of each pixel of the tile (OUTSIDE past the batch)
+  float* c_s = reinterpret_cast<float*>(ring);
 
-  __shared__ __align__(128) T a_s[BM * LDA];      // weights (BM, BK)
-  __shared__ __align__(128) T b_s[BK * LDB];      // im2col (BK, BN)
-  __shared__ __align__(128) float c_s[BM * LDC];  // result (BM, BN)
-  __shared__ int col_off[BK], col_dy[BK], col_dx[BK];  // decoded column: c*H*W, ky*dil_h, kx*dil_w
-
-  const int b = tiles[2 * blockIdx.y], row0 = tiles[2 * blockIdx.y + 1];
-  const int row_start = meta[5 * b], nrows = meta[5 * b + 1];
-  const int col_start = meta[5 * b + 2], ncols = meta[5 * b + 3];
-  const T* wb = w + meta[5 * b + 4];
-  const int tid = threadIdx.x, warp = tid / 32;
-  const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
-
-  // this thread gathers and writes pixel column pp of the tile, rows kk0, kk0 + ROW_STEP, ...
-  const int pp = tid % BN, kk0 = tid / BN;
-  const int L = d.OH * d.OW;
-  const long long p = (long long)blockIdx.x * BN + pp;
-  const bool p_ok = p < (long long)d.N * L;
-  const int n = p_ok ? (int)(p / L) : 0;
-  const int l = p_ok ? (int)(p - (long long)n * L) : 0;
-  const int oh = l / d.OW, ow = l - oh * d.OW;
-  const int ih0 = oh * d.stride_h - d.pad_h, iw0 = ow * d.stride_w - d.pad_w;
-  const T* xn = x + (long long)n * d.C * d.H * d.W;
+  const int tile = blockIdx.x % num_tiles;
+  const long long pix0 = (long long)(blockIdx.x / num_tiles) * BN, NL = (long long)d.N * d.OH * d.OW;
+  const int b = tiles[2 * tile], row0 = tiles[2 * tile + 1];
+  const int row_start = meta[6 * b], nrows = meta[6 * b + 1], col_start = meta[6 * b + 2];
+  const int nk = meta[6 * b + 3] / BK, kpad = meta[6 * b + 3];
+  const bool vec = meta[6 * b + 5] != 0;
+  const T* wb = w + meta[6 * b + 4] + (long long)row0 * kpad;
+  const int4* cb = cols + col_start;
+  const int tid = threadIdx.x, warp = tid / 32, warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
   const T zero = from_float<T>(0.0f);
+
+  for (int pp = tid; pp < BN; pp += THREADS) {  // pixel bases, once per CTA
+    const long long p = pix0 + pp;
+    int ih0 = OUTSIDE, iw0 = 0;
+    long long base = 0;
+    if (p < NL) {
+      const int L = d.OH * d.OW, n = (int)(p / L), l = (int)(p - (long long)n * L), oh = l / d.OW;
+      ih0 = oh * d.stride_h - d.pad_h;
+      iw0 = (l - oh * d.OW) * d.stride_w - d.pad_w;
+      base = (((long long)n * d.H + ih0) * d.W + iw0) * d.C;
+    }
+    pix_base[pp] = base;
+    pix_ih[pp] = ih0;
+    pix_iw[pp] = iw0;
+  }
+  __syncthreads();
+
+  // k tile kt -> ring stage s: weights (BM, BK) and im2col (BN pixels, BK columns), both k-contiguous
+  auto load = [&](int kt, int s) {
+    T* a_s = ring + s * STAGE;
+    T* b_s = a_s + BM * LDS;
+    for (int i = tid; i < BM * (BK / VE); i += THREADS) {
+      const int r = i / (BK / VE), q = i % (BK / VE);
+      cp_async16(a_s + r * LDS + q * VE, wb + (long long)r * kpad + kt * BK + q * VE, 16);
+    }
+    if (vec) {  // one 16-byte copy per (pixel, vector); bounds once per copy
+      for (int i = tid; i < BN * (BK / VE); i += THREADS) {
+        const int pp = i / (BK / VE), q = i % (BK / VE);
+        const int4 e = cb[kt * BK + q * VE];
+        const int dy = e.y * d.dil_h, dx = e.z * d.dil_w, ih = pix_ih[pp] + dy, iw = pix_iw[pp] + dx;
+        const bool ok = e.w != 0 && ih >= 0 && ih < d.H && iw >= 0 && iw < d.W;
+        const T* src = ok ? x + pix_base[pp] + ((long long)dy * d.W + dx) * d.C + e.x : x;
+        cp_async16(b_s + pp * LDS + q * VE, src, ok ? 16 : 0);
+      }
+    } else {  // columns not in whole vectors: one element per thread and column, plain loads
+      for (int i = tid; i < BN * BK; i += THREADS) {
+        const int pp = i / BK, kk = i % BK;
+        const int4 e = cb[kt * BK + kk];
+        const int dy = e.y * d.dil_h, dx = e.z * d.dil_w, ih = pix_ih[pp] + dy, iw = pix_iw[pp] + dx;
+        const bool ok = e.w != 0 && ih >= 0 && ih < d.H && iw >= 0 && iw < d.W;
+        b_s[pp * LDS + kk] = ok ? x[pix_base[pp] + ((long long)dy * d.W + dx) * d.C + e.x] : zero;
+      }
+    }
+  };
 
   wmma::fragment<wmma::accumulator, 16, 16, MK, float> acc[FM][FN];
 #pragma unroll
@@ -858,45 +1177,30 @@ grouped_conv2d_kernel(const T* __restrict__ x, const T* __restrict__ w, T* __res
 #pragma unroll
     for (int j = 0; j < FN; j++) wmma::fill_fragment(acc[i][j], 0.0f);
 
-  for (int k0 = 0; k0 < ncols; k0 += BK) {
-    if (tid < BK) {  // decode this tile's columns k -> (c, ky, kx); -1 past the block's last column
-      const int k = k0 + tid;
-      int off = -1, dy = 0, dx = 0;
-      if (k < ncols) {
-        const int col = cols[col_start + k], khkw = d.kh * d.kw;
-        const int c = col / khkw, j = col - c * khkw, ky = j / d.kw, kx = j - ky * d.kw;
-        off = c * d.H * d.W;
-        dy = ky * d.dil_h;
-        dx = kx * d.dil_w;
-      }
-      col_off[tid] = off;
-      col_dy[tid] = dy;
-      col_dx[tid] = dx;
-    }
-    for (int i = tid; i < BM * BK; i += THREADS) {  // weights, zero outside the block
-      const int r = i / BK, kk = i - r * BK, gr = row0 + r, gk = k0 + kk;
-      a_s[r * LDA + kk] = (gr < nrows && gk < ncols) ? wb[(long long)gr * ncols + gk] : zero;
-    }
-    __syncthreads();
-    for (int kk = kk0; kk < BK; kk += ROW_STEP) {  // implicit im2col, zero in the padding
-      const int off = col_off[kk], ih = ih0 + col_dy[kk], iw = iw0 + col_dx[kk];
-      const bool ok = p_ok && off >= 0 && ih >= 0 && ih < d.H && iw >= 0 && iw < d.W;
-      b_s[kk * LDB + pp] = ok ? xn[off + ih * d.W + iw] : zero;
-    }
-    __syncthreads();
+  for (int s = 0; s < STAGES - 1; s++) {  // prologue: the first STAGES - 1 tiles in flight
+    if (s < nk) load(s, s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < nk; kt++) {
+    cp_async_wait<STAGES - 2>();  // tile kt has landed (this thread's copies) ...
+    __syncthreads();              // ... everyone's; and every warp is done with tile kt - 1
+    if (kt + STAGES - 1 < nk) load(kt + STAGES - 1, (kt + STAGES - 1) % STAGES);  // into tile kt - 1's stage
+    cp_async_commit();
+    const T* a_s = ring + (kt % STAGES) * STAGE;
+    const T* b_s = a_s + BM * LDS;
 #pragma unroll
     for (int ks = 0; ks < BK; ks += MK) {
       wmma::fragment<wmma::matrix_a, 16, 16, MK, Frag, wmma::row_major> fa[FM];
-      wmma::fragment<wmma::matrix_b, 16, 16, MK, Frag, wmma::row_major> fb[FN];
+      wmma::fragment<wmma::matrix_b, 16, 16, MK, Frag, wmma::col_major> fb[FN];
 #pragma unroll
       for (int i = 0; i < FM; i++) {
-        wmma::load_matrix_sync(fa[i], a_s + (warp_m * FM + i) * 16 * LDA + ks, LDA);
+        wmma::load_matrix_sync(fa[i], a_s + (warp_m * FM + i) * 16 * LDS + ks, LDS);
         if constexpr (std::is_same<T, float>::value)
           for (int e = 0; e < fa[i].num_elements; e++) fa[i].x[e] = wmma::__float_to_tf32(fa[i].x[e]);
       }
 #pragma unroll
       for (int j = 0; j < FN; j++) {
-        wmma::load_matrix_sync(fb[j], b_s + ks * LDB + (warp_n * FN + j) * 16, LDB);
+        wmma::load_matrix_sync(fb[j], b_s + (warp_n * FN + j) * 16 * LDS + ks, LDS);
         if constexpr (std::is_same<T, float>::value)
           for (int e = 0; e < fb[j].num_elements; e++) fb[j].x[e] = wmma::__float_to_tf32(fb[j].x[e]);
       }
@@ -905,51 +1209,52 @@ grouped_conv2d_kernel(const T* __restrict__ x, const T* __restrict__ w, T* __res
 #pragma unroll
         for (int j = 0; j < FN; j++) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
     }
-    __syncthreads();
   }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is free: the result tile takes its place
 #pragma unroll
   for (int i = 0; i < FM; i++)
 #pragma unroll
     for (int j = 0; j < FN; j++)
-      wmma::store_matrix_sync(c_s + (warp_m * FM + i) * 16 * LDC + (warp_n * FN + j) * 16, acc[i][j],
-                              LDC, wmma::mem_row_major);
+      wmma::store_matrix_sync(c_s + (warp_n * FN + j) * 16 * LDC + (warp_m * FM + i) * 16, acc[i][j], LDC,
+                              wmma::mem_col_major);
   __syncthreads();
-  if (p_ok) {  // scatter: row r of the tile -> output channel rows[row_start + row0 + r]
-    T* yp = y + (long long)n * d.O * L + l;
-    for (int r = kk0; r < BM; r += ROW_STEP) {
-      const int gr = row0 + r;
-      if (gr < nrows) yp[(long long)rows[row_start + gr] * L] = from_float<T>(c_s[r * LDC + pp]);
-    }
+  for (int i = tid; i < BM * BN; i += THREADS) {  // row r of pixel pp -> y[pixel, rows[row_start + row0 + r]]
+    const int r = i % BM, pp = i / BM, gr = row0 + r;
+    const long long p = pix0 + pp;
+    if (gr < nrows && p < NL) y[p * d.O + rows[row_start + gr]] = from_float<T>(c_s[pp * LDC + r]);
   }
 }
 
 template <typename T, int BM, int BN>
 cudaError_t launch(const void* x, const void* w, void* y, const int* meta, const int* tiles, int num_tiles,
                    const int* rows, const int* cols, const ConvDims& d, cudaStream_t stream) {
-  const long long grid_x = ((long long)d.N * d.OH * d.OW + BN - 1) / BN;
-  if (num_tiles == 0 || grid_x == 0) return cudaSuccess;
-  if (num_tiles > 65535 || grid_x > 2147483647LL) return cudaErrorInvalidConfiguration;
+  const long long pixel_tiles = ((long long)d.N * d.OH * d.OW + BN - 1) / BN, grid = pixel_tiles * num_tiles;
+  if (num_tiles == 0 || grid == 0) return cudaSuccess;
+  if (grid > 2147483647LL) return cudaErrorInvalidConfiguration;
 #ifndef LTH_REF_HOST_EMULATION
-  grouped_conv2d_kernel<T, BM, BN><<<dim3((unsigned)grid_x, (unsigned)num_tiles), THREADS, 0, stream>>>(
+  grouped_conv2d_kernel<T, BM, BN><<<dim3((unsigned)grid), THREADS, 0, stream>>>(
 #else
-  lth_emu::launch(dim3((unsigned)grid_x, (unsigned)num_tiles), dim3(THREADS), grouped_conv2d_kernel<T, BM, BN>,
+  lth_emu::launch(dim3((unsigned)grid), dim3(THREADS), grouped_conv2d_kernel<T, BM, BN>,
 #endif
-      static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), meta, tiles, rows, cols, d);
+      static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(y), meta, tiles, num_tiles, rows,
+      reinterpret_cast<const int4*>(cols), d);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_tiles(int tile_rows, const void* x, const void* w, void* y, const int* meta, const int* tiles,
                          int num_tiles, const int* rows, const int* cols, const ConvDims& d, cudaStream_t stream) {
-  if (tile_rows == 16) return launch<T, 16, 128>(x, w, y, meta, tiles, num_tiles, rows, cols, d, stream);
+  if (tile_rows == 32) return launch<T, 32, 128>(x, w, y, meta, tiles, num_tiles, rows, cols, d, stream);
   if (tile_rows == 64) return launch<T, 64, 64>(x, w, y, meta, tiles, num_tiles, rows, cols, d, stream);
   return cudaErrorInvalidValue;
 }
 }  // namespace lth_ref
 
-// dtype: 0 float (TF32 tensor cores), 1 half, 2 bfloat16; tile_rows: 16 or 64 (rows per CTA tile);
-// dims: N, C, H, W, O, OH, OW, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w.
-// y must be preallocated; rows in no block are not written. Returns a cudaError_t as int.
+// dtype: 0 float (TF32 tensor cores), 1 half, 2 bfloat16; tile_rows: 32 or 64 (rows per CTA tile);
+// dims: N, C, H, W, O, OH, OW, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w. x, y channels-last,
+// x 16-byte aligned; cols: 4 ints per padded column. y must be preallocated; rows in no block are not
+// written. Returns a cudaError_t as int.
 int grouped_conv2d_launch(int dtype, int tile_rows, const void* x, const void* w, void* y, const int* meta,
                           const int* tiles, int num_tiles, const int* rows, const int* cols, const int* dims,
                           cudaStream_t stream) {
@@ -974,15 +1279,21 @@ int grouped_conv2d_launch(int dtype, int tile_rows, const void* x, const void* w
                           const int* tiles, int num_tiles, const int* rows, const int* cols, const int* dims,
                           cudaStream_t stream);
 
-// x (N, C, H, W); packed block weights; int32 tables from kernel_tables; empty_rows int64;
-// weight_shape (O, C, kh, kw); conv (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w) -> y (N, O, OH, OW)
+// x (N, C, H, W) channels-last, 16-byte aligned; the padded block weights and int32 tables from
+// kernel_tables; empty_rows int64; weight_shape (O, C, kh, kw); conv (stride_h, stride_w, pad_h, pad_w,
+// dil_h, dil_w) -> y (N, O, OH, OW) channels-last
 torch::Tensor grouped_conv2d_cuda(torch::Tensor x, torch::Tensor packed, torch::Tensor meta, torch::Tensor tiles,
                                   torch::Tensor rows, torch::Tensor cols, torch::Tensor empty_rows,
                                   std::vector<int64_t> weight_shape, std::vector<int64_t> conv,
                                   int64_t tile_rows) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 4 && x.is_contiguous(), "grouped_conv2d_cuda: x: contiguous 4-D CUDA tensor");
-  TORCH_CHECK(packed.device() == x.device() && packed.scalar_type() == x.scalar_type() && packed.is_contiguous(),
-              "grouped_conv2d_cuda: packed weights must be contiguous, on x's device, in x's dtype");
+  TORCH_CHECK(x.is_cuda() && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+              reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              "grouped_conv2d_cuda: x: channels-last 4-D CUDA tensor, 16-byte aligned");
+  TORCH_CHECK(packed.device() == x.device() && packed.scalar_type() == x.scalar_type() && packed.is_contiguous() &&
+              reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0,
+              "grouped_conv2d_cuda: padded weights must be contiguous, 16-byte aligned, on x's device, in x's dtype");
+  TORCH_CHECK(cols.dim() == 2 && cols.size(1) == 4 && meta.dim() == 2 && meta.size(1) == 6,
+              "grouped_conv2d_cuda: cols (K', 4) and meta (B, 6) expected");
   for (const auto& t : {meta, tiles, rows, cols})
     TORCH_CHECK(t.device() == x.device() && t.scalar_type() == torch::kInt32 && t.is_contiguous(),
                 "grouped_conv2d_cuda: index tables must be contiguous int32 on x's device");
@@ -997,9 +1308,9 @@ torch::Tensor grouped_conv2d_cuda(torch::Tensor x, torch::Tensor packed, torch::
   const int64_t O = weight_shape[0], kh = weight_shape[2], kw = weight_shape[3];
   const int64_t OH = (H + 2 * conv[2] - conv[4] * (kh - 1) - 1) / conv[0] + 1;
   const int64_t OW = (W + 2 * conv[3] - conv[5] * (kw - 1) - 1) / conv[1] + 1;
-  TORCH_CHECK(OH > 0 && OW > 0 && C * H * W < INT_MAX && OH * OW < INT_MAX, "grouped_conv2d_cuda: bad sizes");
+  TORCH_CHECK(OH > 0 && OW > 0 && H * W < INT_MAX / 4 && OH * OW < INT_MAX, "grouped_conv2d_cuda: bad sizes");
   const c10::cuda::CUDAGuard guard(x.device());
-  auto y = torch::empty({N, O, OH, OW}, x.options());
+  auto y = torch::empty({N, O, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (empty_rows.numel() > 0) y.index_fill_(1, empty_rows, 0);
   const int dims[15] = {(int)N, (int)C, (int)H, (int)W, (int)O, (int)OH, (int)OW, (int)kh, (int)kw,
                         (int)conv[0], (int)conv[1], (int)conv[2], (int)conv[3], (int)conv[4], (int)conv[5]};

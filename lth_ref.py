@@ -25,6 +25,7 @@ import copy
 import csv
 import dataclasses
 import datetime
+import errno
 import functools
 import importlib
 import importlib.util
@@ -40,6 +41,7 @@ import socket
 import sys
 import time
 import typing
+import zipfile
 
 import numpy as np
 import torch
@@ -232,18 +234,23 @@ def random_masks(masks, generator):
     return out
 
 
-def snip_scores(model, names, images, labels):
-    """SNIP connection sensitivity |w * dL/dw| at the given weights, on one batch (higher = keep).
+def snip_scores(model, names, images, labels, chunk=None):
+    """SNIP connection sensitivity |w * dL/dw| at the given weights, L the mean loss over the given
+    samples (higher = keep).
 
-    Paper: Fig. 6 left (SNIP, Lee et al. 2019). Published (snip-public, Synaptic-Flow): one batch of
-    training data, BatchNorm in eval mode, scores of every layer; ours ranks the prunable weights only.
-    Official: `prune_snip` scores in training mode over the whole loader. The model is left as it was
-    (scores come from a copy). names: parameter names; images (B, C, H, W), labels (B,).
+    Paper: Fig. 6 left (SNIP, Lee et al. 2019). Published: snip-public scores one batch; Synaptic-Flow
+    scores 10 x (number of classes) samples (--snip-samples); BatchNorm in eval mode, scores of every
+    layer; ours ranks the prunable weights only. Official: `prune_snip` scores in training mode over the
+    whole loader. The model is left as it was (scores come from a copy). names: parameter names;
+    images (N, C, H, W), labels (N,); chunk: samples per forward pass (default: all at once).
     """
     model = _scoring_copy(model, train=False)
     params = dict(model.named_parameters())
-    loss = F.cross_entropy(model(images), labels)
-    grads = torch.autograd.grad(loss, [params[n] for n in names])
+    chunk, grads = chunk or len(images), None
+    for i in range(0, len(images), chunk):                # the sum of per-sample losses / N: the mean loss
+        loss = F.cross_entropy(model(images[i:i + chunk]), labels[i:i + chunk], reduction="sum") / len(images)
+        g = torch.autograd.grad(loss, [params[n] for n in names])
+        grads = g if grads is None else [a + b for a, b in zip(grads, g)]
     return {n: (params[n] * g).detach().abs() for n, g in zip(names, grads)}
 
 
@@ -454,8 +461,22 @@ def conv_channel_stats(model, names, images, labels):
 
 
 # ---- regroup (group-wise tickets): hypergraph, greedy partition, dense blocks ----
-# regroup's column unit -> columns per unit, from the 4-D conv mask shape (O, C, kh, kw)
-REGROUP_UNITS = {"position": lambda shape: 1, "channel": lambda shape: shape[2] * shape[3]}
+# regroup's column unit -> columns per unit, from the 4-D conv mask shape (O, C, kh, kw). A unit's
+# columns are consecutive in REGROUP_UNIT_ORDER's column order. "vector": VECTOR_WIDTH consecutive input
+# channels at one (ky, kx), one 16-byte load of fp16/bf16 channels-last input; a layer whose input
+# channels are not a multiple of VECTOR_WIDTH keeps position units (documented rule, no warning).
+VECTOR_WIDTH = 8  # channels per vector unit: 16 bytes of fp16/bf16, the GPU kernel's copy size
+REGROUP_UNITS = {"position": lambda shape: 1, "channel": lambda shape: shape[2] * shape[3],
+                 "vector": lambda shape: VECTOR_WIDTH if shape[1] % VECTOR_WIDTH == 0 else 1}
+# regroup's column unit -> the flattened (c, ky, kx) columns in the order that makes its units consecutive
+def _vector_order(shape):
+    """Columns ordered (ky, kx, c) where vector units apply (C a multiple of VECTOR_WIDTH), else as they are."""
+    cols = np.arange(int(np.prod(shape[1:])))
+    return cols.reshape(shape[1], -1).T.ravel() if REGROUP_UNITS["vector"](shape) > 1 else cols
+
+
+REGROUP_UNIT_ORDER = {"position": lambda shape: np.arange(int(np.prod(shape[1:]))),
+                      "channel": lambda shape: np.arange(int(np.prod(shape[1:]))), "vector": _vector_order}
 
 
 def regroup(masks, unit="position", groups=8, row_multiple=8, min_col_nnz=1, min_block_cols=8,
@@ -481,10 +502,13 @@ def regroup_mask(mask, unit="position", groups=8, row_multiple=8, min_col_nnz=1,
     `regroup` in Structure-LTH calls hMETIS once (8 parts) and keeps parts of more than 16 rows, which
     keeps no block on layers of 64 rows or fewer; ours sizes groups from the layer (regroup_pass).
     `unit` (REGROUP_UNITS): "position" selects single (c, ky, kx) columns as in the paper, "channel"
-    whole input channels (faster on CPU). `block_columns` (BLOCK_COLUMNS): budget (ours: the blocks'
+    whole input channels (faster on CPU), "vector" VECTOR_WIDTH consecutive channels at one (ky, kx)
+    (the GPU kernel's 16-byte loads; position units where C is not a multiple of VECTOR_WIDTH). `block_columns` (BLOCK_COLUMNS): budget (ours: the blocks'
     area is the layer's IMP nonzeros, or one minimal b1 x b2 block if that is larger), paper (Alg. 3 as
-    written: every column with >= t2 nonzeros in the group; denser than IMP) or official (its width rule).
-    Every block has at least b1 rows (a multiple of b1) and b2 columns. mask: the conv's 0/1 mask
+    written: every column with >= t2 nonzeros in the group; denser than IMP), intended (the official
+    width rule, corrected) or official (the official code as it runs, its row rules and its unstructured
+    fallback included: official_regroup_mask; b1, b2 and t2 do not apply to it).
+    Otherwise every block has at least b1 rows (a multiple of b1) and b2 columns. mask: the conv's 0/1 mask
     (O, C, kh, kw), or its (O, K) view for unit "position". Returns (new mask of mask's shape, blocks)
     with blocks = [(rows, cols)] int64, rows disjoint, cols indexing the flattened (c, ky, kx) axis, and
     the new mask exactly the union of the blocks' rectangles.
@@ -492,8 +516,11 @@ def regroup_mask(mask, unit="position", groups=8, row_multiple=8, min_col_nnz=1,
     check_regroup_args(mask, unit, block_columns, groups=groups, row_multiple=row_multiple,
                        min_col_nnz=min_col_nnz, min_block_cols=min_block_cols)
     cols_per_unit = REGROUP_UNITS[unit](mask.shape) if mask.dim() == 4 else 1
-    m = mask.detach().reshape(mask.shape[0], -1).cpu().numpy().astype(np.float32)
+    order = REGROUP_UNIT_ORDER[unit](mask.shape) if mask.dim() == 4 else np.arange(mask.shape[1])
+    m = mask.detach().reshape(mask.shape[0], -1).cpu().numpy().astype(np.float32)[:, order]
     units = m.reshape(m.shape[0], -1, cols_per_unit).sum(2)      # (O, U) nonzeros per unit
+    if block_columns == "official":
+        return official_regroup_mask(mask, units, cols_per_unit, groups)
     b1, min_units = min(row_multiple, len(m)), min(ceil_div(min_block_cols, cols_per_unit), units.shape[1])
     vertices = hypergraph_rows(units, b1)
     sim = row_similarity(units[vertices])                         # (n, n), computed once
@@ -506,7 +533,7 @@ def regroup_mask(mask, unit="position", groups=8, row_multiple=8, min_col_nnz=1,
         if not found:
             break
         for rows, unit_idx in found:
-            cols = (unit_idx[:, None] * cols_per_unit + np.arange(cols_per_unit)).ravel()
+            cols = order[(unit_idx[:, None] * cols_per_unit + np.arange(cols_per_unit)).ravel()]
             blocks.append((rows_left[rows], cols))
             budget -= len(rows) * len(cols)
         rows_left = np.setdiff1d(rows_left, np.concatenate([rows_left[rows] for rows, _ in found]))
@@ -521,9 +548,9 @@ def check_regroup_args(mask, unit, block_columns, **knobs):
         raise ValueError(f"unknown regroup unit {unit!r}; expected one of {list(REGROUP_UNITS)}")
     if block_columns not in BLOCK_COLUMNS:
         raise ValueError(f"unknown block column rule {block_columns!r}; expected one of {list(BLOCK_COLUMNS)}")
-    if mask.dim() not in (2, 4) or (unit == "channel" and mask.dim() != 4):
+    if mask.dim() not in (2, 4) or (unit != "position" and mask.dim() != 4):
         raise ValueError(f"regroup_mask: expected the conv's mask (O, C, kh, kw)"
-                         f"{'' if unit == 'channel' else ' or its (O, K) view'}, got shape {tuple(mask.shape)}")
+                         f"{' or its (O, K) view' if unit == 'position' else ''}, got shape {tuple(mask.shape)}")
     for knob, value in knobs.items():
         if int(value) != value or value < 1:
             raise ValueError(f"regroup_mask: {knob} must be an integer >= 1, got {value!r}")
@@ -533,7 +560,8 @@ def check_regroup_args(mask, unit, block_columns, **knobs):
 
 def hypergraph_rows(units, b1):
     """The vertices of the hypergraph: the non-empty rows. A layer with fewer than b1 of them takes empty
-    rows (lowest index first) up to b1, so that it can keep one block instead of none."""
+    rows (lowest index first) up to b1, so that it can keep one block instead of none (lth_ref's addition:
+    the paper and the official code partition the non-empty rows only)."""
     rows = np.flatnonzero(units.sum(1) > 0)
     if 0 < len(rows) < b1:
         rows = np.union1d(rows, np.setdiff1d(np.arange(len(units)), rows)[:b1 - len(rows)])
@@ -545,8 +573,9 @@ def regroup_pass(units, sim, cols_per_unit, area, groups, b1, min_col_nnz, min_u
 
     Groups have g = max(b1, ceil(rows / t1) rounded up to b1) rows; the pass's last group keeps its rows
     most similar to each other, a multiple of b1 of them (none if it has fewer than b1: they wait for the
-    next pass). units: (n, U) counts of these rows; sim: their (n, n) similarity; column_rule: a
-    BLOCK_COLUMNS function. Returns [(row idx, unit idx)].
+    next pass; this b1-multiple cut is lth_ref's addition, for the kernel's row tiles). units: (n, U)
+    counts of these rows; sim: their (n, n) similarity; column_rule: a BLOCK_COLUMNS function.
+    Returns [(row idx, unit idx)].
     """
     n = len(units)
     size = min(n, max(b1, ceil_div(ceil_div(n, groups), b1) * b1))
@@ -684,15 +713,19 @@ def paper_block_columns(units, groups, unit_cost, area, min_col_nnz, min_block_u
 
 
 OFFICIAL_WIDTH_RATIO = 1.5  # the official column rule's ratio (its variable `t1`, unrelated to the paper's t1)
+OFFICIAL_BLOCK_ROWS = 32    # official `nn`: a part of more than 32 rows is cut at a multiple of 32
+OFFICIAL_MIN_ROWS = 16      # official `B2`: a part needs more than 16 rows to become a block (a row count)
 
 
-def official_block_columns(units, groups, unit_cost, area, min_col_nnz, min_block_units, ratio=OFFICIAL_WIDTH_RATIO):
-    """The official width rule ("official"): per group, the shortest prefix of its columns (most used
-    first) that leaves every row fewer than (prefix width) / ratio nonzeros outside the block.
+def intended_block_columns(units, groups, unit_cost, area, min_col_nnz, min_block_units,
+                           ratio=OFFICIAL_WIDTH_RATIO):
+    """The official width rule as it was meant ("intended"): per group, the shortest prefix of its columns
+    (most used first) that leaves every row fewer than (prefix width) / ratio nonzeros outside the block.
 
-    Official: `regroup` in Structure-LTH, in its intended form (its mask-building loop indexes column i
-    where it means the i-th sorted column; the copy in its models/conv.py has it right). b2 holds as in the
-    other rules; `area` and t2 are not part of the official rule and are ignored.
+    Official: `regroup` in Structure-LTH's pruning_utils.py with its loop corrected (it tests the unsorted
+    column i, stops at the first failing row before later rows are counted; official_width runs it as
+    written). lth_ref's additions: b2 holds as in the other rules, and a group no width satisfies gets
+    every column (the official code gives it no block). `area` and t2 are ignored.
     """
     found = []
     for g in groups:
@@ -705,10 +738,81 @@ def official_block_columns(units, groups, unit_cost, area, min_col_nnz, min_bloc
     return found
 
 
+def official_width(part, ratio=OFFICIAL_WIDTH_RATIO):
+    """The official width loop on one part, exactly as it runs: the width i (the block takes the i most
+    used columns), or None when no width passes.
+
+    Official: pruning_utils.py `regroup`, lines 459-482. For i = 1, 2, ..., K-1 the rows are visited in
+    order; a row's count of nonzeros drops by one when it has a nonzero in column i (the unsorted column:
+    the sorted column was meant), and the first row whose count * ratio >= i ends the visit, so later rows
+    miss this i's decrement (counts carry over to the next i). The first i no row stops is the width.
+    part: (g, K) 0/1 array, the part's rows over every column of the layer.
+    """
+    part = np.asarray(part) != 0
+    left, rows = part.sum(1).tolist(), part.tolist()
+    for i in range(1, part.shape[1]):
+        for j, row in enumerate(rows):
+            left[j] -= row[i]
+            if i <= ratio * left[j]:
+                break
+        else:
+            return i
+    return None
+
+
+def official_block_columns(units, groups, unit_cost, area, min_col_nnz, min_block_units):
+    """The official column and row rules as they run ("official"): per part, official_width's count of
+    its most used columns (ties: lower index first); no block for a part where no width passes or of at
+    most 16 rows (official B2); a part of more than 32 rows becomes two blocks with the same columns, the
+    first multiple of 32 rows and the rest (pruning_utils.py:472-482). t2, b2, `area` are not part of it.
+    units: (n, U) counts; with unit "position" the columns are the official code's (its exact loop)."""
+    found = []
+    for g in groups:
+        width = official_width(units[g])
+        if width is None or len(g) <= OFFICIAL_MIN_ROWS:
+            continue
+        cols = np.sort(np.argsort(-(units[g] > 0).sum(0), kind="stable")[:width])
+        cut = len(g) // OFFICIAL_BLOCK_ROWS * OFFICIAL_BLOCK_ROWS if len(g) > OFFICIAL_BLOCK_ROWS else len(g)
+        found += [(rows, cols) for rows in (g[:cut], g[cut:]) if len(rows)]
+    return found
+
+
+def official_regroup(units, groups):
+    """The official layer rule ("official"): one partition of the non-empty rows into `groups` parts,
+    official_block_columns on each, and when no part gets a block, None: the layer keeps its unstructured
+    mask (pruning_utils.py:484-492). Official: hMETIS (shmetis, 8 parts, UBfactor 10: parts may differ in
+    size); ours: partition_rows + refine_partition into parts of ceil(rows / groups) rows. No b1 padding,
+    no b1-multiple cut, no second pass. units: (O, U) counts. Returns [(row idx, unit idx)] or None."""
+    rows = np.flatnonzero(units.sum(1) > 0)
+    if len(rows) == 0:
+        return None
+    sim = row_similarity(units[rows])
+    parts = refine_partition(sim, partition_rows(sim, ceil_div(len(rows), groups)))
+    found = official_block_columns(units[rows], parts, 1, 0.0, 1, 1)
+    return [(rows[r], c) for r, c in found] or None
+
+
+def official_regroup_mask(mask, units, cols_per_unit, groups):
+    """regroup_mask under --block-columns official: (new mask, blocks). A layer the official rule leaves
+    unstructured is returned as it is, as one block per non-empty row (its nonzero columns), so that the
+    new mask is still exactly the union of the blocks."""
+    m = mask.detach().reshape(mask.shape[0], -1).cpu().numpy()
+    found = official_regroup(units, groups)
+    if found is None:
+        blocks = [(torch.tensor([r]), torch.from_numpy(np.flatnonzero(m[r])).long())
+                  for r in np.flatnonzero(m.sum(1) > 0)]
+        return mask.clone(), blocks
+    blocks = [(torch.from_numpy(np.sort(r)).long(),
+               torch.from_numpy((c[:, None] * cols_per_unit + np.arange(cols_per_unit)).ravel()).long())
+              for r, c in sorted(found, key=lambda b: int(b[0].min()))]
+    return kernels.block_mask(tuple(mask.shape), blocks).to(mask), blocks
+
+
 BLOCK_COLUMNS = {  # regroup's rule for a group's dense columns: (units, groups, unit_cost, area, t2, b2 units)
     "budget": choose_block_columns,        # ours: IMP's density, the densest (group, column) pairs first
     "paper": paper_block_columns,          # Alg. 3: every column with >= t2 nonzeros in the group
-    "official": official_block_columns,    # the official code's prefix/1.5 width rule
+    "intended": intended_block_columns,    # the official prefix/1.5 width rule, its loop corrected
+    "official": official_block_columns,    # the official code as it runs (regroup_mask: its layer rule too)
 }
 
 
@@ -866,6 +970,14 @@ def mask_pairs(model, masks):
     return [(params[n], m) for n, m in masks.items()]
 
 
+@torch.no_grad()
+def remask(pairs):
+    """weight *= mask for every (parameter, mask) pair, as one foreach multiply (one launch per dtype and
+    device on a GPU, not one per weight): pruned weights stay exactly 0."""
+    if pairs:
+        torch._foreach_mul_([p for p, _ in pairs], [m for _, m in pairs])
+
+
 def train_epoch(exp, optimizer, scaler, pairs, generator, penalty=None):
     """One epoch of SGD over global batches of cfg.batch_size examples (this process: its slice of each).
 
@@ -909,9 +1021,7 @@ def train_step(net, optimizer, scaler, pairs, x, y, loss_scale, cfg, penalty=Non
     scaler.scale(loss * loss_scale + (penalty() if penalty is not None else 0.0)).backward()
     scaler.step(optimizer)
     scaler.update()
-    with torch.no_grad():
-        for p, m in pairs:
-            p.mul_(m)
+    remask(pairs)
     return loss.detach(), (out.argmax(1) == y).sum()
 
 
@@ -993,11 +1103,14 @@ def random_source(exp, level):
 
 
 def init_scores_source(criterion):
-    """A pruning-at-initialization source: `criterion` scores theta_0 on one seeded training batch."""
+    """A pruning-at-initialization source: `criterion` scores theta_0 on one seeded training batch (SNIP:
+    --snip-samples samples when given, in passes of --batch-size)."""
     def source(exp, level):
         state = init_state(exp)
-        images, labels = score_batch(exp, 0)
-        scores = criterion(holding(exp, state), list(prunable_weights(exp.model)), images, labels)
+        count = exp.cfg.snip_samples if criterion is snip_scores else None
+        images, labels = score_batch(exp, 0) if count is None else score_samples(exp, count)
+        more = dict(chunk=exp.cfg.batch_size) if count is not None else {}
+        scores = criterion(holding(exp, state), list(prunable_weights(exp.model)), images, labels, **more)
         return prune_to_density(scores, level_density(exp.cfg.prune_rate, level)), state
     return source
 
@@ -1114,6 +1227,19 @@ def score_batch(exp, level):
     return next(datasets.train_batches(exp.data, exp.cfg.batch_size, g))
 
 
+def score_samples(exp, count):
+    """`count` seeded training samples: score_batch's draw, continued over the epoch's next batches
+    (all the training set when it is smaller). Returns (images, labels)."""
+    g = torch.Generator(device=exp.device).manual_seed(mix_seed(exp.cfg.seed, 0, SCORE_BATCH))
+    batches, taken = [], 0
+    for images, labels in datasets.train_batches(exp.data, exp.cfg.batch_size, g):
+        batches.append((images, labels))
+        taken += len(images)
+        if taken >= count:
+            break
+    return tuple(torch.cat(t)[:count] for t in zip(*batches))
+
+
 def holding(exp, state):
     """The experiment's model holding `state` (a scratch use: every level loads its own state)."""
     exp.model.load_state_dict(state)
@@ -1209,7 +1335,6 @@ def run_experiment(cfg, log=print):
     ...; a group-aware branch is its own chain from the dense level 0. Writes each run's results and
     the experiment's combined results.csv; returns the combined rows."""
     exp, trunk, branch = open_experiment(cfg, log)
-    exp.log(settings_line(cfg, exp.procs))
     order = [(trunk, 0)]
     for level in range(1, cfg.levels + 1):
         order += [(branch, level)] if branch is not None else []
@@ -1230,6 +1355,8 @@ def run_experiment(cfg, log=print):
             write_results(cfg.out_dir)
     rows = write_results(cfg.out_dir) if exp.procs.is_main else []
     exp.log("\n" + markdown_table(rows) if rows else "")
+    exp.log(f"results are in {cfg.out_dir}: results.csv and results.json (one row per ticket), "
+            "level_NN/ticket.pt (trunk) and BRANCH/level_NN/ticket.pt")
     return rows
 
 
@@ -1313,6 +1440,10 @@ class Config:
         "initialization), admm (ADMM training of the dense net toward that density), import (--import-masks); "
         "one-shot sources reach density (1 - prune rate)^level", "experiment", "trunk",
         choices=list(MASK_SOURCES))
+    snip_samples: int | None = setting(
+        None, "--mask-source snip: training samples scored (default: one batch of --batch-size; "
+        "Synaptic-Flow scores 10 x the classes: 100 on CIFAR-10)", "experiment", "source", source="snip",
+        check=IS_POSITIVE)
     synflow_rounds: int = setting(SYNFLOW_ROUNDS, "pruning rounds of --mask-source synflow", "experiment",
                                   "source", source="synflow", check=IS_POSITIVE)
     admm_rho: float = setting(ADMM_RHO, "--mask-source admm: penalty weight rho", "experiment", "source",
@@ -1338,8 +1469,9 @@ class Config:
     epochs: int | None = setting(None, f"epochs per level; default: {TABLE1} (CIFAR: 160, (Tiny-)ImageNet: 95)",
                                  "training", "trunk", check=IS_POSITIVE, official="--epochs")
     lr_drops: list | None = setting(None, f"epochs at which the LR drops x0.1; default: {TABLE1} (CIFAR: 80 120 "
-                                    "of 160), scaled to --epochs", "training", "trunk", nargs="*", metavar="EPOCH",
-                                    type=int, official="--decreasing_lr")
+                                    "of 160), scaled to --epochs, never before epoch 1 (--epochs 1: no drop)",
+                                    "training", "trunk", nargs="*", metavar="EPOCH", type=int,
+                                    official="--decreasing_lr")
     rewind_epoch: int | None = setting(None, "rewind to the end of this epoch (0 = initialization); default: epoch "
                                        "8 of Table 1's schedule, scaled to --epochs (8 of 160, 5%%)", "training",
                                        "trunk", check=NOT_NEGATIVE, official="--rewind_epoch")
@@ -1386,7 +1518,7 @@ class Config:
                                     "this, at most the layer's width (ours: 8 suits GPUs and vector units; 1 = off)",
                                     "refill", "branch", check=IS_POSITIVE, knob="channel_multiple", label="mult")
     regroup_unit: str = setting("position", "regroup column unit: position = one (c,ky,kx) (paper), channel = "
-                                "whole input channel", "regroup", "branch", knob="unit", label="unit",
+                                "whole input channel, vector = 8 channels at one (ky,kx) (GPU kernel)", "regroup", "branch", knob="unit", label="unit",
                                 choices=list(REGROUP_UNITS))
     groups: int = setting(8, "regroup: groups per layer (paper t1)", "regroup", "branch",
                           official="cn = 8 hMETIS parts", check=IS_POSITIVE, knob="groups", label="groups")
@@ -1400,8 +1532,11 @@ class Config:
     block_columns: str = setting(
         "budget", "regroup: which columns join a group's dense block: budget (ours: the densest (group, column) "
         "pairs until the blocks' area equals IMP's nonzeros: IMP's density), paper (Alg. 3 as written: every "
-        "column with >= --min-col-nnz nonzeros in the group; denser than IMP), official (the official width "
-        "rule: a prefix of the most used columns until every row has fewer than width/1.5 nonzeros outside)",
+        "column with >= --min-col-nnz nonzeros in the group; denser than IMP), intended (the official width "
+        "rule as meant: a prefix of the most used columns until every row has fewer than width/1.5 nonzeros "
+        "outside), official (the official code as it runs: its width loop with its column-index and "
+        "early-stop bugs, 8 parts of which those of more than 16 rows may become blocks, a layer with no "
+        "block left unstructured; --row-multiple, --min-col-nnz, --min-block-cols do not apply)",
         "regroup", "branch", knob="block_columns", label="colrule", choices=list(BLOCK_COLUMNS))
     bench: str | None = setting(
         None, "benchmark instead of training: kernels (the default when given alone) = dense vs grouped GEMM on "
@@ -1411,7 +1546,8 @@ class Config:
         choices=("kernels", "paper", "regroup", "train"))
     export: str | None = setting(None, "instead of training: save the ticket (--ticket, or the last level in "
                                  "--out-dir of the run --method names) without its dead channels, as a smaller "
-                                 "dense network (models.load_slim)", "benchmarks", "tool", metavar="PATH")
+                                 "dense network; PATH ends in .pt (models.load_slim), .pt2 (torch.export) or "
+                                 ".onnx (ONNX, an optional extra)", "benchmarks", "tool", metavar="PATH")
     ticket: str | None = setting(None, "ticket.pt to benchmark (default: the last level, in --out-dir, of the "
                                  "run --method names)", "benchmarks", "tool")
     bench_density: float | None = setting(None, "bench a fresh --arch pruned to this density and post-processed "
@@ -1423,6 +1559,9 @@ class Config:
     bench_memory_format: str = setting("auto", "memory format of the activations, dense and regrouped alike; auto "
                                        "= the one in which the dense model runs faster on this machine (measured "
                                        "first)", "benchmarks", "tool", choices=["auto", *kernels.MEMORY_FORMATS])
+    bench_dtype: str = setting("auto", "precision of --bench kernels/paper: model and inputs in fp32, fp16 or bf16, "
+                               "dense and regrouped alike; auto = fp16 on CUDA (what GPU users deploy), fp32 on "
+                               "the CPU", "benchmarks", "tool", choices=["auto", *kernels.BENCH_DTYPES])
     report: list | None = setting(None, "instead of training: report.md, CSVs and figures (matplotlib) of "
                                   "experiment directories, into --out-dir if given, else DIR/report (one DIR) or "
                                   "report/ in the DIRs' common parent", "report", "tool", nargs="+", metavar="DIR")
@@ -1452,7 +1591,8 @@ def resolve(cfg):
         cfg, levels=cfg.levels if cfg.levels is not None else PAPER["levels"], epochs=epochs, lr=pick(cfg.lr, "lr"),
         weight_decay=pick(cfg.weight_decay, "weight_decay"),
         batch_size=pick(cfg.batch_size, "batch_size"),
-        lr_drops=sorted(cfg.lr_drops if cfg.lr_drops is not None else [scaled(e) for e in table["lr_drops"]]),
+        lr_drops=sorted(cfg.lr_drops if cfg.lr_drops is not None else    # never before epoch 1: the first
+                        [max(1, scaled(e)) for e in table["lr_drops"]]),  # epoch trains at the table's LR
         rewind_epoch=cfg.rewind_epoch if cfg.rewind_epoch is not None else scaled(table["rewind_epoch"]),
         out_dir=cfg.out_dir or os.path.join(
             "runs", f"{cfg.arch}_{cfg.dataset}_{cfg.mask_source}" + (f"_seed{cfg.seed}" if cfg.seed else "")))
@@ -1542,12 +1682,16 @@ def branch_run(cfg):
 
 def settings_line(cfg, procs):
     """The schedule in one line, so a log says what ran (defaults: Table 1's row for arch/dataset)."""
-    return (f"settings: {cfg.arch} on {cfg.dataset}, {cfg.levels} levels of {cfg.epochs} epochs, lr {cfg.lr} "
-            f"(x0.1 at {', '.join(map(str, cfg.lr_drops)) or 'never'}), batch {cfg.batch_size}"
+    files = len(cfg.import_masks or [])
+    pruning = f"masks from {files} --import-masks file{'s' * (files != 1)}" if cfg.mask_source == "import" \
+        else f"prune {cfg.prune_rate:.0%} per level, mask source {cfg.mask_source}"
+    subset = f", a seeded subset of {cfg.train_subset} training images" if cfg.train_subset else ""
+    drops = ", ".join(map(str, cfg.lr_drops)) or "never"
+    return (f"settings: {cfg.arch} on {cfg.dataset}{subset}, {cfg.levels} level{'s' * (cfg.levels != 1)} of "
+            f"{cfg.epochs} epochs, lr {cfg.lr} (x0.1 at {drops}), batch {cfg.batch_size}"
             f"{f' over {procs.world} processes' if procs.world > 1 else ''}, weight decay "
-            f"{cfg.weight_decay}, rewind to epoch {cfg.rewind_epoch}, prune {cfg.prune_rate:.0%} per level, "
-            f"mask source {cfg.mask_source}, amp {cfg.amp}, LR schedule after rewinding: {cfg.lr_schedule}"
-            f"{' (App. A2 (+) schedule)' if cfg.schedule == 'plus' else ''}")
+            f"{cfg.weight_decay}, rewind to epoch {cfg.rewind_epoch}, {pruning}, amp {cfg.amp}, LR schedule "
+            f"after rewinding: {cfg.lr_schedule}{' (App. A2 (+) schedule)' * (cfg.schedule == 'plus')}")
 
 
 # ---- torchrun: decided once at setup; one process is world 1 ----
@@ -1752,7 +1896,8 @@ def write_ticket(exp, run, level, start, row):
     cfg, model = exp.cfg, exp.model
     ticket = dict(level=level, masks={n: m.cpu() for n, m in start.masks.items()}, blocks=start.blocks,
                   state_dict={k: v.cpu() for k, v in model.state_dict().items()}, metrics=row,
-                  layer_stats=start.stats, num_classes=exp.data.num_classes,
+                  layer_stats=start.stats, num_classes=exp.data.num_classes, normalization=dict(
+                      mean=exp.data.mean.cpu().tolist(), std=exp.data.std.cpu().tolist()),
                   config={**dataclasses.asdict(cfg), "method": run.method, "init": run.init,
                           "group_aware": run.group_aware, "branch": run.name})
     save(ticket, ticket_path(run, level))
@@ -1763,9 +1908,11 @@ def write_ticket(exp, run, level, start, row):
             exp.log(markdown_table(table))
 
 
-def check_config(path, settings, started):
+def check_config(path, settings, started, reuse=None):
     """Refuse settings that differ from the config.json at `path` once training has started there
-    (before that, a corrected command simply replaces it)."""
+    (before that, a corrected command simply replaces it). reuse: the experiment's Config, for the trunk's
+    config.json: settings trunk level 0 does not read (LEVEL0_FREE) may change while no level they feed
+    has started; else the message names the directories to delete (or another --out-dir)."""
     if not (started and os.path.exists(path)):
         return
     try:
@@ -1773,12 +1920,55 @@ def check_config(path, settings, started):
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UsageError(f"{path} is corrupt; delete its folder or fix the file") from None
     defaults = Config()                        # a setting newer than the file: its default then
-    changed = [f"{flag_name(k)} {old.get(k, getattr(defaults, k, None))} -> {v}" for k, v in settings.items()
-               if old.get(k, getattr(defaults, k, None)) != v]
-    if changed:
-        raise UsageError(f"{os.path.dirname(path) or '.'} holds an experiment with other settings "
-                         f"({'; '.join(changed)}); use the same flags to go on (only --levels may grow), "
-                         "or another --out-dir")
+    changed = {k: (old.get(k, getattr(defaults, k, None)), v) for k, v in settings.items()
+               if old.get(k, getattr(defaults, k, None)) != v}
+    here = os.path.dirname(path) or "."
+    fixed = {k: c for k, c in changed.items() if reuse is None or k not in LEVEL0_FREE}
+    if fixed:
+        raise UsageError(f"{here} holds an experiment with other settings ({changes_text(fixed)}); to go "
+                         "on here use the recorded values (only --levels may grow); to run the new settings "
+                         f"use another --out-dir, or delete {here} to start over")
+    stale = stale_levels(reuse, changed) if reuse is not None and changed else []
+    if stale:
+        raise UsageError(f"{here}: {changes_text(changed)} changes levels that have started here ("
+                         f"{', '.join(stale)}); the levels before them are reused. Delete those directories "
+                         "to train them again with the new settings, or use another --out-dir")
+
+
+LEVEL0_FREE = ("prune_rate", "lr_schedule", "import_sha256", *SOURCE_SETTINGS)   # trunk settings that the
+                                                     # dense level 0 (and theta_0, theta_k) does not depend on
+
+
+def changes_text(changed):
+    """'--flag old -> new; ...' with real flag names (imported files by their position and content)."""
+    text = [f"{flag_name(k)} {old} -> {new}" for k, (old, new) in changed.items() if k != "import_sha256"]
+    if "import_sha256" in changed:
+        old, new = (v or [] for v in changed["import_sha256"])
+        files = [i + 1 for i, (a, b) in enumerate(zip(old, new)) if a != b]
+        text.append(f"--import-masks file {', '.join(map(str, files))} (other content than before)" if files
+                    else f"--import-masks {len(old)} -> {len(new)} files")
+    return "; ".join(text)
+
+
+def stale_levels(cfg, changed):
+    """The started level directories (trunk and every branch) that settings in LEVEL0_FREE feed, when they
+    change: the level of each imported file whose content changed, every level >= 1 for the others."""
+    if set(changed) == {"import_sha256"}:
+        old, new = (v or [] for v in changed["import_sha256"])
+        levels = [i + 1 for i, (a, b) in enumerate(zip(old, new)) if a != b]
+    else:
+        levels = range(1, max(cfg.levels, *levels_started(cfg.out_dir)) + 1)
+    runs = [cfg.out_dir] + [os.path.join(cfg.out_dir, b) for b in branch_dirs(cfg.out_dir)]
+    dirs = [os.path.join(r, f"level_{level:02d}") for r in runs for level in levels]
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def levels_started(path):
+    """The level numbers of the level_NN directories under an experiment's trunk and branches."""
+    found = [0]
+    for root in [path] + [os.path.join(path, b) for b in branch_dirs(path)]:
+        found += [int(d[len("level_"):]) for d in os.listdir(root) if re.fullmatch(r"level_\d+", d)]
+    return found
 
 
 def check_paths(cfg):
@@ -1804,6 +1994,31 @@ def parents(path):
     return out
 
 
+def check_writable_dir(what, path):
+    """UsageError unless `path` is a directory this user may write to, or one that can be created there
+    (its nearest existing ancestor is a writable directory): checked before the work, not after it."""
+    above = next(p for p in (path, *parents(path)) if os.path.exists(p))
+    if not os.path.isdir(above):
+        raise UsageError(f"{what} {path}: {above} is a file, not a directory; pass a path in a directory")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: {above} cannot be written (a read-only file system, or this user's "
+                         "permissions); pass a path in a writable directory")
+
+
+WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                errno.EISDIR)   # what a write meets in a read-only, full or forbidden place
+
+
+def write_fault(e):
+    """The `error:` text of an OSError that a write met (WRITE_ERRNOS), or None for any other OSError."""
+    if e.errno not in WRITE_ERRNOS:
+        return None
+    where = f" {e.filename}" if e.filename else ""
+    return (f"cannot write{where}: {e.strerror or e}. Files here are written whole or not at all, so what "
+            "was finished before is kept: free space or fix the permissions and run the same command again, "
+            "or pass another --out-dir (or path)")
+
+
 def open_experiment(cfg, log=print):
     """Check the settings against the experiment directory, load the data, build the model, then (only
     now: a failed start leaves nothing behind) write the configs and theta_0. Returns (experiment,
@@ -1812,9 +2027,11 @@ def open_experiment(cfg, log=print):
     procs, device = start_processes(resolve_device(cfg.device))
     log = log if procs.is_main else (lambda *_: None)   # one copy of every line
     check_training_flags(cfg, device, procs)
+    check_inputs(cfg)
+    log(settings_line(cfg, procs))
     trunk, branch = trunk_run(cfg), branch_run(cfg)
     started = os.path.isdir(os.path.join(cfg.out_dir, "level_00"))
-    check_config(os.path.join(cfg.out_dir, "config.json"), trunk_config(cfg), started)
+    check_config(os.path.join(cfg.out_dir, "config.json"), trunk_config(cfg), started, reuse=cfg)
     if branch is not None:
         check_config(os.path.join(branch.path, "branch.json"), branch_config(cfg),
                      os.path.exists(os.path.join(branch.path, "level_01")))
@@ -1836,6 +2053,34 @@ def open_experiment(cfg, log=print):
             write_text(json.dumps(branch_config(cfg), indent=1), os.path.join(branch.path, "branch.json"))
     procs.barrier()                            # every rank reads theta_0 from init.pt
     return Experiment(cfg, model, training_net(model, cfg, device, procs), data, device, procs, log), trunk, branch
+
+
+def check_inputs(cfg):
+    """Before anything trains: every --import-masks file read, matched to --arch and validated, and --levels
+    within the level where a layer must lose its last weight. On a shape-only ("meta") model: no memory,
+    no random draws (theta_0 is drawn later from --seed)."""
+    with torch.device("meta"):
+        model = model_zoo.MODELS[cfg.arch](datasets.CLASS_COUNTS[cfg.dataset])
+    for path in (cfg.import_masks or [])[:cfg.levels]:
+        read_imported_masks(path, model, cfg.arch)
+    if cfg.mask_source != "import":
+        check_levels(cfg, prunable_weights(model))
+
+
+def check_levels(cfg, weights):
+    """UsageError when --levels reaches a level with fewer prunable weights left than prunable layers: from
+    there on at least one layer keeps no weight and cuts the network (IMP removes round(rate * remaining)
+    per level, the one-shot sources keep round((1 - rate)^L * total))."""
+    total, layers = sum(w.numel() for w in weights.values()), len(weights)
+    kept, iterative = total, cfg.mask_source == "imp" or cfg.group_aware
+    for level in range(1, cfg.levels + 1):
+        kept = kept - int(round(cfg.prune_rate * kept)) if iterative else \
+            int(round(level_density(cfg.prune_rate, level) * total))
+        if kept < layers:
+            raise UsageError(f"--levels {cfg.levels}: at level {level} only {kept} of the {total} prunable "
+                             f"weights are left for {layers} prunable layers, so at least one layer keeps no "
+                             f"weight from there on; pass --levels {level - 1} or fewer (or a smaller "
+                             "--prune-rate)")
 
 
 # ---- bringing masks in: other tools' files as trunk masks ----
@@ -1865,33 +2110,73 @@ RESAVE_HINT = ("if you trust the file, re-save its tensors as plain data: python
 
 def read_imported_masks(path, model, arch):
     """({our name: 0/1 mask}, {our name: trained weight}) of one imported file, for the prunable weights of
-    `model` (--arch). UsageError naming the problem: a pickled object, names that match no weight, a mask
-    that is not 0/1 or has another shape, prunable weights without a mask. Masks of layers lth_ref does
-    not prune (stem, classifier, depthwise convs) are ignored with one WARNING."""
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- anything weights_only refuses or cannot read
-        first = (str(e).strip().splitlines() or [""])[0][:MESSAGE_CHARS]
-        raise UsageError(f"--import-masks: cannot read {path} as tensors and plain data ({type(e).__name__}: "
-                         f"{first}); {RESAVE_HINT.replace('FILE', path)}") from None
-    masks, weights = split_import(raw, path)
-    ours = dict(model.named_parameters())
+    `model` (--arch; any device, "meta" too). UsageError naming the problem: not a torch file, a pickled
+    object, a state_dict without masks, names that match no weight, a mask that is not 0/1 or has another
+    shape (expected vs found), prunable weights without a mask. Masks of layers lth_ref does not prune
+    (stem, classifier, depthwise convs) are ignored with one WARNING."""
+    masks, weights = split_import(load_import(path), path)
+    ours = {n: tuple(p.shape) for n, p in model.named_parameters()}
     prunable, rules = prunable_weights(model), best_name_map(list(masks), ours, arch)
     mapped = {name: rename(name, rules) for name in masks}
-    unmatched = sorted(n for n, m in mapped.items() if m not in ours)
-    wrong = sorted(n for n, m in mapped.items() if m in ours and tuple(masks[n].shape) != tuple(ours[m].shape))
-    missing = sorted(set(prunable) - set(mapped.values()))
-    if unmatched or wrong or missing:
-        raise UsageError(f"--import-masks {path} does not fit --arch {arch}: no weight of that name {unmatched[:4]}, "
-                         f"another shape {wrong[:4]}, no mask for {missing[:4]}; was it made for another --arch?")
+    problem = import_mismatch(path, arch, masks, mapped, ours, prunable)
+    if problem:
+        raise UsageError(problem)
     ignored = sorted(m for m in mapped.values() if m not in prunable)
     if ignored:
         print(f"WARNING: {path}: masks of {len(ignored)} layers lth_ref does not prune are ignored (the stem, the "
               f"classifier and depthwise convs stay dense): {', '.join(ignored[:4])}", file=sys.stderr)
     out = {m: masks[n].float() for n, m in mapped.items() if m in prunable}
-    if not all(torch.isin(m, torch.tensor([0.0, 1.0])).all() for m in out.values()):
-        raise UsageError(f"--import-masks {path}: a mask must hold only 0 and 1 (is it a weight file?)")
+    not_binary = sorted(n for n, m in out.items() if not torch.isin(m, torch.tensor([0.0, 1.0])).all())
+    if not_binary:
+        raise UsageError(f"--import-masks {path}: a mask must hold only 0 and 1; other values in "
+                         f"{', '.join(not_binary[:4])} (is it a weight file?)")
     return out, {mapped[n]: w.float() for n, w in weights.items() if mapped.get(n) in prunable}
+
+
+PICKLE_PROTOCOL_BYTE = 0x80   # a pickle's first byte (protocol >= 2): torch.save's format before zip files
+
+
+def load_import(path):
+    """torch.load one --import-masks file, tensors and plain data only; UsageError saying what it is when
+    it is not a torch file, or holds Python objects that weights_only refuses to run."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and not (len(head) == 2 and head[0] == PICKLE_PROTOCOL_BYTE):
+        raise UsageError(f"--import-masks {path} is not a torch file (torch.save writes a zip archive; this "
+                         f"begins with {head!r}): save the masks with torch.save, e.g. torch.save("
+                         "model.state_dict(), PATH) after torch.nn.utils.prune, or a {name: 0/1 tensor} dict")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- anything weights_only refuses or cannot read
+        first = (str(e).strip().splitlines() or [""])[0]
+        what = "holds Python objects that torch.load(weights_only=True) refuses to unpickle" \
+            if "weights only load failed" in first.lower() else f"cannot be read ({type(e).__name__})"
+        raise UsageError(f"--import-masks {path} {what}; {RESAVE_HINT.replace('FILE', path)}") from None
+
+
+def import_mismatch(path, arch, masks, mapped, ours, prunable):
+    """What keeps an imported file's masks (by the file's names, `mapped` to ours) from fitting --arch's
+    parameter shapes `ours`, or None: projection-shortcut masks our option-A ResNet has no layer for,
+    names that match no weight, masks of another shape (expected vs found), weights without a mask."""
+    unmatched = sorted(n for n, m in mapped.items() if m not in ours)
+    shortcuts = [n for n in unmatched if re.search(r"\.shortcut\.\d+\.weight$", n) and masks[n].dim() == 4]
+    if shortcuts and not any(".shortcut." in n for n in ours):
+        drop = ", ".join(f"'{n}'" for n in shortcuts)
+        fix = f"m = torch.load('{path}'); [m.pop(k) for k in ({drop},)]; torch.save(m, '{path}.option_a.pt')"
+        return (f"--import-masks {path} holds masks of 1x1 projection shortcuts ({drop}): that tool's "
+                f"network has convolutions in its downsampling shortcuts, our --arch {arch} has none "
+                "(option-A shortcuts: subsample and zero-pad, no weights), so these masks have no layer "
+                "here. The other layers are the same: drop those entries and import the rest, e.g. python -c "
+                f"\"import torch; {fix}\"")
+    wrong = sorted(n for n, m in mapped.items() if m in prunable and tuple(masks[n].shape) != ours[m])
+    missing = sorted(set(prunable) - set(mapped.values()))
+    if not (unmatched or wrong or missing):
+        return None
+    shapes = "; ".join(f"{n}: expected {ours[mapped[n]]}, found {tuple(masks[n].shape)}" for n in wrong[:4])
+    parts = [f"no weight of that name {unmatched[:4]}" * bool(unmatched),
+             f"another shape ({shapes})" * bool(wrong), f"no mask for {missing[:4]}" * bool(missing)]
+    return (f"--import-masks {path} does not fit --arch {arch}: {', '.join(p for p in parts if p)}; was it "
+            "made for another --arch, or saved transposed?")
 
 
 def split_import(raw, path):
@@ -1910,7 +2195,23 @@ def split_import(raw, path):
         return masks, {n: tensors[n + "_orig"] for n in masks if n + "_orig" in tensors}
     if any(k.startswith("mask_") for k in tensors):
         return {k[len("mask_"):].replace("___", "."): v for k, v in tensors.items() if k.startswith("mask_")}, {}
+    if is_weights_only(tensors):
+        stats = " and BN statistics" * any(k.endswith(BN_BUFFERS) for k in tensors)
+        raise UsageError(f"--import-masks {path} is a state_dict with no masks (it holds weights{stats}, no "
+                         "0/1 masks; torch.nn.utils.prune.remove() drops them): save the `*_mask` buffers or "
+                         "a {name: mask} dict (the state_dict before prune.remove holds the buffers)")
     return tensors, {}
+
+
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")   # a state_dict's names, never a mask's
+
+
+def is_weights_only(tensors):
+    """True for a {name: tensor} dict that is a model's state_dict rather than masks: it holds BN statistics,
+    or none of its weight matrices and kernels (2 or more dims) is 0/1."""
+    kernels_ = [t for t in tensors.values() if t.dim() >= 2]
+    return any(k.endswith(BN_BUFFERS) for k in tensors) or not any(
+        bool(((t == 0) | (t == 1)).all()) for t in kernels_)
 
 
 def bare_name(name):
@@ -2239,6 +2540,7 @@ def export_slim(path, ticket, out, log=print):
     writer = EXPORT_FORMATS.get(os.path.splitext(out)[1])
     if writer is None:
         raise UsageError(f"--export {out}: the file name must end in one of {', '.join(EXPORT_FORMATS)}")
+    check_writable_dir("--export", os.path.dirname(os.path.abspath(out)))
     model = ticket_model(ticket)
     slim = model_zoo.slim_model(model, ticket["masks"]).eval()
     kept = kept_dead_rows(model, ticket["masks"])
@@ -2251,6 +2553,7 @@ def export_slim(path, ticket, out, log=print):
     shape = datasets.IMAGE_SHAPES[ticket["config"].get("dataset", "cifar10")]
     x, x_check = torch.randn(EXPORT_CHECK_BATCH, *shape), torch.randn(EXPORT_CHECK_BATCH // 2 + 1, *shape)
     tmp = f"{out}.tmp{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     try:
         with torch.no_grad():
             got = writer(slim, ticket, x, x_check, tmp)
@@ -2283,9 +2586,30 @@ def write_exported_program(slim, ticket, x, x_check, path):
 def write_onnx(slim, ticket, x, x_check, path):
     """.onnx: torch.onnx.export (dynamic batch, one file); returns ONNX Runtime's outputs of the file."""
     onnxruntime = import_onnx("--export .onnx")
-    atomic_write(path, lambda f: f.write(onnx_bytes(slim, x)))
+    atomic_write(path, lambda f: f.write(with_input_metadata(onnx_bytes(slim, x), ticket)))
     run = onnx_runner(onnxruntime, path, x_check)
     return torch.from_numpy(run()[0])
+
+
+def input_metadata(ticket):
+    """{key: text} that tells a deployer what the network expects: the input's normalization (per-channel
+    mean and std in pixel units 0..255, from the ticket's training set; older tickets: where to find it)."""
+    norm, dataset = ticket.get("normalization"), ticket["config"].get("dataset", "cifar10")
+    meta = {"lth_ref.input": "float32 (N, 3, H, W) images, (pixel - mean) / std per channel, pixel in 0..255",
+            "lth_ref.dataset": dataset, "lth_ref.arch": ticket["config"]["arch"]}
+    if norm:
+        return {**meta, "lth_ref.mean": json.dumps(norm["mean"]), "lth_ref.std": json.dumps(norm["std"])}
+    return {**meta, "lth_ref.mean": f"not in this ticket: data.load_dataset('{dataset}', ...).mean",
+            "lth_ref.std": f"not in this ticket: data.load_dataset('{dataset}', ...).std"}
+
+
+def with_input_metadata(model_bytes, ticket):
+    """An ONNX file's bytes with input_metadata(ticket) in its metadata_props (read by onnx or ONNX Runtime's
+    session.get_modelmeta().custom_metadata_map)."""
+    onnx = importlib.import_module("onnx")
+    model = onnx.load_from_string(model_bytes)
+    onnx.helper.set_model_props(model, input_metadata(ticket))
+    return model.SerializeToString()
 
 
 def onnx_bytes(net, x):
@@ -2383,7 +2707,7 @@ def bench_train(arch="resnet20", dataset="cifar10", batch_size=128, device="cpu"
         ours_pairs = pairs if name == "ours" else ours_pairs
         steps[name] = functools.partial(plain_train_step, net, opt, scaler, x, y, cfg) if name == "plain" else \
             functools.partial(train_step, net, opt, scaler, pairs, x, y, 1.0 / batch_size, cfg)
-    steps["masking"] = functools.partial(apply_pairs, ours_pairs)
+    steps["masking"] = functools.partial(remask, ours_pairs)
     ms = dict(zip(steps, kernels.time_interleaved(list(steps.values()), torch.device(device), repeats,
                                                   warmup=kernels.BENCH_WARMUP)))
     ips = {k: batch_size / (ms[k] / 1e3) for k in ("ours", "ours_unmasked", "plain")}
@@ -2395,13 +2719,6 @@ def bench_train(arch="resnet20", dataset="cifar10", batch_size=128, device="cpu"
                masking_pct_of_step=round(100 * ms["masking"] / ms["ours"], 2))
     log(markdown_table([row]))
     return row
-
-
-@torch.no_grad()
-def apply_pairs(pairs):
-    """weight *= mask for every (parameter, mask) pair: the masking of a training step, alone."""
-    for p, mask in pairs:
-        p.mul_(mask)
 
 
 def plain_train_step(net, optimizer, scaler, x, y, cfg):
@@ -2420,8 +2737,9 @@ def bench_regroup(masks, unit="position", seed=0, log=print, **knobs):
     """Partitioner quality and speed per layer: ours vs a random partition vs rows sorted by nnz.
 
     masks: {name: (O, C, kh, kw)} unstructured masks. All three partitions use the same group size and
-    the same column rule, so coverage compares the partitions alone. The official width rule is also
-    applied to our groups, to compare the column rules (area, coverage). knobs: regroup_mask's."""
+    the same column rule, so coverage compares the partitions alone. The official width rule (corrected:
+    "intended") is also applied to our groups, to compare the column rules (area, coverage).
+    knobs: regroup_mask's."""
     rng, rows = np.random.default_rng(seed), []
     for name, mask in masks.items():
         m2, cols_per_unit = mask.reshape(mask.shape[0], -1).cpu(), REGROUP_UNITS[unit](mask.shape)
@@ -2432,7 +2750,7 @@ def bench_regroup(masks, unit="position", seed=0, log=print, **knobs):
         nonempty = np.flatnonzero(m2.sum(1).numpy() > 0)
         chunks = lambda order: [np.sort(order[i:i + size]) for i in range(0, len(order), size)]
         by_nnz = nonempty[np.argsort(-m2[nonempty].sum(1).numpy(), kind="stable")]
-        official = group_blocks(m2, [b[0].numpy() for b in blocks], 1, "official")
+        official = group_blocks(m2, [b[0].numpy() for b in blocks], 1, "intended")
         official_stats = layer_stats(m2, kernels.block_mask(tuple(m2.shape), official), official)
         rows.append(dict(name=name, shape="x".join(map(str, m2.shape)), density=round(float(m2.mean()), 4),
                          group_rows=size, blocks=len(blocks),
@@ -2467,32 +2785,37 @@ def partition_coverage(mask2d, parts, unit=1):
 
 
 def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_format="auto", paper=False,
-                  log=print):
+                  log=print, dtype=torch.float32):
     """Dense conv vs the grouped GEMM on a ticket: per conv layer and end to end; writes bench.json.
 
     Each layer at its real activation shape (the dataset's images), then the whole model (dense masked vs
     regrouped_model) and the slim network, for every batch size. paper=True: the paper's profiling setting
     (Sec. A1, Fig. 7): every conv fed a batch-64 127x127 input, conv only. Refill tickets run as one block
-    of kept channels per layer. memory_format: a kernels.MEMORY_FORMATS key or auto (the faster for dense)."""
+    of kept channels per layer. memory_format: a kernels.MEMORY_FORMATS key or auto (the faster for dense);
+    dtype: of the models and inputs, every side alike. Each figure with its min-max range and a noisy flag."""
     model = ticket_model(ticket)
     blocks = ticket["blocks"] or {n: channel_blocks(m) for n, m in ticket["masks"].items()}
     shape = datasets.IMAGE_SHAPES[ticket["config"].get("dataset", "cifar10")]
     if memory_format == "auto":
-        memory_format = faster_memory_format(kernels.masked_model(model, blocks), shape, batches[0], device, log)
+        memory_format = faster_memory_format(kernels.masked_model(model, blocks), shape, batches[0], device, log,
+                                             dtype)
     report = dict(ticket=path, arch=ticket["config"]["arch"], method=ticket["config"]["method"],
                   level=ticket["level"], device=device_name(device), memory_format=memory_format,
-                  torch=torch.__version__, threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
+                  threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
+                  **{k: v for k, v in kernels.runtime_info(device, dtype).items() if k != "device"},
                   setting="paper (batch 64, 127x127, conv only)" if paper else "dataset images",
                   counts=whole_model_counts(model, ticket["masks"], shape), runs=[])
     fmt = kernels.MEMORY_FORMATS[memory_format]
     for batch in ([64] if paper else batches):
         layers = kernels.bench_layers(model, blocks, batch, device, paper_setting=paper, repeats=repeats,
-                                      input_size=shape, memory_format=fmt)
-        log(f"\nper layer, batch {batch}, {report['device']}, {memory_format}, median of {repeats}:")
+                                      input_size=shape, memory_format=fmt, dtype=dtype)
+        log(f"\nper layer, batch {batch}, {report['device']}, {memory_format}, {report['dtype']}, median of "
+            f"{repeats} (range: min-max ms; noisy: the range is wider than the gap; candidates: each path's "
+            "median ms when the layer chose):")
         log(markdown_table([{k: fmt_cell(v) for k, v in row.items()} for row in layers]))
         run = dict(batch=batch, layers=layers)
         if not paper:
-            run.update(bench_end_to_end(model, ticket, blocks, batch, device, repeats, shape, fmt, log))
+            run.update(bench_end_to_end(model, ticket, blocks, batch, device, repeats, shape, fmt, log, dtype))
         report["runs"].append(run)
     out = os.path.join(os.path.dirname(path), "bench.json")
     write_text(json.dumps(report, indent=1, default=str), out)
@@ -2503,19 +2826,21 @@ def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_
 SLIM_CHANNEL_MULTIPLE = 8   # the channel multiple --bench times next to a refill ticket's own slim network
 
 
-def bench_end_to_end(model, ticket, blocks, batch, device, repeats, shape, fmt, log):
+def bench_end_to_end(model, ticket, blocks, batch, device, repeats, shape, fmt, log, dtype=torch.float32):
     """The whole network on one batch: dense masked vs the grouped GEMM (regrouped_model) vs the slim network;
     for channel-wise tickets also the slim network with SLIM_CHANNEL_MULTIPLE channel counts and, with the
-    ONNX extra on the CPU, the dense and slim networks in ONNX Runtime. Returns bench.json's entries."""
-    out = dict(model=kernels.bench_model(model, blocks, batch, device, repeats, input_size=shape, memory_format=fmt),
-               slim=bench_slim(model, ticket["masks"], batch, device, repeats, shape, fmt))
+    ONNX extra on the CPU, the dense and slim networks in ONNX Runtime; all in dtype, on CUDA also in CUDA
+    graphs. Returns bench.json's entries."""
+    out = dict(model=kernels.bench_model(model, blocks, batch, device, repeats, input_size=shape, memory_format=fmt,
+                                         dtype=dtype),
+               slim=bench_slim(model, ticket["masks"], batch, device, repeats, shape, fmt, dtype))
     log(markdown_table([{k: fmt_cell(v) for k, v in out["model"].items()}]))
     log("the ticket without its dead channels (slim_model), end to end:")
     slims, variants = [dict(channel_multiple=1, **out["slim"])], {"slim": ticket["masks"]}
     if ticket["config"].get("method") in ("refill", "refill+"):
         weights = {n: ticket["state_dict"][n] for n in ticket["masks"]}
         rounded = refill(weights, ticket["masks"], channel_multiple=SLIM_CHANNEL_MULTIPLE)   # its channels + zeros
-        out["slim_multiple"] = bench_slim(model, rounded, batch, device, repeats, shape, fmt)
+        out["slim_multiple"] = bench_slim(model, rounded, batch, device, repeats, shape, fmt, dtype)
         slims.append(dict(channel_multiple=SLIM_CHANNEL_MULTIPLE, **out["slim_multiple"]))
         variants[f"slim_multiple_{SLIM_CHANNEL_MULTIPLE}"] = rounded
     log(markdown_table(slims))
@@ -2558,34 +2883,40 @@ def dead_rows_zeroed(model, masks):
     return ticket
 
 
-def bench_slim(model, masks, batch_size, device, repeats, input_size, memory_format=torch.contiguous_format):
-    """End to end (eval, no_grad): the masked dense ticket vs the same ticket without its dead channels
-    (models.slim_model, stock convs), interleaved on one input; outputs checked first. Dead rows' BN
-    scale and shift are zeroed as training leaves them (a fresh --bench-density ticket has not trained)."""
+def bench_slim(model, masks, batch_size, device, repeats, input_size, memory_format=torch.contiguous_format,
+               dtype=torch.float32):
+    """End to end (eval, no_grad, in dtype): the masked dense ticket vs the same ticket without its dead
+    channels (models.slim_model, stock convs), interleaved on one input, eager and on CUDA also as CUDA
+    graphs (graph_* cells); outputs checked first. Dead rows' BN scale and shift are zeroed as training
+    leaves them (a fresh --bench-density ticket has not trained). Times: kernels.spread_fields."""
     device = torch.device(device)
     ticket = dead_rows_zeroed(model, masks)
     slim = model_zoo.slim_model(ticket, masks).eval()
     macs = model_zoo.count_macs(ticket, input_size), model_zoo.count_macs(slim, input_size)
-    ticket, slim = (m.to(device, memory_format=memory_format) for m in (ticket, slim))
-    x = torch.randn(batch_size, *input_size, device=device).contiguous(memory_format=memory_format)
+    ticket, slim = (m.to(device, dtype, memory_format=memory_format) for m in (ticket, slim))
+    x = torch.randn(batch_size, *input_size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    fns = [lambda: ticket(x), lambda: slim(x)]
     with torch.no_grad():
         err = kernels.rel_err(slim(x), ticket(x), centered=True)
-        dense_ms, slim_ms = kernels.time_interleaved([lambda: ticket(x), lambda: slim(x)], device, repeats,
-                                                     warmup=kernels.BENCH_WARMUP)
-    return dict(params=model_zoo.count_params(ticket), params_slim=model_zoo.count_params(slim),
-                mac_ratio=round(macs[1] / macs[0], 4), ideal_speedup=round(macs[0] / macs[1], 3),
-                dense_ms=round(dense_ms, 2), slim_ms=round(slim_ms, 2), speedup=round(dense_ms / slim_ms, 3),
-                max_rel_err=err)
+        out = dict(params=model_zoo.count_params(ticket), params_slim=model_zoo.count_params(slim),
+                   mac_ratio=round(macs[1] / macs[0], 4), ideal_speedup=round(macs[0] / macs[1], 3),
+                   **kernels.spread_fields(*kernels.time_spread(fns, device, repeats, kernels.BENCH_WARMUP), "slim"),
+                   max_rel_err=err)
+        if device.type == "cuda":
+            replays = [kernels.cuda_graph(fn) for fn in fns]
+            out.update(kernels.spread_fields(*kernels.time_spread(replays, device, repeats, kernels.BENCH_WARMUP),
+                                             "slim", prefix="graph_"))
+    return out
 
 
-def faster_memory_format(model, shape, batch_size, device, log=print):
+def faster_memory_format(model, shape, batch_size, device, log=print, dtype=torch.float32):
     """The memory format (kernels.MEMORY_FORMATS key) in which the dense model runs a batch faster on this
     machine, measured (which one wins depends on the CPU or GPU and its oneDNN / cuDNN kernels), so the
-    grouped GEMM is compared with the faster dense network."""
-    x = torch.randn(batch_size, *shape, device=device)
+    grouped GEMM is compared with the faster dense network (in dtype, as it is benchmarked)."""
+    x = torch.randn(batch_size, *shape, device=device, dtype=dtype)
     runs = {}
     for name, memory_format in kernels.MEMORY_FORMATS.items():
-        m = copy.deepcopy(model).to(device, memory_format=memory_format).eval()
+        m = copy.deepcopy(model).to(device, dtype, memory_format=memory_format).eval()
         xf = x.contiguous(memory_format=memory_format)
         runs[name] = lambda m=m, xf=xf: m(xf)
     with torch.no_grad():
@@ -2672,15 +3003,66 @@ def paper_cell(arch, dataset, method, init, level):
     return next(((table, setting, remaining, acc) for r, remaining, acc in points if r == level), None)
 
 
-def with_paper(rows, cfg):
-    """combine_seeds rows with the paper's remaining weights and accuracy where (arch, dataset, method,
-    init, level) match: paper_table ("A4", "A5 (+)"), paper_remaining, paper_acc ("" elsewhere)."""
+PAPER_METHOD_SETTINGS = {  # settings a table implies beyond its schedule, per method
+    "regroup": dict(block_columns="official", regroup_unit="position"),   # its code: pruning_utils.regroup
+}
+UNRECORDED = object()       # a setting the experiment's files do not hold (config.json of an older version)
+
+
+def paper_setting(arch, dataset, method, init):
+    """The settings that define a PAPER_RESULTS entry ({} when the paper has none): the table's row
+    (arch, dataset, method, init), IMP masks, its schedule preset with the preset's epochs, LR drops and
+    rewind epoch, the full training set (no subset, no validation split) and the column rule it implies."""
+    if (arch, dataset, method, init) not in PAPER_RESULTS:
+        return {}
+    table, preset, _ = PAPER_RESULTS[(arch, dataset, method, init)]
+    sched = paper_schedule(arch, dataset, preset)
+    return dict(arch=arch, dataset=dataset, method=method, init=init, mask_source="imp", schedule=preset,
+                epochs=sched["epochs"], lr_drops=list(sched["lr_drops"]), rewind_epoch=sched["rewind_epoch"],
+                train_subset=None, val_split=0, **PAPER_METHOD_SETTINGS.get(method, {}))
+
+
+def paper_mismatch(expected, settings):
+    """The settings of a paper cell that a run does not share, as "KEY OURS, paper THEIRS" ("unknown" for
+    one its files do not record); [] when every one matches."""
+    got = lambda k: settings.get(k, UNRECORDED)
+    return [f"{k} {'unknown' if got(k) is UNRECORDED else got(k)}, paper {v}" for k, v in expected.items()
+            if got(k) != v]
+
+
+def with_paper(rows, cfg, branches=None):
+    """combine_seeds rows with the paper's remaining weights and accuracy where the run has the paper
+    cell's settings (paper_setting: config.json, the branch's branch.json in `branches`, the row's method
+    and init) and the paper has its level: paper_table ("A4", "A5 (+)"), paper_remaining, paper_acc ("" 
+    elsewhere); paper_differs: the settings that keep a paper cell of this run out ("" when none)."""
     out = []
     for r in rows:
-        cell = paper_cell(cfg.get("arch"), cfg.get("dataset"), r["method"], r["init"], r["level"])
+        settings = {**cfg, **(branches or {}).get(r["branch"], {}), "method": r["method"], "init": r["init"]}
+        differs = paper_mismatch(paper_setting(cfg.get("arch"), cfg.get("dataset"), r["method"], r["init"]),
+                                 settings)
+        cell = None if differs else paper_cell(cfg.get("arch"), cfg.get("dataset"), r["method"], r["init"],
+                                               r["level"])
         out.append({**r, "paper_table": "" if cell is None else cell[0] + " (+)" * (cell[1] == "plus"),
-                    "paper_remaining": "" if cell is None else cell[2], "paper_acc": "" if cell is None else cell[3]})
+                    "paper_remaining": "" if cell is None else cell[2],
+                    "paper_acc": "" if cell is None else cell[3], "paper_differs": "; ".join(differs)})
     return out
+
+
+def branch_settings(exp):
+    """{branch: its branch.json} of an experiment (read_experiment); a missing or unreadable file: {}."""
+    out = {}
+    for branch, path in exp["runs"].items():
+        try:
+            out[branch] = read_json(os.path.join(path, "branch.json")) if branch != "trunk" else {}
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            out[branch] = {}
+    return out
+
+
+def paper_notes(rows):
+    """One line per run whose paper cells are not shown, naming the settings that differ."""
+    runs = {r["branch"]: r["paper_differs"] for r in rows if r["paper_differs"]}
+    return [f"- {branch}: paper cell not shown: {differs}" for branch, differs in runs.items()]
 
 
 def read_experiment(path):
@@ -2856,7 +3238,7 @@ def accuracy_figure(rows, dense_acc, title="", arch=None, dataset=None):
             ax.fill_between(x, [100 * r["acc_min"] for r in line], [100 * r["acc_max"] for r in line],
                             color=drawn[0].get_color(), alpha=0.2, linewidth=0)
         table, _, points = PAPER_RESULTS.get((arch, dataset, line[0]["method"], line[0]["init"]), (None, None, ()))
-        if points:
+        if points and not line[0].get("paper_differs"):      # only beside a run of the same setting
             ax.plot([100 - w for _, w, _ in points], [a for _, _, a in points], linestyle="none", marker="o",
                     markerfacecolor="none", color=drawn[0].get_color(), label=f"{label}: paper, Table {table}")
     if dense_acc is not None:
@@ -3001,7 +3383,8 @@ def extreme_rows(group, rows, dense):
 def markdown_rows(rows, extremes, several):
     """report.md's two tables of a seed group: method x level, and the extreme winning tickets."""
     spread = lambda r: {"acc min-max": f"{r['acc_min']:.4f}-{r['acc_max']:.4f}", "seeds": r["seeds"]}
-    paper = lambda r: {"paper: table, remaining %, acc %": "no paper number" if r["paper_table"] == "" else
+    none = lambda r: "not shown: settings differ" if r["paper_differs"] else "no paper number"
+    paper = lambda r: {"paper: table, remaining %, acc %": none(r) if r["paper_table"] == "" else
                        f"{r['paper_table']}: {r['paper_remaining']:.2f}, {r['paper_acc']:.2f}",
                        "acc - paper (points)": "" if r["paper_table"] == "" else
                        f"{100 * r['test_acc'] - r['paper_acc']:+.2f}"}
@@ -3028,20 +3411,53 @@ def group_markdown(tag, group, rows, dense, extremes):
     if several and dense is not None:
         accs = [a for e in group if (a := dense_accuracy(e["rows"])) is not None]
         dense_text += f" (mean of {len(accs)} seeds, range {min(accs):.4f}-{max(accs):.4f})"
-    if (cfg.get("arch"), cfg.get("dataset")) in PAPER_DENSE:
-        table_name, acc = PAPER_DENSE[(cfg.get("arch"), cfg.get("dataset"))]
-        dense_text += f"; the paper's: {acc:.2f}% (Table {table_name}, (+) setting)"
+    dense_text += paper_dense_text(cfg)
     table, ext = markdown_rows(rows, extremes, several)
+    savings, notes = paper_saving_lines(cfg, branch_settings(group[0]), extremes), paper_notes(rows)
     return "\n".join([
         f"## {tag}: {cfg.get('arch')} on {cfg.get('dataset')}, mask source {cfg.get('mask_source', 'imp')}, "
         f"seed{'s' * several} {', '.join(map(str, seeds))}", "",
         f"Directories: {', '.join('`' + e['path'] + '`' for e in group)}. Settings: {settings}.", "",
-        f"Dense accuracy (level 0): {dense_text}.", "", table, "",
+        f"Dense accuracy (level 0): {dense_text}.", "", table, "", *notes, *[""][:len(notes)],
         "Extreme winning tickets: per run, the sparsest level whose test accuracy is at least the dense "
         "accuracy (the paper's definition; ties: the higher accuracy, then the lower level"
         + ("; with several seeds the mean accuracy against the mean dense accuracy" if several else "") +
         "). Time saving = 1 - t_ticket / t_dense from the bench.json next to the ticket "
-        "(`python lth_ref.py --bench --ticket RUN/level_NN/ticket.pt` writes one).", "", ext, ""])
+        "(`python lth_ref.py --bench --ticket RUN/level_NN/ticket.pt` writes one).", "", ext, "",
+        *savings, *[""][:len(savings)]])
+
+
+def paper_saving_lines(cfg, branches, extremes):
+    """report.md lines: the paper's running-time saving (PAPER_SAVINGS) beside each run's measured one
+    (extreme_rows), for runs of its (arch, dataset, method) with the column rule its tickets imply
+    (PAPER_METHOD_SETTINGS); where that rule differs, which setting. Each says where it was measured."""
+    lines = []
+    for e in extremes:
+        entry = PAPER_SAVINGS.get((cfg.get("arch"), cfg.get("dataset"), e["method"]))
+        if entry is None:
+            continue
+        settings = {**cfg, **branches.get(e["branch"], {})}
+        differs = paper_mismatch(PAPER_METHOD_SETTINGS.get(e["method"], {}), settings)
+        paper = f"{entry[0]:.2f}% at {entry[1]}% sparsity ({entry[2]}; the paper's hardware)"
+        ours = "-" if e["sparsity"] == "" else f"{e['saving']} at {e['sparsity']:.2f}% sparsity"
+        lines.append(f"- {e['branch']}: the paper's time saving not shown: {'; '.join(differs)}" if differs
+                     else f"- {e['branch']}: time saving, paper: {paper}; ours: {ours}")
+    return lines
+
+
+def paper_dense_text(cfg):
+    """The paper's dense accuracy for report.md's dense line, when the trunk has its table's schedule and
+    data (paper_setting of the table's IMP row, less the mask source); else which setting differs."""
+    arch, dataset = cfg.get("arch"), cfg.get("dataset")
+    if (arch, dataset) not in PAPER_DENSE:
+        return ""
+    table_name, acc = PAPER_DENSE[(arch, dataset)]
+    expected = {k: v for k, v in paper_setting(arch, dataset, "imp", "rewind").items()
+                if k not in ("method", "init", "mask_source")}
+    differs = paper_mismatch(expected, cfg)
+    if differs:
+        return f"; the paper's (Table {table_name}) not shown: {'; '.join(differs)}"
+    return f"; the paper's: {acc:.2f}% (Table {table_name}, schedule {expected['schedule']})"
 
 
 def figure_key(exp):
@@ -3129,12 +3545,14 @@ def write_report(dirs, out_dir=None, layers=None, log=print):
     experiments = [read_experiment(d) for d in dirs]
     out_dir = out_dir or os.path.join(dirs[0] if len(dirs) == 1 else
                                       os.path.commonpath([os.path.abspath(d) for d in dirs]), "report")
+    check_writable_dir("--report's output directory", out_dir)
     tags = dict(zip(dirs, report_tags(experiments)))
     prefix = lambda e: f"{tags[e['path']]}_" if len(experiments) > 1 else ""
     sections, pictures, curves = [], [], {}
     csvs = {"accuracy_vs_sparsity.csv": [], "extreme_tickets.csv": []}
     for group in group_seeds(experiments):
-        tag, rows = tags[group[0]["path"]], with_paper(combine_seeds([e["rows"] for e in group]), group[0]["config"])
+        tag, rows = tags[group[0]["path"]], with_paper(combine_seeds([e["rows"] for e in group]),
+                                                       group[0]["config"], branch_settings(group[0]))
         dense = finite_mean(a for e in group if (a := dense_accuracy(e["rows"])) is not None)
         dense = None if dense != dense else round(dense, 6)
         ext = extreme_rows(group, rows, dense)
@@ -3184,7 +3602,12 @@ def write_report_files(out_dir, dirs, sections, csvs, pictures, log):
 # ---- CLI: the parser derived from Config, one entry point ----
 class HelpFormatter(argparse.HelpFormatter):
     """--help shows a flag's default once: '(default: X)' unless the help already names it or it is
-    derived (None: the help says how)."""
+    derived (None: the help says how); the examples at the end keep their lines."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -3195,12 +3618,20 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+HELP_EXAMPLES = """examples:
+  python lth_ref.py --dataset synthetic --train-subset 2000 --epochs 4 --lr 0.05 --levels 2 \\
+      --method regroup --out-dir runs/cpu_demo          # a CPU run in minutes: the trunk and a branch
+  python lth_ref.py --arch resnet20 --method regroup     # the paper's setting (downloads CIFAR-10)
+  python lth_ref.py --report runs/cpu_demo                # tables and figures of finished runs
+  python lth_ref.py --export slim.onnx --out-dir runs/cpu_demo --method refill   # a slim dense network"""
+
+
 def build_parser():
     """The CLI: one flag per Config field, in its argument group, with its default, help and choices."""
     p = argparse.ArgumentParser(
         description="Find structurally sparse lottery tickets (Chen et al., ICML 2022): an unstructured "
                     "trunk (--mask-source) and a structural branch (--method, --init) per level.",
-        formatter_class=HelpFormatter)
+        epilog=HELP_EXAMPLES, formatter_class=HelpFormatter)
     sections = {group: p.add_argument_group(group) for group in GROUPS}
     defaults = Config()
     for f in dataclasses.fields(Config):
@@ -3241,10 +3672,16 @@ def run_bench(cfg, out_dir):
             masks = prune_to_density({n: w.detach().abs() for n, w in weights.items()}, BENCH_TRAIN_DENSITY)
         regroup_knobs = {k: v for k, v in branch_knobs(cfg, "regroup").items() if k != "unit"}
         return bench_regroup(masks, cfg.regroup_unit, cfg.seed, **regroup_knobs)
+    auto_dtype = "fp16" if torch.device(device).type == "cuda" else "fp32"
+    dtype = kernels.BENCH_DTYPES[auto_dtype if cfg.bench_dtype == "auto" else cfg.bench_dtype]
+    try:
+        kernels.check_dtype(device, dtype)
+    except ValueError as e:
+        raise UsageError(f"--bench-dtype {cfg.bench_dtype}: {e}") from None
     path, ticket = fresh_ticket(cfg.arch, cfg.dataset, cfg.bench_density, cfg.method, knobs, cfg.seed, out_dir) \
         if cfg.bench_density is not None else find_ticket(cfg.ticket, out_dir, cfg)
     return bench_kernels(path, ticket, device, cfg.bench_batch, cfg.bench_repeats, cfg.bench_memory_format,
-                         paper=cfg.bench == "paper")
+                         paper=cfg.bench == "paper", dtype=dtype)
 
 
 def main(argv=None):
@@ -3268,6 +3705,12 @@ def main(argv=None):
     except (UsageError, datasets.DataError) as e:
         if main_process():
             print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if write_fault(e) is None:
+            raise
+        if main_process():
+            print(f"error: {write_fault(e)}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Stopped) as e:
         signum = getattr(e, "signum", signal.SIGINT)
