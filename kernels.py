@@ -866,6 +866,9 @@ def cuda_graph(fn):
     return graph.replay
 
 
+SAME_PATH = "same path"  # a bench row's speedup where both sides run the same conv (the layer chose dense)
+
+
 def is_noisy(a, b):
     """True when the spread (max - min) of either side's repeats is larger than the effect, the gap
     between the medians (a, b: time_spread dicts): the ratio of the medians says nothing then."""
@@ -874,10 +877,10 @@ def is_noisy(a, b):
 
 def spread_fields(dense, other, name, same_path=False, prefix=""):
     """A bench row's timing cells from two time_spread dicts: both medians, both ranges ("min-max"
-    ms), speedup = dense / other median ("same path" where both sides run the same conv), noisy."""
+    ms), speedup = dense / other median (SAME_PATH where both sides run the same conv), noisy."""
     cells = {"dense_ms": dense["median"], f"{name}_ms": other["median"],
              "dense_range_ms": _range(dense), f"{name}_range_ms": _range(other),
-             "speedup": "same path" if same_path else dense["median"] / other["median"],
+             "speedup": SAME_PATH if same_path else dense["median"] / other["median"],
              "noisy": is_noisy(dense, other)}
     return {prefix + k: v for k, v in cells.items()}
 
@@ -916,7 +919,7 @@ def bench_layers(model, blocks, batch_size=64, device="cpu", paper_setting=False
     GPU, fp32 convs and our kernel both use TF32 by default). Outputs are checked against dense
     before timing (that first call also measures the layer's paths). Returns one dict per conv:
     `path` the chosen path, `candidates` every measured path's median ms, spread_fields (speedup
-    "same path" where the layer runs dense), `ideal_speedup` (1 / flop_ratio, "-" for dense)."""
+    SAME_PATH where the layer runs dense), `ideal_speedup` (1 / flop_ratio, "-" for dense)."""
     device = torch.device(device)
     check_dtype(device, dtype)
     model = copy.deepcopy(model).to(device, dtype).eval()

@@ -23,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tempfile
 import threading
@@ -3027,7 +3028,7 @@ def test_bench_rows_with_a_spread_larger_than_the_effect_are_noisy_and_same_path
     fake_clock(monkeypatch, {"dense": 1})                      # now dense wins: both sides run the same conv
     fake_timing(monkeypatch, ms=(3.0, 1.0))
     rows = kernels.bench_layers(model, blocks, batch_size=2, repeats=1, input_size=(3, 16, 16))
-    assert all(r["path"] == "dense" and r["speedup"] == "same path" and not r["noisy"] for r in rows)
+    assert all(r["path"] == "dense" and r["speedup"] == kernels.SAME_PATH and not r["noisy"] for r in rows)
 
 
 # ---- CUDA: tables (CPU), compile check (nvcc), kernel (GPU only) ----
@@ -3075,19 +3076,62 @@ def test_cuda_tables_flag_vector_blocks():
     assert first == [[c, 0, 0, 1] for c in range(8, 16)]  # position (0, 0) first, channels ascending
 
 
+# load_inline's flags for nvcc that change what CUDA_SRC means (torch's half/bf16 operators off)
+NVCC_TORCH_FLAGS = ["-std=c++20", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+                    "--expt-relaxed-constexpr"]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_cuda_source_compiles_without_spills(tmp_path):
     src = tmp_path / "grouped_gemm.cu"
     src.write_text(kernels.CUDA_SRC)
-    torch_flags = ["-std=c++20", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",  # as load_inline
-                   "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
-    res = subprocess.run(["nvcc", "-arch=sm_90", "-c", "-Xptxas", "-v", *torch_flags, str(src),
+    res = subprocess.run(["nvcc", "-arch=sm_90", "-c", "-Xptxas", "-v", *NVCC_TORCH_FLAGS, str(src),
                           "-o", str(tmp_path / "grouped_gemm.o")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
     assert len(spills) == 6  # {float, half, bf16} x {32x128, 64x64} tiles
     assert all(s == ("0", "0") for s in spills), res.stderr
+
+
+def cuda_include_dir():
+    """The CUDA toolkit's include folder, as nvcc reports it (nvcc may be a wrapper script)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        open(os.path.join(tmp, "e.cu"), "w").close()
+        res = subprocess.run(["nvcc", "--dryrun", "-c", os.path.join(tmp, "e.cu")], capture_output=True, text=True)
+    found = re.search(r'INCLUDES="-I([^"]+?)"', res.stdout + res.stderr)
+    return found.group(1).strip() if found else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("nvcc", "g++", "nm")), reason="nvcc, g++ or nm not found")
+def test_cuda_binding_compiles_and_links_to_the_kernel(tmp_path):
+    """CPP_SRC (with the pybind module load_inline appends) compiles with g++ against torch's headers,
+    and the launcher it calls is the very symbol nvcc's object of CUDA_SRC defines: a signature change
+    on one side only fails here, not on a GPU machine's first build. The CPU wheel lacks one generated
+    header of c10/cuda; an empty stand-in takes its place."""
+    from torch.utils.cpp_extension import include_paths
+    include, cuda_include = include_paths(), cuda_include_dir()
+    assert cuda_include and os.path.exists(os.path.join(cuda_include, "cuda_runtime.h"))
+    stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    (tmp_path / "b.cpp").write_text(kernels.CPP_SRC + "\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n"
+                                    'm.def("grouped_conv2d_cuda", torch::wrap_pybind_function(grouped_conv2d_cuda));\n}\n')
+    (tmp_path / "k.cu").write_text(kernels.CUDA_SRC)
+    flags = [f"-I{p}" for p in (tmp_path / "stub", *include, sysconfig.get_paths()["include"], cuda_include)]
+    builds = [["g++", "-std=c++20", "-c", "-fPIC", *flags, "-DTORCH_EXTENSION_NAME=lth_check", str(tmp_path / "b.cpp"),
+               "-o", str(tmp_path / "b.o")],
+              ["nvcc", "-arch=sm_90", "-c", *NVCC_TORCH_FLAGS, str(tmp_path / "k.cu"), "-o", str(tmp_path / "k.o")]]
+    for cmd in builds:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    symbols = {o: subprocess.run(["nm", str(tmp_path / o)], capture_output=True, text=True).stdout for o in ("b.o", "k.o")}
+    needed = re.findall(r" U (\S*grouped_conv2d_launch\S*)", symbols["b.o"])
+    defined = re.findall(r" T (\S*grouped_conv2d_launch\S*)", symbols["k.o"])
+    assert len(needed) == 1 and needed == defined
+
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
