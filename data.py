@@ -170,7 +170,8 @@ def check_md5(path: str, expected: str, hint: str) -> None:
 def download(spec: CifarSpec, data_dir: str, log) -> str:
     """Download spec.archive into data_dir: temp file -> md5 check -> atomic rename. Returns its path."""
     dest = os.path.join(data_dir, spec.archive)
-    fix = f"Put {spec.archive} (or the extracted {spec.folder}/) into {os.path.abspath(data_dir)} and run again."
+    fix = (f"Put {spec.archive} (or the extracted {spec.folder}/) into {os.path.abspath(data_dir)} "
+           "and run again.")
     os.makedirs(data_dir, exist_ok=True)
     log(f"downloading {spec.name} from {spec.url} to {dest}")
     fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=spec.archive + ".", suffix=".part")
@@ -213,10 +214,12 @@ def extract(spec: CifarSpec, archive: str, data_dir: str, log) -> str:
                 tar.extractall(tmp, members=members, **extra)
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
             raise DataError(f"could not extract {archive} ({e}); it is corrupt or not a .tar.gz. "
-                            f"Delete it and put the official {spec.archive} into {os.path.abspath(data_dir)}.") from None
+                            f"Delete it and put the official {spec.archive} into "
+                            f"{os.path.abspath(data_dir)}.") from None
         if not os.path.isdir(os.path.join(tmp, spec.folder)):
             raise DataError(f"{archive} has no folder {spec.folder}/; it is not the {spec.name} python "
-                            f"archive. Delete it and put the official {spec.archive} into {os.path.abspath(data_dir)}.")
+                            f"archive. Delete it and put the official {spec.archive} into "
+                            f"{os.path.abspath(data_dir)}.")
         folder = os.path.join(data_dir, spec.folder)
         os.replace(os.path.join(tmp, spec.folder), folder)
     finally:
@@ -233,8 +236,8 @@ def find_folder(spec: CifarSpec, data_dir: str, download_ok: bool, log) -> str:
     if not os.path.isfile(archive):
         if not download_ok:
             raise DataError(f"{spec.name} not found in {data_dir} and downloading is off. Put "
-                            f"{spec.archive} (or the extracted {spec.folder}/) into {os.path.abspath(data_dir)}, "
-                            f"or allow the download.")
+                            f"{spec.archive} (or the extracted {spec.folder}/) into "
+                            f"{os.path.abspath(data_dir)}, or allow the download.")
         archive = download(spec, data_dir, log)
     return extract(spec, archive, data_dir, log)
 

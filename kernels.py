@@ -266,7 +266,8 @@ def _build_conv(info, t):
     position = torch.full((O,), len(rows), dtype=torch.int64, device=rows.device)
     position[rows] = torch.arange(len(rows), device=rows.device)
     return {"chans": torch.cat([c for _, c, _ in per_block]) if per_block else rows.new_zeros(0),
-            "weight": torch.cat([w.reshape(-1) for _, _, w in per_block]) if per_block else t["packed"].new_zeros(0),
+            "weight": (torch.cat([w.reshape(-1) for _, _, w in per_block]) if per_block
+                       else t["packed"].new_zeros(0)),
             "chan_counts": [len(c) for _, c, _ in per_block], "position": position}
 
 
@@ -344,8 +345,10 @@ def _run_grouped(x, info, t, p, conv):
         y.index_fill_(1, t["empty_rows"], 0.0)
     if not info["sizes"]:
         return y
-    x_groups = select_channels(x, p["chans"]).contiguous(memory_format=torch.channels_last)  # (N, B*c_max, H, W)
-    y_groups = F.conv2d(x_groups, p["weight"], p.get("bias"), *conv, len(info["sizes"]))  # (N, B*r_max, OH, OW)
+    # x_groups: (N, B*c_max, H, W)
+    x_groups = select_channels(x, p["chans"]).contiguous(memory_format=torch.channels_last)
+    # y_groups: (N, B*r_max, OH, OW)
+    y_groups = F.conv2d(x_groups, p["weight"], p.get("bias"), *conv, len(info["sizes"]))
     return y.index_copy_(1, t["rows"], select_channels(y_groups, p["real_rows"]))
 
 
@@ -372,7 +375,8 @@ def _im2col_union(x, info, p, conv):
     stride, padding, dilation = conv
     N, _, OH, OW = _output_shape(x, info, conv)
     kw = info["weight_shape"][3]
-    xp = F.pad(x.transpose(0, 1).contiguous(), (padding[1], padding[1], padding[0], padding[0]))  # (C, N, Hp, Wp)
+    # xp: (C, N, Hp, Wp)
+    xp = F.pad(x.transpose(0, 1).contiguous(), (padding[1], padding[1], padding[0], padding[0]))
     x_cols = _new(x, (len(p["union_chans"]), N, OH, OW))
     start = 0
     for j, chans in enumerate(p["union_chans"].split(p["pos_counts"])):
@@ -404,7 +408,8 @@ KERNEL_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the l
 KERNEL_TILE_ROWS = (32, 64)  # rows of a CTA tile, as CUDA_SRC instantiates them (32x128 and 64x64
                              # pixels): 32 pads thin blocks less, 64 reuses each im2col tile more;
                              # which is faster depends on the layer and the GPU, so both are measured
-KERNEL_K_PAD = 32   # a block's columns are padded to this (CUDA_SRC's k tile: 64 bytes of fp16 or fp32 columns)
+KERNEL_K_PAD = 32   # a block's columns are padded to this (CUDA_SRC's k tile: 64 bytes of fp16 or fp32
+                    # columns)
 KERNEL_ALIGN = 16   # bytes: the kernel's cp.async copies need 16-byte aligned input and weights
 KERNEL_VECTOR = 8   # channels of one aligned vector: 16 bytes of fp16/bf16 (two 16-byte copies of fp32)
 INT32_MAX = 2 ** 31 - 1      # the kernel's tables and weight offsets are int32
@@ -421,7 +426,8 @@ def _kernel_block_columns(cols, C, kh, kw):
     runs = len(cols) % KERNEL_VECTOR == 0 and C % KERNEL_VECTOR == 0
     if runs and len(cols):
         cv, pv = c.view(-1, KERNEL_VECTOR), pos.view(-1, KERNEL_VECTOR)
-        runs = bool((cv[:, 0] % KERNEL_VECTOR == 0).all() and (cv - cv[:, :1] == torch.arange(KERNEL_VECTOR)).all()
+        runs = bool((cv[:, 0] % KERNEL_VECTOR == 0).all()
+                    and (cv - cv[:, :1] == torch.arange(KERNEL_VECTOR)).all()
                     and (pv == pv[:, :1]).all())
     return order, runs
 
@@ -430,8 +436,9 @@ def kernel_tables(info, t, tile_rows):
     """The kernel's tables for tile_rows-row CTA tiles (one of KERNEL_TILE_ROWS), on the plan's device:
     "meta" int32 (B, 6) per block (row start, rows, column start, padded columns, weight offset, 1 if
     its columns come in aligned vectors); "tiles" int32 (T, 2) per CTA row tile (block, first row);
-    "rows" int32; "cols" int32 (K', 4) per padded column (c, ky, kx, 1), padding columns (0, 0, 0, 0); "weights": per block its weights, columns in the kernel's order, zero-padded
-    to tile_rows rows and KERNEL_K_PAD columns; "tile_rows". Each block's columns are ordered (ky, kx, c)."""
+    "rows" int32; "cols" int32 (K', 4) per padded column (c, ky, kx, 1), padding columns (0, 0, 0, 0);
+    "weights": per block its weights, columns in the kernel's order, zero-padded to tile_rows rows
+    and KERNEL_K_PAD columns; "tile_rows". Each block's columns are ordered (ky, kx, c)."""
     if tile_rows not in KERNEL_TILE_ROWS:
         raise ValueError(f"tile_rows={tile_rows}: CUDA_SRC instantiates row tiles of {KERNEL_TILE_ROWS} only")
     _, C, kh, kw = info["weight_shape"]
@@ -470,7 +477,8 @@ def cuda_extension():
             return None
         major, minor = torch.cuda.get_device_capability()
         if major < 8:
-            _warn_once(f"grouped-GEMM kernel needs sm_80+ (have sm_{major}{minor}): measuring the other paths only")
+            _warn_once(f"grouped-GEMM kernel needs sm_80+ (have sm_{major}{minor}): "
+                       "measuring the other paths only")
             return None
         try:
             from torch.utils.cpp_extension import load_inline
@@ -495,11 +503,12 @@ def _run_kernel(x, info, t, p, conv):
     channels-last (an NCHW input is converted, and its output converted back)."""
     if not x.is_cuda or x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"the CUDA kernel runs CUDA tensors of {[str(d) for d in KERNEL_DTYPES]}, got a "
-                         f"{x.device.type} {x.dtype} input (without a GPU, test_lth_ref.emulated_grouped_conv2d "
-                         "runs its source on the CPU)")
+                         f"{x.device.type} {x.dtype} input (without a GPU, "
+                         "test_lth_ref.emulated_grouped_conv2d runs its source on the CPU)")
     ext = cuda_extension()
     if ext is None:
-        raise RuntimeError("a kernel path is forced but the CUDA kernel is not available (see the WARNING above)")
+        raise RuntimeError("a kernel path is forced but the CUDA kernel is not available "
+                           "(see the WARNING above)")
     xc = x.contiguous(memory_format=torch.channels_last)
     if xc.data_ptr() % KERNEL_ALIGN:  # a view at an odd offset: the 16-byte copies need an aligned base
         xc = xc.clone(memory_format=torch.channels_last)
@@ -529,13 +538,15 @@ PATHS = {
     "conv": Path(_build_conv, _run_conv, ("cpu",)),
     "grouped": Path(_build_grouped, _run_grouped, ("cpu", "cuda"), adds_bias=True),
     "gather": Path(_build_gather, _run_gather, ("cpu",)),
-    **{f"kernel{rows}": Path(functools.partial(kernel_tables, tile_rows=rows), _run_kernel, ("cuda",), _kernel_ready)
+    **{f"kernel{rows}": Path(functools.partial(kernel_tables, tile_rows=rows), _run_kernel, ("cuda",),
+                             _kernel_ready)
        for rows in KERNEL_TILE_ROWS},  # kernel32, kernel64
 }
 CANDIDATES = {device: tuple(name for name, path in PATHS.items() if device in path.devices)
               for device in ("cpu", "cuda")}  # the paths measured per device type
-BENCH_WARMUP = 3    # untimed rounds before a benchmark's timing (bench_layers, bench_model and lth_ref's benches):
-                    # allocator, oneDNN/cuDNN setup, compilation; each regrouped layer measures its paths first
+BENCH_WARMUP = 3    # untimed rounds before a benchmark's timing (bench_layers, bench_model and lth_ref's
+                    # benches): allocator, oneDNN/cuDNN setup, compilation; each regrouped layer measures
+                    # its paths first
 MEASURE_WARMUP = 1  # untimed runs per candidate first: a first call pays allocation and oneDNN/cuDNN setup
 MEASURE_RUNS = 3    # timed samples per candidate on the CPU, interleaved across candidates (a slow spell on a
                     # shared machine hits all of them alike); the median of these decides
@@ -655,7 +666,8 @@ class RegroupedConv2d(nn.Module):
     last one costs one tuple comparison more than the path itself; .to(), .half(), load_state_dict
     and copies drop that runner. x (N, C, H, W) -> (N, O, OH, OW) in x's memory format."""
 
-    def __init__(self, weight, blocks, bias=None, stride=1, padding=0, dilation=1, name="conv", strategy=None):
+    def __init__(self, weight, blocks, bias=None, stride=1, padding=0, dilation=1, name="conv",
+                 strategy=None):
         super().__init__()
         blocks = check_blocks(tuple(weight.shape), blocks, name)
         self.name, self.weight_shape = name, tuple(weight.shape)
@@ -683,17 +695,20 @@ class RegroupedConv2d(nn.Module):
         return cls(conv.weight, blocks, conv.bias, conv.stride, conv.padding, conv.dilation, name, strategy)
 
     def extra_repr(self):
-        chosen = ", ".join(f"{'x'.join(map(str, k[0]))} {' '.join(k[1:])}: {p}" for k, p in self.info["choice"].items())
+        chosen = ", ".join(f"{'x'.join(map(str, k[0]))} {' '.join(k[1:])}: {p}"
+                           for k, p in self.info["choice"].items())
         path = f"{self.info['forced']} (forced)" if self.info["forced"] else f"measured {{{chosen}}}"
         return (f"{self.name}: weight={self.weight_shape}, blocks={len(self.info['sizes'])}, "
-                f"flop_ratio={self.info['flop_ratio']:.3f}, stride={self.stride}, padding={self.padding}, path={path}")
+                f"flop_ratio={self.info['flop_ratio']:.3f}, stride={self.stride}, padding={self.padding}, "
+                f"path={path}")
 
     def path_for(self, x):
         """The path this layer runs (or ran) on inputs like x; None before it met one."""
         return self.info["forced"] or self.info["choice"].get(choice_key(x))
 
     def _plan(self):
-        """The plan's tensors (make_plan's t, with "bias" where the layer has one) as this module holds them."""
+        """The plan's tensors (make_plan's t, with "bias" where the layer has one) as this module
+        holds them."""
         t = {k: self._buffers["plan_" + k] for k in self._plan_keys}  # (getattr is 7x slower per call)
         return t if self.bias is None else {**t, "bias": self.bias}
 
@@ -718,7 +733,8 @@ class RegroupedConv2d(nn.Module):
     def _measure(self, x, conv):
         """Time the candidates on x, record and return the fastest; free the tensors of the others."""
         t = self._plan()
-        runs = {name: functools.partial(PATHS[name].run, x, self.info, t, for_format(self._path(name, t), x), conv)
+        runs = {name: functools.partial(PATHS[name].run, x, self.info, t, for_format(self._path(name, t), x),
+                                        conv)
                 for name in candidate_paths(x)}
         times, key = measure_paths(runs, x.device), choice_key(x)
         self.info["times"][key], self.info["choice"][key] = times, choose_path(times)
@@ -808,7 +824,8 @@ def rel_err(y, ref, centered=False):
     return ((y - ref).abs().max() / scale.abs().max().clamp_min(1e-30)).item()
 
 
-BENCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the benches' precisions
+# the benches' precisions
+BENCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRAPH_WARMUP = 3  # eager calls on a side stream before a CUDA graph is captured: cuDNN/cuBLAS setup and first
                   # allocations stay out of the graph (torch.cuda.graphs' rule)
 NVIDIA_DRIVER_FILE = "/proc/driver/nvidia/version"  # Linux: the driver's version line
@@ -818,11 +835,12 @@ def check_dtype(device, dtype):
     """ValueError, with the reason, when convs in dtype do not run on device (as fp16 on some CPUs)."""
     x = torch.zeros(1, 1, 3, 3, device=device, dtype=dtype)
     try:
-        F.conv2d(x, torch.zeros(1, 1, 3, 3, device=device, dtype=dtype), torch.zeros(1, device=device, dtype=dtype))
+        F.conv2d(x, torch.zeros(1, 1, 3, 3, device=device, dtype=dtype),
+                 torch.zeros(1, device=device, dtype=dtype))
     except RuntimeError as e:
         first = (str(e).strip().splitlines() or [""])[0][:BUILD_ERROR_CHARS]
-        raise ValueError(f"{str(dtype).replace('torch.', '')} convs do not run on this {torch.device(device).type} "
-                         f"({first}): bench in another precision") from None
+        raise ValueError(f"{str(dtype).replace('torch.', '')} convs do not run on this "
+                         f"{torch.device(device).type} ({first}): bench in another precision") from None
 
 
 def runtime_info(device, dtype):
@@ -910,7 +928,8 @@ def _conv_input_shapes(model, batch_size, device, input_size, dtype=torch.float3
 
 
 def bench_layers(model, blocks, batch_size=64, device="cpu", paper_setting=False, repeats=10,
-                 input_size=(3, 32, 32), log=None, memory_format=torch.contiguous_format, dtype=torch.float32):
+                 input_size=(3, 32, 32), log=None, memory_format=torch.contiguous_format,
+                 dtype=torch.float32):
     """Per regrouped conv: dense F.conv2d with the masked weight vs RegroupedConv2d, conv only.
 
     Inputs: the layer's real activation shape for a batch of `input_size` images (default), or with
@@ -962,7 +981,8 @@ def bench_model(model, blocks, batch_size=64, device="cpu", repeats=10, input_si
     check_dtype(device, dtype)
     dense = masked_model(model, blocks).to(device, dtype, memory_format=memory_format)
     regrouped = regrouped_model(model, blocks).to(device, dtype, memory_format=memory_format)
-    x = torch.randn(batch_size, *input_size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    x = (torch.randn(batch_size, *input_size, device=device, dtype=dtype)
+         .contiguous(memory_format=memory_format))
     conv_ratio = _conv_flop_ratio(dense, regrouped, _conv_input_shapes(dense, 1, device, input_size, dtype))
     fns = [lambda: dense(x), lambda: regrouped(x)]
     with torch.no_grad():
@@ -973,8 +993,8 @@ def bench_model(model, blocks, batch_size=64, device="cpu", repeats=10, input_si
         graphed = device.type == "cuda" and graphs
         if graphed:
             replays = [cuda_graph(fn) for fn in fns]
-            result.update(spread_fields(*time_spread(replays, device, repeats, warmup=BENCH_WARMUP), "regrouped",
-                                        prefix="graph_"))
+            result.update(spread_fields(*time_spread(replays, device, repeats, warmup=BENCH_WARMUP),
+                                        "regrouped", prefix="graph_"))
     paths = Counter(p for m in regrouped.modules() if isinstance(m, RegroupedConv2d)
                     for p in ([m.info["forced"]] if m.info["forced"] else m.info["choice"].values()))
     result.update(timing="eager + CUDA graphs" if graphed else "eager", max_rel_err=err,
@@ -997,7 +1017,8 @@ def _conv_flop_ratio(dense, regrouped, shapes):
     return macs_regrouped / macs_dense
 
 
-DENSE_COST_SHAPES = ((64, 32), (128, 16), (256, 8), (512, 4))  # CIFAR convs (VGG-16, ResNet-18): (channels, H = W)
+# CIFAR convs (VGG-16, ResNet-18): (channels, H = W)
+DENSE_COST_SHAPES = ((64, 32), (128, 16), (256, 8), (512, 4))
 DENSE_COST_DENSITY = 0.1  # the blocks' share of the weight (irrelevant to dense, which runs every weight)
 
 
@@ -1017,7 +1038,8 @@ def bench_dense_cost(batches=(1, 64, 256), device="cpu", dtype=torch.float32, re
             weight = (w * block_mask(w.shape, blocks)).to(device, dtype)
             module = nn.Conv2d(channels, channels, 3, padding=1).to(device, dtype)
             for fmt_name, fmt in MEMORY_FORMATS.items():
-                x = torch.randn(batch, channels, hw, hw, generator=g).to(device, dtype).contiguous(memory_format=fmt)
+                x = (torch.randn(batch, channels, hw, hw, generator=g).to(device, dtype)
+                     .contiguous(memory_format=fmt))
                 wf, bias = weight.contiguous(memory_format=fmt), b.to(device, dtype)
                 with torch.no_grad():
                     module.weight.copy_(wf)
@@ -1026,8 +1048,9 @@ def bench_dense_cost(batches=(1, 64, 256), device="cpu", dtype=torch.float32, re
                     fns = [lambda: F.conv2d(x, wf, bias, 1, 1), lambda: layer(x), lambda: module(x)]
                     conv, dense, nn_conv = time_spread(fns, device, repeats, warmup=BENCH_WARMUP)
                 row = {"batch": batch, "channels": channels, "hw": hw, "memory_format": fmt_name,
-                       "conv2d_ms": conv["median"], "dense_ms": dense["median"], "module_ms": nn_conv["median"],
-                       "ratio": conv["median"] / dense["median"], "module_ratio": nn_conv["median"] / dense["median"],
+                       "conv2d_ms": conv["median"], "dense_ms": dense["median"],
+                       "module_ms": nn_conv["median"], "ratio": conv["median"] / dense["median"],
+                       "module_ratio": nn_conv["median"] / dense["median"],
                        "noisy": is_noisy(conv, dense)}
                 rows.append(row)
                 log(row)
@@ -1073,7 +1096,9 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_b
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
 #endif
 
 // WMMA k and fragment element type per input type (accumulate in fp32 for all)
@@ -1246,8 +1271,9 @@ cudaError_t launch(const void* x, const void* w, void* y, const int* meta, const
 }
 
 template <typename T>
-cudaError_t launch_tiles(int tile_rows, const void* x, const void* w, void* y, const int* meta, const int* tiles,
-                         int num_tiles, const int* rows, const int* cols, const ConvDims& d, cudaStream_t stream) {
+cudaError_t launch_tiles(int tile_rows, const void* x, const void* w, void* y, const int* meta,
+                         const int* tiles, int num_tiles, const int* rows, const int* cols, const ConvDims& d,
+                         cudaStream_t stream) {
   if (tile_rows == 32) return launch<T, 32, 128>(x, w, y, meta, tiles, num_tiles, rows, cols, d, stream);
   if (tile_rows == 64) return launch<T, 64, 64>(x, w, y, meta, tiles, num_tiles, rows, cols, d, stream);
   return cudaErrorInvalidValue;
@@ -1265,9 +1291,12 @@ int grouped_conv2d_launch(int dtype, int tile_rows, const void* x, const void* w
                                dims[8], dims[9], dims[10], dims[11], dims[12], dims[13], dims[14]};
   using lth_ref::launch_tiles;
   cudaError_t err = cudaErrorInvalidValue;
-  if (dtype == 0) err = launch_tiles<float>(tile_rows, x, w, y, meta, tiles, num_tiles, rows, cols, d, stream);
-  if (dtype == 1) err = launch_tiles<__half>(tile_rows, x, w, y, meta, tiles, num_tiles, rows, cols, d, stream);
-  if (dtype == 2) err = launch_tiles<__nv_bfloat16>(tile_rows, x, w, y, meta, tiles, num_tiles, rows, cols, d, stream);
+  if (dtype == 0)
+    err = launch_tiles<float>(tile_rows, x, w, y, meta, tiles, num_tiles, rows, cols, d, stream);
+  if (dtype == 1)
+    err = launch_tiles<__half>(tile_rows, x, w, y, meta, tiles, num_tiles, rows, cols, d, stream);
+  if (dtype == 2)
+    err = launch_tiles<__nv_bfloat16>(tile_rows, x, w, y, meta, tiles, num_tiles, rows, cols, d, stream);
   return static_cast<int>(err);
 }
 """
@@ -1285,16 +1314,18 @@ int grouped_conv2d_launch(int dtype, int tile_rows, const void* x, const void* w
 // x (N, C, H, W) channels-last, 16-byte aligned; the padded block weights and int32 tables from
 // kernel_tables; empty_rows int64; weight_shape (O, C, kh, kw); conv (stride_h, stride_w, pad_h, pad_w,
 // dil_h, dil_w) -> y (N, O, OH, OW) channels-last
-torch::Tensor grouped_conv2d_cuda(torch::Tensor x, torch::Tensor packed, torch::Tensor meta, torch::Tensor tiles,
-                                  torch::Tensor rows, torch::Tensor cols, torch::Tensor empty_rows,
+torch::Tensor grouped_conv2d_cuda(torch::Tensor x, torch::Tensor packed, torch::Tensor meta,
+                                  torch::Tensor tiles, torch::Tensor rows, torch::Tensor cols,
+                                  torch::Tensor empty_rows,
                                   std::vector<int64_t> weight_shape, std::vector<int64_t> conv,
                                   int64_t tile_rows) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
               reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
               "grouped_conv2d_cuda: x: channels-last 4-D CUDA tensor, 16-byte aligned");
-  TORCH_CHECK(packed.device() == x.device() && packed.scalar_type() == x.scalar_type() && packed.is_contiguous() &&
-              reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0,
-              "grouped_conv2d_cuda: padded weights must be contiguous, 16-byte aligned, on x's device, in x's dtype");
+  TORCH_CHECK(packed.device() == x.device() && packed.scalar_type() == x.scalar_type() &&
+              packed.is_contiguous() && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0,
+              "grouped_conv2d_cuda: padded weights must be contiguous, 16-byte aligned, on x's device, "
+              "in x's dtype");
   TORCH_CHECK(cols.dim() == 2 && cols.size(1) == 4 && meta.dim() == 2 && meta.size(1) == 6,
               "grouped_conv2d_cuda: cols (K', 4) and meta (B, 6) expected");
   for (const auto& t : {meta, tiles, rows, cols})

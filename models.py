@@ -447,7 +447,8 @@ def _basic_block_links(block, prefix, stream, links):
     shortcut. Reads `stream` (conv1, and a conv shortcut); returns the link of the block's output."""
     stream.readers.append(prefix + "conv1")
     links.append(ChannelLink([(prefix + "conv1", prefix + "bn1")], [prefix + "conv2"]))
-    return _residual_add(block.shortcut, prefix + "shortcut", stream, (prefix + "conv2", prefix + "bn2"), links)
+    return _residual_add(block.shortcut, prefix + "shortcut", stream, (prefix + "conv2", prefix + "bn2"),
+                         links)
 
 
 def _resnet_links(model, links):
@@ -482,7 +483,8 @@ def _bottleneck_links(block, prefix, stream, links):
     stream.readers.append(prefix + "conv1")
     links.append(ChannelLink([(prefix + "conv1", prefix + "bn1")], [prefix + "conv2"]))
     links.append(ChannelLink([(prefix + "conv2", prefix + "bn2")], [prefix + "conv3"]))
-    return _residual_add(block.shortcut, prefix + "shortcut", stream, (prefix + "conv3", prefix + "bn3"), links)
+    return _residual_add(block.shortcut, prefix + "shortcut", stream, (prefix + "conv3", prefix + "bn3"),
+                         links)
 
 
 def _mobilenet_links(model, links):
@@ -614,7 +616,8 @@ def _take(module, attr, dim, keep):
     if t is None:
         return
     new = t.detach().index_select(dim, keep.to(t.device)).clone()
-    setattr(module, attr, nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new)
+    setattr(module, attr,
+            nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new)
 
 
 def resize_link(model: nn.Module, link: ChannelLink, keep: torch.Tensor) -> None:
@@ -639,7 +642,8 @@ def resize_link(model: nn.Module, link: ChannelLink, keep: torch.Tensor) -> None
         elif m.groups == m.in_channels and name in [c for c, _ in link.producers]:
             m.in_channels = m.groups = n  # depthwise: its weight rows were taken as a producer
         else:
-            raise ValueError(f"{name}: grouped conv (groups={m.groups}) that is not depthwise cannot be resized")
+            raise ValueError(f"{name}: grouped conv (groups={m.groups}) that is not depthwise "
+                             "cannot be resized")
 
 
 @torch.no_grad()
@@ -697,8 +701,9 @@ def load_slim(state: dict) -> nn.Module:
     for link in channel_links(model):
         widths = {state["channels"].get(conv) for conv, _ in link.producers}
         if len(widths) != 1 or None in widths:
-            raise ValueError(f"slim state: convs {[c for c, _ in link.producers]} share their output channels "
-                             f"but have widths {sorted(widths, key=str)}: was it saved by slim_state for {arch}?")
+            raise ValueError(f"slim state: convs {[c for c, _ in link.producers]} share their output "
+                             f"channels but have widths {sorted(widths, key=str)}: was it saved by "
+                             f"slim_state for {arch}?")
         width = widths.pop()
         if width != _link_width(model, link):
             resize_link(model, link, torch.arange(width))
