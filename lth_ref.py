@@ -23,7 +23,7 @@ file in brackets):
     post-processing         postprocess                                               (post-processing)
     regroup                 regroup -> regroup_mask: row_similarity, partition_rows,
                             refine_partition, choose_block_columns                    (regroup)
-    rewind                  retrain -> rewind, to theta_k of rewind_state         (mask sources)
+    rewind                  retrain -> rewind, to theta_k of rewind_state             (training)
     retrain                 retrain: lr_at, train_epoch, train_step                   (training)
     evaluate                evaluate                                                  (training)
     result                  train_level -> result_row, then write_results    (the experiment, results)
@@ -359,16 +359,6 @@ def _scoring_copy(model, train):
     for p in model.parameters():
         p.grad = None
     return model
-
-
-def rewind(model, state, masks):
-    """Load the rewind state (weights, BN affine and running stats, FC) and zero the pruned weights.
-
-    Paper: Sec. 3.1, weight rewinding to epoch k (Frankle et al. 2020). Official: loads the epoch-k
-    checkpoint the same way.
-    """
-    model.load_state_dict(state)
-    apply_masks(model, masks)
 
 
 # ---- refill (channel-wise tickets) ----
@@ -920,6 +910,16 @@ class Experiment:
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # --amp: autocast dtype
 LR_SCHEDULES = ("resume", "restart")  # after rewinding to epoch k: go on from k (paper), or run from 0 (official)
 EVAL_BATCH = 500  # images per evaluation forward: evaluation needs no gradients, so large batches
+
+
+def rewind(model, state, masks):
+    """Load the rewind state (weights, BN affine and running stats, FC) and zero the pruned weights.
+
+    Paper: Sec. 3.1, weight rewinding to epoch k (Frankle et al. 2020). Official: loads the epoch-k
+    checkpoint the same way.
+    """
+    model.load_state_dict(state)
+    apply_masks(model, masks)
 
 
 def retrain(exp, masks, state, first_epoch, level, resume=None, after_epoch=None):
