@@ -11,14 +11,13 @@ turns groups of rows into dense blocks (group-wise tickets, run by the grouped G
     python lth_ref.py --arch resnet20 --method regroup            # find tickets on CIFAR-10
     python -m pytest -q test_lth_ref.py                           # the tests (-m "not slow": the fast lane)
 
-lth_ref.py holds the method, the experiment loop that trains and resumes it, and what that loop needs:
-its settings (Config), torchrun, files, file locks, results and the one command-line entry point, main.
-The tools run on finished tickets (--report, --bench, --export, --import-masks) are in lth_tools.py,
-which main imports only when one of them is asked for.
+lth_ref.py holds the method, the experiment loop that trains and resumes it, and below the `tooling`
+banner what the loop needs: settings (Config), torchrun, files, file locks, results and the one entry
+point, main. The tools run on finished tickets (--report, --bench, --export, the reader of
+--import-masks) are in lth_tools.py, which is imported only when one of them runs.
 
-One ticket, from trunk level L-1 to the regroup branch of level L, step by step (the section of this
-file in brackets):
-    the trunk's level L-1   level_start -> branch_masks -> imp_source: trained        (the experiment)
+One ticket, trunk level L-1 -> the regroup branch of level L, step by step (the section that holds it):
+    the trunk's level L-1   run_experiment -> level_start -> branch_masks -> imp_source  (the experiment)
     IMP's prune             magnitude_prune, keep_top                                 (mask sources)
     post-processing         postprocess                                               (post-processing)
     regroup                 regroup -> regroup_mask: row_similarity, partition_rows,
@@ -27,8 +26,6 @@ file in brackets):
     retrain                 retrain: lr_at, train_epoch, train_step                   (training)
     evaluate                evaluate                                                  (training)
     result                  train_level -> result_row, then write_results    (the experiment, results)
-run_experiment trains the levels in order; everything below the `tooling` banner (settings, torchrun,
-files, locks, results, the CLI) serves it.
 
 Files: lth_ref.py (this), lth_tools.py (report, benchmarks, slim export, mask import), models.py (MODELS,
 slim networks), data.py (datasets, on-device batches), kernels.py (grouped GEMM), test_lth_ref.py.
