@@ -1,4 +1,5 @@
-"""lth_tools: what lth_ref runs on finished tickets, beside the method in lth_ref.py.
+"""lth_tools: the tools lth_ref runs on finished tickets (report, benchmarks, export, mask import),
+beside the method in lth_ref.py.
 
     python lth_ref.py --report DIR [DIR ...]                 # the paper's tables and figures
     python lth_ref.py --bench [kernels|paper|regroup|train]  # dense vs grouped GEMM, partitioner, training
@@ -8,7 +9,7 @@
 lth_ref.main imports this module only for those flags (and the experiment loop, for --import-masks);
 this module imports lth_ref, never the other way round at load time. Sections, top to bottom: tickets
 for the tools (a finished level, or a fresh pruned network), bringing masks in, slim export, benchmarks,
-report. Every function is plain data in, plain data out, and can be called from a notebook.
+report. The report's functions take and return plain data and can be called from a notebook.
 """
 import copy
 import dataclasses
