@@ -43,6 +43,7 @@ from models import MODELS, BasicBlock, PadShortcut, count_params
 import data
 import kernels
 import lth_ref as L
+import lth_tools
 import models
 
 # the slow marker (tests that train, start processes or build): the project keeps no pytest config file
@@ -1328,7 +1329,7 @@ def test_regroup_beats_random_and_sorted_partitions():
         by_nnz = np.argsort(-m.sum(1).numpy(), kind="stable")
         for order in (perm, by_nnz):
             parts = [np.sort(order[i:i + size]) for i in range(0, out_rows, size)]
-            theirs = L.partition_coverage(m, parts)
+            theirs = lth_tools.partition_coverage(m, parts)
             assert ours > theirs + 0.01, (out_rows, ours, theirs)
 
 
@@ -1430,7 +1431,7 @@ def test_intended_columns_match_a_hand_computation():
     m = torch.zeros(8, 50)
     m[:, 10:30] = 1                                                 # every row: the same 20 columns
     m[0, 40] = 1                                                    # one row has one more
-    (rows, cols), = L.group_blocks(m, [np.arange(8)], 1, "intended")
+    (rows, cols), = lth_tools.group_blocks(m, [np.arange(8)], 1, "intended")
     # prefix k (most used first: the 20 shared columns, then column 40): the first k with every row's
     # uncovered nonzeros < k / 1.5; row 0 has 21 - min(k, 21), the others 20 - min(k, 20)
     expect = next(k for k in range(1, 51) if 21 - min(k, 21) < k / 1.5)   # k = 13
@@ -2114,7 +2115,7 @@ def test_lth_ref_imports_next_to_a_foreign_data_package(tmp_path):
 @pytest.mark.slow
 def test_bench_regroup_on_a_ticket_reports_every_layer_and_beats_random(tmp_path, capsys):
     run_cli(tmp_path, "--levels", "0")
-    rows = L.run_bench(cli_config("--bench", "regroup"), str(tmp_path / "run"))
+    rows = lth_tools.run_bench(cli_config("--bench", "regroup"), str(tmp_path / "run"))
     assert len(rows) == 18 and all(r["blocks"] > 0 for r in rows)
     assert np.mean([r["coverage"] for r in rows]) > np.mean([r["random"] for r in rows])
 
@@ -2225,7 +2226,7 @@ def test_report_has_every_row_and_each_runs_extreme_ticket_by_the_rule(report_ex
 def test_report_pictures_decode_at_the_stated_sizes(report_exp, tmp_path):
     pytest.importorskip("matplotlib")
     out, _ = report_exp
-    written = L.write_report([out], str(tmp_path), log=lambda *_: None)
+    written = lth_tools.write_report([out], str(tmp_path), log=lambda *_: None)
     text = open(written["report.md"]).read()
     expected = {"accuracy_vs_sparsity.png": (640, 400), "layer_speedup_regroup_level_01.png": (800, 400),
                 "layer_speedup_regroup_level_02.png": (800, 400),
@@ -2247,7 +2248,7 @@ def no_matplotlib(monkeypatch):
 def test_report_without_matplotlib_says_so_once_and_writes_the_tables(report_exp, tmp_path, monkeypatch, capsys):
     no_matplotlib(monkeypatch)
     out, _ = report_exp
-    written = L.write_report([out], str(tmp_path), log=lambda *_: None)
+    written = lth_tools.write_report([out], str(tmp_path), log=lambda *_: None)
     err = capsys.readouterr().err
     assert err.count("pip install matplotlib") == 1 and err.startswith("WARNING: matplotlib is not installed")
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".png")]
@@ -2258,13 +2259,13 @@ def test_report_without_matplotlib_says_so_once_and_writes_the_tables(report_exp
 def test_extreme_ticket_rule_on_hand_made_rows():
     row = lambda level, density, acc: dict(level=level, density=density, test_acc=acc)
     rows = [row(0, 1.0, 0.90), row(1, 0.8, 0.91), row(2, 0.64, 0.90), row(3, 0.512, 0.89)]
-    assert L.extreme_ticket(rows, 0.90)["level"] == 2                    # equal to dense counts
-    assert L.extreme_ticket(rows, 0.905)["level"] == 1
-    assert L.extreme_ticket(rows, 0.95) is None                          # no winning level
-    assert L.extreme_ticket([row(0, 1.0, 0.99)], 0.5) is None            # the dense level is no ticket
-    assert L.extreme_ticket(rows, None) is None
+    assert lth_tools.extreme_ticket(rows, 0.90)["level"] == 2                    # equal to dense counts
+    assert lth_tools.extreme_ticket(rows, 0.905)["level"] == 1
+    assert lth_tools.extreme_ticket(rows, 0.95) is None                          # no winning level
+    assert lth_tools.extreme_ticket([row(0, 1.0, 0.99)], 0.5) is None            # the dense level is no ticket
+    assert lth_tools.extreme_ticket(rows, None) is None
     ties = [row(1, 0.5, 0.92), row(2, 0.5, 0.93), row(3, 0.5, 0.93), row(4, 0.6, 0.99)]
-    assert L.extreme_ticket(ties, 0.9)["level"] == 2                    # same density: higher acc, lower level
+    assert lth_tools.extreme_ticket(ties, 0.9)["level"] == 2                    # same density: higher acc, lower level
 
 
 def write_experiment(path, config, rows):
@@ -2288,13 +2289,13 @@ def test_report_groups_seeds_and_reads_the_single_run_layout(tmp_path, monkeypat
     write_experiment(tmp_path / "runs" / "old", {**cfg, "seed": 0, "method": "regroup"},   # no branch column
                      [dict(level=0, density=1.0, test_acc=0.3), dict(level=1, density=0.8, test_acc=0.31)])
     dirs = [str(tmp_path / "runs" / d) for d in ("s0", "s1", "lr", "old")]
-    groups = L.group_seeds([L.read_experiment(d) for d in dirs])
+    groups = lth_tools.group_seeds([lth_tools.read_experiment(d) for d in dirs])
     assert [[e["config"]["seed"] for e in g] for g in groups] == [[0, 1], [0], [0]]
-    rows = L.combine_seeds([e["rows"] for e in groups[0]])
+    rows = lth_tools.combine_seeds([e["rows"] for e in groups[0]])
     assert [(r["level"], r["seeds"], r["acc_min"], r["acc_max"]) for r in rows] == \
         [(0, 2, 0.5, 0.56), (1, 2, 0.5, 0.6), (2, 2, 0.7, 0.75)]
     assert rows[2]["test_acc"] == pytest.approx(0.725) and rows[2]["sparsity"] == pytest.approx(36.0)
-    assert L.extreme_ticket(rows, 0.53)["level"] == 2 and L.extreme_ticket(rows, 0.73) is None
+    assert lth_tools.extreme_ticket(rows, 0.53)["level"] == 2 and lth_tools.extreme_ticket(rows, 0.73) is None
     assert L.main(["--report", *dirs]) == 0
     text = open(tmp_path / "runs" / "report" / "report.md").read()
     seeds = md_table_after(text, "## s0")
@@ -2307,12 +2308,12 @@ def test_report_groups_seeds_and_reads_the_single_run_layout(tmp_path, monkeypat
 
 
 def test_transcribed_paper_cells():
-    assert L.paper_cell("resnet18", "cifar10", "regroup", "rewind", 1) == ("A4", "table1", 80.00, 94.48)
-    assert L.paper_cell("resnet18", "cifar10", "refill", "reinit", 5) == ("A3", "table1", 32.97, 93.53)
-    assert L.paper_cell("vgg16", "cifar100", "regroup", "rewind", 9) == ("A5", "plus", 25.27, 75.25)
-    assert L.paper_cell("wrn32_2", "cifar100", "imp", "rewind", 5) is None          # Table A6 prints no round 5
-    assert L.PAPER_DENSE[("resnet50_3x3stem", "tinyimagenet")] == ("A7", 65.33)
-    assert L.PAPER_SAVINGS[("resnet18", "cifar100", "regroup")][0] == 64.93
+    assert lth_tools.paper_cell("resnet18", "cifar10", "regroup", "rewind", 1) == ("A4", "table1", 80.00, 94.48)
+    assert lth_tools.paper_cell("resnet18", "cifar10", "refill", "reinit", 5) == ("A3", "table1", 32.97, 93.53)
+    assert lth_tools.paper_cell("vgg16", "cifar100", "regroup", "rewind", 9) == ("A5", "plus", 25.27, 75.25)
+    assert lth_tools.paper_cell("wrn32_2", "cifar100", "imp", "rewind", 5) is None          # Table A6 prints no round 5
+    assert lth_tools.PAPER_DENSE[("resnet50_3x3stem", "tinyimagenet")] == ("A7", 65.33)
+    assert lth_tools.PAPER_SAVINGS[("resnet18", "cifar100", "regroup")][0] == 64.93
 
 
 A4_SETTING = dict(arch="resnet18", dataset="cifar10", seed=0, mask_source="imp", schedule="table1",
@@ -2335,7 +2336,7 @@ def write_a4_experiment(path, cfg=A4_SETTING, branch=None):
 def test_report_puts_the_papers_numbers_beside_a_run_of_the_same_setting(tmp_path, monkeypatch):
     no_matplotlib(monkeypatch)
     write_a4_experiment(tmp_path / "r18")
-    written = L.write_report([str(tmp_path / "r18")], str(tmp_path / "rep"), log=lambda *_: None)
+    written = lth_tools.write_report([str(tmp_path / "r18")], str(tmp_path / "rep"), log=lambda *_: None)
     text = open(written["report.md"]).read()
     table = {(r["branch"], r["level"]): r for r in md_table_after(text, "Dense accuracy")}
     assert table[("regroup", "1")]["paper: table, remaining %, acc %"] == "A4: 80.00, 94.48"
@@ -2357,7 +2358,7 @@ def test_report_puts_the_papers_time_saving_beside_ours(tmp_path, monkeypatch, r
     results = json.load(open(tmp_path / "r18" / "results.json"))
     results[2]["test_acc"] = 0.96                                   # level 1 wins (dense 0.95)
     json.dump(results, open(tmp_path / "r18" / "results.json", "w"))
-    written = L.write_report([str(tmp_path / "r18")], str(tmp_path / "rep"), log=lambda *_: None)
+    written = lth_tools.write_report([str(tmp_path / "r18")], str(tmp_path / "rep"), log=lambda *_: None)
     line = next(x for x in open(written["report.md"]).read().splitlines()
                 if x.startswith("- regroup: ") and "time saving" in x)
     if shown:
@@ -2387,7 +2388,7 @@ def test_report_shows_no_paper_cell_for_a_run_that_differs_in_one_setting(tmp_pa
     else:
         target[key] = value
     write_a4_experiment(tmp_path / "r18", cfg, branch)
-    written = L.write_report([str(tmp_path / "r18")], str(tmp_path / "rep"), log=lambda *_: None)
+    written = lth_tools.write_report([str(tmp_path / "r18")], str(tmp_path / "rep"), log=lambda *_: None)
     text = open(written["report.md"]).read()
     row = {(r["branch"], r["level"]): r for r in md_table_after(text, "Dense accuracy")}[("regroup", "1")]
     assert row["paper: table, remaining %, acc %"] == "not shown: settings differ"
@@ -2421,7 +2422,7 @@ def test_block_order_draws_blocks_as_rectangles():
                ([4], [30]), ([9, 10], [6, 7, 8, 9, 11])]                # column sets disjoint or nested
     blocks = [(torch.tensor(r), torch.tensor(c)) for r, c in laminar]
     mask2d = kernels.block_mask((out_rows, k, 1, 1), blocks).reshape(out_rows, k)
-    rows, cols = L.block_order(blocks, out_rows, k)
+    rows, cols = lth_tools.block_order(blocks, out_rows, k)
     assert sorted(rows) == list(range(out_rows)) and sorted(cols) == list(range(k))
     where_row, where_col = np.argsort(rows), np.argsort(cols)           # position of each row / column
     drawn = mask2d.numpy()[rows][:, cols]
@@ -2432,7 +2433,7 @@ def test_block_order_draws_blocks_as_rectangles():
     torch.manual_seed(0)                                                # regroup's own, overlapping blocks
     mask = (torch.rand(64, 32, 3, 3) < 0.2).float()
     new, found = L.regroup_mask(mask)
-    rows, cols = L.block_order(found, 64, 288)
+    rows, cols = lth_tools.block_order(found, 64, 288)
     where_row, where_col = np.argsort(rows), np.argsort(cols)
     assert all(contiguous(where_row[r.numpy()]) for r, _ in found)
     widest = sorted(found, key=lambda b: -len(b[1]))[:2]
@@ -4121,13 +4122,13 @@ def test_regrouped_model_of_a_pipeline_ticket_equals_the_masked_dense_model(tmp_
 def test_bench_density_runs_the_grouped_gemm_on_a_fresh_regrouped_model(tmp_path):
     cfg = cli_config("--bench", "--method", "regroup", "--bench-density", "0.2", "--bench-repeats", "1",
                      "--bench-batch", "16")
-    report = L.run_bench(cfg, str(tmp_path))            # (each layer times its paths)
+    report = lth_tools.run_bench(cfg, str(tmp_path))            # (each layer times its paths)
     run = report["runs"][0]
     assert len(run["layers"]) == 18 and run["model"]["max_rel_err"] < 1e-4
     assert report["memory_format"] == run["model"]["memory_format"] in kernels.MEMORY_FORMATS  # measured
     assert run["slim"]["max_rel_err"] < 1e-4 and run["slim"]["params_slim"] <= run["slim"]["params"]
     assert json.load(open(tmp_path / "bench.json"))["arch"] == "resnet20"
-    _, ticket = L.fresh_ticket("resnet20", "synthetic", 0.2, "regroup", {}, out_dir=str(tmp_path))
+    _, ticket = lth_tools.fresh_ticket("resnet20", "synthetic", 0.2, "regroup", {}, out_dir=str(tmp_path))
     model = models.MODELS["resnet20"](10)
     model.load_state_dict(ticket["state_dict"])
     with torch.no_grad():                    # BN calibrated: the output depends on the input
@@ -4142,7 +4143,7 @@ def test_auto_memory_format_is_the_faster_one_for_the_dense_model(monkeypatch):
         return [1.0, 2.0] if list(kernels.MEMORY_FORMATS)[0] == "contiguous" else [2.0, 1.0]
     monkeypatch.setattr(kernels, "time_interleaved", fake_timing)
     model = models.MODELS["resnet20"](10)
-    assert L.faster_memory_format(model, (3, 32, 32), 2, "cpu", log=lambda *_: None) == "contiguous"
+    assert lth_tools.faster_memory_format(model, (3, 32, 32), 2, "cpu", log=lambda *_: None) == "contiguous"
     assert timed["n"] == len(kernels.MEMORY_FORMATS)
 
 
@@ -4159,8 +4160,8 @@ def test_foreach_masking_equals_masking_each_weight():
 @pytest.mark.parametrize("flag, dtype", [("bf16", torch.bfloat16), ("auto", torch.float32)])
 def test_bench_dtype_flag_reaches_the_benches(flag, dtype, tmp_path, monkeypatch):
     got = {}
-    monkeypatch.setattr(L, "fresh_ticket", lambda *a, **kw: ("ticket.pt", None))
-    monkeypatch.setattr(L, "bench_kernels", lambda *a, **kw: got.update(kw))
+    monkeypatch.setattr(lth_tools, "fresh_ticket", lambda *a, **kw: ("ticket.pt", None))
+    monkeypatch.setattr(lth_tools, "bench_kernels", lambda *a, **kw: got.update(kw))
     assert L.main(["--bench", "--bench-density", "0.2", "--method", "regroup", "--device", "cpu",
                    "--bench-dtype", flag, "--out-dir", str(tmp_path)]) == 0
     assert got["dtype"] == dtype                               # auto on the CPU: fp32
@@ -4170,7 +4171,7 @@ def test_bench_train_times_ours_plain_and_the_masking(monkeypatch):
     """Under a fake clock (each step runs once; ours 20 ms, without masks 10, plain 40, masking 2),
     the row says what those times mean for a batch of 4, computed here by hand."""
     steps = fake_timing(monkeypatch, ms=(20.0, 10.0, 40.0, 2.0))
-    row = L.bench_train("resnet20", "cifar10", batch_size=4, repeats=2, device="cpu", log=lambda *_: None)
+    row = lth_tools.bench_train("resnet20", "cifar10", batch_size=4, repeats=2, device="cpu", log=lambda *_: None)
     assert len(steps[0]) == 4  # ours, ours without masks, plain, the masking: each ran
     assert (row["img_s_ours"], row["img_s_unmasked"], row["img_s_plain"]) == (200.0, 400.0, 100.0)
     assert (row["ours_vs_plain"], row["masked_vs_unmasked"]) == (2.0, 0.5)
@@ -4471,7 +4472,8 @@ def test_import_reads_a_torch_prune_state_dict_with_its_weights(tmp_path):
     sd = pruned.state_dict()
     assert "layer1.0.conv1.weight_mask" in sd and "layer1.0.conv1.weight" not in sd
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "ckpt.pth.tar")
-    masks, weights = L.read_imported_masks(str(tmp_path / "ckpt.pth.tar"), models.MODELS["resnet20"](10), "resnet20")
+    masks, weights = lth_tools.read_imported_masks(str(tmp_path / "ckpt.pth.tar"), models.MODELS["resnet20"](10),
+                                                   "resnet20")
     assert set(masks) == set(L.prunable_weights(pruned)) == set(weights)
     assert all(torch.equal(masks[n], sd[n + "_mask"]) and torch.equal(weights[n], sd[n + "_orig"]) for n in masks)
 
@@ -4486,7 +4488,7 @@ def test_import_reads_open_lth_masks_and_plain_dicts_and_ignores_the_stem_and_cl
     torch.save(olth, tmp_path / "mask.pth")
     torch.save({n: m.bool() for n, m in masks.items()}, tmp_path / "plain.pt")
     for f in ("mask.pth", "plain.pt"):
-        got, weights = L.read_imported_masks(str(tmp_path / f), model, "resnet20")
+        got, weights = lth_tools.read_imported_masks(str(tmp_path / f), model, "resnet20")
         assert weights == {} and set(got) == set(masks) and all(torch.equal(got[n], masks[n]) for n in masks)
     err = capsys.readouterr().err
     assert err.count("WARNING") == 1 and "conv1.weight, fc.weight" in err    # open_lth's stem and classifier
@@ -4495,13 +4497,13 @@ def test_import_reads_open_lth_masks_and_plain_dicts_and_ignores_the_stem_and_cl
 def test_import_maps_the_official_codes_names():
     ours = dict(models.MODELS["wrn32_2"](10).named_parameters())
     official = ["bn.weight", "layer2.0.downsample.0.weight", "layer2.0.bn3.bias", "linear.weight", "layer1.0.conv1.weight"]
-    rules = L.best_name_map(official, ours, "wrn32_2")
-    assert [L.rename(n, rules) for n in official] == ["bn1.weight", "layer2.0.shortcut.0.weight",
+    rules = lth_tools.best_name_map(official, ours, "wrn32_2")
+    assert [lth_tools.rename(n, rules) for n in official] == ["bn1.weight", "layer2.0.shortcut.0.weight",
                                                      "layer2.0.shortcut.1.bias", "fc.weight", "layer1.0.conv1.weight"]
     vgg = dict(models.MODELS["vgg16"](10).named_parameters())
-    rules = L.best_name_map(["layers.16.conv.weight", "layers.3.bn.weight"], vgg, "vgg16")
-    assert L.rename("layers.16.conv.weight", rules) == "features.40.weight" and \
-        L.rename("layers.3.bn.weight", rules) == "features.8.weight"
+    rules = lth_tools.best_name_map(["layers.16.conv.weight", "layers.3.bn.weight"], vgg, "vgg16")
+    assert lth_tools.rename("layers.16.conv.weight", rules) == "features.40.weight" and \
+        lth_tools.rename("layers.3.bn.weight", rules) == "features.8.weight"
 
 
 @pytest.mark.parametrize("content, message", [
@@ -4516,7 +4518,7 @@ def test_import_refuses_what_does_not_fit_with_a_message(tmp_path, content, mess
     model = models.MODELS["resnet20"](10)
     torch.save(content(L.ones_masks(L.prunable_weights(model))), tmp_path / "m.pt")
     with pytest.raises(L.UsageError) as e:
-        L.read_imported_masks(str(tmp_path / "m.pt"), model, "resnet20")
+        lth_tools.read_imported_masks(str(tmp_path / "m.pt"), model, "resnet20")
     assert message in str(e.value)
 
 
@@ -4567,7 +4569,7 @@ def test_help_ends_with_examples_and_names_the_export_formats():
     text = L.build_parser().format_help()
     assert "examples:\n  python lth_ref.py " in text and "--report runs/" in text
     export_help = next(a.help for a in L.build_parser()._actions if "--export" in a.option_strings)
-    assert all(suffix in export_help for suffix in L.EXPORT_FORMATS)
+    assert all(suffix in export_help for suffix in lth_tools.EXPORT_FORMATS)
 
 
 def bad_import_files(tmp_path):
@@ -4607,7 +4609,7 @@ def test_the_dropped_open_lth_shortcut_entries_leave_a_file_that_imports(tmp_pat
     torch.save(olth, tmp_path / "fixed.pth")
     with torch.device("meta"):
         model = models.MODELS["resnet20"](10)
-    masks, _ = L.read_imported_masks(str(tmp_path / "fixed.pth"), model, "resnet20")
+    masks, _ = lth_tools.read_imported_masks(str(tmp_path / "fixed.pth"), model, "resnet20")
     assert set(masks) == set(L.prunable_weights(model))
 
 
@@ -4698,11 +4700,11 @@ def test_whole_model_counts_match_a_hand_count():
 def test_a_slim_network_exports_to_torch_export_and_onnx_and_matches_the_ticket(tmp_path, capsys, suffix):
     if suffix == ".onnx":
         for extra in ("onnx", "onnxscript", "onnxruntime"):
-            pytest.importorskip(extra, reason=f"the ONNX extra ({L.ONNX_EXTRA}) is not installed")
+            pytest.importorskip(extra, reason=f"the ONNX extra ({lth_tools.ONNX_EXTRA}) is not installed")
     out, _ = run_cli(tmp_path, "--levels", "1", "--method", "refill")
     path = str(tmp_path / f"slim{suffix}")
     assert L.main(FAST + ["--out-dir", out, "--method", "refill", "--export", path]) == 0
-    model = L.ticket_model(ticket(out, 1, "refill"))
+    model = lth_tools.ticket_model(ticket(out, 1, "refill"))
     x = torch.randn(5, 3, 32, 32)
     if suffix == ".pt2":
         y = torch.export.load(path).module()(x)
@@ -4723,9 +4725,9 @@ def test_a_slim_network_exports_to_torch_export_and_onnx_and_matches_the_ticket(
 @pytest.mark.slow
 def test_bench_of_a_refill_ticket_times_slim_networks_with_both_channel_multiples_and_in_onnx_runtime(tmp_path):
     for extra in ("onnx", "onnxscript", "onnxruntime"):
-        pytest.importorskip(extra, reason=f"the ONNX extra ({L.ONNX_EXTRA}) is not installed")
-    report = L.run_bench(cli_config("--bench", "--method", "refill", "--bench-density", "0.5", "--bench-repeats", "1",
-                                    "--bench-batch", "4"), str(tmp_path))
+        pytest.importorskip(extra, reason=f"the ONNX extra ({lth_tools.ONNX_EXTRA}) is not installed")
+    report = lth_tools.run_bench(cli_config("--bench", "--method", "refill", "--bench-density", "0.5",
+                                            "--bench-repeats", "1", "--bench-batch", "4"), str(tmp_path))
     run = report["runs"][0]
     assert run["slim"]["max_rel_err"] < 1e-5 and run["slim_multiple"]["max_rel_err"] < 1e-5
     assert run["slim_multiple"]["params_slim"] > run["slim"]["params_slim"]      # rounded up: more channels
@@ -4746,14 +4748,14 @@ def test_export_into_an_unwritable_place_is_an_error_before_the_work_and_a_write
     path = saved_fresh_ticket(tmp_path)
     (tmp_path / "file").write_text("")
     with monkeypatch.context() as m:
-        m.setattr(L, "ticket_model", lambda *a: pytest.fail("the export's work started"))
+        m.setattr(lth_tools, "ticket_model", lambda *a: pytest.fail("the export's work started"))
         assert L.main(["--export", str(tmp_path / "file" / "slim.pt"), "--ticket", path]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --export") and "is a file, not a directory" in err
 
     def read_only(obj, where):                    # a read-only file system: root's mode bits do not stop it
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), where)
-    monkeypatch.setattr(L, "save", read_only)
+    monkeypatch.setattr(lth_tools, "save", read_only)
     assert L.main(["--export", str(tmp_path / "slim.pt"), "--ticket", path]) == 2
     err = capsys.readouterr().err
     assert "error: cannot write" in err and "Read-only file system" in err and "slim.pt" in err
@@ -4762,7 +4764,7 @@ def test_export_into_an_unwritable_place_is_an_error_before_the_work_and_a_write
 
 def test_a_non_write_os_error_still_shows_its_traceback(tmp_path, monkeypatch):
     path = saved_fresh_ticket(tmp_path)
-    monkeypatch.setattr(L, "ticket_model", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(lth_tools, "ticket_model", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError):
         L.main(["--export", str(tmp_path / "slim.pt"), "--ticket", path])
 
@@ -4770,7 +4772,7 @@ def test_a_non_write_os_error_still_shows_its_traceback(tmp_path, monkeypatch):
 def test_onnx_export_without_the_extra_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     with pytest.raises(L.UsageError, match="pip install onnx onnxscript onnxruntime"):
-        L.import_onnx("--export .onnx")
+        lth_tools.import_onnx("--export .onnx")
 
 
 # ---- README ----
