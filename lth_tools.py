@@ -965,12 +965,16 @@ def _number(d, key):
 
 def bench_layers_of(run):
     """A bench.json run's layers as plain numbers: name, flop_ratio, ideal 1/flop_ratio, dense_ms,
-    regrouped_ms, speedup (dense_ms / regrouped_ms where the file leaves it out), path."""
+    regrouped_ms, speedup (dense_ms / regrouped_ms where the file leaves it out), path. A layer whose
+    two sides ran the same conv (speedup kernels.SAME_PATH) counts as speedup 1 and regrouped_ms =
+    dense_ms: the two timings of one conv differ by noise only."""
     out = []
     for layer in run.get("layers") or []:
         ratio, dense_ms, sparse_ms = (_number(layer, k) for k in ("flop_ratio", "dense_ms", "regrouped_ms"))
         speedup = _number(layer, "speedup")
-        if speedup != speedup and sparse_ms > 0:                 # NaN: not in the file
+        if layer.get("speedup") == kernels.SAME_PATH:
+            speedup, sparse_ms = 1.0, dense_ms
+        elif speedup != speedup and sparse_ms > 0:                 # NaN: not in the file
             speedup = dense_ms / sparse_ms
         out.append(dict(name=str(layer.get("name", "?")), flop_ratio=ratio,
                         ideal=1 / ratio if ratio > 0 else float("nan"), dense_ms=dense_ms,

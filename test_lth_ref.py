@@ -3032,6 +3032,17 @@ def test_bench_rows_with_a_spread_larger_than_the_effect_are_noisy_and_same_path
     assert all(r["path"] == "dense" and r["speedup"] == kernels.SAME_PATH and not r["noisy"] for r in rows)
 
 
+def test_bench_saving_counts_a_layer_run_dense_on_both_sides_as_no_saving():
+    """Two timings of the same conv differ by noise: a "same path" layer saves nothing, whatever they say."""
+    layers = [{"name": "a", "flop_ratio": 0.2, "dense_ms": 4.0, "regrouped_ms": 2.0, "speedup": 2.0, "path": "gather"},
+              {"name": "b", "flop_ratio": 0.5, "dense_ms": 6.0, "regrouped_ms": 3.0,
+               "speedup": kernels.SAME_PATH, "path": "dense"}]
+    bench = {"device": "cpu", "date": "d", "runs": [{"batch": 64, "layers": layers}]}
+    rows = lth_tools.bench_layers_of(bench["runs"][0])
+    assert [(r["speedup"], r["regrouped_ms"]) for r in rows] == [(2.0, 2.0), (1.0, 6.0)]
+    assert lth_tools.bench_saving(bench)["conv"] == pytest.approx(1 - (2.0 + 6.0) / (4.0 + 6.0))
+
+
 # ---- CUDA: tables (CPU), compile check (nvcc), kernel (GPU only) ----
 
 KERNEL_PATHS = [f"kernel{r}" for r in kernels.KERNEL_TILE_ROWS]
