@@ -1195,16 +1195,38 @@ def channel_counts(mask):
     return mask.reshape(mask.shape[0], -1).sum(1)
 
 
-def test_refill_keeps_whole_channels_with_the_right_count():
-    weights = random_weights(1)
-    masks = L.magnitude_prune(weights, L.ones_masks(weights), 0.75)
-    for extra in (0.0, 0.3):
-        out = L.refill(weights, masks, extra=extra)
-        for n, m in out.items():
-            rows, o, k = channel_counts(m), m.shape[0], m[0].numel()
-            assert torch.all((rows == 0) | (rows == k))     # all ones or all zeros
-            base = max(1, round(float(masks[n].sum()) / k))
-            assert int((rows > 0).sum()) == min(o, base + round(extra * (o - base)))
+def scattered_mask(shape, nnz, seed=0):
+    """A 0/1 mask of `shape` with exactly `nnz` ones at seeded random positions."""
+    flat = torch.zeros(math.prod(shape))
+    flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))[:nnz]] = 1.0
+    return flat.view(shape)
+
+
+# One layer of O = 10 output channels of K = 1*3*3 = 9 weights (90 in all); n = nnz / K channels to the
+# nearest whole channel, at least one; refill+ adds extra * (O - n), to the nearest; channel_multiple
+# rounds up, at most O. Each row worked out by hand.
+REFILL_COUNTS = [  # (nnz, extra, channel_multiple, channels kept)
+    (27, 0.0, 1, 3),     # density 0.3: 27 / 9 = 3 exactly
+    (22, 0.0, 1, 2),     # 2.44: down to 2
+    (23, 0.0, 1, 3),     # 2.56: up to 3 (not floor, not ceil)
+    (2, 0.0, 1, 1),      # 0.22 rounds to 0, but a layer keeps at least one channel
+    (90, 0.0, 1, 10),    # dense stays dense
+    (27, 0.3, 1, 5),     # 3 + 0.3 * 7 = 3 + 2.1: 5
+    (27, 1.0, 1, 10),    # refill+ with extra 1: every channel
+    (27, 0.0, 4, 4),     # 3 rounded up to a multiple of 4
+    (81, 0.0, 4, 10),    # 9 rounded up to 12, at most O = 10
+    (22, 0.5, 4, 8),     # 2 + 0.5 * 8 = 6, rounded up to 8
+]
+
+
+@pytest.mark.parametrize("nnz, extra, multiple, expected", REFILL_COUNTS)
+def test_refill_keeps_whole_channels_and_the_channel_count_worked_out_by_hand(nnz, extra, multiple, expected):
+    weight = torch.randn(10, 1, 3, 3, generator=torch.Generator().manual_seed(nnz))
+    mask = scattered_mask((10, 1, 3, 3), nnz, seed=nnz)
+    out = L.refill({"w": weight}, {"w": mask}, extra=extra, channel_multiple=multiple)["w"]
+    rows = channel_counts(out)
+    assert torch.all((rows == 0) | (rows == 9)), rows               # every channel all ones or all zeros
+    assert int((rows > 0).sum()) == expected
 
 
 def test_refill_keeps_the_channels_of_largest_l1_norm():
@@ -1213,7 +1235,9 @@ def test_refill_keeps_the_channels_of_largest_l1_norm():
     for n, m in L.refill(weights, masks).items():
         l1 = (weights[n] * masks[n]).abs().reshape(m.shape[0], -1).sum(1)   # the paper's score, by hand
         kept = channel_counts(m) > 0
-        assert l1[kept].min() >= l1[~kept].max() if (~kept).any() else True
+        assert kept.any() and (~kept).any(), n               # 40% density: some channels go, some stay
+        assert (channel_counts(masks[n]) > 0).all(), n       # though every channel had kept weights
+        assert l1[kept].min() > l1[~kept].max(), n
 
 
 def test_refill_plus_keeps_a_superset_and_scores_differ():
@@ -1232,8 +1256,8 @@ def test_refill_plus_keeps_a_superset_and_scores_differ():
 
 def test_refill_with_a_feature_score_keeps_the_top_channels_of_that_score():
     g = torch.Generator().manual_seed(0)
-    w, m = torch.randn(6, 3, 3, 3, generator=g), (torch.rand(6, 3, 3, 3, generator=g) < 0.5).float()
-    n = round(float(m.sum()) / 27)
+    w, m = torch.randn(6, 3, 3, 3, generator=g), scattered_mask((6, 3, 3, 3), 54)
+    n = 2                                                  # 54 kept weights / 27 per channel
     for score in L.FEATURE_SCORES:
         order = torch.randperm(6, generator=g).float()
         feats = {s: torch.zeros(6) for s in L.FEATURE_SCORES}
