@@ -1516,14 +1516,49 @@ def test_public_functions_say_what_they_expected(call, message):
 
 
 # ---- post-processing ----
+def whole_rows(*alive, k=3):
+    """A (len(alive), k, 1, 1) mask whose output channel i is all ones if alive[i], else all zeros."""
+    return torch.tensor(alive, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, k, 1, 1).clone()
+
+
 def test_postprocess_is_the_papers_step_on_your_own_masks():
-    weights = random_weights(3)
-    masks = L.magnitude_prune(weights, L.ones_masks(weights), 0.7)
-    new, blocks = L.postprocess("refill+", weights, masks, extra=0.5, score="remain")
-    assert blocks is None and all(torch.equal(new[n], L.refill(weights, masks, 0.5, "remain")[n]) for n in masks)
-    new, blocks = L.postprocess("regroup", weights, masks, groups=2)
-    assert set(blocks) == set(masks) and all(torch.equal(new[n], L.regroup(masks, groups=2)[0][n]) for n in masks)
+    # One 4x3x1x1 layer (K = 3) keeping 6 of its 12 weights: refill keeps n = 6 / 3 = 2 whole channels.
+    # Channel scores: l1 of the kept weights 2, 0, 10, 3 (channel 2's weights are 10); kept weights
+    # ("remain") 2, 0, 1, 3.
+    weights = {"c": torch.tensor([1.0, 1.0, 10.0, 1.0]).view(4, 1, 1, 1).expand(4, 3, 1, 1).clone()}
+    kept = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.float32)
+    masks = {"c": kept.view(4, 3, 1, 1)}
+    expected = [("refill", {}, whole_rows(0, 0, 1, 1)),                       # l1: channels 3 and 2
+                ("refill", dict(score="remain"), whole_rows(1, 0, 0, 1)),     # remain: channels 3 and 0
+                ("refill", dict(channel_multiple=4), whole_rows(1, 1, 1, 1)),  # 2 rounded up to 4
+                ("refill+", dict(extra=0.5, score="remain"), whole_rows(1, 0, 1, 1))]  # 2 + 0.5 * 2 = 3
+    for method, knobs, mask in expected:
+        new, blocks = L.postprocess(method, weights, masks, **knobs)
+        assert blocks is None and list(new) == ["c"] and torch.equal(new["c"], mask), (method, knobs)
     assert L.postprocess("imp", weights, masks) == (masks, None)
+
+    # regroup: 16x16x1x1, the even rows use columns 0-7, the odd rows columns 8-15, with two holes (2, 1)
+    # and (3, 9) and two strays (0, 12) and (1, 3): 128 nonzeros. Two groups of 8 rows: two dense 8x8
+    # blocks (128 weights, IMP's count), the holes refilled and the strays pruned.
+    even, odd = torch.arange(0, 16, 2), torch.arange(1, 16, 2)
+    planted = torch.zeros(16, 16)
+    planted[even[:, None], torch.arange(8)] = 1
+    planted[odd[:, None], torch.arange(8, 16)] = 1
+    m = planted.clone()
+    m[2, 1], m[3, 9], m[0, 12], m[1, 3] = 0, 0, 1, 1
+    masks = {"r": m.view(16, 16, 1, 1)}
+    weights = {"r": torch.ones(16, 16, 1, 1)}
+    new, blocks = L.postprocess("regroup", weights, masks, groups=2)
+    assert torch.equal(new["r"], planted.view(16, 16, 1, 1))
+    assert [(r.tolist(), c.tolist()) for r, c in blocks["r"]] == [(even.tolist(), list(range(8))),
+                                                                  (odd.tolist(), list(range(8, 16)))]
+    # groups=1: one group of all 16 rows; its columns by the share of the rows that use them: 3 and 12
+    # (9 of 16, a stray each), then the 8-of-16 columns by index (0, 2, 4, ...) until the 8 columns of
+    # 16 rows reach the 128 weights
+    new, blocks = L.postprocess("regroup", weights, masks, groups=1)
+    assert [(r.tolist(), c.tolist()) for r, c in blocks["r"]] == [(list(range(16)),
+                                                                  [0, 2, 3, 4, 5, 6, 7, 12])]
+    assert torch.equal(new["r"].view(16, 16), torch.zeros(16, 16).index_fill_(1, blocks["r"][0][1], 1))
 
 
 def test_knob_defaults_of_the_functions_equal_the_clis():
