@@ -1683,10 +1683,21 @@ def rows_of(rows, branch):
     return [r for r in rows if r["branch"] == branch]
 
 
+def pruned_by_hand(masks, state, rate):
+    """IMP's step, worked out by a threshold: of the weights `masks` keeps, drop the round(rate * kept)
+    smallest |w| of all layers together. Returns ({name: bool mask}, the masks' |w|)."""
+    w = {n: state[n].abs() for n in masks}
+    kept = torch.cat([w[n][masks[n].bool()] for n in masks]).sort(descending=True).values
+    n_keep = len(kept) - round(rate * len(kept))
+    pruned = {n: masks[n].bool() & (w[n] >= kept[n_keep - 1]) for n in masks}
+    assert sum(int(p.sum()) for p in pruned.values()) == n_keep     # no tie at the threshold
+    return pruned, w
+
+
 def trunk_mask(out, level):
-    """m_L recomputed from trunk level L-1, independently of the pipeline."""
+    """m_L worked out from trunk level L-1's ticket by pruned_by_hand, independently of the pipeline."""
     prev = ticket(out, level - 1)
-    return L.magnitude_prune({n: prev["state_dict"][n] for n in prev["masks"]}, prev["masks"], 0.2)
+    return {n: m.float() for n, m in pruned_by_hand(prev["masks"], prev["state_dict"], 0.2)[0].items()}
 
 
 @pytest.mark.slow
@@ -1750,17 +1761,6 @@ def test_a_second_method_reuses_the_trunk(tmp_path):
     rows = json.load(open(os.path.join(out, "results.json")))
     assert {(r["branch"], r["method"]) for r in rows} == {
         ("trunk", "imp"), ("regroup", "regroup"), ("refill", "refill"), ("refill+", "refill+")}
-
-
-def pruned_by_hand(masks, state, rate):
-    """IMP's step, worked out by a threshold: of the weights `masks` keeps, drop the round(rate * kept)
-    smallest |w| of all layers together. Returns ({name: bool mask}, the masks' |w|)."""
-    w = {n: state[n].abs() for n in masks}
-    kept = torch.cat([w[n][masks[n].bool()] for n in masks]).sort(descending=True).values
-    n_keep = len(kept) - round(rate * len(kept))
-    pruned = {n: masks[n].bool() & (w[n] >= kept[n_keep - 1]) for n in masks}
-    assert sum(int(p.sum()) for p in pruned.values()) == n_keep     # no tie at the threshold
-    return pruned, w
 
 
 @pytest.mark.slow
