@@ -90,10 +90,14 @@ PAPER = dict(
 # batch cells are blank in the table: 128 is the official README's CIFAR batch, 256 the batch of lr 0.1
 # under the linear scaling rule (the official ImageNet script: 1024 at lr 0.4, the same ratio).
 SCHEDULES = {
-    "cifar10": dict(epochs=160, lr=0.1, lr_drops=(80, 120), batch_size=128, weight_decay=1e-4, rewind_epoch=8),
-    "cifar100": dict(epochs=160, lr=0.1, lr_drops=(80, 120), batch_size=128, weight_decay=2e-4, rewind_epoch=8),
-    "tinyimagenet": dict(epochs=95, lr=0.1, lr_drops=(30, 60), batch_size=32, weight_decay=5e-4, rewind_epoch=8),
-    "imagenet": dict(epochs=95, lr=0.1, lr_drops=(30, 60), batch_size=256, weight_decay=1e-4, rewind_epoch=8),
+    "cifar10": dict(epochs=160, lr=0.1, lr_drops=(80, 120), batch_size=128, weight_decay=1e-4,
+                    rewind_epoch=8),
+    "cifar100": dict(epochs=160, lr=0.1, lr_drops=(80, 120), batch_size=128, weight_decay=2e-4,
+                     rewind_epoch=8),
+    "tinyimagenet": dict(epochs=95, lr=0.1, lr_drops=(30, 60), batch_size=32, weight_decay=5e-4,
+                         rewind_epoch=8),
+    "imagenet": dict(epochs=95, lr=0.1, lr_drops=(30, 60), batch_size=256, weight_decay=1e-4,
+                     rewind_epoch=8),
 }
 SCHEDULES["synthetic"] = SCHEDULES["cifar10"]   # a CIFAR-shaped stand-in for smoke runs
 SCHEDULE_BY_ARCH = {  # (arch, dataset) cells of Table 1 that differ from their dataset's row
@@ -413,7 +417,8 @@ def refill_mask(weight, mask, extra=0.0, score="l1", feats=None, channel_multipl
     if int(channel_multiple) != channel_multiple or channel_multiple < 1:
         raise ValueError(f"refill_mask: channel_multiple must be an integer >= 1, got {channel_multiple!r}")
     if score in FEATURE_SCORES and feats is None:
-        raise ValueError(f"refill score {score!r} scores the layer's output: pass feats from conv_channel_stats")
+        raise ValueError(f"refill score {score!r} scores the layer's output: "
+                         "pass feats from conv_channel_stats")
     out_channels = mask.shape[0]
     mask2d, weight2d = mask.reshape(out_channels, -1), weight.detach().reshape(out_channels, -1)
     n = max(1, int(round(float(mask2d.sum()) / mask2d.shape[1])))
@@ -445,7 +450,8 @@ def conv_channel_stats(model, names, images, labels):
             loss = F.cross_entropy(model(images), labels)
             missing = sorted(set(names) - set(outputs))
             if missing:
-                raise ValueError(f"no conv output seen for {missing[:3]}: names must be conv weights of the model")
+                raise ValueError(f"no conv output seen for {missing[:3]}: "
+                                 "names must be conv weights of the model")
             grads = torch.autograd.grad(loss, [outputs[n] for n in names])
     finally:
         for h in hooks:
@@ -467,7 +473,8 @@ REGROUP_UNITS = {"position": lambda shape: 1, "channel": lambda shape: shape[2] 
                  "vector": lambda shape: VECTOR_WIDTH if shape[1] % VECTOR_WIDTH == 0 else 1}
 # regroup's column unit -> the flattened (c, ky, kx) columns in the order that makes its units consecutive
 def _vector_order(shape):
-    """Columns ordered (ky, kx, c) where vector units apply (C a multiple of VECTOR_WIDTH), else as they are."""
+    """Columns ordered (ky, kx, c) where vector units apply (C a multiple of VECTOR_WIDTH), else as
+    they are."""
     cols = np.arange(int(np.prod(shape[1:])))
     return cols.reshape(shape[1], -1).T.ravel() if REGROUP_UNITS["vector"](shape) > 1 else cols
 
@@ -485,8 +492,8 @@ def regroup(masks, unit="position", groups=8, row_multiple=8, min_col_nnz=1, min
     """
     new_masks, blocks = {}, {}
     for name, mask in masks.items():
-        new_masks[name], blocks[name] = regroup_mask(mask, unit, groups, row_multiple, min_col_nnz, min_block_cols,
-                                                     block_columns)
+        new_masks[name], blocks[name] = regroup_mask(mask, unit, groups, row_multiple, min_col_nnz,
+                                                     min_block_cols, block_columns)
     return new_masks, blocks
 
 
@@ -500,13 +507,15 @@ def regroup_mask(mask, unit="position", groups=8, row_multiple=8, min_col_nnz=1,
     keeps no block on layers of 64 rows or fewer; ours sizes groups from the layer (regroup_pass).
     `unit` (REGROUP_UNITS): "position" selects single (c, ky, kx) columns as in the paper, "channel"
     whole input channels (faster on CPU), "vector" VECTOR_WIDTH consecutive channels at one (ky, kx)
-    (the GPU kernel's 16-byte loads; position units where C is not a multiple of VECTOR_WIDTH). `block_columns` (BLOCK_COLUMNS): budget (ours: the blocks'
-    area is the layer's IMP nonzeros, or one minimal b1 x b2 block if that is larger), paper (Alg. 3 as
-    written: every column with >= t2 nonzeros in the group; denser than IMP), intended (the official
-    width rule, corrected) or official (the official code as it runs, its row rules and its unstructured
-    fallback included: official_regroup_mask; b1, b2 and t2 do not apply to it).
-    Otherwise every block has at least b1 rows (a multiple of b1) and b2 columns. mask: the conv's 0/1 mask
-    (O, C, kh, kw), or its (O, K) view for unit "position". Returns (new mask of mask's shape, blocks)
+    (the GPU kernel's 16-byte loads; position units where C is not a multiple of VECTOR_WIDTH).
+    `block_columns` (BLOCK_COLUMNS): budget (ours: the blocks' area is the layer's IMP nonzeros, or
+    one minimal b1 x b2 block if that is larger), paper (Alg. 3 as written: every column with >= t2
+    nonzeros in the group; denser than IMP), intended (the official width rule, corrected) or official
+    (the official code as it runs, its row rules and its unstructured fallback included:
+    official_regroup_mask; b1, b2 and t2 do not apply to it).
+    Otherwise every block has at least b1 rows (a multiple of b1) and b2 columns. mask: the conv's 0/1
+    mask (O, C, kh, kw), or its (O, K) view for unit "position". Returns (new mask of mask's shape, blocks)
+
     with blocks = [(rows, cols)] int64, rows disjoint, cols indexing the flattened (c, ky, kx) axis, and
     the new mask exactly the union of the blocks' rectangles.
     """
@@ -544,10 +553,12 @@ def check_regroup_args(mask, unit, block_columns, **knobs):
     if unit not in REGROUP_UNITS:
         raise ValueError(f"unknown regroup unit {unit!r}; expected one of {list(REGROUP_UNITS)}")
     if block_columns not in BLOCK_COLUMNS:
-        raise ValueError(f"unknown block column rule {block_columns!r}; expected one of {list(BLOCK_COLUMNS)}")
+        raise ValueError(f"unknown block column rule {block_columns!r}; "
+                         f"expected one of {list(BLOCK_COLUMNS)}")
     if mask.dim() not in (2, 4) or (unit != "position" and mask.dim() != 4):
         raise ValueError(f"regroup_mask: expected the conv's mask (O, C, kh, kw)"
-                         f"{' or its (O, K) view' if unit == 'position' else ''}, got shape {tuple(mask.shape)}")
+                         f"{' or its (O, K) view' if unit == 'position' else ''}, "
+                         f"got shape {tuple(mask.shape)}")
     for knob, value in knobs.items():
         if int(value) != value or value < 1:
             raise ValueError(f"regroup_mask: {knob} must be an integer >= 1, got {value!r}")
@@ -577,7 +588,9 @@ def regroup_pass(units, sim, cols_per_unit, area, groups, b1, min_col_nnz, min_u
     n = len(units)
     size = min(n, max(b1, ceil_div(ceil_div(n, groups), b1) * b1))
     parts = refine_partition(sim, partition_rows(sim, size))
-    parts = [p[np.sort(np.argsort(-sim[np.ix_(p, p)].sum(1), kind="stable")[:len(p) // b1 * b1])] for p in parts]
+    parts = [p[np.sort(np.argsort(-sim[np.ix_(p, p)].sum(1), kind="stable")[:len(p) // b1 * b1])]
+             for p in parts]
+
     return column_rule(units, [p for p in parts if len(p)], cols_per_unit, area, min_col_nnz, min_units)
 
 
@@ -709,7 +722,7 @@ def paper_block_columns(units, groups, unit_cost, area, min_col_nnz, min_block_u
     return [(g, cols) for g, cols in found if len(cols) >= min_block_units]
 
 
-OFFICIAL_WIDTH_RATIO = 1.5  # the official column rule's ratio (its variable `t1`, unrelated to the paper's t1)
+OFFICIAL_WIDTH_RATIO = 1.5  # the official column rule's ratio (its variable `t1`, not the paper's t1)
 OFFICIAL_BLOCK_ROWS = 32    # official `nn`: a part of more than 32 rows is cut at a multiple of 32
 OFFICIAL_MIN_ROWS = 16      # official `B2`: a part needs more than 16 rows to become a block (a row count)
 
@@ -805,7 +818,8 @@ def official_regroup_mask(mask, units, cols_per_unit, groups):
     return kernels.block_mask(tuple(mask.shape), blocks).to(mask), blocks
 
 
-BLOCK_COLUMNS = {  # regroup's rule for a group's dense columns: (units, groups, unit_cost, area, t2, b2 units)
+# regroup's rule for a group's dense columns: (units, groups, unit_cost, area, t2, b2 units)
+BLOCK_COLUMNS = {
     "budget": choose_block_columns,        # ours: IMP's density, the densest (group, column) pairs first
     "paper": paper_block_columns,          # Alg. 3: every column with >= t2 nonzeros in the group
     "intended": intended_block_columns,    # the official prefix/1.5 width rule, its loop corrected
@@ -905,7 +919,8 @@ class Experiment:
 
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # --amp: autocast dtype
-LR_SCHEDULES = ("resume", "restart")  # after rewinding to epoch k: go on from k (paper), or run from 0 (official)
+# after rewinding to epoch k: go on from k (paper), or run from 0 (official)
+LR_SCHEDULES = ("resume", "restart")
 EVAL_BATCH = 500  # images per evaluation forward: evaluation needs no gradients, so large batches
 
 
@@ -928,10 +943,12 @@ def retrain(exp, masks, state, first_epoch, level, resume=None, after_epoch=None
     masks: what is multiplied in after every step (training_masks). resume: an epoch checkpoint's
     optimizer, scaler and metrics (`state` is then its model). after_epoch(metrics, optimizer, scaler):
     checkpointing and logging. Returns the last epoch's metrics (epoch, loss, train_acc, test and, with a
-    validation split, val accuracy). Diverged (with the epoch and learning rate) when the loss is not finite."""
+    validation split, val accuracy). Diverged (with the epoch and learning rate) when the loss is not
+    finite."""
     cfg, model = exp.cfg, exp.model
     rewind(model, state, masks)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(torch.device(exp.device).type, enabled=cfg.amp == "fp16")
     metrics = None
     if resume is not None:
@@ -948,7 +965,8 @@ def retrain(exp, masks, state, first_epoch, level, resume=None, after_epoch=None
         except Diverged as e:
             raise Diverged(e.loss, epoch + 1, lr_at(epoch, cfg)) from None
         splits = ("test", "val") if cfg.val_split else ("test",)
-        metrics = dict(epoch=epoch + 1, loss=loss, train_acc=train_acc, **{s: evaluate(exp, s) for s in splits})
+        metrics = dict(epoch=epoch + 1, loss=loss, train_acc=train_acc,
+                       **{s: evaluate(exp, s) for s in splits})
         if after_epoch is not None:
             after_epoch(metrics, optimizer, scaler)
     return metrics
@@ -997,15 +1015,18 @@ def train_epoch(exp, optimizer, scaler, pairs, generator, penalty=None):
     exp.net.train()
     sums = torch.zeros(2, device=data.device)
     seen = 0
-    for i, (x, y) in enumerate(datasets.train_batches(data, cfg.batch_size, generator, procs.rank, procs.world)):
+    for i, (x, y) in enumerate(datasets.train_batches(data, cfg.batch_size, generator,
+                                                      procs.rank, procs.world)):
         global_size = min(cfg.batch_size, data.num_train - i * cfg.batch_size)
         if global_size < procs.world:
             break
-        loss_sum, correct = train_step(exp.net, optimizer, scaler, pairs, x, y, procs.world / global_size, cfg,
-                                       penalty)
+        loss_sum, correct = train_step(exp.net, optimizer, scaler, pairs, x, y, procs.world / global_size,
+                                       cfg, penalty)
         sums += torch.stack([loss_sum, correct.float()])
         seen += global_size
-        if (i + 1) % DIVERGENCE_CHECK_STEPS == 0 and not math.isfinite(procs.sum([sums[0].item()], data.device)[0]):
+        if ((i + 1) % DIVERGENCE_CHECK_STEPS == 0
+                and not math.isfinite(procs.sum([sums[0].item()], data.device)[0])):
+
             raise Diverged(procs.sum([sums[0].item()], data.device)[0] / seen)
     loss_sum, correct = procs.sum(sums.tolist(), data.device)
     if not math.isfinite(loss_sum):
@@ -1106,7 +1127,9 @@ def omp_source(exp, level):
 def random_source(exp, level):
     """RP: uniformly random masks with OMP's layerwise densities at this level."""
     masks, state = omp_source(exp, level)
-    return random_masks(masks, torch.Generator().manual_seed(mix_seed(exp.cfg.seed, level, RANDOM_MASK))), state
+    return (random_masks(masks, torch.Generator().manual_seed(mix_seed(exp.cfg.seed, level, RANDOM_MASK))),
+            state)
+
 
 
 def init_scores_source(criterion):
@@ -1126,7 +1149,8 @@ def synflow_source(exp, level):
     """SynFlow: data-free, iterative (--synflow-rounds) at theta_0, to density 0.8^L."""
     state = init_state(exp)
     masks = synflow_masks(holding(exp, state), list(prunable_weights(exp.model)),
-                          level_density(exp.cfg.prune_rate, level), exp.cfg.synflow_rounds, exp.data.image_shape)
+                          level_density(exp.cfg.prune_rate, level), exp.cfg.synflow_rounds,
+                          exp.data.image_shape)
     return masks, state
 
 
@@ -1150,7 +1174,8 @@ def admm_source(exp, level):
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if exp.procs.is_main:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save(dict(masks={n: m.cpu() for n, m in masks.items()}, state={k: v.cpu() for k, v in state.items()}), path)
+        save(dict(masks={n: m.cpu() for n, m in masks.items()},
+                  state={k: v.cpu() for k, v in state.items()}), path)
     exp.procs.barrier()                        # every rank finds the file from now on
     return masks, state
 
@@ -1208,7 +1233,8 @@ def level_start(exp, run, level):
         masks, blocks, stats = branch_masks(exp, run, level)
     if run.init == "reinit":
         torch.manual_seed(mix_seed(exp.cfg.seed, level, REINIT))
-        return Start(masks, blocks, stats, model_zoo.MODELS[exp.cfg.arch](exp.data.num_classes).state_dict(), 0)
+        return Start(masks, blocks, stats,
+                     model_zoo.MODELS[exp.cfg.arch](exp.data.num_classes).state_dict(), 0)
     return Start(masks, blocks, stats, rewind_state(exp), first_epoch(exp.cfg, run, level))
 
 
@@ -1265,8 +1291,8 @@ def train_level(exp, run, level, eta):
     exp.procs.check_same(masks, exp.device)
     progress = dict(epoch=start.first_epoch, seconds=ckpt["seconds"] if ckpt else 0.0, t0=time.perf_counter())
     try:
-        metrics = retrain(exp, training_masks(model, masks, run.method), start.state, start.first_epoch, level,
-                          ckpt, checkpointer(exp, run, level, start, ckpt_path, progress, eta))
+        metrics = retrain(exp, training_masks(model, masks, run.method), start.state, start.first_epoch,
+                          level, ckpt, checkpointer(exp, run, level, start, ckpt_path, progress, eta))
     except Diverged as e:
         raise UsageError(diverged_message(exp, run, level, e, ckpt_path)) from None
     except (KeyboardInterrupt, Stopped) as e:
@@ -1299,7 +1325,8 @@ def resume_or_start(exp, run, level, ckpt_path):
                 os.replace(ckpt_path, ckpt_path + ".damaged")
     if ckpt is not None:
         exp.log(f"{run.name} level {level}: resuming at epoch {ckpt['metrics']['epoch']} from {ckpt_path}")
-        return Start(ckpt["masks"], ckpt["blocks"], ckpt["stats"], ckpt["model"], ckpt["metrics"]["epoch"]), ckpt
+        return Start(ckpt["masks"], ckpt["blocks"], ckpt["stats"], ckpt["model"],
+                     ckpt["metrics"]["epoch"]), ckpt
     return level_start(exp, run, level), None
 
 
@@ -1327,8 +1354,9 @@ def diverged_message(exp, run, level, e, ckpt_path):
     kept = f"its last good epoch checkpoint is kept ({ckpt_path})" if os.path.exists(ckpt_path) else \
         "it had no finished epoch"
     amp = " or --amp off" if cfg.amp != "off" else ""
-    return (f"{run.name} level {level} diverged in epoch {e.epoch}/{cfg.epochs} at learning rate {e.lr:g}: the "
-            f"training loss is {e.loss} (not a finite number). Nothing was written for this level; {kept}. "
+    return (f"{run.name} level {level} diverged in epoch {e.epoch}/{cfg.epochs} at learning rate {e.lr:g}: "
+            f"the training loss is {e.loss} (not a finite number). "
+            f"Nothing was written for this level; {kept}. "
             f"Training is deterministic, so the same command would diverge again: lower --lr{amp}. --lr and "
             f"--amp are trunk settings, which {cfg.out_dir} refuses to change once level 0 has started: run "
             f"the new setting with another --out-dir, or delete {cfg.out_dir} to start it over")
@@ -1433,21 +1461,21 @@ class Config:
                            "experiment", "trunk", choices=list(datasets.DATASETS))
     data_dir: str = setting("data", "where the datasets live: CIFAR archives or folders, tiny-imagenet-200/, "
                             "imagenet/", "experiment")
-    out_dir: str | None = setting(None, "experiment directory (default: runs/ARCH_DATASET_SOURCE, plus _seedN "
-                                  "for --seed N != 0)", "experiment")
-    levels: int | None = setting(None, f"pruning levels after the dense level 0 (default: {PAPER['levels']}, or the "
-                                 "number of --import-masks files)", "experiment", check=NOT_NEGATIVE,
-                                 official="--pruning_times")
+    out_dir: str | None = setting(None, "experiment directory (default: runs/ARCH_DATASET_SOURCE, plus "
+                                  "_seedN for --seed N != 0)", "experiment")
+    levels: int | None = setting(None, "pruning levels after the dense level 0 (default: "
+                                 f"{PAPER['levels']}, or the number of --import-masks files)", "experiment",
+                                 check=NOT_NEGATIVE, official="--pruning_times")
     import_masks: list | None = setting(
         None, "trunk masks from files, one per level (level 1 first): a torch.nn.utils.prune state_dict "
         "(`*_mask`, with `*_orig` weights), an official Structure-LTH checkpoint, an open_lth mask.pth, a "
         "{name: 0/1 tensor} file or an lth_ref ticket.pt (transfer); sets --mask-source import", "experiment",
         nargs="+", metavar="FILE")
     mask_source: str = setting(
-        "imp", "the trunk's unstructured masks: imp (iterative magnitude pruning), omp (one-shot magnitude of "
-        "the trained dense net), random (random at omp's layer densities), snip, grasp, synflow (scores at "
-        "initialization), admm (ADMM training of the dense net toward that density), import (--import-masks); "
-        "one-shot sources reach density (1 - prune rate)^level", "experiment", "trunk",
+        "imp", "the trunk's unstructured masks: imp (iterative magnitude pruning), omp (one-shot magnitude "
+        "of the trained dense net), random (random at omp's layer densities), snip, grasp, synflow (scores "
+        "at initialization), admm (ADMM training of the dense net toward that density), import "
+        "(--import-masks); one-shot sources reach density (1 - prune rate)^level", "experiment", "trunk",
         choices=list(MASK_SOURCES))
     snip_samples: int | None = setting(
         None, "--mask-source snip: training samples scored (default: one batch of --batch-size; "
@@ -1457,125 +1485,142 @@ class Config:
                                   "source", source="synflow", check=IS_POSITIVE)
     admm_rho: float = setting(ADMM_RHO, "--mask-source admm: penalty weight rho", "experiment", "source",
                               source="admm", official="rho", check=("> 0", lambda v: v > 0))
-    admm_iterations: int = setting(ADMM_ITERATIONS, "--mask-source admm: iterations, each one W-step epoch then the "
-                                   "Z- and U-steps", "experiment", "source", source="admm", check=IS_POSITIVE)
-    admm_lr: float = setting(ADMM_LR, "--mask-source admm: SGD learning rate of the W-steps (ours)", "experiment",
-                             "source", source="admm", check=("> 0", lambda v: v > 0))
+    admm_iterations: int = setting(ADMM_ITERATIONS, "--mask-source admm: iterations, each one W-step epoch "
+                                   "then the Z- and U-steps", "experiment", "source", source="admm",
+                                   check=IS_POSITIVE)
+    admm_lr: float = setting(ADMM_LR, "--mask-source admm: SGD learning rate of the W-steps (ours)",
+                             "experiment", "source", source="admm", check=("> 0", lambda v: v > 0))
     method: str = setting(
-        "imp", "the branch: how each trunk level's mask is post-processed: imp (not at all: with --init rewind "
-        "the trunk is the ticket), refill (channel-wise), refill+ (channel-wise, extra channels), regroup "
-        "(group-wise dense blocks)", "experiment", "branch", choices=list(POSTPROCESS))
-    init: str = setting("rewind", "the branch's weights: rewind (theta_k, the paper's tickets) or reinit (a fresh "
-                        "seeded initialization trained from epoch 0: random tickets)", "experiment", "branch",
-                        choices=INITS, official="--reinit (main_eval_fillback.py)")
+        "imp", "the branch: how each trunk level's mask is post-processed: imp (not at all: with --init "
+        "rewind the trunk is the ticket), refill (channel-wise), refill+ (channel-wise, extra channels), "
+        "regroup (group-wise dense blocks)", "experiment", "branch", choices=list(POSTPROCESS))
+    init: str = setting("rewind", "the branch's weights: rewind (theta_k, the paper's tickets) or reinit (a "
+                        "fresh seeded initialization trained from epoch 0: random tickets)", "experiment",
+                        "branch", choices=INITS, official="--reinit (main_eval_fillback.py)")
     group_aware: bool = setting(False, "group-aware IMP (paper App. A1, Alg. 4): the branch prunes its own "
-                                "previous level instead of the trunk's; needs --mask-source imp and a --method "
-                                "other than imp", "experiment", "branch", official="main_imp_regroup.py")
-    seed: int = setting(0, "seed for init, data order and augmentation", "experiment", "trunk", official="--seed")
+                                "previous level instead of the trunk's; needs --mask-source imp and a "
+                                "--method other than imp", "experiment", "branch",
+                                official="main_imp_regroup.py")
+    seed: int = setting(0, "seed for init, data order and augmentation", "experiment", "trunk",
+                        official="--seed")
     verbose: bool = setting(False, "print the per-layer table of every level", "experiment")
     wait: bool = setting(False, "when another process trains the branch this command asks for: wait for it "
                          "(default: stop with a message; the trunk is always waited for)", "experiment")
-    epochs: int | None = setting(None, f"epochs per level; default: {TABLE1} (CIFAR: 160, (Tiny-)ImageNet: 95)",
-                                 "training", "trunk", check=IS_POSITIVE, official="--epochs")
-    lr_drops: list | None = setting(None, f"epochs at which the LR drops x0.1; default: {TABLE1} (CIFAR: 80 120 "
-                                    "of 160), scaled to --epochs, never before epoch 1 (--epochs 1: no drop)",
-                                    "training", "trunk", nargs="*", metavar="EPOCH", type=int,
+    epochs: int | None = setting(None, f"epochs per level; default: {TABLE1} (CIFAR: 160, "
+                                 "(Tiny-)ImageNet: 95)", "training", "trunk", check=IS_POSITIVE,
+                                 official="--epochs")
+
+    lr_drops: list | None = setting(None, f"epochs at which the LR drops x0.1; default: {TABLE1} (CIFAR: 80 "
+                                    "120 of 160), scaled to --epochs, never before epoch 1 (--epochs 1: no "
+                                    "drop)", "training", "trunk", nargs="*", metavar="EPOCH", type=int,
                                     official="--decreasing_lr")
-    rewind_epoch: int | None = setting(None, "rewind to the end of this epoch (0 = initialization); default: epoch "
-                                       "8 of Table 1's schedule, scaled to --epochs (8 of 160, 5%%)", "training",
-                                       "trunk", check=NOT_NEGATIVE, official="--rewind_epoch")
-    schedule: str = setting("table1", "the defaults of --epochs, --lr-drops and --rewind-epoch: table1 (the paper's "
-                            "Table 1 for --arch on --dataset) or plus (App. A2's (+) setting of VGG-16(+) and "
-                            "WRN-32-2(+): 240 epochs, x0.1 at 150, 180, 210, rewind to epoch 8); explicit flags "
-                            "override", "training", choices=list(SCHEDULE_PRESETS))
-    lr_schedule: str = setting("resume", "after rewinding to epoch k: resume = the schedule goes on from epoch k to "
-                               "the end (the paper's Alg. 1, Frankle et al. 2020); restart = it runs from epoch 0 "
-                               "for the full length (official main_imp.py; --rewind-epoch may then equal --epochs)",
-                               "training", "trunk", choices=LR_SCHEDULES, official="main_imp.py: restart")
+    rewind_epoch: int | None = setting(None, "rewind to the end of this epoch (0 = initialization); "
+                                       "default: epoch 8 of Table 1's schedule, scaled to --epochs (8 of "
+                                       "160, 5%%)", "training", "trunk", check=NOT_NEGATIVE,
+                                       official="--rewind_epoch")
+    schedule: str = setting("table1", "the defaults of --epochs, --lr-drops and --rewind-epoch: table1 (the "
+                            "paper's Table 1 for --arch on --dataset) or plus (App. A2's (+) setting of "
+                            "VGG-16(+) and WRN-32-2(+): 240 epochs, x0.1 at 150, 180, 210, rewind to epoch "
+                            "8); explicit flags override", "training", choices=list(SCHEDULE_PRESETS))
+    lr_schedule: str = setting("resume", "after rewinding to epoch k: resume = the schedule goes on from "
+                               "epoch k to the end (the paper's Alg. 1, Frankle et al. 2020); restart = it "
+                               "runs from epoch 0 for the full length (official main_imp.py; --rewind-epoch "
+                               "may then equal --epochs)", "training", "trunk", choices=LR_SCHEDULES,
+                               official="main_imp.py: restart")
     prune_rate: float = setting(PAPER["prune_rate"], "fraction of the remaining prunable weights removed per "
                                 "level", "training", "trunk", check=("in (0, 1)", lambda v: 0 < v < 1),
                                 official="--rate")
-    lr: float | None = setting(None, f"SGD learning rate; default: {TABLE1} (CIFAR: 0.1)", "training", "trunk",
-                               official="--lr")
+    lr: float | None = setting(None, f"SGD learning rate; default: {TABLE1} (CIFAR: 0.1)", "training",
+                               "trunk", official="--lr")
     momentum: float = setting(PAPER["momentum"], "SGD momentum", "training", "trunk")
-    weight_decay: float | None = setting(None, f"L2 weight decay; default: {TABLE1} (CIFAR: 1e-4, VGG-16 2e-4; "
-                                         "CIFAR-100 2e-4, VGG-16 5e-4)", "training", "trunk", official="--weight_decay")
-    batch_size: int | None = setting(None, f"examples per SGD step, over all processes under torchrun; default: "
-                                     f"{TABLE1} (CIFAR: 128)", "training", "trunk", check=IS_POSITIVE,
-                                     official="--batch_size")
+    weight_decay: float | None = setting(None, f"L2 weight decay; default: {TABLE1} (CIFAR: 1e-4, VGG-16 "
+                                         "2e-4; CIFAR-100 2e-4, VGG-16 5e-4)", "training", "trunk",
+                                         official="--weight_decay")
+    batch_size: int | None = setting(None, "examples per SGD step, over all processes under torchrun; "
+                                     f"default: {TABLE1} (CIFAR: 128)", "training", "trunk",
+                                     check=IS_POSITIVE, official="--batch_size")
     train_subset: int | None = setting(None, "train on a seeded random subset of N examples (default: all)",
                                        "training", "trunk", check=IS_POSITIVE)
-    val_split: int = setting(0, "hold out N training images (seeded, before --train-subset) as a validation set; "
-                             "its accuracy is reported next to test accuracy (0 = none)", "training", "trunk",
-                             check=NOT_NEGATIVE)
+    val_split: int = setting(0, "hold out N training images (seeded, before --train-subset) as a validation "
+                             "set; its accuracy is reported next to test accuracy (0 = none)", "training",
+                             "trunk", check=NOT_NEGATIVE)
     device: str = setting("auto", "auto = cuda if available", "training", choices=("auto", "cpu", "cuda"))
     amp: str = setting("off", "mixed precision: autocast to bf16, or fp16 with loss scaling (CUDA only)",
                        "training", "trunk", choices=list(AMP_DTYPES))
     channels_last: bool = setting(False, "train with channels-last model and batches", "training")
     compile: bool = setting(False, "torch.compile the training network", "training")
-    sync_bn: bool = setting(False, "under torchrun on GPUs: BatchNorm statistics over all processes (default: "
-                            "per process)", "training", "trunk")
+    sync_bn: bool = setting(False, "under torchrun on GPUs: BatchNorm statistics over all processes "
+                            "(default: per process)", "training", "trunk")
     refill_score: str = setting(
         "l1", "channel score for refill: l1 = L1 norm of the kept weights (paper), remain = number of kept "
-        "weights (official default); fmap_l1, fmap_l2, saliency = the channel's output on one training batch: "
-        "sum |y|, sum y^2, sum |y dL/dy| (official l1, l2, saliency)", "refill", "branch", official="--criterion",
-        knob="score", label="score", choices=list(CHANNEL_SCORES))
-    refill_extra: float = setting(REFILL_PLUS_EXTRA, "refill+: extra fraction of the pruned channels kept (ours; "
-                                  "the paper gives no value)", "refill", "branch", official="--fillback-rate",
-                                  check=("in [0, 1]", lambda v: 0 <= v <= 1), knob="extra", label="extra")
-    channel_multiple: int = setting(1, "refill, refill+: each layer's kept-channel count rounded up to a multiple of "
-                                    "this, at most the layer's width (ours: 8 suits GPUs and vector units; 1 = off)",
-                                    "refill", "branch", check=IS_POSITIVE, knob="channel_multiple", label="mult")
-    regroup_unit: str = setting("position", "regroup column unit: position = one (c,ky,kx) (paper), channel = "
-                                "whole input channel, vector = 8 channels at one (ky,kx) (GPU kernel)", "regroup", "branch", knob="unit", label="unit",
-                                choices=list(REGROUP_UNITS))
+        "weights (official default); fmap_l1, fmap_l2, saliency = the channel's output on one training "
+        "batch: sum |y|, sum y^2, sum |y dL/dy| (official l1, l2, saliency)", "refill", "branch",
+        official="--criterion", knob="score", label="score", choices=list(CHANNEL_SCORES))
+    refill_extra: float = setting(REFILL_PLUS_EXTRA, "refill+: extra fraction of the pruned channels kept "
+                                  "(ours; the paper gives no value)", "refill", "branch",
+                                  official="--fillback-rate", check=("in [0, 1]", lambda v: 0 <= v <= 1),
+                                  knob="extra", label="extra")
+    channel_multiple: int = setting(1, "refill, refill+: each layer's kept-channel count rounded up to a "
+                                    "multiple of this, at most the layer's width (ours: 8 suits GPUs and "
+                                    "vector units; 1 = off)", "refill", "branch", check=IS_POSITIVE,
+                                    knob="channel_multiple", label="mult")
+    regroup_unit: str = setting("position", "regroup column unit: position = one (c,ky,kx) (paper), channel "
+                                "= whole input channel, vector = 8 channels at one (ky,kx) (GPU kernel)",
+                                "regroup", "branch", knob="unit", label="unit", choices=list(REGROUP_UNITS))
     groups: int = setting(8, "regroup: groups per layer (paper t1)", "regroup", "branch",
                           official="cn = 8 hMETIS parts", check=IS_POSITIVE, knob="groups", label="groups")
-    row_multiple: int = setting(8, "regroup: group rows are a multiple of this, at least this (paper b1, min rows)",
-                                "regroup", "branch", check=IS_POSITIVE, knob="row_multiple", label="rows",
-                                official="B2 = 16: parts of more than 16 rows")
+    row_multiple: int = setting(8, "regroup: group rows are a multiple of this, at least this (paper b1, "
+                                "min rows)", "regroup", "branch", check=IS_POSITIVE, knob="row_multiple",
+                                label="rows", official="B2 = 16: parts of more than 16 rows")
     min_col_nnz: int = setting(1, "regroup: nonzeros a column needs inside a group to be selected (paper t2)",
                                "regroup", "branch", check=IS_POSITIVE, knob="min_col_nnz", label="colnnz")
     min_block_cols: int = setting(8, "regroup: columns a group needs to become a block (paper b2)", "regroup",
                                   "branch", check=IS_POSITIVE, knob="min_block_cols", label="cols")
     block_columns: str = setting(
-        "budget", "regroup: which columns join a group's dense block: budget (ours: the densest (group, column) "
-        "pairs until the blocks' area equals IMP's nonzeros: IMP's density), paper (Alg. 3 as written: every "
-        "column with >= --min-col-nnz nonzeros in the group; denser than IMP), intended (the official width "
-        "rule as meant: a prefix of the most used columns until every row has fewer than width/1.5 nonzeros "
-        "outside), official (the official code as it runs: its width loop with its column-index and "
-        "early-stop bugs, 8 parts of which those of more than 16 rows may become blocks, a layer with no "
-        "block left unstructured; --row-multiple, --min-col-nnz, --min-block-cols do not apply)",
-        "regroup", "branch", knob="block_columns", label="colrule", choices=list(BLOCK_COLUMNS))
+        "budget", "regroup: which columns join a group's dense block: budget (ours: the densest (group, "
+        "column) pairs until the blocks' area equals IMP's nonzeros: IMP's density), paper (Alg. 3 as "
+        "written: every column with >= --min-col-nnz nonzeros in the group; denser than IMP), intended (the "
+        "official width rule as meant: a prefix of the most used columns until every row has fewer than "
+        "width/1.5 nonzeros outside), official (the official code as it runs: its width loop with its "
+        "column-index and early-stop bugs, 8 parts of which those of more than 16 rows may become blocks, a "
+        "layer with no block left unstructured; --row-multiple, --min-col-nnz, --min-block-cols do not "
+        "apply)", "regroup", "branch", knob="block_columns", label="colrule", choices=list(BLOCK_COLUMNS))
     bench: str | None = setting(
-        None, "benchmark instead of training: kernels (the default when given alone) = dense vs grouped GEMM on "
-        "a ticket, paper = the same in the paper's per-layer setting (batch 64, 127x127), regroup = partitioner "
-        "coverage and speed vs baselines, train = training images/s vs a plain PyTorch loop with the same "
-        "settings, and the cost of the masks", "benchmarks", "tool", nargs="?", const="kernels",
+        None, "benchmark instead of training: kernels (the default when given alone) = dense vs grouped "
+        "GEMM on a ticket, paper = the same in the paper's per-layer setting (batch 64, 127x127), regroup = "
+        "partitioner coverage and speed vs baselines, train = training images/s vs a plain PyTorch loop "
+        "with the same settings, and the cost of the masks", "benchmarks", "tool", nargs="?", const="kernels",
         choices=("kernels", "paper", "regroup", "train"))
-    export: str | None = setting(None, "instead of training: save the ticket (--ticket, or the last level in "
-                                 "--out-dir of the run --method names) without its dead channels, as a smaller "
-                                 "dense network; PATH ends in .pt (models.load_slim), .pt2 (torch.export) or "
-                                 ".onnx (ONNX, an optional extra)", "benchmarks", "tool", metavar="PATH")
-    ticket: str | None = setting(None, "ticket.pt to benchmark (default: the last level, in --out-dir, of the "
-                                 "run --method names)", "benchmarks", "tool")
-    bench_density: float | None = setting(None, "bench a fresh --arch pruned to this density and post-processed "
-                                          "by --method (with the regroup/refill flags) instead of a saved ticket",
-                                          "benchmarks", "tool", check=("in (0, 1]", lambda v: 0 < v <= 1))
-    bench_batch: list = setting([64], "batch sizes for --bench kernels", "benchmarks", "tool", nargs="+", type=int,
-                                check=("a list of numbers >= 1", lambda v: all(b >= 1 for b in v)))
-    bench_repeats: int = setting(30, "timed runs per measurement (median)", "benchmarks", "tool", check=IS_POSITIVE)
-    bench_memory_format: str = setting("auto", "memory format of the activations, dense and regrouped alike; auto "
-                                       "= the one in which the dense model runs faster on this machine (measured "
-                                       "first)", "benchmarks", "tool", choices=["auto", *kernels.MEMORY_FORMATS])
-    bench_dtype: str = setting("auto", "precision of --bench kernels/paper: model and inputs in fp32, fp16 or bf16, "
-                               "dense and regrouped alike; auto = fp16 on CUDA (what GPU users deploy), fp32 on "
-                               "the CPU", "benchmarks", "tool", choices=["auto", *kernels.BENCH_DTYPES])
+    export: str | None = setting(None, "instead of training: save the ticket (--ticket, or the last level "
+                                 "in --out-dir of the run --method names) without its dead channels, as a "
+                                 "smaller dense network; PATH ends in .pt (models.load_slim), .pt2 "
+                                 "(torch.export) or .onnx (ONNX, an optional extra)", "benchmarks", "tool",
+                                 metavar="PATH")
+    ticket: str | None = setting(None, "ticket.pt to benchmark (default: the last level, in --out-dir, of "
+                                 "the run --method names)", "benchmarks", "tool")
+    bench_density: float | None = setting(None, "bench a fresh --arch pruned to this density and "
+                                          "post-processed by --method (with the regroup/refill flags) "
+                                          "instead of a saved ticket", "benchmarks", "tool",
+                                          check=("in (0, 1]", lambda v: 0 < v <= 1))
+    bench_batch: list = setting([64], "batch sizes for --bench kernels", "benchmarks", "tool", nargs="+",
+                                type=int, check=("a list of numbers >= 1", lambda v: all(b >= 1 for b in v)))
+    bench_repeats: int = setting(30, "timed runs per measurement (median)", "benchmarks", "tool",
+                                 check=IS_POSITIVE)
+    bench_memory_format: str = setting("auto", "memory format of the activations, dense and regrouped "
+                                       "alike; auto = the one in which the dense model runs faster on this "
+                                       "machine (measured first)", "benchmarks", "tool",
+                                       choices=["auto", *kernels.MEMORY_FORMATS])
+    bench_dtype: str = setting("auto", "precision of --bench kernels/paper: model and inputs in fp32, fp16 "
+                               "or bf16, dense and regrouped alike; auto = fp16 on CUDA (what GPU users "
+                               "deploy), fp32 on the CPU", "benchmarks", "tool",
+                               choices=["auto", *kernels.BENCH_DTYPES])
     report: list | None = setting(None, "instead of training: report.md, CSVs and figures (matplotlib) of "
-                                  "experiment directories, into --out-dir if given, else DIR/report (one DIR) or "
-                                  "report/ in the DIRs' common parent", "report", "tool", nargs="+", metavar="DIR")
-    report_layers: list | None = setting(None, "convs drawn by --report's mask pictures, e.g. layer3.2.conv2 "
-                                         "(default: the last three)", "report", "tool", nargs="+", metavar="NAME")
+                                  "experiment directories, into --out-dir if given, else DIR/report (one "
+                                  "DIR) or report/ in the DIRs' common parent", "report", "tool", nargs="+",
+                                  metavar="DIR")
+    report_layers: list | None = setting(None, "convs drawn by --report's mask pictures, e.g. "
+                                         "layer3.2.conv2 (default: the last three)", "report", "tool",
+                                         nargs="+", metavar="NAME")
 
 
 def settings_of(role):
@@ -1597,7 +1642,8 @@ def resolve(cfg):
     pick = lambda value, key: value if value is not None else table[key]
     cfg = resolve_import(cfg)
     cfg = dataclasses.replace(
-        cfg, levels=cfg.levels if cfg.levels is not None else PAPER["levels"], epochs=epochs, lr=pick(cfg.lr, "lr"),
+        cfg, levels=cfg.levels if cfg.levels is not None else PAPER["levels"], epochs=epochs,
+        lr=pick(cfg.lr, "lr"),
         weight_decay=pick(cfg.weight_decay, "weight_decay"),
         batch_size=pick(cfg.batch_size, "batch_size"),
         lr_drops=sorted(cfg.lr_drops if cfg.lr_drops is not None else    # never before epoch 1: the first
@@ -1617,7 +1663,8 @@ def resolve_import(cfg):
     """--import-masks makes the trunk's mask source `import`, one level per file (UsageError otherwise)."""
     if not cfg.import_masks:
         if cfg.mask_source == "import":
-            raise UsageError("--mask-source import reads its masks from --import-masks FILE [FILE ...]: give the files")
+            raise UsageError("--mask-source import reads its masks from --import-masks FILE [FILE ...]: "
+                             "give the files")
         return cfg
     if cfg.mask_source not in ("imp", "import"):
         raise UsageError(f"--import-masks gives the trunk's masks: drop --mask-source {cfg.mask_source}")
@@ -1634,14 +1681,15 @@ def resolve_import(cfg):
 def check_combinations(cfg):
     """Refuse settings that contradict each other, with the fix."""
     if cfg.rewind_epoch > cfg.epochs or (cfg.rewind_epoch == cfg.epochs and cfg.lr_schedule == "resume"):
-        raise UsageError(f"--rewind-epoch must be in [0, --epochs), got {cfg.rewind_epoch} with --epochs {cfg.epochs} "
+        raise UsageError(f"--rewind-epoch must be in [0, --epochs), got {cfg.rewind_epoch} "
+                         f"with --epochs {cfg.epochs} "
                          "(--lr-schedule restart also allows --rewind-epoch = --epochs)")
     if cfg.group_aware and cfg.method == "imp":
         raise UsageError("--group-aware post-processes every level of its own chain: give it a --method "
                          "(refill, refill+ or regroup)")
     if cfg.group_aware and cfg.mask_source != "imp":
-        raise UsageError(f"--group-aware prunes its own previous level iteratively: it needs --mask-source imp, "
-                         f"not {cfg.mask_source} (one-shot sources have no chain)")
+        raise UsageError("--group-aware prunes its own previous level iteratively: it needs --mask-source "
+                         f"imp, not {cfg.mask_source} (one-shot sources have no chain)")
 
 
 def flag_name(field_name):
@@ -1652,14 +1700,16 @@ def trunk_config(cfg):
     """The settings that define the experiment's trunk (a changed one is a new experiment)."""
     keys = [f.name for f in settings_of("trunk")] + \
         [f.name for f in settings_of("source") if f.metadata["source"] == cfg.mask_source]
-    imported = {"import_sha256": [file_sha256(f) for f in cfg.import_masks]} if cfg.mask_source == "import" else {}
+    imported = {"import_sha256": [file_sha256(f) for f in cfg.import_masks]} \
+        if cfg.mask_source == "import" else {}
     return {**{k: getattr(cfg, k) for k in keys}, **imported}
 
 
 def branch_knobs(cfg, method):
     """{postprocess keyword: value} of the method's knobs in cfg (the fields whose `knob` it takes)."""
     takes = method_knobs(method)
-    return {f.metadata["knob"]: getattr(cfg, f.name) for f in settings_of("branch") if f.metadata["knob"] in takes}
+    return {f.metadata["knob"]: getattr(cfg, f.name) for f in settings_of("branch")
+            if f.metadata["knob"] in takes}
 
 
 def branch_config(cfg):
@@ -1673,7 +1723,8 @@ def branch_name(cfg):
     """Readable and unique: the method, each knob that differs from its default, the init, group-aware."""
     default, takes = Config(), method_knobs(cfg.method)
     parts = [cfg.method] + [f"{f.metadata['label']}-{getattr(cfg, f.name)}" for f in settings_of("branch")
-                            if f.metadata["knob"] in takes and getattr(cfg, f.name) != getattr(default, f.name)]
+                            if f.metadata["knob"] in takes
+                            and getattr(cfg, f.name) != getattr(default, f.name)]
     return "_".join(parts + ["reinit"] * (cfg.init == "reinit") + ["group-aware"] * cfg.group_aware)
 
 
@@ -1743,7 +1794,8 @@ class Processes:
         """Masks are computed by every process from the same files and seeds: check that they agree."""
         if self.world == 1:
             return
-        digest = torch.tensor([float((m.flatten().double() * torch.arange(1, m.numel() + 1, device=m.device)).sum())
+        digest = torch.tensor([float((m.flatten().double()
+                                      * torch.arange(1, m.numel() + 1, device=m.device)).sum())
                                for m in masks.values()], dtype=torch.float64, device=device)
         low, high = digest.clone(), digest.clone()
         torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
@@ -1774,7 +1826,8 @@ def training_net(model, cfg, device, procs):
         if cfg.sync_bn:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         cuda = torch.device(device).type == "cuda"
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[torch.device(device).index] if cuda else None)
+        net = nn.parallel.DistributedDataParallel(net,
+                                                  device_ids=[torch.device(device).index] if cuda else None)
     return torch.compile(net) if cfg.compile else net
 
 
@@ -1795,7 +1848,8 @@ def check_training_flags(cfg, device, procs):
     """Refuse combinations that cannot run here, with the fix."""
     cuda = torch.device(device).type == "cuda"
     if cfg.amp == "fp16" and not cuda:
-        raise UsageError("--amp fp16 needs a CUDA GPU (its loss scaling is for GPUs); use --amp bf16 on the CPU")
+        raise UsageError("--amp fp16 needs a CUDA GPU (its loss scaling is for GPUs); "
+                         "use --amp bf16 on the CPU")
     if cfg.sync_bn and procs.world == 1:
         raise UsageError("--sync-bn synchronizes BatchNorm across processes: launch with torchrun "
                          "--nproc_per_node N (N > 1), or drop it")
@@ -1848,8 +1902,8 @@ def load_file(path, what, mmap=False):
     code when unpickled is refused, not run). A missing, corrupt or unsafe file is a UsageError naming it.
     mmap: map the tensors instead of reading them (cheap when only a small entry is needed)."""
     if not os.path.exists(path):
-        raise UsageError(f"the {what} {path} does not exist: the experiment directory is incomplete (a file was "
-                         "deleted or moved); put it back, or start over with another --out-dir")
+        raise UsageError(f"the {what} {path} does not exist: the experiment directory is incomplete "
+                         "(a file was deleted or moved); put it back, or start over with another --out-dir")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, wrong format, disallowed globals: all mean "not ours"
@@ -1857,7 +1911,8 @@ def load_file(path, what, mmap=False):
         first = f"cannot read the {what} {path} ({type(e).__name__}: {first})"
         raise DamagedFile(f"{first}; lth_ref writes only tensors and plain data, so the file is cut short, "
                           "damaged or was not written by lth_ref. Delete it to compute that step again (a "
-                          "ticket: its level is trained again), or point --out-dir elsewhere", first) from None
+                          "ticket: its level is trained again), or point --out-dir elsewhere",
+                          first) from None
 
 
 def check_masks_fit(model, masks, what="mask"):
@@ -1987,8 +2042,8 @@ def check_paths(cfg):
     for flag, path, need in paths:
         above = next(p for p in (path, *parents(path)) if os.path.exists(p))
         if not os.path.isdir(above):
-            raise UsageError(f"{flag} {path}: {above} is a file, not a directory; pass a directory (--out-dir "
-                             "is created if missing)")
+            raise UsageError(f"{flag} {path}: {above} is a file, not a directory; "
+                             "pass a directory (--out-dir is created if missing)")
         if not os.access(above, need | os.X_OK):
             raise UsageError(f"{flag} {path}: this user may not {'write to' if need == os.W_OK else 'read'} "
                              f"{above}; fix its permissions or pass another directory")
@@ -2061,7 +2116,8 @@ def open_experiment(cfg, log=print):
             os.makedirs(branch.path, exist_ok=True)
             write_text(json.dumps(branch_config(cfg), indent=1), os.path.join(branch.path, "branch.json"))
     procs.barrier()                            # every rank reads theta_0 from init.pt
-    return Experiment(cfg, model, training_net(model, cfg, device, procs), data, device, procs, log), trunk, branch
+    return (Experiment(cfg, model, training_net(model, cfg, device, procs), data, device, procs, log),
+            trunk, branch)
 
 
 def check_inputs(cfg):
@@ -2118,7 +2174,8 @@ def posix_locks():
         import fcntl                           # POSIX; the one OS-specific import
         return fcntl
     except ImportError:
-        kernels._warn_once("this OS has no POSIX file locks (fcntl): run one process per experiment directory")
+        kernels._warn_once("this OS has no POSIX file locks (fcntl): "
+                           "run one process per experiment directory")
         return None
 
 
@@ -2176,8 +2233,9 @@ def claim_level(exp, run, level):
             return None if state == "done" else (lock if exp.procs.is_main else True)
         holder = exp.procs.broadcast(lock_holder(lock_path(run)))
         if run.name != "trunk" and not exp.cfg.wait:
-            raise UsageError(f"{run.path} is being trained by {holder}; this command stops (the other process "
-                             "trains it). Add --wait to wait for it instead, or pick another --method or knob")
+            raise UsageError(f"{run.path} is being trained by {holder}; this command stops "
+                             "(the other process trains it). "
+                             "Add --wait to wait for it instead, or pick another --method or knob")
         if waited is None or time.monotonic() - waited >= LOCK_LOG_S:
             exp.log(f"{run.name} level {level}: being trained by {holder}; waiting for its ticket")
             waited = time.monotonic()
@@ -2200,8 +2258,9 @@ class Eta:
 def epoch_line(run, level, metrics, cfg, dens, dt, eta):
     """The progress line of one epoch: level, epoch, loss, accuracies, density, seconds, ETA."""
     val = f" val {metrics['val']:.4f}" if "val" in metrics else ""
-    return (f"{run.name} level {level:2d} epoch {metrics['epoch']:3d}/{cfg.epochs} loss {metrics['loss']:.4f} "
-            f"train {metrics['train_acc']:.4f} test {metrics['test']:.4f}{val} density {dens:.4f} {dt:6.1f}s ETA {eta}")
+    return (f"{run.name} level {level:2d} epoch {metrics['epoch']:3d}/{cfg.epochs} "
+            f"loss {metrics['loss']:.4f} train {metrics['train_acc']:.4f} test {metrics['test']:.4f}{val} "
+            f"density {dens:.4f} {dt:6.1f}s ETA {eta}")
 
 
 def result_row(cfg, run, level, masks, blocks, stats, metrics, seconds, counts):
@@ -2210,10 +2269,12 @@ def result_row(cfg, run, level, masks, blocks, stats, metrics, seconds, counts):
     network's counts (whole_model_counts: parameters and MACs, dense and of the ticket)."""
     rows = sum(m.shape[0] for m in masks.values())
     kept_rows = sum(int((m.reshape(m.shape[0], -1).sum(1) > 0).sum()) for m in masks.values())
-    row = dict(branch=run.name, source=cfg.mask_source, method=cfg.mask_source if run.name == "trunk" else run.method,
+    row = dict(branch=run.name, source=cfg.mask_source,
+               method=cfg.mask_source if run.name == "trunk" else run.method,
                init=run.init, level=level, density=round(density(masks), 6), density_before="",
                test_acc=round(metrics["test"], 6),
-               val_acc=round(metrics["val"], 6) if "val" in metrics else "", train_loss=round(metrics["loss"], 6),
+               val_acc=round(metrics["val"], 6) if "val" in metrics else "",
+               train_loss=round(metrics["loss"], 6),
                seconds=round(seconds, 1), channel_density=round(kept_rows / rows, 6), blocks="", coverage="",
                flop_ratio="", **counts)
     if stats:                                  # a branch: the unstructured mask it post-processed
@@ -2241,7 +2302,8 @@ def whole_model_counts(model, masks, shape):
         slim = model_zoo.slim_model(model, masks)
     pruned = sum(int((w == 0).sum()) for w in prunable_weights(slim).values())
     return dict(params=model_zoo.count_params(model), params_ticket=model_zoo.count_params(slim) - pruned,
-                macs=model_zoo.count_macs(model, shape), macs_ticket=model_zoo.count_macs(slim, shape, nonzero=True))
+                macs=model_zoo.count_macs(model, shape),
+                macs_ticket=model_zoo.count_macs(slim, shape, nonzero=True))
 
 
 def summary_line(row):
@@ -2316,7 +2378,8 @@ class HelpFormatter(argparse.HelpFormatter):
         text = action.help or ""
         if action.default not in (None, argparse.SUPPRESS, False) and "default" not in text \
                 and action.option_strings:
-            default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+            default = " ".join(map(str, action.default)) if isinstance(action.default, list) \
+                else action.default
             text += f" (default: {default})"
         return text
 
@@ -2351,7 +2414,8 @@ def build_parser():
 
 
 def config_from_args(args):
-    """The parsed flags as a resolved Config (Table 1's row for --arch/--dataset filled in, values checked)."""
+    """The parsed flags as a resolved Config (Table 1's row for --arch/--dataset filled in, values
+    checked)."""
     return resolve(Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}))
 
 
@@ -2389,8 +2453,8 @@ def main(argv=None):
     except (KeyboardInterrupt, Stopped) as e:
         signum = getattr(e, "signum", signal.SIGINT)
         if main_process():
-            print(f"stopped by {signal.Signals(signum).name} at {getattr(e, 'where', 'the start')}: the last epoch "
-                  "checkpoint is kept; run the same command again to resume", file=sys.stderr)
+            print(f"stopped by {signal.Signals(signum).name} at {getattr(e, 'where', 'the start')}: "
+                  "the last epoch checkpoint is kept; run the same command again to resume", file=sys.stderr)
         return 128 + signum
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -2410,7 +2474,9 @@ def main_process():
 
 
 if __name__ == "__main__":
-    # run as a script this module is __main__; lth_tools' `import lth_ref` must find it, not load a second copy
+    # run as a script this module is __main__; lth_tools' `import lth_ref` must find it,
+    # not load a second copy
+
     sys.modules.setdefault("lth_ref", sys.modules[__name__])
     if hasattr(signal, "SIGPIPE"):                 # `... | head` ends quietly, like other Unix tools
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
