@@ -2476,7 +2476,6 @@ def main_process():
 if __name__ == "__main__":
     # run as a script this module is __main__; lth_tools' `import lth_ref` must find it,
     # not load a second copy
-
     sys.modules.setdefault("lth_ref", sys.modules[__name__])
     if hasattr(signal, "SIGPIPE"):                 # `... | head` ends quietly, like other Unix tools
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
