@@ -47,7 +47,8 @@ import lth_tools
 import models
 
 # the slow marker (tests that train, start processes or build): the project keeps no pytest config file
-warnings.filterwarnings("ignore", message="Unknown pytest.mark.slow", category=pytest.PytestUnknownMarkWarning)
+warnings.filterwarnings("ignore", message="Unknown pytest.mark.slow",
+                        category=pytest.PytestUnknownMarkWarning)
 
 
 # ---- models ----
@@ -989,7 +990,8 @@ def test_missing_folders_say_where_to_put_what(tmp_path):
     with pytest.raises(DataError) as e:
         data.load_dataset("tinyimagenet", str(tmp_path), log=quiet)
     msg = str(e.value)
-    assert str(tmp_path / "tiny-imagenet-200") in msg and "wnids.txt" in msg and "tiny-imagenet-200.zip" in msg
+    assert (str(tmp_path / "tiny-imagenet-200") in msg and "wnids.txt" in msg
+            and "tiny-imagenet-200.zip" in msg)
     with pytest.raises(DataError, match=r"no automatic download.*image-net\.org") as e:
         data.load_dataset("imagenet", str(tmp_path), log=quiet)
     assert str(tmp_path / "imagenet") in str(e.value) and "val/<wnid>/*.JPEG" in str(e.value)
@@ -1154,7 +1156,8 @@ def test_grasp_scores_are_w_times_hessian_gradient_product():
             for p, gi in zip([shifted[0].weight, shifted[1].weight, shifted[3].weight], g):
                 p.add_(sign * eps * gi)
         lf = lambda xs, ys: F.cross_entropy(shifted(xs) / 2.0, ys)
-        grad = sum(torch.autograd.grad(lf(xs, ys), shifted[1].weight)[0] for xs, ys in ((x[:3], y[:3]), (x[3:], y[3:])))
+        grad = sum(torch.autograd.grad(lf(xs, ys), shifted[1].weight)[0]
+                   for xs, ys in ((x[:3], y[:3]), (x[3:], y[3:])))
         hg += sign * grad / (2 * eps)
     expected = model[1].weight.detach() * hg
     assert torch.allclose(scores["1.weight"], expected, rtol=1e-5, atol=1e-7 * expected.abs().max())
@@ -1361,7 +1364,8 @@ def test_refinement_repairs_a_planted_bad_partition():
     m, planted = planted_mask(out_rows=32, k=288, group=8, width=40)
     sim = L.row_similarity(m.numpy())
     good = [p.sort().values.numpy() for p in planted]
-    bad = [np.sort(np.concatenate([g[:7], good[(i + 1) % 4][7:]])) for i, g in enumerate(good)]  # one row swapped
+    # one row swapped
+    bad = [np.sort(np.concatenate([g[:7], good[(i + 1) % 4][7:]])) for i, g in enumerate(good)]
     score = lambda ps: sum(sim[np.ix_(p, p)].sum() for p in ps)
     refined = L.refine_partition(sim, bad)
     assert sorted(len(p) for p in refined) == [8, 8, 8, 8]
@@ -1404,7 +1408,8 @@ def test_regroup_channel_unit_selects_whole_input_channels():
     assert blocks["w"], "no block found"
     check_regroup(m, new["w"], blocks["w"], min_block_cols=9)
     for rows, cols in blocks["w"]:
-        assert len(cols) % 9 == 0 and torch.equal(cols.view(-1, 9) % 9, torch.arange(9).expand(len(cols) // 9, 9))
+        assert len(cols) % 9 == 0 and torch.equal(cols.view(-1, 9) % 9,
+                                                  torch.arange(9).expand(len(cols) // 9, 9))
 
 
 def test_regroup_vector_unit_selects_aligned_runs_of_channels_at_one_position():
@@ -1416,7 +1421,8 @@ def test_regroup_vector_unit_selects_aligned_runs_of_channels_at_one_position():
         c, pos = cols // 9, cols % 9
         for j in pos.unique():
             runs = c[pos == j].sort().values.view(-1, 8)
-            assert (runs[:, 0] % 8 == 0).all() and torch.equal(runs - runs[:, :1], torch.arange(8).expand_as(runs))
+            assert (runs[:, 0] % 8 == 0).all() and torch.equal(runs - runs[:, :1],
+                                                               torch.arange(8).expand_as(runs))
     odd = realistic_mask(16, 12 * 9).reshape(16, 12, 3, 3)  # 12 channels: position units (documented rule)
     assert torch.equal(L.regroup_mask(odd, "vector")[0], L.regroup_mask(odd, "position")[0])
 
@@ -1470,7 +1476,8 @@ def test_official_width_follows_a_hand_trace_of_the_official_loop():
     # Column-index bug: one row, nonzeros in columns 3, 4 (count 2). i = 1, 2: count 2, i <= 3: stop.
     # i = 3: column 3 is set, count 1, 3 > 1.5: width 3 (the corrected rule stops at 2: both columns).
     assert L.official_width([[0, 0, 0, 1, 1, 0]]) == 3
-    assert len(L.intended_block_columns(np.array([[0, 0, 0, 1, 1, 0]]), [np.arange(1)], 1, 0, 1, 1)[0][1]) == 2
+    assert len(L.intended_block_columns(np.array([[0, 0, 0, 1, 1, 0]]), [np.arange(1)],
+                                        1, 0, 1, 1)[0][1]) == 2
     # Stop at the first failing row: counts (3, 6). i = 1: row 0 -> 2, 1 <= 3: stop, row 1 keeps 6.
     # i = 2: row 0 -> 1 passes, row 1 -> 5, 2 <= 7.5 stops. i = 3: 0; 4, 3 <= 6 stops. i = 4: 0; 3,
     # 4 <= 4.5 stops. i = 5: 0; 2, 5 > 3: width 5 (with row 1 counted at i = 1 it would be 4).
@@ -1507,7 +1514,8 @@ def test_official_regroup_keeps_its_row_rules_and_its_unstructured_fallback():
     (lambda: L.refill_mask(torch.ones(4, 2, 3, 3), torch.ones(4, 18)), "must have the same shape"),
     (lambda: L.refill_mask(torch.ones(4, 18), torch.ones(4, 18), extra=2), "must be in [0, 1]"),
     (lambda: L.postprocess("prune", {}, {}), "unknown method 'prune'"),
-    (lambda: L.postprocess("refill", {}, {}, groups=4), "refill takes the knobs ['score', 'channel_multiple'], not ['groups']"),
+    (lambda: L.postprocess("refill", {}, {}, groups=4),
+     "refill takes the knobs ['score', 'channel_multiple'], not ['groups']"),
     (lambda: L.magnitude_prune({}, {}, 1.5), "rate must be in [0, 1)"),
     (lambda: L.magnitude_prune({"a": torch.ones(3)}, {"a": torch.ones(4)}, 0.5), "same names and shapes"),
 ])
@@ -1605,7 +1613,8 @@ def test_plus_schedule_is_app_a2s_and_explicit_flags_override():
 def test_lr_restart_starts_rewound_levels_at_epoch_0_and_allows_a_full_rewind():
     trunk, reinit = L.Run("trunk", "x", "imp", "rewind", False), L.Run("b", "x/b", "refill", "reinit", False)
     resume, restart = L.resolve(L.Config()), L.resolve(L.Config(lr_schedule="restart", rewind_epoch=160))
-    assert [L.first_epoch(resume, trunk, 0), L.first_epoch(resume, trunk, 3), L.first_epoch(resume, reinit, 3)] == [0, 8, 0]
+    assert [L.first_epoch(resume, trunk, 0), L.first_epoch(resume, trunk, 3),
+            L.first_epoch(resume, reinit, 3)] == [0, 8, 0]
     assert L.first_epoch(restart, trunk, 3) == 0 and restart.rewind_epoch == restart.epochs
     with pytest.raises(L.UsageError, match="--lr-schedule restart also allows"):
         L.resolve(L.Config(rewind_epoch=160))
@@ -1726,7 +1735,8 @@ def test_branches_post_process_the_unstructured_trunk(tmp_path, method, flags):
     assert [r["level"] for r in rows_of(rows, name)] == [1, 2]
     for level in (1, 2):
         trunk, branch, m_level = ticket(out, level), ticket(out, level, name), trunk_mask(out, level)
-        assert all(torch.equal(trunk["masks"][n], m_level[n]) for n in m_level)   # trunk stays unstructured IMP
+        # trunk stays unstructured IMP
+        assert all(torch.equal(trunk["masks"][n], m_level[n]) for n in m_level)
         assert round(trunk["metrics"]["density"], 3) == round(0.8 ** level, 3)
         scored_by = ticket(out, level - 1)["state_dict"]       # the weights m_L was pruned from
         for n, m in branch["masks"].items():
@@ -1861,9 +1871,11 @@ def test_a_run_repeated_from_scratch_is_the_same_bit_for_bit_and_another_seed_is
 def test_reinit_starts_from_a_fresh_initialization(tmp_path):
     out, rows = run_cli(tmp_path, "--levels", "1", "--init", "reinit")
     assert [r["branch"] for r in rows] == ["trunk", "trunk", "imp_reinit"]
-    exp, trunk, branch = L.open_experiment(cli_config("--out-dir", out, "--init", "reinit"), log=lambda *_: None)
+    exp, trunk, branch = L.open_experiment(cli_config("--out-dir", out, "--init", "reinit"),
+                                           log=lambda *_: None)
     fresh, rewound = L.level_start(exp, branch, 1), L.level_start(exp, trunk, 1)
-    assert fresh.first_epoch == 0 and all(torch.equal(fresh.masks[n], ticket(out, 1)["masks"][n]) for n in fresh.masks)
+    assert fresh.first_epoch == 0 and all(torch.equal(fresh.masks[n], ticket(out, 1)["masks"][n])
+                                          for n in fresh.masks)
     assert not torch.equal(fresh.state["layer1.0.conv1.weight"], rewound.state["layer1.0.conv1.weight"])
 
 
@@ -1871,12 +1883,14 @@ def test_reinit_starts_from_a_fresh_initialization(tmp_path):
 def test_restart_retrains_every_epoch_after_a_rewind_to_the_last_one(tmp_path):
     lines = []
     out = str(tmp_path / "run")
-    L.run_experiment(cli_config("--out-dir", out, "--levels", "1", "--lr-schedule", "restart", "--rewind-epoch", "2"),
+    L.run_experiment(cli_config("--out-dir", out, "--levels", "1", "--lr-schedule", "restart",
+                                "--rewind-epoch", "2"),
                      log=lines.append)
-    assert [l.split(" epoch ")[1][:5].strip() for l in lines if l.startswith("trunk level  1 epoch")] == ["1/2", "2/2"]
+    assert [l.split(" epoch ")[1][:5].strip() for l in lines
+            if l.startswith("trunk level  1 epoch")] == ["1/2", "2/2"]
     assert json.load(open(os.path.join(out, "config.json")))["lr_schedule"] == "restart"
     dense = L.load_file(os.path.join(out, "rewind.pt"), "rewind state")
-    assert all(torch.equal(dense[k], ticket(out, 0)["state_dict"][k]) for k in dense)   # 100%: the trained net
+    assert all(torch.equal(dense[k], ticket(out, 0)["state_dict"][k]) for k in dense)  # 100%: the trained net
 
 
 def planted_nan_at_step(n, monkeypatch):
@@ -1901,7 +1915,8 @@ def test_a_diverging_loss_stops_the_run_keeps_the_last_checkpoint_and_writes_not
     assert "lower --lr" in err and "another --out-dir" in err and "Traceback" not in err
     assert (out / "level_00" / "checkpoint.pt").exists() and not (out / "level_00" / "ticket.pt").exists()
     assert not (out / "results.json").exists()
-    assert L.load_checkpoint(str(out / "level_00" / "checkpoint.pt"), models.MODELS["resnet20"](10))["metrics"]["epoch"] == 1
+    assert L.load_checkpoint(str(out / "level_00" / "checkpoint.pt"),
+                             models.MODELS["resnet20"](10))["metrics"]["epoch"] == 1
     monkeypatch.undo()
     assert L.main(FAST + ["--out-dir", str(tmp_path / "huge"), "--levels", "0", "--lr", "1e30"]) == 2
     assert "diverged in epoch 1/2 at learning rate 1e+30" in capsys.readouterr().err
@@ -1945,9 +1960,12 @@ def test_two_processes_on_one_experiment_train_each_level_once(tmp_path, methods
 def test_the_same_branch_from_a_second_process_stops_with_a_message_unless_it_waits(tmp_path, capsys):
     out = tmp_path / "run"
     (out / "regroup").mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, lth_ref; f = lth_ref.try_lock(sys.argv[1]); "
-                               "print('locked', flush=True); time.sleep(600)", str(out / "regroup" / "run.lock")],
-                              stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time, lth_ref; f = lth_ref.try_lock(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(600)",
+                               str(out / "regroup" / "run.lock")],
+                              stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)))
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert L.main(FAST + ["--out-dir", str(out), "--levels", "1", "--method", "regroup"]) == 2
@@ -1957,7 +1975,8 @@ def test_the_same_branch_from_a_second_process_stops_with_a_message_unless_it_wa
         holder.kill()
         holder.wait()
     lock = L.try_lock(str(out / "regroup" / "run.lock"))      # the kernel released the killed holder's lock
-    assert lock is not None and L.lock_holder(str(out / "regroup" / "run.lock")) == f"pid {os.getpid()} on {socket.gethostname()}"
+    assert lock is not None and (L.lock_holder(str(out / "regroup" / "run.lock"))
+                                 == f"pid {os.getpid()} on {socket.gethostname()}")
     L.release(lock)
 
 
@@ -1989,7 +2008,8 @@ def test_sigterm_mid_level_stops_with_128_plus_15_and_the_same_command_resumes_e
     assert "stopped by SIGTERM at trunk level 1 after epoch 1/2: the last epoch checkpoint is kept" in log
     assert "Traceback" not in log and os.path.exists(os.path.join(out, "level_01", "checkpoint.pt"))
     resumed = lth_ref_process(out, *flags)
-    assert "resuming at epoch 1" in resumed.communicate(timeout=TORCHRUN_TIMEOUT_S)[0] and resumed.returncode == 0
+    assert ("resuming at epoch 1" in resumed.communicate(timeout=TORCHRUN_TIMEOUT_S)[0]
+            and resumed.returncode == 0)
     assert results(out) == results(str(tmp_path / "straight"))
 
 
@@ -1999,7 +2019,8 @@ def test_an_out_dir_or_data_dir_that_is_a_file_is_an_error_with_a_hint(tmp_path,
     assert "is a file, not a directory" in capsys.readouterr().err
     assert L.main(FAST + ["--out-dir", str(tmp_path / "file" / "sub")]) == 2
     assert f"{tmp_path / 'file'} is a file" in capsys.readouterr().err
-    assert L.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "file"), "--out-dir", str(tmp_path / "o")]) == 2
+    assert L.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "file"),
+                   "--out-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "--data-dir" in err and "is a file" in err and not (tmp_path / "o").exists()
 
@@ -2043,7 +2064,8 @@ def torchrun(out, *extra, stop_at=None):
     """lth_ref under torchrun with 2 CPU processes (gloo); stop_at: interrupt the job (SIGINT to its
     process group) after the first log line starting with it. Returns (exit code, stdout)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(os.path.dirname(os.path.abspath(__file__)), "lth_ref.py"), *FAST, "--out-dir", out, *extra]
+           os.path.join(os.path.dirname(os.path.abspath(__file__)), "lth_ref.py"), *FAST,
+           "--out-dir", out, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
@@ -2069,7 +2091,8 @@ def test_torchrun_two_processes_train_like_one_write_once_and_resume(tmp_path):
     assert code == 0, log
     two = json.load(open(tmp_path / "two" / "results.json"))
     assert [(r["branch"], r["level"]) for r in two] == [(r["branch"], r["level"]) for r in one]
-    assert log.count("== trunk level 1 done") == 1 and "processes" in open(tmp_path / "two" / "config.json").read()
+    assert (log.count("== trunk level 1 done") == 1
+            and "processes" in open(tmp_path / "two" / "config.json").read())
     assert not [f for f in os.listdir(tmp_path / "two" / "level_01") if f != "ticket.pt"]   # no stray files
     m1, m2 = ticket(one_dir, 1)["masks"], ticket(str(tmp_path / "two"), 1)["masks"]
     agree = sum(int((m1[n] == m2[n]).sum()) for n in m1) / sum(m.numel() for m in m1.values())
@@ -2101,8 +2124,8 @@ def test_a_resnet50_level_runs_on_a_tiny_image_folder(tmp_path):
     write_tiny_imagenet(tmp_path / "data")
     out = str(tmp_path / "run")
     assert L.main(["--dataset", "tinyimagenet", "--data-dir", str(tmp_path / "data"), "--arch", "resnet50",
-                   "--epochs", "1", "--levels", "1", "--batch-size", "4", "--device", "cpu", "--val-split", "3",
-                   "--method", "refill", "--out-dir", out]) == 0
+                   "--epochs", "1", "--levels", "1", "--batch-size", "4", "--device", "cpu",
+                   "--val-split", "3", "--method", "refill", "--out-dir", out]) == 0
     rows = json.load(open(os.path.join(out, "results.json")))
     assert [(r["branch"], r["level"]) for r in rows] == [("trunk", 0), ("trunk", 1), ("refill", 1)]
     assert all(0 <= r["val_acc"] <= 1 and 0 <= r["test_acc"] <= 1 for r in rows)
@@ -2288,7 +2311,8 @@ BENCH = dict(device="test device", date="2026-01-02", torch="x", runs=[dict(
 @pytest.fixture(scope="module")
 def report_exp(tmp_path_factory):
     """Two methods, two levels. Accuracies set by hand in results.json: regroup's level 2 equals the dense
-    accuracy (a tie, which wins), every refill level is below it (none). A bench.json on each regroup level."""
+    accuracy (a tie, which wins), every refill level is below it (none). A bench.json on each regroup
+    level."""
     tmp = tmp_path_factory.mktemp("report")
     tiny = ["--levels", "2", "--epochs", "1", "--train-subset", "64"]         # one SGD step per level
     run_cli(tmp, *tiny, "--method", "regroup")
@@ -2311,7 +2335,8 @@ def md_table_after(text, marker):
     """The first markdown table after `marker` as dicts of strings."""
     lines = text[text.index(marker):].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| "))
-    table = [line.strip("|").split("|") for line in itertools.takewhile(lambda l: l.startswith("|"), lines[start:])]
+    table = [line.strip("|").split("|")
+             for line in itertools.takewhile(lambda l: l.startswith("|"), lines[start:])]
     keys = [k.strip() for k in table[0]]
     return [dict(zip(keys, (v.strip() for v in row))) for row in table[2:]]
 
@@ -2348,7 +2373,8 @@ def test_report_has_every_row_and_each_runs_extreme_ticket_by_the_rule(report_ex
     text = open(os.path.join(out, "report", "report.md")).read()
     table = md_table_after(text, "Dense accuracy")
     assert [(r["branch"], int(r["level"])) for r in table] == \
-        [("trunk", 0), ("trunk", 1), ("trunk", 2), ("refill", 1), ("refill", 2), ("regroup", 1), ("regroup", 2)]
+        [("trunk", 0), ("trunk", 1), ("trunk", 2), ("refill", 1), ("refill", 2),
+         ("regroup", 1), ("regroup", 2)]
     by_key = {(r["branch"], r["level"]): r for r in rows}
     for r in table:
         want = by_key[(r["branch"], int(r["level"]))]
@@ -2361,8 +2387,10 @@ def test_report_has_every_row_and_each_runs_extreme_ticket_by_the_rule(report_ex
     for branch in ("trunk", "refill", "regroup"):
         level = extreme_by_rule(rows_of(rows, branch), dense)
         assert extremes[branch]["extreme winning ticket"] == ("none" if level is None else f"level {level}")
-    assert extremes["regroup"]["extreme winning ticket"] == "level 2" and extremes["refill"]["time saving"] == "-"
-    assert extremes["regroup"]["time saving"].startswith("50.0% conv layers, 25.0% end to end (batch 64, test device")
+    assert (extremes["regroup"]["extreme winning ticket"] == "level 2"
+            and extremes["refill"]["time saving"] == "-")
+    assert extremes["regroup"]["time saving"].startswith(
+        "50.0% conv layers, 25.0% end to end (batch 64, test device")
 
 
 @pytest.mark.slow
@@ -2379,7 +2407,8 @@ def test_report_pictures_decode_at_the_stated_sizes(report_exp, tmp_path):
         assert png_size(written[name]) == (w, h) and f"`{name}` ({w}x{h} px)" in text
         assert os.path.getsize(written[name]) < 60_000
     speed = list(csv.DictReader(open(written["layer_speedup_regroup_level_01.csv"])))
-    assert [float(r["speedup"]) for r in speed] == [2.0, 2.0] and [r["path"] for r in speed] == ["cuda-kernel", "dense"]
+    assert ([float(r["speedup"]) for r in speed] == [2.0, 2.0]
+            and [r["path"] for r in speed] == ["cuda-kernel", "dense"])
 
 
 def no_matplotlib(monkeypatch):
@@ -2388,7 +2417,8 @@ def no_matplotlib(monkeypatch):
 
 
 @pytest.mark.slow
-def test_report_without_matplotlib_says_so_once_and_writes_the_tables(report_exp, tmp_path, monkeypatch, capsys):
+def test_report_without_matplotlib_says_so_once_and_writes_the_tables(report_exp, tmp_path, monkeypatch,
+                                                                      capsys):
     no_matplotlib(monkeypatch)
     out, _ = report_exp
     written = lth_tools.write_report([out], str(tmp_path), log=lambda *_: None)
@@ -2396,7 +2426,8 @@ def test_report_without_matplotlib_says_so_once_and_writes_the_tables(report_exp
     assert err.count("pip install matplotlib") == 1 and err.startswith("WARNING: matplotlib is not installed")
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".png")]
     assert "Extreme winning tickets" in open(written["report.md"]).read()
-    assert {"accuracy_vs_sparsity.csv", "extreme_tickets.csv", "layer_speedup_regroup_level_02.csv"} <= set(written)
+    assert {"accuracy_vs_sparsity.csv", "extreme_tickets.csv",
+            "layer_speedup_regroup_level_02.csv"} <= set(written)
 
 
 def test_extreme_ticket_rule_on_hand_made_rows():
@@ -2405,10 +2436,11 @@ def test_extreme_ticket_rule_on_hand_made_rows():
     assert lth_tools.extreme_ticket(rows, 0.90)["level"] == 2                    # equal to dense counts
     assert lth_tools.extreme_ticket(rows, 0.905)["level"] == 1
     assert lth_tools.extreme_ticket(rows, 0.95) is None                          # no winning level
-    assert lth_tools.extreme_ticket([row(0, 1.0, 0.99)], 0.5) is None            # the dense level is no ticket
+    assert lth_tools.extreme_ticket([row(0, 1.0, 0.99)], 0.5) is None       # the dense level is no ticket
     assert lth_tools.extreme_ticket(rows, None) is None
     ties = [row(1, 0.5, 0.92), row(2, 0.5, 0.93), row(3, 0.5, 0.93), row(4, 0.6, 0.99)]
-    assert lth_tools.extreme_ticket(ties, 0.9)["level"] == 2                    # same density: higher acc, lower level
+    # same density: higher acc, lower level
+    assert lth_tools.extreme_ticket(ties, 0.9)["level"] == 2
 
 
 def write_experiment(path, config, rows):
@@ -2446,15 +2478,19 @@ def test_report_groups_seeds_and_reads_the_single_run_layout(tmp_path, monkeypat
         [("0", "0.53", "0.5000-0.5600"), ("1", "0.55", "0.5000-0.6000"), ("2", "0.725", "0.7000-0.7500")]
     assert "0.5300 (mean of 2 seeds, range 0.5000-0.5600)" in text
     old = md_table_after(text, "## old")
-    assert [(r["branch"], r["method"], r["level"]) for r in old] == [("regroup", "regroup", "0"), ("regroup", "regroup", "1")]
+    assert [(r["branch"], r["method"], r["level"]) for r in old] == [("regroup", "regroup", "0"),
+                                                                     ("regroup", "regroup", "1")]
     assert md_table_after(text[text.index("## old"):], "Extreme")[0]["extreme winning ticket"] == "level 1"
 
 
 def test_transcribed_paper_cells():
-    assert lth_tools.paper_cell("resnet18", "cifar10", "regroup", "rewind", 1) == ("A4", "table1", 80.00, 94.48)
-    assert lth_tools.paper_cell("resnet18", "cifar10", "refill", "reinit", 5) == ("A3", "table1", 32.97, 93.53)
+    assert (lth_tools.paper_cell("resnet18", "cifar10", "regroup", "rewind", 1)
+            == ("A4", "table1", 80.00, 94.48))
+    assert (lth_tools.paper_cell("resnet18", "cifar10", "refill", "reinit", 5)
+            == ("A3", "table1", 32.97, 93.53))
     assert lth_tools.paper_cell("vgg16", "cifar100", "regroup", "rewind", 9) == ("A5", "plus", 25.27, 75.25)
-    assert lth_tools.paper_cell("wrn32_2", "cifar100", "imp", "rewind", 5) is None          # Table A6 prints no round 5
+    # Table A6 prints no round 5
+    assert lth_tools.paper_cell("wrn32_2", "cifar100", "imp", "rewind", 5) is None
     assert lth_tools.PAPER_DENSE[("resnet50_3x3stem", "tinyimagenet")] == ("A7", 65.33)
     assert lth_tools.PAPER_SAVINGS[("resnet18", "cifar100", "regroup")][0] == 64.93
 
@@ -2465,9 +2501,10 @@ A4_SETTING = dict(arch="resnet18", dataset="cifar10", seed=0, mask_source="imp",
 
 def write_a4_experiment(path, cfg=A4_SETTING, branch=None):
     """A ResNet-18 CIFAR-10 trunk and regroup branch (level 1 of Table A4's rows) with these settings."""
-    row = lambda branch, method, level, density, acc: dict(branch=branch, source="imp", method=method, init="rewind",
-                                                           level=level, density=density, test_acc=acc,
-                                                           flop_ratio="", blocks="", coverage="")
+    row = lambda branch, method, level, density, acc: dict(branch=branch, source="imp", method=method,
+                                                           init="rewind", level=level, density=density,
+                                                           test_acc=acc, flop_ratio="", blocks="",
+                                                           coverage="")
     write_experiment(path, cfg, [row("trunk", "imp", 0, 1.0, 0.95), row("trunk", "imp", 1, 0.8, 0.951),
                                  row("regroup", "regroup", 1, 0.8, 0.9400)])
     os.makedirs(path / "regroup")
@@ -2543,12 +2580,13 @@ def test_report_shows_no_paper_cell_for_a_run_that_differs_in_one_setting(tmp_pa
 def test_a_one_epoch_resnet18_cifar_run_shows_no_table_a4_cell_and_says_why(tmp_path, capsys):
     write_cifar(tmp_path / "data", data.CIFAR10, train_rows=[8, 8, 8, 8, 8], test_rows=[10])
     out = str(tmp_path / "run")
-    assert L.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--arch", "resnet18", "--levels", "1",
-                   "--epochs", "1", "--batch-size", "20", "--device", "cpu", "--method", "regroup",
-                   "--block-columns", "paper", "--out-dir", out]) == 0
+    assert L.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--arch", "resnet18",
+                   "--levels", "1", "--epochs", "1", "--batch-size", "20", "--device", "cpu",
+                   "--method", "regroup", "--block-columns", "paper", "--out-dir", out]) == 0
     assert L.main(["--report", out]) == 0
     text = open(os.path.join(out, "report", "report.md")).read()
-    regroup = next(r for r in md_table_after(text, "Dense accuracy") if r["branch"] == "regroup_colrule-paper")
+    regroup = next(r for r in md_table_after(text, "Dense accuracy")
+                   if r["branch"] == "regroup_colrule-paper")
     assert regroup["paper: table, remaining %, acc %"] == "not shown: settings differ"
     note = next(line for line in text.splitlines()
                 if line.startswith("- regroup_colrule-paper: paper cell not shown"))
@@ -2672,7 +2710,8 @@ def test_reference_matches_masked_conv(shape):
 def poisoned(monkeypatch):
     """Every runner's output and scratch (kernels._new) starts as NaN: a value never written shows."""
     def nan_filled(x, shape, memory_format=torch.contiguous_format):
-        return torch.full(shape, float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=memory_format)
+        return torch.full(shape, float("nan"), dtype=x.dtype,
+                          device=x.device).contiguous(memory_format=memory_format)
     monkeypatch.setattr(kernels, "_new", nan_filled)
 
 
@@ -2794,7 +2833,8 @@ def test_choice_is_measured_once_per_shape_format_and_dtype(monkeypatch):
     layer, masked = small_layer()
     calls = []
     real = kernels.measure_paths
-    monkeypatch.setattr(kernels, "measure_paths", lambda runs, device: calls.append(list(runs)) or real(runs, device))
+    monkeypatch.setattr(kernels, "measure_paths",
+                        lambda runs, device: calls.append(list(runs)) or real(runs, device))
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
         for inp in (x, x, x.contiguous(memory_format=torch.channels_last), x.double(), x[:1], x[:1]):
@@ -2971,7 +3011,8 @@ def test_regrouped_conv_stores_packed_blocks_and_adds_the_bias_on_every_path():
         for strategy in (None, *kernels.CANDIDATES["cpu"]):
             layer = kernels.RegroupedConv2d.from_conv(conv, blocks["body.4.weight"], strategy=strategy)
             y1, y2 = layer(x), layer(x)
-            assert rel_err(y1, ref) < 1e-5 and torch.equal(y1, y2), strategy  # the bias added once, to a new y
+            # the bias added once, to a new y
+            assert rel_err(y1, ref) < 1e-5 and torch.equal(y1, y2), strategy
 
 
 def test_regrouped_model_rejects_tickets_that_do_not_fit():
@@ -3019,7 +3060,8 @@ def test_bench_layers_times_the_masked_conv_and_the_fastest_path_on_the_real_act
     assert [r["input_hw"] for r in rows] == [(16, 16), (16, 16), (8, 8)]  # body.2 has stride 2
     for r, (dense_y, layer_y), mask2d in zip(rows, timed, masks.values()):
         assert r["path"] == "gather" and (layer_y - dense_y - 1).abs().max() < 1e-5  # dense, then the layer
-        assert (r["dense_ms"], r["regrouped_ms"]) == (3.0, 1.5) and r["max_rel_err"] > 0.1  # the bug is reported
+        # the bug is reported
+        assert (r["dense_ms"], r["regrouped_ms"]) == (3.0, 1.5) and r["max_rel_err"] > 0.1
         assert (r["speedup"], r["noisy"], r["dense_range_ms"]) == (2.0, False, "3-3")
         assert r["flop_ratio"] == pytest.approx(mask2d.mean().item())
         assert r["candidates"] == "dense 1e+04, conv 1e+04, grouped 1e+04, gather 1e+03"  # fake_clock's ticks
@@ -3029,9 +3071,11 @@ def test_bench_model_reports_the_chosen_paths_the_conv_macs_and_a_wrong_path(mon
     model, blocks, masks = tiny_model_and_blocks()
     fake_clock(monkeypatch, {"gather": 1})
     fake_timing(monkeypatch)
-    bench = functools.partial(kernels.bench_model, model, blocks, batch_size=4, repeats=1, input_size=(3, 16, 16))
+    bench = functools.partial(kernels.bench_model, model, blocks, batch_size=4, repeats=1,
+                              input_size=(3, 16, 16))
     total = bench()
-    assert total["paths"] == "gather 3" and total["max_rel_err"] < 1e-5 and total["memory_format"] == "contiguous"
+    assert (total["paths"] == "gather 3" and total["max_rel_err"] < 1e-5
+            and total["memory_format"] == "contiguous")
     ratio = sum(masks[n].mean().item() * macs for n, macs in TINY_MACS.items()) / sum(TINY_MACS.values())
     assert total["conv_flop_ratio"] == pytest.approx(ratio)
     planted_bug(monkeypatch, "gather")
@@ -3053,9 +3097,11 @@ def test_regrouped_model_in_channels_last_equals_masked_dense_model():
         y = regrouped(x.contiguous(memory_format=cl))
     assert rel_err(y, ref) < 1e-5
     assert kernels.memory_format_of(inner[0]) == cl  # the activations stay channels-last
-    rows = kernels.bench_layers(model, blocks, batch_size=2, repeats=1, input_size=(3, 16, 16), memory_format=cl)
+    rows = kernels.bench_layers(model, blocks, batch_size=2, repeats=1, input_size=(3, 16, 16),
+                                memory_format=cl)
     assert all(r["max_rel_err"] < 1e-5 for r in rows)
-    total = kernels.bench_model(model, blocks, batch_size=2, repeats=1, input_size=(3, 16, 16), memory_format=cl)
+    total = kernels.bench_model(model, blocks, batch_size=2, repeats=1, input_size=(3, 16, 16),
+                                memory_format=cl)
     assert total["max_rel_err"] < 1e-5 and total["memory_format"] == "channels_last"
 
 
@@ -3073,45 +3119,51 @@ def spy_conv2d(monkeypatch):
 
 
 @pytest.mark.parametrize("memory_format", list(kernels.MEMORY_FORMATS))
-def test_dense_and_grouped_paths_run_the_weight_in_the_input_format_with_the_bias_inside(memory_format, monkeypatch):
+def test_dense_and_grouped_paths_run_the_weight_in_the_input_format_with_the_bias_inside(memory_format,
+                                                                                         monkeypatch):
     fmt = kernels.MEMORY_FORMATS[memory_format]
     w, bias = torch.randn(16, 8, 3, 3), torch.randn(16)
-    blocks = [(torch.arange(8), torch.arange(9)), (torch.arange(8, 15), torch.arange(9, 40))]  # row 15: no block
+    # row 15: no block
+    blocks = [(torch.arange(8), torch.arange(9)), (torch.arange(8, 15), torch.arange(9, 40))]
     masked = w * kernels.block_mask(w.shape, blocks)
     x = torch.randn(2, 8, 6, 6).contiguous(memory_format=fmt)
-    ref = F.conv2d(x.double(), masked.double(), bias.double(), padding=1)           # before the spy
+    ref = F.conv2d(x.double(), masked.double(), bias.double(), padding=1)       # before the spy
     plain = F.conv2d(x, masked.contiguous(memory_format=fmt), bias, padding=1)
     calls = spy_conv2d(monkeypatch)
     dense = kernels.RegroupedConv2d(w, blocks, bias, padding=1, strategy="dense")
     with torch.no_grad():
-        y1, y2 = dense(x), dense(x)                                                 # the second: the kept runner
-    assert calls == [(fmt, True), (fmt, True)]                                      # one conv each, bias inside
+        y1, y2 = dense(x), dense(x)                                             # the second: the kept runner
+    assert calls == [(fmt, True), (fmt, True)]                                  # one conv each, bias inside
     assert rel_err(y1, ref) < 1e-6 and torch.equal(y1, y2) and kernels.memory_format_of(y1) == fmt
-    assert torch.equal(y1, plain)                                                   # F.conv2d's very values
+    assert torch.equal(y1, plain)                                               # F.conv2d's very values
     grouped = kernels.RegroupedConv2d(w, blocks, bias, padding=1, strategy="grouped")
     with torch.no_grad():
         y = grouped(x)
-    assert calls[2:] == [(torch.channels_last, True)] and rel_err(y, ref) < 1e-6    # the bias in its grouped conv
-    assert torch.equal(y[:, 15], bias[15].expand(2, 6, 6))                          # a row in no block: its bias
+    # the bias in its grouped conv
+    assert calls[2:] == [(torch.channels_last, True)] and rel_err(y, ref) < 1e-6
+    assert torch.equal(y[:, 15], bias[15].expand(2, 6, 6))                      # a row in no block: its bias
 
 
 def test_choice_rule_never_picks_a_path_slower_than_dense(monkeypatch):
     margin = kernels.PATH_MARGIN
     assert kernels.choose_path({"dense": 1.0, "grouped": 0.5, "conv": 0.7}) == "grouped"
     assert kernels.choose_path({"dense": 1.0, "conv": 1.2}) == "dense"
-    assert kernels.choose_path({"dense": 1.0, "gather": 1.0 / (1 + margin / 2)}) == "dense"   # a near-tie: dense
+    # a near-tie: dense
+    assert kernels.choose_path({"dense": 1.0, "gather": 1.0 / (1 + margin / 2)}) == "dense"
     assert kernels.choose_path({"dense": 1.0, "gather": 1.0 / (1 + 2 * margin)}) == "gather"
     g = torch.Generator().manual_seed(0)
     for _ in range(200):                                       # planted times: the choice's median <= dense's
         times = dict(zip(("dense", "conv", "grouped", "gather"), (0.5 + torch.rand(4, generator=g)).tolist()))
         assert times[kernels.choose_path(times)] <= times["dense"]
-    fake_clock(monkeypatch, {"dense": 100, "conv": 99, "grouped": 98, "gather": 300})  # 2% faster: inside the margin
+    # 2% faster: inside the margin
+    fake_clock(monkeypatch, {"dense": 100, "conv": 99, "grouped": 98, "gather": 300})
     layer, masked = small_layer()
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
         y = layer(x)
     times = layer.info["times"][kernels.choice_key(x)]
-    assert layer.path_for(x) == "dense" and set(times) == {"dense", "conv", "grouped", "gather"}  # all recorded
+    # all recorded
+    assert layer.path_for(x) == "dense" and set(times) == {"dense", "conv", "grouped", "gather"}
     assert times["grouped"] < times["dense"] and rel_err(y, F.conv2d(x, masked, padding=1)) < 1e-5
 
 
@@ -3139,13 +3191,15 @@ def test_bench_dtype_reaches_the_model_and_the_input(dtype, monkeypatch):
     assert all(r["dtype"] == str(dtype)[6:] for r in rows)
     assert all(y.dtype == dtype for ys in timed for y in ys)  # dense conv and the layer ran in dtype
     total = kernels.bench_model(model, blocks, batch_size=2, repeats=1, input_size=(3, 16, 16), dtype=dtype)
-    assert total["dtype"] == str(dtype)[6:] and timed[-1][0].dtype == timed[-1][1].dtype == dtype  # both models
+    # both models
+    assert total["dtype"] == str(dtype)[6:] and timed[-1][0].dtype == timed[-1][1].dtype == dtype
 
 
 def test_bench_dtype_that_does_not_run_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(F, "conv2d", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError('"slow_conv2d" not '
-                                                                                        'implemented for \'Half\'')))
-    with pytest.raises(ValueError, match="float16 convs do not run on this cpu .*slow_conv2d.*another precision"):
+    monkeypatch.setattr(F, "conv2d", lambda *a, **kw: (_ for _ in ()).throw(
+        RuntimeError('"slow_conv2d" not implemented for \'Half\'')))
+    with pytest.raises(ValueError, match="float16 convs do not run on this cpu "
+                                         ".*slow_conv2d.*another precision"):
         kernels.check_dtype("cpu", torch.float16)
 
 
@@ -3177,7 +3231,8 @@ def test_bench_rows_with_a_spread_larger_than_the_effect_are_noisy_and_same_path
 
 def test_bench_saving_counts_a_layer_run_dense_on_both_sides_as_no_saving():
     """Two timings of the same conv differ by noise: a "same path" layer saves nothing, whatever they say."""
-    layers = [{"name": "a", "flop_ratio": 0.2, "dense_ms": 4.0, "regrouped_ms": 2.0, "speedup": 2.0, "path": "gather"},
+    layers = [{"name": "a", "flop_ratio": 0.2, "dense_ms": 4.0, "regrouped_ms": 2.0, "speedup": 2.0,
+               "path": "gather"},
               {"name": "b", "flop_ratio": 0.5, "dense_ms": 6.0, "regrouped_ms": 3.0,
                "speedup": kernels.SAME_PATH, "path": "dense"}]
     bench = {"device": "cpu", "date": "d", "runs": [{"batch": 64, "layers": layers}]}
@@ -3200,7 +3255,8 @@ def test_cuda_tables_cover_every_block_row_once(path):
     meta, tiles, rows, tile = p["meta"].tolist(), p["tiles"].tolist(), p["rows"].long(), p["tile_rows"]
     _, _, kh, kw = weight.shape
     c, ky, kx, used = p["cols"].long().unbind(1)  # per padded column: (c, ky, kx, 1), padding (0, 0, 0, 0)
-    x_cols = F.unfold(x, weight.shape[2:], **conv)[:, c * kh * kw + ky * kw + kx] * used[:, None]  # (N, K', L)
+    # (N, K', L)
+    x_cols = F.unfold(x, weight.shape[2:], **conv)[:, c * kh * kw + ky * kw + kx] * used[:, None]
     y = torch.zeros(x.shape[0], weight.shape[0], x_cols.shape[2])
     for b, row0 in tiles:
         r_start, n_rows, c_start, n_cols, w_off, _ = meta[b]
@@ -3243,7 +3299,8 @@ def test_cuda_source_compiles_without_spills(tmp_path):
     src = tmp_path / "grouped_gemm.cu"
     src.write_text(kernels.CUDA_SRC)
     res = subprocess.run(["nvcc", "-arch=sm_90", "-c", "-Xptxas", "-v", *NVCC_TORCH_FLAGS, str(src),
-                          "-o", str(tmp_path / "grouped_gemm.o")], capture_output=True, text=True, timeout=300)
+                          "-o", str(tmp_path / "grouped_gemm.o")],
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
     assert len(spills) == 6  # {float, half, bf16} x {32x128, 64x64} tiles
@@ -3254,13 +3311,15 @@ def cuda_include_dir():
     """The CUDA toolkit's include folder, as nvcc reports it (nvcc may be a wrapper script)."""
     with tempfile.TemporaryDirectory() as tmp:
         open(os.path.join(tmp, "e.cu"), "w").close()
-        res = subprocess.run(["nvcc", "--dryrun", "-c", os.path.join(tmp, "e.cu")], capture_output=True, text=True)
+        res = subprocess.run(["nvcc", "--dryrun", "-c", os.path.join(tmp, "e.cu")],
+                             capture_output=True, text=True)
     found = re.search(r'INCLUDES="-I([^"]+?)"', res.stdout + res.stderr)
     return found.group(1).strip() if found else None
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(any(shutil.which(t) is None for t in ("nvcc", "g++", "nm")), reason="nvcc, g++ or nm not found")
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("nvcc", "g++", "nm")),
+                    reason="nvcc, g++ or nm not found")
 def test_cuda_binding_compiles_and_links_to_the_kernel(tmp_path):
     """CPP_SRC (with the pybind module load_inline appends) compiles with g++ against torch's headers,
     and the launcher it calls is the very symbol nvcc's object of CUDA_SRC defines: a signature change
@@ -3273,16 +3332,20 @@ def test_cuda_binding_compiles_and_links_to_the_kernel(tmp_path):
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
     (tmp_path / "b.cpp").write_text(kernels.CPP_SRC + "\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {\n"
-                                    'm.def("grouped_conv2d_cuda", torch::wrap_pybind_function(grouped_conv2d_cuda));\n}\n')
+                                    'm.def("grouped_conv2d_cuda", '
+                                    'torch::wrap_pybind_function(grouped_conv2d_cuda));\n}\n')
     (tmp_path / "k.cu").write_text(kernels.CUDA_SRC)
-    flags = [f"-I{p}" for p in (tmp_path / "stub", *include, sysconfig.get_paths()["include"], cuda_include)]
-    builds = [["g++", "-std=c++20", "-c", "-fPIC", *flags, "-DTORCH_EXTENSION_NAME=lth_check", str(tmp_path / "b.cpp"),
-               "-o", str(tmp_path / "b.o")],
-              ["nvcc", "-arch=sm_90", "-c", *NVCC_TORCH_FLAGS, str(tmp_path / "k.cu"), "-o", str(tmp_path / "k.o")]]
+    flags = [f"-I{p}"
+             for p in (tmp_path / "stub", *include, sysconfig.get_paths()["include"], cuda_include)]
+    builds = [["g++", "-std=c++20", "-c", "-fPIC", *flags, "-DTORCH_EXTENSION_NAME=lth_check",
+               str(tmp_path / "b.cpp"), "-o", str(tmp_path / "b.o")],
+              ["nvcc", "-arch=sm_90", "-c", *NVCC_TORCH_FLAGS, str(tmp_path / "k.cu"),
+               "-o", str(tmp_path / "k.o")]]
     for cmd in builds:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
-    symbols = {o: subprocess.run(["nm", str(tmp_path / o)], capture_output=True, text=True).stdout for o in ("b.o", "k.o")}
+    symbols = {o: subprocess.run(["nm", str(tmp_path / o)], capture_output=True, text=True).stdout
+               for o in ("b.o", "k.o")}
     needed = re.findall(r" U (\S*grouped_conv2d_launch\S*)", symbols["b.o"])
     defined = re.findall(r" T (\S*grouped_conv2d_launch\S*)", symbols["k.o"])
     assert len(needed) == 1 and needed == defined
@@ -3372,7 +3435,8 @@ def test_cuda_graph_replays_the_models_and_bench_model_times_both(monkeypatch):
 # kernels.CUDA_SRC compiled by g++ and run on the CPU, with or without sanitizers, so a change to the
 # kernel can be checked without a GPU:
 #     import test_lth_ref as T
-#     y = T.emulated_grouped_conv2d(x, weight, blocks, stride, padding, dilation, tile_rows=16, source=new_src)
+#     y = T.emulated_grouped_conv2d(x, weight, blocks, stride, padding, dilation, tile_rows=16,
+#                                   source=new_src)
 # The kernel's own text, unchanged (only its CUDA includes and its <<<...>>> launch sit behind
 # #ifndef LTH_REF_HOST_EMULATION), compiled with EMULATION_HEADER: CUDA threads are OS threads,
 # __syncthreads() a real barrier, __shared__ memory NaN-poisoned before each CTA, WMMA computed on
@@ -3441,7 +3505,8 @@ inline __half __float2half(float f) {
   if (mag >= 0x477ff000u) return {uint16_t(sign | 0x7c00u)};           // >= 65520 rounds to inf
   if (mag >= 0x38800000u)                                              // normal: 2^-14 <= |f|
     return {uint16_t(sign | ((mag + 0xfffu + ((mag >> 13) & 1u) - 0x38000000u) >> 13))};
-  return {uint16_t(sign | (uint16_t)std::nearbyint(lth_emu_float(mag) * 16777216.0f))};  // subnormal: m * 2^-24
+  // subnormal: m * 2^-24
+  return {uint16_t(sign | (uint16_t)std::nearbyint(lth_emu_float(mag) * 16777216.0f))};
 }
 inline float __half2float(__half h) {
   const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16, e = (h.bits >> 10) & 0x1fu, m = h.bits & 0x3ffu;
@@ -3611,10 +3676,13 @@ inline cudaError_t cudaGetLastError() {
 // 0xFF (NaN), so a stage read before its wait_group (and the barrier after it) shows in the output.
 __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
   const size_t room = __builtin_dynamic_object_size(dst, 1);
-  if (!lth_emu::in_shared(dst) || reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16)
-    lth_emu::fail("cp.async: the destination must be 16-byte aligned __shared__ memory, the source 16-byte aligned");
+  if (!lth_emu::in_shared(dst) || reinterpret_cast<uintptr_t>(dst) % 16 ||
+      reinterpret_cast<uintptr_t>(src) % 16)
+    lth_emu::fail("cp.async: the destination must be 16-byte aligned __shared__ memory, "
+                  "the source 16-byte aligned");
   if (src_bytes < 0 || src_bytes > 16 || (room != (size_t)-1 && room < 16))
-    lth_emu::fail("cp.async: 16 bytes past the end of the __shared__ variable, or a source size outside 0..16");
+    lth_emu::fail("cp.async: 16 bytes past the end of the __shared__ variable, "
+                  "or a source size outside 0..16");
   std::memset(dst, 0xff, 16);
   lth_emu::open_group.push_back({dst, src, src_bytes});
 }
@@ -3689,7 +3757,8 @@ inline int acc_col(int e, int cols) { return (lane() + 32 * e) % cols; }
 
 // The documented preconditions of load/store_matrix_sync, and the tile inside its __shared__ variable.
 template <typename E>
-__forceinline__ void check_tile(const char* op, const E* p, unsigned ldm, int rows, int cols, bool row_major_) {
+__forceinline__ void check_tile(const char* op, const E* p, unsigned ldm, int rows, int cols,
+                                bool row_major_) {
   char s[200];
   if (reinterpret_cast<uintptr_t>(p) % 32 != 0) {
     std::snprintf(s, sizeof s, "wmma::%s: pointer %p is not 256-bit aligned", op, (const void*)p);
@@ -3706,7 +3775,8 @@ __forceinline__ void check_tile(const char* op, const E* p, unsigned ldm, int ro
                   row_major_ ? "columns" : "rows");
     lth_emu::fail(s);
   }
-  const size_t need = ((outer - 1) * (size_t)ldm + inner) * sizeof(E), room = __builtin_dynamic_object_size(p, 1);
+  const size_t need = ((outer - 1) * (size_t)ldm + inner) * sizeof(E),
+               room = __builtin_dynamic_object_size(p, 1);
   if (lth_emu::in_shared(p) && room == (size_t)-1)  // global memory is ASan's job
     lth_emu::fail(std::string("wmma::") + op + ": cannot bound a __shared__ tile: build with -O1 or more");
   if (lth_emu::in_shared(p) && need > room) {
@@ -3760,7 +3830,8 @@ template <typename E> inline float operand(E v, bool) { return to_float(v); }
 // unspecified). A TF32 operand contributes only its TF32 bits.
 template <int M, int N, int K, typename T, typename LA, typename LB>
 inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
-                     const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+                     const fragment<matrix_b, M, N, K, T, LB>& b,
+                     const fragment<accumulator, M, N, K, float>& c) {
   constexpr bool tf32 = std::is_same<T, precision::tf32>::value;
   float out[fragment<accumulator, M, N, K, float>::num_elements];
   for (int e = 0; e < c.num_elements; e++) {
@@ -3794,7 +3865,8 @@ static void copy_message(char* message, int len) {
 extern "C" int lth_emu_grouped_conv2d(int dtype, int tile_rows, const void* x, const void* w, void* y,
                                       const int* meta, const int* tiles, int num_tiles, const int* rows,
                                       const int* cols, const int* dims, char* message, int len) {
-  const int err = grouped_conv2d_launch(dtype, tile_rows, x, w, y, meta, tiles, num_tiles, rows, cols, dims, nullptr);
+  const int err = grouped_conv2d_launch(dtype, tile_rows, x, w, y, meta, tiles, num_tiles, rows, cols, dims,
+                                        nullptr);
   copy_message(message, len);
   return err;
 }
@@ -3836,22 +3908,25 @@ int main(int argc, char** argv) {
   if (argc != 3) return std::fprintf(stderr, "usage: %s CASE OUT\n", argv[0]), 2;
   FILE* f = std::fopen(argv[1], "rb");
   int64_t head[3 + 15 + 7];
-  if (!f || std::fread(head, sizeof head, 1, f) != 1) return std::fprintf(stderr, "cannot read %s\n", argv[1]), 2;
+  if (!f || std::fread(head, sizeof head, 1, f) != 1)
+    return std::fprintf(stderr, "cannot read %s\n", argv[1]), 2;
   int dims[15];
   for (int i = 0; i < 15; i++) dims[i] = (int)head[3 + i];
   void* a[7];
   for (int i = 0; i < 7; i++) {
     a[i] = std::malloc(head[18 + i] ? head[18 + i] : 1);
-    if (head[18 + i] && std::fread(a[i], head[18 + i], 1, f) != 1) return std::fprintf(stderr, "short %s\n", argv[1]), 2;
+    if (head[18 + i] && std::fread(a[i], head[18 + i], 1, f) != 1)
+      return std::fprintf(stderr, "short %s\n", argv[1]), 2;
   }
   std::fclose(f);
   char message[1024];
   const int err = lth_emu_grouped_conv2d((int)head[0], (int)head[1], a[0], a[1], a[2], (const int*)a[3],
-                                         (const int*)a[4], (int)head[2], (const int*)a[5], (const int*)a[6], dims,
-                                         message, sizeof message);
+                                         (const int*)a[4], (int)head[2], (const int*)a[5], (const int*)a[6],
+                                         dims, message, sizeof message);
   if (err) return std::fprintf(stderr, "kernel failed (cudaError %d): %s\n", err, message), 3;
   FILE* o = std::fopen(argv[2], "wb");
-  if (!o || (head[20] && std::fwrite(a[2], head[20], 1, o) != 1)) return std::fprintf(stderr, "cannot write %s\n", argv[2]), 2;
+  if (!o || (head[20] && std::fwrite(a[2], head[20], 1, o) != 1))
+    return std::fprintf(stderr, "cannot write %s\n", argv[2]), 2;
   std::fclose(o);
   for (void* p : a) std::free(p);
   return 0;
@@ -3862,8 +3937,10 @@ int main(int argc, char** argv) {
 # Collects the kernel's __shared__ statics (functions in the anonymous namespace of EMULATION_DRIVER,
 # with -fdata-sections one .bss section each) into one range the emulator poisons before each CTA.
 EMULATION_LINKER_SCRIPT = ("SECTIONS { lth_emu_shared : { HIDDEN(lth_emu_shared_begin = .); "
-                           "*(.bss._ZZN12_GLOBAL__N_1*) HIDDEN(lth_emu_shared_end = .); } } INSERT BEFORE .bss;\n")
-EMULATION_FLAGS = ["-std=c++17", "-pthread", "-fdata-sections", "-DLTH_REF_HOST_EMULATION", "-Wno-unknown-pragmas"]
+                           "*(.bss._ZZN12_GLOBAL__N_1*) HIDDEN(lth_emu_shared_end = .); } } "
+                           "INSERT BEFORE .bss;\n")
+EMULATION_FLAGS = ["-std=c++17", "-pthread", "-fdata-sections", "-DLTH_REF_HOST_EMULATION",
+                   "-Wno-unknown-pragmas"]
 # Optimization at least -O1 everywhere: the WMMA bounds check on __shared__ tiles needs the compiler
 # to see which array a pointer points into (__builtin_dynamic_object_size).
 SANITIZERS = {None: ["-O2", "-fPIC", "-shared"],
@@ -3900,7 +3977,8 @@ def emulation_cache_dir():
             return path
     except OSError:
         pass
-    path = os.path.join(tempfile.gettempdir(), f"lth_ref_emulation_{os.getuid() if hasattr(os, 'getuid') else 0}")
+    path = os.path.join(tempfile.gettempdir(),
+                        f"lth_ref_emulation_{os.getuid() if hasattr(os, 'getuid') else 0}")
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -3914,9 +3992,11 @@ def build_emulation(source=None, sanitizer=None):
         raise ValueError(f"sanitizer={sanitizer!r}: expected one of {list(SANITIZERS)}")
     source, cxx = kernels.CUDA_SRC if source is None else source, emulation_compiler()
     if "version" not in _EMU:
-        _EMU["version"] = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+        _EMU["version"] = subprocess.run([cxx, "--version"], capture_output=True,
+                                         text=True).stdout.split("\n")[0]
     flags = [*EMULATION_FLAGS, *SANITIZERS[sanitizer]]
-    parts = [source, EMULATION_HEADER, EMULATION_DRIVER, EMULATION_LINKER_SCRIPT, cxx, _EMU["version"], *flags]
+    parts = [source, EMULATION_HEADER, EMULATION_DRIVER, EMULATION_LINKER_SCRIPT, cxx, _EMU["version"],
+             *flags]
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
     cache = emulation_cache_dir()
     out = os.path.join(cache, f"grouped_gemm_{sanitizer or 'lib'}_{digest}{'' if sanitizer else '.so'}")
@@ -3944,9 +4024,9 @@ def emulation_library(source=None):
     path = build_emulation(source)
     if path not in _EMU:
         lib = ctypes.CDLL(path)
-        lib.lth_emu_grouped_conv2d.argtypes = [ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 5, ctypes.c_int,
-                                               ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int),
-                                               ctypes.c_char_p, ctypes.c_int]
+        lib.lth_emu_grouped_conv2d.argtypes = [ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 5,
+                                               ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                               ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_int]
         lib.lth_emu_broken.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.lth_emu_float_to_tf32.argtypes = lib.lth_emu_float2half.argtypes = [ctypes.c_float]
         lib.lth_emu_float2bfloat16.argtypes = [ctypes.c_float]
@@ -3970,11 +4050,14 @@ def _kernel_case(x, weight, blocks, stride, padding, dilation, tile_rows):
     kernel<tile_rows> builds: (dtype code, [x, padded weights, y, meta, tiles, rows, cols], dims), x
     and y channels-last as (N, H, W, C) and (N, OH, OW, O) arrays. y is NaN except the rows in no
     block, which are 0 as the launcher's caller sets them (CPP_SRC): rows the kernel misses show."""
-    if x.device.type != "cpu" or x.dtype not in kernels.KERNEL_DTYPES or x.dim() != 4 or x.shape[1] != weight.shape[1]:
+    if (x.device.type != "cpu" or x.dtype not in kernels.KERNEL_DTYPES or x.dim() != 4
+            or x.shape[1] != weight.shape[1]):
         raise ValueError(f"emulated_grouped_conv2d: x must be a CPU (N, {weight.shape[1]}, H, W) tensor of "
-                         f"{[str(d) for d in kernels.KERNEL_DTYPES]}, got {x.device.type} {x.dtype} {tuple(x.shape)}")
+                         f"{[str(d) for d in kernels.KERNEL_DTYPES]}, "
+                         f"got {x.device.type} {x.dtype} {tuple(x.shape)}")
     if tile_rows not in kernels.KERNEL_TILE_ROWS:
-        raise ValueError(f"emulated_grouped_conv2d: tile_rows={tile_rows}, expected one of {kernels.KERNEL_TILE_ROWS}")
+        raise ValueError(f"emulated_grouped_conv2d: tile_rows={tile_rows}, "
+                         f"expected one of {kernels.KERNEL_TILE_ROWS}")
     info, t = kernels.make_plan(weight.detach().cpu(), kernels.check_blocks(tuple(weight.shape), blocks))
     p = kernels.PATHS[f"kernel{tile_rows}"].build(info, t)
     stride, padding, dilation = kernels._pair(stride), kernels._pair(padding), kernels._pair(dilation)
@@ -3986,7 +4069,8 @@ def _kernel_case(x, weight, blocks, stride, padding, dilation, tile_rows):
     y.index_fill_(3, t["empty_rows"], 0.0)
     arrays = [x.permute(0, 2, 3, 1).contiguous(), p["weights"].to(x.dtype).contiguous(), y,
               *(p[k].contiguous() for k in ("meta", "tiles", "rows", "cols"))]
-    return kernels.KERNEL_DTYPES[x.dtype], arrays, [N, C, H, W, O, OH, OW, kh, kw, *stride, *padding, *dilation]
+    return (kernels.KERNEL_DTYPES[x.dtype], arrays,
+            [N, C, H, W, O, OH, OW, kh, kw, *stride, *padding, *dilation])
 
 
 def emulated_grouped_conv2d(x, weight, blocks, stride=1, padding=0, dilation=1, *, tile_rows,
@@ -4000,7 +4084,8 @@ def emulated_grouped_conv2d(x, weight, blocks, stride=1, padding=0, dilation=1, 
     sanitizer reports; EmulationUnavailable without a compiler."""
     code, arrays, dims = _kernel_case(x, weight, blocks, stride, padding, dilation, tile_rows)
     if sanitizer is not None:
-        y = _run_emulation_program(build_emulation(source, sanitizer), sanitizer, code, tile_rows, arrays, dims)
+        y = _run_emulation_program(build_emulation(source, sanitizer), sanitizer, code, tile_rows, arrays,
+                                   dims)
         return y.permute(0, 3, 1, 2)
     lib, ptr = emulation_library(source), (lambda a: ctypes.c_void_p(a.data_ptr()))
     x, w, y, meta, tiles, rows, cols = arrays
@@ -4018,8 +4103,8 @@ def _run_emulation_program(program, sanitizer, code, tile_rows, arrays, dims):
         with open(case, "wb") as f:
             f.write(struct.pack("<25q", code, tile_rows, len(arrays[4]), *dims, *map(len, raw)))
             f.write(b"".join(raw))
-        res = subprocess.run([program, case, out], capture_output=True, text=True, timeout=EMULATION_TIMEOUT_S,
-                             env={**os.environ, **SANITIZER_ENV[sanitizer]})
+        res = subprocess.run([program, case, out], capture_output=True, text=True,
+                             timeout=EMULATION_TIMEOUT_S, env={**os.environ, **SANITIZER_ENV[sanitizer]})
         if res.returncode != 0 or "Sanitizer" in res.stderr or "runtime error" in res.stderr:
             lines = res.stderr.strip().splitlines()
             report = "\n".join(lines[:25] + [l for l in lines[25:] if l.startswith("SUMMARY")])
@@ -4075,15 +4160,20 @@ def emulation_cases():
               ("thin", (2, 5, 6, 7, 9, 3, 1, 1, 1), [(torch.tensor([4]), torch.arange(45)),
                                                      (torch.arange(4), torch.tensor([44])),
                                                      (torch.tensor([6]), torch.tensor([0]))]),
-              ("big", (1, 12, 9, 8, 80, 3, 1, 1, 1), [(torch.arange(70), torch.randperm(108, generator=g)[:100]),
-                                                      (torch.arange(72, 80), torch.randperm(108, generator=g)[:33])])]
-    vec = lambda c0s, poss, k: torch.cat([(c0 + torch.arange(8)) * k * k + j for c0 in c0s for j in poss])  # noqa: E731
-    cases += [("vector", (2, 24, 7, 6, 40, 3, 1, 1, 1), [(torch.arange(33), vec([0, 16], range(9), 3)),
-                                                          (torch.arange(34, 40), vec([8], [0, 4, 8], 3)),
-                                                          (torch.tensor([33]), vec([16], [5], 3))]),  # one vector
-              ("vector_s2_d2", (2, 16, 11, 9, 12, 3, 2, 2, 2), [(torch.arange(10), vec([0, 8], [1, 2, 6, 7], 3))]),
-              ("vector_1x1", (2, 32, 5, 6, 20, 1, 1, 0, 1), [(torch.arange(0, 20, 2), vec([8, 24], [0], 1)),
-                                                            (torch.tensor([1, 3]), vec([0, 8, 16, 24], [0], 1))])]
+              ("big", (1, 12, 9, 8, 80, 3, 1, 1, 1),
+               [(torch.arange(70), torch.randperm(108, generator=g)[:100]),
+                (torch.arange(72, 80), torch.randperm(108, generator=g)[:33])])]
+    vec = lambda c0s, poss, k: torch.cat([(c0 + torch.arange(8)) * k * k + j  # noqa: E731
+                                          for c0 in c0s for j in poss])
+    cases += [("vector", (2, 24, 7, 6, 40, 3, 1, 1, 1),
+               [(torch.arange(33), vec([0, 16], range(9), 3)),
+                (torch.arange(34, 40), vec([8], [0, 4, 8], 3)),
+                (torch.tensor([33]), vec([16], [5], 3))]),  # one vector
+              ("vector_s2_d2", (2, 16, 11, 9, 12, 3, 2, 2, 2),
+               [(torch.arange(10), vec([0, 8], [1, 2, 6, 7], 3))]),
+              ("vector_1x1", (2, 32, 5, 6, 20, 1, 1, 0, 1),
+               [(torch.arange(0, 20, 2), vec([8, 24], [0], 1)),
+                (torch.tensor([1, 3]), vec([0, 8, 16, 24], [0], 1))])]
     return cases
 
 
@@ -4100,7 +4190,8 @@ def emulation_inputs(case, dtype):
     ref = kernels.grouped_gemm_reference(x.double(), weight.double(), blocks, **conv)
     seen = kernels.grouped_gemm_reference(round_like_mma(x).double(), round_like_mma(weight).double(),
                                           blocks, **conv)
-    empty = torch.nonzero(kernels.block_mask(weight.shape, blocks).view(weight.shape[0], -1).sum(1) == 0).view(-1)
+    empty = torch.nonzero(kernels.block_mask(weight.shape, blocks).view(weight.shape[0], -1).sum(1)
+                          == 0).view(-1)
     return x, weight, blocks, ref, seen, empty, conv
 
 
@@ -4128,13 +4219,15 @@ def test_emulated_conversions_round_like_the_hardware(emulation):
             1 + 2 ** -11 - 2 ** -23: 1.0, float("inf"): float("inf"), -0.0: -0.0}
     for v, expect in ties.items():
         assert bits(emulation.lth_emu_float_to_tf32(v)) == bits(expect)
-    values = torch.cat([torch.randn(2000) * 10.0 ** torch.randint(-9, 6, (2000,)),   # normal and subnormal half
+    # normal and subnormal half
+    values = torch.cat([torch.randn(2000) * 10.0 ** torch.randint(-9, 6, (2000,)),
                         torch.tensor([65504.0, 65519.0, 65520.0, 1e-8, 2.0 ** -25, -3e38])])
     tf32 = round_like_mma(values)
     for i, v in enumerate(values.tolist()):
         assert bits(emulation.lth_emu_float_to_tf32(v)) == bits(tf32[i].item())
         assert emulation.lth_emu_float2half(v) == values[i:i + 1].half().view(torch.int16).item() & 0xFFFF
-        assert emulation.lth_emu_float2bfloat16(v) == values[i:i + 1].bfloat16().view(torch.int16).item() & 0xFFFF
+        assert (emulation.lth_emu_float2bfloat16(v)
+                == values[i:i + 1].bfloat16().view(torch.int16).item() & 0xFFFF)
 
 
 @pytest.mark.slow
@@ -4149,7 +4242,8 @@ def test_emulation_stops_a_kernel_that_breaks_a_rule(emulation, which, message):
     with pytest.raises(RuntimeError, match=message):
         emulation_call(emulation.lth_emu_broken, which)
     x, weight, blocks, _, seen, _, conv = emulation_inputs(EMULATION_CASES[0], torch.float32)
-    assert rel_err(emulated_grouped_conv2d(x, weight, blocks, tile_rows=32, **conv), seen) <= EMU_TOL[torch.float32]
+    assert (rel_err(emulated_grouped_conv2d(x, weight, blocks, tile_rows=32, **conv), seen)
+            <= EMU_TOL[torch.float32])
 
 
 # Padding 1 and blocks over every kernel row: the bottom kernel row reaches one row past the last
@@ -4325,7 +4419,8 @@ def test_bench_train_times_ours_plain_and_the_masking(monkeypatch):
     """Under a fake clock (each step runs once; ours 20 ms, without masks 10, plain 40, masking 2),
     the row says what those times mean for a batch of 4, computed here by hand."""
     steps = fake_timing(monkeypatch, ms=(20.0, 10.0, 40.0, 2.0))
-    row = lth_tools.bench_train("resnet20", "cifar10", batch_size=4, repeats=2, device="cpu", log=lambda *_: None)
+    row = lth_tools.bench_train("resnet20", "cifar10", batch_size=4, repeats=2, device="cpu",
+                                log=lambda *_: None)
     assert len(steps[0]) == 4  # ours, ours without masks, plain, the masking: each ran
     assert (row["img_s_ours"], row["img_s_unmasked"], row["img_s_plain"]) == (200.0, 400.0, 100.0)
     assert (row["ours_vs_plain"], row["masked_vs_unmasked"]) == (2.0, 0.5)
@@ -4336,7 +4431,8 @@ def test_bench_density_refuses_an_unstructured_method(tmp_path, capsys):
     assert L.main(["--bench", "--bench-density", "0.2", "--method", "imp",
                    "--out-dir", str(tmp_path)]) == 2
     assert "--bench-density needs" in capsys.readouterr().err
-    assert L.main(["--bench", "--bench-density", "1.5", "--method", "regroup", "--out-dir", str(tmp_path)]) == 2
+    assert L.main(["--bench", "--bench-density", "1.5", "--method", "regroup",
+                   "--out-dir", str(tmp_path)]) == 2
     assert "--bench-density must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
@@ -4434,12 +4530,14 @@ def test_slim_model_equals_the_masked_ticket(name, one_alive, stream, one_thread
         assert all(widths[n] == m.out_channels for n, m in ticket.named_modules() if n.endswith("conv2"))
     elif stream:  # every branch into this stream drops rows % 4 == 1: the stream shrinks by at least 1/4
         assert widths[stream] <= 3 * ticket.get_submodule(stream).out_channels // 4
-    assert all(torch.equal(p, q) for p, q in zip(ticket.parameters(), masked_ticket(built(name), masks).parameters()))
+    assert all(torch.equal(p, q)
+               for p, q in zip(ticket.parameters(), masked_ticket(built(name), masks).parameters()))
 
 
 def test_mobilenet_v1_slims_pointwise_and_depthwise_channels(one_thread):
     model = built("mobilenet_v1")
-    masks = {n: channel_mask(w, torch.arange(w.shape[0]) % 4 != 1) for n, w in L.prunable_weights(model).items()}
+    masks = {n: channel_mask(w, torch.arange(w.shape[0]) % 4 != 1)
+             for n, w in L.prunable_weights(model).items()}
     ticket = masked_ticket(model, masks)
     slim = models.slim_model(ticket, masks).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -4585,7 +4683,8 @@ def test_a_refill_branch_trains_exactly_dead_channels_and_exports_a_slim_network
     for name, bn in models.conv_bn_pairs(model).items():   # the BN of every pruned row was masked too
         dead = t["masks"][name].reshape(t["masks"][name].shape[0], -1).sum(1) == 0
         assert dead.any() or name.endswith("conv2.weight")
-        assert torch.all(t["state_dict"][bn + ".weight"][dead] == 0) and torch.all(t["state_dict"][bn + ".bias"][dead] == 0)
+        assert (torch.all(t["state_dict"][bn + ".weight"][dead] == 0)
+                and torch.all(t["state_dict"][bn + ".bias"][dead] == 0))
     assert all(torch.any(t["state_dict"][models.conv_bn_pairs(model)[n] + ".bias"] != 0) for n in t["masks"])
     path = tmp_path / "slim.pt"
     assert L.main(FAST + ["--out-dir", out, "--method", "refill", "--export", str(path)]) == 0
@@ -4625,18 +4724,21 @@ def test_import_reads_a_torch_prune_state_dict_with_its_weights(tmp_path):
     pruned = torch_pruned_resnet20()
     sd = pruned.state_dict()
     assert "layer1.0.conv1.weight_mask" in sd and "layer1.0.conv1.weight" not in sd
-    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "ckpt.pth.tar")
-    masks, weights = lth_tools.read_imported_masks(str(tmp_path / "ckpt.pth.tar"), models.MODELS["resnet20"](10),
-                                                   "resnet20")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3},
+               tmp_path / "ckpt.pth.tar")
+    masks, weights = lth_tools.read_imported_masks(str(tmp_path / "ckpt.pth.tar"),
+                                                   models.MODELS["resnet20"](10), "resnet20")
     assert set(masks) == set(L.prunable_weights(pruned)) == set(weights)
-    assert all(torch.equal(masks[n], sd[n + "_mask"]) and torch.equal(weights[n], sd[n + "_orig"]) for n in masks)
+    assert all(torch.equal(masks[n], sd[n + "_mask"]) and torch.equal(weights[n], sd[n + "_orig"])
+               for n in masks)
 
 
 def test_import_reads_open_lth_masks_and_plain_dicts_and_ignores_the_stem_and_classifier(tmp_path, capsys):
     model = models.MODELS["resnet20"](10)
     masks = L.magnitude_prune(L.prunable_weights(model), L.ones_masks(L.prunable_weights(model)), 0.5)
-    olth = {"conv.weight": torch.ones(16, 3, 3, 3, dtype=torch.int32), "fc.weight": torch.ones(10, 64, dtype=torch.int32)}
-    for name, m in masks.items():                 # layer{s}.{j}.convK -> open_lth's flat blocks.{3(s-1)+j}.convK
+    olth = {"conv.weight": torch.ones(16, 3, 3, 3, dtype=torch.int32),
+            "fc.weight": torch.ones(10, 64, dtype=torch.int32)}
+    for name, m in masks.items():  # layer{s}.{j}.convK -> open_lth's flat blocks.{3(s-1)+j}.convK
         stage, block, conv = re.match(r"layer(\d)\.(\d)\.(conv\d)\.weight", name).groups()
         olth[f"blocks.{3 * (int(stage) - 1) + int(block)}.{conv}.weight"] = m.int()
     torch.save(olth, tmp_path / "mask.pth")
@@ -4650,10 +4752,12 @@ def test_import_reads_open_lth_masks_and_plain_dicts_and_ignores_the_stem_and_cl
 
 def test_import_maps_the_official_codes_names():
     ours = dict(models.MODELS["wrn32_2"](10).named_parameters())
-    official = ["bn.weight", "layer2.0.downsample.0.weight", "layer2.0.bn3.bias", "linear.weight", "layer1.0.conv1.weight"]
+    official = ["bn.weight", "layer2.0.downsample.0.weight", "layer2.0.bn3.bias", "linear.weight",
+                "layer1.0.conv1.weight"]
     rules = lth_tools.best_name_map(official, ours, "wrn32_2")
     assert [lth_tools.rename(n, rules) for n in official] == ["bn1.weight", "layer2.0.shortcut.0.weight",
-                                                     "layer2.0.shortcut.1.bias", "fc.weight", "layer1.0.conv1.weight"]
+                                                              "layer2.0.shortcut.1.bias", "fc.weight",
+                                                              "layer1.0.conv1.weight"]
     vgg = dict(models.MODELS["vgg16"](10).named_parameters())
     rules = lth_tools.best_name_map(["layers.16.conv.weight", "layers.3.bn.weight"], vgg, "vgg16")
     assert lth_tools.rename("layers.16.conv.weight", rules) == "features.40.weight" and \
@@ -4661,7 +4765,8 @@ def test_import_maps_the_official_codes_names():
 
 
 @pytest.mark.parametrize("content, message", [
-    (lambda sd: {k.replace("layer1", "stage1"): v for k, v in sd.items()}, "no weight of that name ['stage1.0.conv1.weight"),
+    (lambda sd: {k.replace("layer1", "stage1"): v for k, v in sd.items()},
+     "no weight of that name ['stage1.0.conv1.weight"),
     (lambda sd: {k: v for k, v in sd.items() if "layer3" not in k}, "no mask for ['layer3.0.conv1.weight"),
     (lambda sd: {k: v * 0.5 if "layer2.1" in k else v for k, v in sd.items()},
      "other values in layer2.1.conv1.weight"),
@@ -4799,11 +4904,13 @@ def test_an_imported_torch_prune_trunk_trains_and_a_regroup_branch_post_processe
     sd = pruned.state_dict()
     assert all(torch.equal(m, sd[n + "_mask"]) for n, m in ticket(out, 1)["masks"].items())
     config = json.load(open(os.path.join(out, "config.json")))
-    assert config["mask_source"] == "import" and config["import_sha256"] == [L.file_sha256(str(tmp_path / "level1.pt"))]
+    assert (config["mask_source"] == "import"
+            and config["import_sha256"] == [L.file_sha256(str(tmp_path / "level1.pt"))])
     assert ticket(out, 1, "regroup")["blocks"]
-    run_cli(tmp_path, "--import-masks", str(tmp_path / "level1.pt"), "--method", "refill")   # the same trunk again
+    # the same trunk again
+    run_cli(tmp_path, "--import-masks", str(tmp_path / "level1.pt"), "--method", "refill")
     torch.save(torch_pruned_resnet20(seed=1).state_dict(), tmp_path / "other.pt")
-    assert L.main(FAST + ["--out-dir", out, "--import-masks", str(tmp_path / "other.pt")]) == 2   # other masks
+    assert L.main(FAST + ["--out-dir", out, "--import-masks", str(tmp_path / "other.pt")]) == 2  # other masks
 
 
 @pytest.mark.slow
@@ -4812,8 +4919,8 @@ def test_a_ticket_found_on_10_classes_transfers_to_a_100_class_run(tmp_path):
     write_cifar(tmp_path / "data", data.CIFAR100, train_rows=[40], test_rows=[10])
     found = os.path.join(out10, "level_01", "ticket.pt")
     out = str(tmp_path / "hundred")
-    assert L.main(["--dataset", "cifar100", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--batch-size", "20",
-                   "--device", "cpu", "--import-masks", found, "--out-dir", out]) == 0
+    assert L.main(["--dataset", "cifar100", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
+                   "--batch-size", "20", "--device", "cpu", "--import-masks", found, "--out-dir", out]) == 0
     moved = ticket(out, 1)
     assert moved["num_classes"] == 100 and moved["state_dict"]["fc.weight"].shape == (100, 64)
     assert all(torch.equal(moved["masks"][n], m) for n, m in ticket(out10, 1)["masks"].items())
@@ -4826,7 +4933,8 @@ def test_channel_multiple_rounds_every_layers_kept_channels_up():
         plain, _ = L.postprocess(method, weights, masks)
         rounded, _ = L.postprocess(method, weights, masks, channel_multiple=8)
         for n in masks:
-            kept, before = int((channel_counts(rounded[n]) > 0).sum()), int((channel_counts(plain[n]) > 0).sum())
+            kept, before = (int((channel_counts(rounded[n]) > 0).sum()),
+                            int((channel_counts(plain[n]) > 0).sum()))
             assert kept == min(masks[n].shape[0], -(-before // 8) * 8), (method, n, kept, before)
             assert torch.all(rounded[n] >= plain[n])                   # the same channels and a few more
 
@@ -4877,7 +4985,8 @@ def test_a_slim_network_exports_to_torch_export_and_onnx_and_matches_the_ticket(
 
 
 @pytest.mark.slow
-def test_bench_of_a_refill_ticket_times_slim_networks_with_both_channel_multiples_and_in_onnx_runtime(tmp_path):
+def test_bench_of_a_refill_ticket_times_slim_networks_with_both_channel_multiples_and_in_onnx_runtime(
+        tmp_path):
     for extra in ("onnx", "onnxscript", "onnxruntime"):
         pytest.importorskip(extra, reason=f"the ONNX extra ({lth_tools.ONNX_EXTRA}) is not installed")
     report = lth_tools.run_bench(cli_config("--bench", "--method", "refill", "--bench-density", "0.5",
@@ -4885,14 +4994,16 @@ def test_bench_of_a_refill_ticket_times_slim_networks_with_both_channel_multiple
     run = report["runs"][0]
     assert run["slim"]["max_rel_err"] < 1e-5 and run["slim_multiple"]["max_rel_err"] < 1e-5
     assert run["slim_multiple"]["params_slim"] > run["slim"]["params_slim"]      # rounded up: more channels
-    assert run["onnx"]["max_rel_err"] < 1e-5 and {"dense_ms", "slim_ms", "slim_multiple_8_ms"} <= set(run["onnx"])
+    assert (run["onnx"]["max_rel_err"] < 1e-5
+            and {"dense_ms", "slim_ms", "slim_multiple_8_ms"} <= set(run["onnx"]))
 
 
 def saved_fresh_ticket(tmp_path):
     """An untrained, unpruned resnet20 saved as a ticket.pt (no training, no pruning: cheap)."""
     model = built("resnet20")
     torch.save(dict(config=dict(arch="resnet20", dataset="cifar10"), level=1, num_classes=10, metrics={},
-                    masks=L.ones_masks(L.prunable_weights(model)), blocks=None, state_dict=model.state_dict()),
+                    masks=L.ones_masks(L.prunable_weights(model)), blocks=None,
+                    state_dict=model.state_dict()),
                tmp_path / "t.pt")
     return str(tmp_path / "t.pt")
 
@@ -4918,7 +5029,8 @@ def test_export_into_an_unwritable_place_is_an_error_before_the_work_and_a_write
 
 def test_a_non_write_os_error_still_shows_its_traceback(tmp_path, monkeypatch):
     path = saved_fresh_ticket(tmp_path)
-    monkeypatch.setattr(lth_tools, "ticket_model", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(lth_tools, "ticket_model",
+                        lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError):
         L.main(["--export", str(tmp_path / "slim.pt"), "--ticket", path])
 
@@ -4932,7 +5044,8 @@ def test_onnx_export_without_the_extra_says_what_to_install(tmp_path, monkeypatc
 # ---- README ----
 def test_readme_cli_table_lists_every_flag_with_its_default():
     readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
-    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(--[a-z-]+)[^`]*` \| ([^|]*) \|", readme, re.M)}
+    rows = {m.group(1): m.group(2)
+            for m in re.finditer(r"^\| `(--[a-z-]+)[^`]*` \| ([^|]*) \|", readme, re.M)}
     for action in L.build_parser()._actions:
         if action.option_strings and action.dest != "help":
             flag, default = action.option_strings[0], action.default
