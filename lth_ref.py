@@ -1468,6 +1468,21 @@ KNOB_DEFAULTS = {k: v for method in POSTPROCESS for k, v in method_knobs(method)
 
 
 TABLE1 = "Table 1's value for --arch on --dataset"   # the help of settings whose default comes from there
+
+
+def table1_values(key):
+    """Help text of one Table 1 setting, read from SCHEDULES: each value with its datasets, then the
+    (arch, dataset) cells that differ, e.g. '0.1 on every dataset'."""
+    text = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else f"{v:g}"
+    paper = {d: row for d, row in SCHEDULES.items() if d != "synthetic"}
+    by_value = {}
+    for dataset, row in paper.items():
+        by_value.setdefault(text(row[key]), []).append(dataset)
+    parts = [f"{v} on " + ("every dataset" if len(ds) == len(paper) else ", ".join(ds))
+             for v, ds in by_value.items()]
+    cells = [f"{arch} on {d}: {text(row[key])}" for (arch, d), row in SCHEDULE_BY_ARCH.items()
+             if key in row and d in paper]
+    return "; ".join(parts + cells)
 IS_POSITIVE, NOT_NEGATIVE = (">= 1", lambda v: v >= 1), (">= 0", lambda v: v >= 0)
 
 
@@ -1525,22 +1540,23 @@ class Config:
     verbose: bool = setting(False, "print the per-layer table of every level", "experiment")
     wait: bool = setting(False, "when another process trains the branch this command asks for: wait for it "
                          "(default: stop with a message; the trunk is always waited for)", "experiment")
-    epochs: int | None = setting(None, f"epochs per level; default: {TABLE1} (CIFAR: 160, "
-                                 "(Tiny-)ImageNet: 95)", "training", "trunk", check=IS_POSITIVE,
-                                 official="--epochs")
-
-    lr_drops: list | None = setting(None, f"epochs at which the LR drops x0.1; default: {TABLE1} (CIFAR: 80 "
-                                    "120 of 160), scaled to --epochs, never before epoch 1 (--epochs 1: no "
-                                    "drop)", "training", "trunk", nargs="*", metavar="EPOCH", type=int,
-                                    official="--decreasing_lr")
-    rewind_epoch: int | None = setting(None, "rewind to the end of this epoch (0 = initialization); "
-                                       "default: epoch 8 of Table 1's schedule, scaled to --epochs (8 of "
-                                       "160, 5%%)", "training", "trunk", check=NOT_NEGATIVE,
-                                       official="--rewind_epoch")
-    schedule: str = setting("table1", "the defaults of --epochs, --lr-drops and --rewind-epoch: table1 (the "
-                            "paper's Table 1 for --arch on --dataset) or plus (App. A2's (+) setting of "
-                            "VGG-16(+) and WRN-32-2(+): 240 epochs, x0.1 at 150, 180, 210, rewind to epoch "
-                            "8); explicit flags override", "training", choices=list(SCHEDULE_PRESETS))
+    epochs: int | None = setting(None, f"epochs per level; default: {TABLE1} ({table1_values('epochs')})",
+                                 "training", "trunk", check=IS_POSITIVE, official="--epochs")
+    lr_drops: list | None = setting(
+        None, f"epochs at which the LR drops x0.1; default: {TABLE1} ({table1_values('lr_drops')}), "
+        "scaled to --epochs, never before epoch 1 (--epochs 1: no drop)", "training", "trunk", nargs="*",
+        metavar="EPOCH", type=int, official="--decreasing_lr")
+    rewind_epoch: int | None = setting(
+        None, f"rewind to the end of this epoch (0 = initialization); default: {TABLE1} "
+        f"({table1_values('rewind_epoch')}), scaled to --epochs", "training", "trunk", check=NOT_NEGATIVE,
+        official="--rewind_epoch")
+    schedule: str = setting(
+        "table1", "the defaults of --epochs, --lr-drops and --rewind-epoch: table1 (the paper's Table 1 for "
+        "--arch on --dataset) or plus (App. A2's (+) setting of VGG-16(+) and WRN-32-2(+): "
+        f"{SCHEDULE_PRESETS['plus']['epochs']} epochs, x0.1 at "
+        f"{', '.join(map(str, SCHEDULE_PRESETS['plus']['lr_drops']))}, rewind to epoch "
+        f"{SCHEDULE_PRESETS['plus']['rewind_epoch']}); explicit flags override", "training",
+        choices=list(SCHEDULE_PRESETS))
     lr_schedule: str = setting("resume", "after rewinding to epoch k: resume = the schedule goes on from "
                                "epoch k to the end (the paper's Alg. 1, Frankle et al. 2020); restart = it "
                                "runs from epoch 0 for the full length (official main_imp.py; --rewind-epoch "
@@ -1549,15 +1565,15 @@ class Config:
     prune_rate: float = setting(PAPER["prune_rate"], "fraction of the remaining prunable weights removed per "
                                 "level", "training", "trunk", check=("in (0, 1)", lambda v: 0 < v < 1),
                                 official="--rate")
-    lr: float | None = setting(None, f"SGD learning rate; default: {TABLE1} (CIFAR: 0.1)", "training",
-                               "trunk", official="--lr")
+    lr: float | None = setting(None, f"SGD learning rate; default: {TABLE1} ({table1_values('lr')})",
+                               "training", "trunk", official="--lr")
     momentum: float = setting(PAPER["momentum"], "SGD momentum", "training", "trunk")
-    weight_decay: float | None = setting(None, f"L2 weight decay; default: {TABLE1} (CIFAR: 1e-4, VGG-16 "
-                                         "2e-4; CIFAR-100 2e-4, VGG-16 5e-4)", "training", "trunk",
-                                         official="--weight_decay")
-    batch_size: int | None = setting(None, "examples per SGD step, over all processes under torchrun; "
-                                     f"default: {TABLE1} (CIFAR: 128)", "training", "trunk",
-                                     check=IS_POSITIVE, official="--batch_size")
+    weight_decay: float | None = setting(
+        None, f"L2 weight decay; default: {TABLE1} ({table1_values('weight_decay')})", "training", "trunk",
+        official="--weight_decay")
+    batch_size: int | None = setting(
+        None, f"examples per SGD step, over all processes under torchrun; default: {TABLE1} "
+        f"({table1_values('batch_size')})", "training", "trunk", check=IS_POSITIVE, official="--batch_size")
     train_subset: int | None = setting(None, "train on a seeded random subset of N examples (default: all)",
                                        "training", "trunk", check=IS_POSITIVE)
     val_split: int = setting(0, "hold out N training images (seeded, before --train-subset) as a validation "

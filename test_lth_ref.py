@@ -5060,10 +5060,16 @@ def test_onnx_export_without_the_extra_says_what_to_install(tmp_path, monkeypatc
 
 
 # ---- README ----
-def test_readme_cli_table_lists_every_flag_with_its_default():
+def test_readme_cli_table_lists_every_flag_with_its_default_and_help():
     readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    table = readme[readme.index("## CLI reference"):]
     rows = {m.group(1): m.group(2)
-            for m in re.finditer(r"^\| `(--[a-z-]+)[^`]*` \| ([^|]*) \|", readme, re.M)}
+            for m in re.finditer(r"^\| `(--[a-z-]+)[^`]*` \| ([^|]*) \|", table, re.M)}
+    helps = {m.group(1): m.group(2).replace("\\|", "|")
+             for m in re.finditer(r"^\| `(--[a-z-]+)[^`]*` \| [^|]* \| ((?:[^|\\]|\\\|)*) \|", table, re.M)}
+    for field in dataclasses.fields(L.Config):
+        flag = "--" + field.name.replace("_", "-")
+        assert helps.get(flag) == field.metadata["help"].replace("%%", "%"), f"README's help of {flag}"
     for action in L.build_parser()._actions:
         if action.option_strings and action.dest != "help":
             flag, default = action.option_strings[0], action.default
