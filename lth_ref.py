@@ -1903,13 +1903,17 @@ def check_training_flags(cfg, device, procs):
 # ---- files: atomic writes, safe loading, the experiment directory ----
 def atomic_write(path, write, mode="wb"):
     """write(f) into a temporary file next to `path`, flushed to disk, then renamed over `path`: a crash
-    never leaves half a file. The one way every file here is written."""
+    never leaves half a file, nor does an exception raised by write. The one way every file here is
+    written; mode None: write(temporary path) writes the file itself (exporters that take a path)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, mode, **({} if "b" in mode else dict(newline=""))) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        if mode is None:
+            write(tmp)
+        else:
+            with open(tmp, mode, **({} if "b" in mode else dict(newline=""))) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

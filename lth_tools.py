@@ -331,21 +331,20 @@ def export_slim(path, ticket, out, log=print):
             "network, with the zeros inside its blocks")
     shape = datasets.IMAGE_SHAPES[ticket["config"].get("dataset", "cifar10")]
     x, x_check = torch.randn(EXPORT_CHECK_BATCH, *shape), torch.randn(EXPORT_CHECK_BATCH // 2 + 1, *shape)
-    tmp = f"{out}.tmp{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    try:
+    errors = []
+
+    def write_and_check(tmp):
         with torch.no_grad():
             got = writer(slim, ticket, x, x_check, tmp)
-            err = kernels.rel_err(got, model(x_check), centered=True)
-        if not err <= EXPORT_TOLERANCE:
+            errors.append(kernels.rel_err(got, model(x_check), centered=True))
+        if not errors[0] <= EXPORT_TOLERANCE:
             raise UsageError(f"--export {out}: the written network's outputs differ from the ticket's by "
-                             f"{err:.2e} (relative; at most {EXPORT_TOLERANCE:g} expected): nothing was "
-                             "written")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    row = dict(ticket=path, **whole_model_counts(model, ticket["masks"], shape), max_rel_err=err, wrote=out)
+                             f"{errors[0]:.2e} (relative; at most {EXPORT_TOLERANCE:g} expected): nothing "
+                             "was written")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    atomic_write(out, write_and_check, mode=None)
+    row = dict(ticket=path, **whole_model_counts(model, ticket["masks"], shape), max_rel_err=errors[0],
+               wrote=out)
     log(markdown_table([row]))
     return row
 
