@@ -1028,10 +1028,10 @@ def train_epoch(exp, optimizer, scaler, pairs, generator, penalty=None):
                                        cfg, penalty)
         sums += torch.stack([loss_sum, correct.float()])
         seen += global_size
-        if ((i + 1) % DIVERGENCE_CHECK_STEPS == 0
-                and not math.isfinite(procs.sum([sums[0].item()], data.device)[0])):
-
-            raise Diverged(procs.sum([sums[0].item()], data.device)[0] / seen)
+        if (i + 1) % DIVERGENCE_CHECK_STEPS == 0:
+            total = procs.sum([sums[0].item()], data.device)[0]   # every process checks the same total
+            if not math.isfinite(total):
+                raise Diverged(total / seen)
     loss_sum, correct = procs.sum(sums.tolist(), data.device)
     if not math.isfinite(loss_sum):
         raise Diverged(loss_sum / seen)
