@@ -1732,11 +1732,23 @@ def test_imp_trunk_levels_densities_and_files(tmp_path, monkeypatch):
                                        "results.csv", "results.json", "results.lock", "run.lock"]
 
 
+BRANCH_CASES = [("refill", []), ("refill+", []), ("regroup", []), ("refill", ["--refill-score", "saliency"])]
+
+
+@pytest.fixture(scope="module")
+def branched_run(tmp_path_factory):
+    """One experiment: a trunk of 2 levels and the branches of BRANCH_CASES, trained once (the first
+    command trains the trunk, the others reuse it). Returns (directory, result rows)."""
+    tmp = tmp_path_factory.mktemp("branches")
+    for method, flags in BRANCH_CASES:
+        out, rows = run_cli(tmp, "--levels", "2", "--method", method, *flags)
+    return out, rows
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method, flags", [("refill", []), ("refill+", []), ("regroup", []),
-                                           ("refill", ["--refill-score", "saliency"])])
-def test_branches_post_process_the_unstructured_trunk(tmp_path, method, flags):
-    out, rows = run_cli(tmp_path, "--levels", "2", "--method", method, *flags)
+@pytest.mark.parametrize("method, flags", BRANCH_CASES)
+def test_branches_post_process_the_unstructured_trunk(branched_run, method, flags):
+    out, rows = branched_run
     name = L.branch_name(cli_config("--method", method, *flags))
     assert [r["level"] for r in rows_of(rows, "trunk")] == [0, 1, 2]
     assert [r["level"] for r in rows_of(rows, name)] == [1, 2]
