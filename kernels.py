@@ -884,6 +884,9 @@ def cuda_graph(fn):
     return graph.replay
 
 
+PAPER_PROFILE_BATCH, PAPER_PROFILE_SIZE = 64, 127  # Sec. A1, Fig. 7: the paper profiles each conv on a batch
+                                                   # of 64 images of 127x127 (conv only)
+PAPER_PROFILE = f"batch {PAPER_PROFILE_BATCH}, {PAPER_PROFILE_SIZE}x{PAPER_PROFILE_SIZE}"
 SAME_PATH = "same path"  # a bench row's speedup where both sides run the same conv (the layer chose dense)
 
 
@@ -933,19 +936,20 @@ def bench_layers(model, blocks, batch_size=64, device="cpu", paper_setting=False
     """Per regrouped conv: dense F.conv2d with the masked weight vs RegroupedConv2d, conv only.
 
     Inputs: the layer's real activation shape for a batch of `input_size` images (default), or with
-    paper_setting every conv fed a (batch_size, C, 127, 127) input (paper Sec. A1 / Fig. 7 used
-    batch 64). Same dtype and memory_format (of the inputs and the dense weight) on both sides (on
-    GPU, fp32 convs and our kernel both use TF32 by default). Outputs are checked against dense
-    before timing (that first call also measures the layer's paths). Returns one dict per conv:
-    `path` the chosen path, `candidates` every measured path's median ms, spread_fields (speedup
-    SAME_PATH where the layer runs dense), `ideal_speedup` (1 / flop_ratio, "-" for dense)."""
+    paper_setting every conv fed a (batch_size, C, PAPER_PROFILE_SIZE, PAPER_PROFILE_SIZE) input
+    (the paper's profile: PAPER_PROFILE_BATCH). Same dtype and memory_format (of the inputs and the dense
+    weight) on both sides (on GPU, fp32 convs and our kernel both use TF32 by default). Outputs are
+    checked against dense before timing (that first call also measures the layer's paths). Returns one
+    dict per conv: `path` the chosen path, `candidates` every measured path's median ms, spread_fields
+    (speedup SAME_PATH where the layer runs dense), `ideal_speedup` (1 / flop_ratio, "-" for dense)."""
     device = torch.device(device)
     check_dtype(device, dtype)
     model = copy.deepcopy(model).to(device, dtype).eval()
     shapes = None if paper_setting else _conv_input_shapes(model, batch_size, device, input_size, dtype)
     results = []
     for key, module_name, conv in _conv_modules(model, blocks):
-        shape = (batch_size, conv.in_channels, 127, 127) if paper_setting else shapes[module_name]
+        size = (PAPER_PROFILE_SIZE,) * 2
+        shape = (batch_size, conv.in_channels, *size) if paper_setting else shapes[module_name]
         x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
         layer = RegroupedConv2d.from_conv(conv, blocks[key], name=key)
         mask = block_mask(layer.weight_shape, check_blocks(layer.weight_shape, blocks[key], key))

@@ -375,24 +375,25 @@ CHANNEL_SCORES = {
 FEATURE_SCORES = ("fmap_l1", "fmap_l2", "saliency")
 
 
-def refill(weights, masks, extra=0.0, score="l1", feats=None, channel_multiple=1):
+def refill(weights, masks, feats=None, **knobs):
     """Refill every layer (refill+ when extra > 0): {name: mask} -> {name: channel-wise mask}.
 
     Paper: Alg. 2. weights: the trained weights the masks were pruned from; feats: conv_channel_stats
-    for the FEATURE_SCORES, else None. Layers are independent: see refill_mask.
+    for the FEATURE_SCORES, else None; knobs: refill_mask's (extra, score, channel_multiple), with its
+    defaults. Layers are independent: see refill_mask.
     """
     check_pairs(weights, masks, "refill")
-    return {n: refill_mask(weights[n], m, extra, score, None if feats is None else feats[n], channel_multiple)
+    return {n: refill_mask(weights[n], m, feats=None if feats is None else feats[n], **knobs)
             for n, m in masks.items()}
 
 
 REFILL_PLUS_EXTRA = 0.1  # refill+'s default share of the pruned channels kept (ours: the paper gives none)
 
 
-def refill_plus(weights, masks, extra=REFILL_PLUS_EXTRA, score="l1", feats=None, channel_multiple=1):
+def refill_plus(weights, masks, feats=None, extra=REFILL_PLUS_EXTRA, **knobs):
     """Refill+ (Alg. 2 with extra channels): refill keeping n + extra * (O - n) channels per layer.
     Official: `prune_model_custom_fillback` with fillback_rate = extra."""
-    return refill(weights, masks, extra, score, feats, channel_multiple)
+    return refill(weights, masks, feats, extra=extra, **knobs)
 
 
 def refill_mask(weight, mask, extra=0.0, score="l1", feats=None, channel_multiple=1):
@@ -483,17 +484,15 @@ REGROUP_UNIT_ORDER = {"position": lambda shape: np.arange(int(np.prod(shape[1:])
                       "channel": lambda shape: np.arange(int(np.prod(shape[1:]))), "vector": _vector_order}
 
 
-def regroup(masks, unit="position", groups=8, row_multiple=8, min_col_nnz=1, min_block_cols=8,
-            block_columns="budget"):
+def regroup(masks, **knobs):
     """Regroup every layer: {name: (O, C, kh, kw) mask} -> ({name: block mask}, {name: blocks}).
 
-    Paper: Alg. 3, layer by layer (regroup_mask has the knobs: t1 = groups, t2 = min_col_nnz,
-    b1 = row_multiple, b2 = min_block_cols, and the rule that picks a block's columns).
+    Paper: Alg. 3, layer by layer. knobs: regroup_mask's, with its defaults (t1 = groups, t2 =
+    min_col_nnz, b1 = row_multiple, b2 = min_block_cols, the column unit and the column rule).
     """
     new_masks, blocks = {}, {}
     for name, mask in masks.items():
-        new_masks[name], blocks[name] = regroup_mask(mask, unit, groups, row_multiple, min_col_nnz,
-                                                     min_block_cols, block_columns)
+        new_masks[name], blocks[name] = regroup_mask(mask, **knobs)
     return new_masks, blocks
 
 
@@ -882,12 +881,15 @@ STRUCTURAL = ("refill", "refill+", "regroup")  # methods whose dead output chann
 
 
 def method_knobs(method):
-    """{knob: its default} of a method: the keyword arguments of its function that it does not fix."""
+    """{knob: its default} of a method: the keyword arguments of its per-layer function (refill_mask,
+    regroup_mask), with the defaults its own function sets (refill+'s extra), less those it fixes."""
     fn, fixed = POSTPROCESS[method]
     if fn is None:
         return {}
-    params = list(inspect.signature(fn).parameters.values())[1 if fn is regroup else 2:]
-    return {p.name: p.default for p in params if p.name not in fixed and p.name != "feats"}
+    defaults = lambda f: {p.name: p.default for p in inspect.signature(f).parameters.values()
+                          if p.default is not inspect.Parameter.empty}
+    knobs = {**defaults(regroup_mask if fn is regroup else refill_mask), **defaults(fn)}
+    return {k: v for k, v in knobs.items() if k not in fixed and k != "feats"}
 
 
 def needs_feats(method, score):
@@ -908,7 +910,8 @@ def training_masks(model, masks, method):
 class Experiment:
     """What training reads: the settings (Config), the model and the net that trains it (the model, or its
     DDP / compiled wrapper sharing its parameters), the data, the device, this process's place under
-    torchrun (Processes: is_main writes files and prints) and the log."""
+    torchrun (Processes: is_main writes files and prints) and the log; `held` keeps, per run, the last
+    level this process trained: {run name: (level, masks, trained state)}, what the next level prunes."""
     cfg: typing.Any
     model: nn.Module
     net: nn.Module
@@ -916,6 +919,7 @@ class Experiment:
     device: str
     procs: typing.Any
     log: typing.Callable = print
+    held: dict = dataclasses.field(default_factory=dict)
 
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # --amp: autocast dtype
@@ -949,7 +953,7 @@ def retrain(exp, masks, state, first_epoch, level, resume=None, after_epoch=None
     rewind(model, state, masks)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(torch.device(exp.device).type, enabled=cfg.amp == "fp16")
+    scaler = grad_scaler(exp.device, cfg.amp)
     metrics = None
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -1024,10 +1028,10 @@ def train_epoch(exp, optimizer, scaler, pairs, generator, penalty=None):
                                        cfg, penalty)
         sums += torch.stack([loss_sum, correct.float()])
         seen += global_size
-        if ((i + 1) % DIVERGENCE_CHECK_STEPS == 0
-                and not math.isfinite(procs.sum([sums[0].item()], data.device)[0])):
-
-            raise Diverged(procs.sum([sums[0].item()], data.device)[0] / seen)
+        if (i + 1) % DIVERGENCE_CHECK_STEPS == 0:
+            total = procs.sum([sums[0].item()], data.device)[0]   # every process checks the same total
+            if not math.isfinite(total):
+                raise Diverged(total / seen)
     loss_sum, correct = procs.sum(sums.tolist(), data.device)
     if not math.isfinite(loss_sum):
         raise Diverged(loss_sum / seen)
@@ -1051,6 +1055,11 @@ def train_step(net, optimizer, scaler, pairs, x, y, loss_scale, cfg, penalty=Non
     scaler.update()
     remask(pairs)
     return loss.detach(), (out.argmax(1) == y).sum()
+
+
+def grad_scaler(device, amp):
+    """--amp's loss scaler: fp16 scales the loss (its gradients underflow otherwise), a no-op else."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=amp == "fp16")
 
 
 def autocast(amp, device):
@@ -1105,7 +1114,10 @@ def ticket_path(run, level):
 
 
 def trained(exp, run, level):
-    """(masks, trained state) of a finished level of `run`, read from its ticket.pt."""
+    """(masks, trained state) of a finished level of `run`: in memory when this process just trained it,
+    else (an earlier command or another process trained it) read from its ticket.pt."""
+    if exp.held.get(run.name, (None,))[0] == level:
+        return exp.held[run.name][1:]
     ticket = load_ticket(ticket_path(run, level), exp.model)
     return ticket["masks"], ticket["state_dict"]
 
@@ -1166,7 +1178,7 @@ def admm_source(exp, level):
     model = holding(exp, trained(exp, trunk_run(cfg), 0)[1])
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.admm_lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(torch.device(exp.device).type, enabled=cfg.amp == "fp16")
+    scaler = grad_scaler(exp.device, cfg.amp)
     w_step = lambda iteration, penalty: train_epoch(exp, optimizer, scaler, [], torch.Generator(
         device=exp.device).manual_seed(mix_seed(cfg.seed, level, ADMM_EPOCHS - iteration)), penalty)
     masks = admm_prune(model, list(prunable_weights(model)), level_density(cfg.prune_rate, level), w_step,
@@ -1282,8 +1294,9 @@ def holding(exp, state):
 
 def train_level(exp, run, level, eta):
     """Train one ticket: its Start (or its epoch checkpoint), retrain with a checkpoint and a log line
-    after every epoch, then its ticket.pt (and the branch's layers.csv). Returns its result row. A loss
-    that diverges, or a stop by a signal, leaves the last epoch checkpoint and nothing else of the level."""
+    after every epoch, then its ticket.pt (and the branch's layers.csv); its masks and trained state stay
+    in exp.held for the next level. Returns its result row. A loss that diverges, or a stop by a signal,
+    leaves the last epoch checkpoint and nothing else of the level."""
     cfg, model = exp.cfg, exp.model
     ckpt_path = os.path.join(os.path.dirname(ticket_path(run, level)), "checkpoint.pt")
     start, ckpt = resume_or_start(exp, run, level, ckpt_path)
@@ -1300,11 +1313,13 @@ def train_level(exp, run, level, eta):
         raise
     counts = whole_model_counts(model, masks, exp.data.image_shape)
     row = result_row(cfg, run, level, masks, start.blocks, start.stats, metrics, progress["seconds"], counts)
+    exp.held[run.name] = (level, {n: m.cpu().clone() for n, m in start.masks.items()},
+                          {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     if exp.procs.is_main:
         write_ticket(exp, run, level, start, row)
         if os.path.exists(ckpt_path):
             os.remove(ckpt_path)
-    exp.procs.barrier()                        # the next level reads this ticket on every rank
+    exp.procs.barrier()                        # the level is finished on disk before any rank goes on
     return row
 
 
@@ -1448,7 +1463,26 @@ def setting(default, help, group, role="run", official=None, check=None, knob=No
     return dataclasses.field(default=default, metadata=meta)
 
 
+# a post-processing knob's default: its function's (refill_mask, regroup_mask, refill+'s extra)
+KNOB_DEFAULTS = {k: v for method in POSTPROCESS for k, v in method_knobs(method).items()}
+
+
 TABLE1 = "Table 1's value for --arch on --dataset"   # the help of settings whose default comes from there
+
+
+def table1_values(key):
+    """Help text of one Table 1 setting, read from SCHEDULES: each value with its datasets, then the
+    (arch, dataset) cells that differ, e.g. '0.1 on every dataset'."""
+    text = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else f"{v:g}"
+    paper = {d: row for d, row in SCHEDULES.items() if d != "synthetic"}
+    by_value = {}
+    for dataset, row in paper.items():
+        by_value.setdefault(text(row[key]), []).append(dataset)
+    parts = [f"{v} on " + ("every dataset" if len(ds) == len(paper) else ", ".join(ds))
+             for v, ds in by_value.items()]
+    cells = [f"{arch} on {d}: {text(row[key])}" for (arch, d), row in SCHEDULE_BY_ARCH.items()
+             if key in row and d in paper]
+    return "; ".join(parts + cells)
 IS_POSITIVE, NOT_NEGATIVE = (">= 1", lambda v: v >= 1), (">= 0", lambda v: v >= 0)
 
 
@@ -1506,22 +1540,23 @@ class Config:
     verbose: bool = setting(False, "print the per-layer table of every level", "experiment")
     wait: bool = setting(False, "when another process trains the branch this command asks for: wait for it "
                          "(default: stop with a message; the trunk is always waited for)", "experiment")
-    epochs: int | None = setting(None, f"epochs per level; default: {TABLE1} (CIFAR: 160, "
-                                 "(Tiny-)ImageNet: 95)", "training", "trunk", check=IS_POSITIVE,
-                                 official="--epochs")
-
-    lr_drops: list | None = setting(None, f"epochs at which the LR drops x0.1; default: {TABLE1} (CIFAR: 80 "
-                                    "120 of 160), scaled to --epochs, never before epoch 1 (--epochs 1: no "
-                                    "drop)", "training", "trunk", nargs="*", metavar="EPOCH", type=int,
-                                    official="--decreasing_lr")
-    rewind_epoch: int | None = setting(None, "rewind to the end of this epoch (0 = initialization); "
-                                       "default: epoch 8 of Table 1's schedule, scaled to --epochs (8 of "
-                                       "160, 5%%)", "training", "trunk", check=NOT_NEGATIVE,
-                                       official="--rewind_epoch")
-    schedule: str = setting("table1", "the defaults of --epochs, --lr-drops and --rewind-epoch: table1 (the "
-                            "paper's Table 1 for --arch on --dataset) or plus (App. A2's (+) setting of "
-                            "VGG-16(+) and WRN-32-2(+): 240 epochs, x0.1 at 150, 180, 210, rewind to epoch "
-                            "8); explicit flags override", "training", choices=list(SCHEDULE_PRESETS))
+    epochs: int | None = setting(None, f"epochs per level; default: {TABLE1} ({table1_values('epochs')})",
+                                 "training", "trunk", check=IS_POSITIVE, official="--epochs")
+    lr_drops: list | None = setting(
+        None, f"epochs at which the LR drops x0.1; default: {TABLE1} ({table1_values('lr_drops')}), "
+        "scaled to --epochs, never before epoch 1 (--epochs 1: no drop)", "training", "trunk", nargs="*",
+        metavar="EPOCH", type=int, official="--decreasing_lr")
+    rewind_epoch: int | None = setting(
+        None, f"rewind to the end of this epoch (0 = initialization); default: {TABLE1} "
+        f"({table1_values('rewind_epoch')}), scaled to --epochs", "training", "trunk", check=NOT_NEGATIVE,
+        official="--rewind_epoch")
+    schedule: str = setting(
+        "table1", "the defaults of --epochs, --lr-drops and --rewind-epoch: table1 (the paper's Table 1 for "
+        "--arch on --dataset) or plus (App. A2's (+) setting of VGG-16(+) and WRN-32-2(+): "
+        f"{SCHEDULE_PRESETS['plus']['epochs']} epochs, x0.1 at "
+        f"{', '.join(map(str, SCHEDULE_PRESETS['plus']['lr_drops']))}, rewind to epoch "
+        f"{SCHEDULE_PRESETS['plus']['rewind_epoch']}); explicit flags override", "training",
+        choices=list(SCHEDULE_PRESETS))
     lr_schedule: str = setting("resume", "after rewinding to epoch k: resume = the schedule goes on from "
                                "epoch k to the end (the paper's Alg. 1, Frankle et al. 2020); restart = it "
                                "runs from epoch 0 for the full length (official main_imp.py; --rewind-epoch "
@@ -1530,15 +1565,15 @@ class Config:
     prune_rate: float = setting(PAPER["prune_rate"], "fraction of the remaining prunable weights removed per "
                                 "level", "training", "trunk", check=("in (0, 1)", lambda v: 0 < v < 1),
                                 official="--rate")
-    lr: float | None = setting(None, f"SGD learning rate; default: {TABLE1} (CIFAR: 0.1)", "training",
-                               "trunk", official="--lr")
+    lr: float | None = setting(None, f"SGD learning rate; default: {TABLE1} ({table1_values('lr')})",
+                               "training", "trunk", official="--lr")
     momentum: float = setting(PAPER["momentum"], "SGD momentum", "training", "trunk")
-    weight_decay: float | None = setting(None, f"L2 weight decay; default: {TABLE1} (CIFAR: 1e-4, VGG-16 "
-                                         "2e-4; CIFAR-100 2e-4, VGG-16 5e-4)", "training", "trunk",
-                                         official="--weight_decay")
-    batch_size: int | None = setting(None, "examples per SGD step, over all processes under torchrun; "
-                                     f"default: {TABLE1} (CIFAR: 128)", "training", "trunk",
-                                     check=IS_POSITIVE, official="--batch_size")
+    weight_decay: float | None = setting(
+        None, f"L2 weight decay; default: {TABLE1} ({table1_values('weight_decay')})", "training", "trunk",
+        official="--weight_decay")
+    batch_size: int | None = setting(
+        None, f"examples per SGD step, over all processes under torchrun; default: {TABLE1} "
+        f"({table1_values('batch_size')})", "training", "trunk", check=IS_POSITIVE, official="--batch_size")
     train_subset: int | None = setting(None, "train on a seeded random subset of N examples (default: all)",
                                        "training", "trunk", check=IS_POSITIVE)
     val_split: int = setting(0, "hold out N training images (seeded, before --train-subset) as a validation "
@@ -1552,45 +1587,52 @@ class Config:
     sync_bn: bool = setting(False, "under torchrun on GPUs: BatchNorm statistics over all processes "
                             "(default: per process)", "training", "trunk")
     refill_score: str = setting(
-        "l1", "channel score for refill: l1 = L1 norm of the kept weights (paper), remain = number of kept "
-        "weights (official default); fmap_l1, fmap_l2, saliency = the channel's output on one training "
-        "batch: sum |y|, sum y^2, sum |y dL/dy| (official l1, l2, saliency)", "refill", "branch",
-        official="--criterion", knob="score", label="score", choices=list(CHANNEL_SCORES))
-    refill_extra: float = setting(REFILL_PLUS_EXTRA, "refill+: extra fraction of the pruned channels kept "
-                                  "(ours; the paper gives no value)", "refill", "branch",
-                                  official="--fillback-rate", check=("in [0, 1]", lambda v: 0 <= v <= 1),
-                                  knob="extra", label="extra")
-    channel_multiple: int = setting(1, "refill, refill+: each layer's kept-channel count rounded up to a "
-                                    "multiple of this, at most the layer's width (ours: 8 suits GPUs and "
-                                    "vector units; 1 = off)", "refill", "branch", check=IS_POSITIVE,
-                                    knob="channel_multiple", label="mult")
-    regroup_unit: str = setting("position", "regroup column unit: position = one (c,ky,kx) (paper), channel "
-                                "= whole input channel, vector = 8 channels at one (ky,kx) (GPU kernel)",
-                                "regroup", "branch", knob="unit", label="unit", choices=list(REGROUP_UNITS))
-    groups: int = setting(8, "regroup: groups per layer (paper t1)", "regroup", "branch",
-                          official="cn = 8 hMETIS parts", check=IS_POSITIVE, knob="groups", label="groups")
-    row_multiple: int = setting(8, "regroup: group rows are a multiple of this, at least this (paper b1, "
-                                "min rows)", "regroup", "branch", check=IS_POSITIVE, knob="row_multiple",
-                                label="rows", official="B2 = 16: parts of more than 16 rows")
-    min_col_nnz: int = setting(1, "regroup: nonzeros a column needs inside a group to be selected (paper t2)",
-                               "regroup", "branch", check=IS_POSITIVE, knob="min_col_nnz", label="colnnz")
-    min_block_cols: int = setting(8, "regroup: columns a group needs to become a block (paper b2)", "regroup",
-                                  "branch", check=IS_POSITIVE, knob="min_block_cols", label="cols")
+        KNOB_DEFAULTS["score"], "channel score for refill: l1 = L1 norm of the kept weights (paper), "
+        "remain = number of kept weights (official default); fmap_l1, fmap_l2, saliency = the channel's "
+        "output on one training batch: sum |y|, sum y^2, sum |y dL/dy| (official l1, l2, saliency)", "refill",
+        "branch", official="--criterion", knob="score", label="score", choices=list(CHANNEL_SCORES))
+    refill_extra: float = setting(
+        KNOB_DEFAULTS["extra"], "refill+: extra fraction of the pruned channels kept (ours; the paper gives "
+        "no value)", "refill", "branch", official="--fillback-rate", knob="extra", label="extra",
+        check=("in [0, 1]", lambda v: 0 <= v <= 1))
+    channel_multiple: int = setting(
+        KNOB_DEFAULTS["channel_multiple"], "refill, refill+: each layer's kept-channel count rounded up to a "
+        "multiple of this, at most the layer's width (ours: 8 suits GPUs and vector units; 1 = off)",
+        "refill", "branch", check=IS_POSITIVE, knob="channel_multiple", label="mult")
+    regroup_unit: str = setting(
+        KNOB_DEFAULTS["unit"], "regroup column unit: position = one (c,ky,kx) (paper), channel = whole input "
+        "channel, vector = 8 channels at one (ky,kx) (GPU kernel)", "regroup", "branch", knob="unit",
+        label="unit", choices=list(REGROUP_UNITS))
+    groups: int = setting(
+        KNOB_DEFAULTS["groups"], "regroup: groups per layer (paper t1)", "regroup", "branch",
+        official="cn = 8 hMETIS parts", check=IS_POSITIVE, knob="groups", label="groups")
+    row_multiple: int = setting(
+        KNOB_DEFAULTS["row_multiple"], "regroup: group rows are a multiple of this, at least this (paper b1, "
+        "min rows)", "regroup", "branch", check=IS_POSITIVE, knob="row_multiple", label="rows",
+        official="B2 = 16: parts of more than 16 rows")
+    min_col_nnz: int = setting(
+        KNOB_DEFAULTS["min_col_nnz"], "regroup: nonzeros a column needs inside a group to be selected (paper "
+        "t2)", "regroup", "branch", check=IS_POSITIVE, knob="min_col_nnz", label="colnnz")
+    min_block_cols: int = setting(
+        KNOB_DEFAULTS["min_block_cols"], "regroup: columns a group needs to become a block (paper b2)",
+        "regroup", "branch", check=IS_POSITIVE, knob="min_block_cols", label="cols")
     block_columns: str = setting(
-        "budget", "regroup: which columns join a group's dense block: budget (ours: the densest (group, "
-        "column) pairs until the blocks' area equals IMP's nonzeros: IMP's density), paper (Alg. 3 as "
-        "written: every column with >= --min-col-nnz nonzeros in the group; denser than IMP), intended (the "
+        KNOB_DEFAULTS["block_columns"],
+        "regroup: which columns join a group's dense block: budget (ours: the densest (group, column) "
+        "pairs until the blocks' area equals IMP's nonzeros: IMP's density), paper (Alg. 3 as written: "
+        "every column with >= --min-col-nnz nonzeros in the group; denser than IMP), intended (the "
         "official width rule as meant: a prefix of the most used columns until every row has fewer than "
         "width/1.5 nonzeros outside), official (the official code as it runs: its width loop with its "
-        "column-index and early-stop bugs, 8 parts of which those of more than 16 rows may become blocks, a "
-        "layer with no block left unstructured; --row-multiple, --min-col-nnz, --min-block-cols do not "
-        "apply)", "regroup", "branch", knob="block_columns", label="colrule", choices=list(BLOCK_COLUMNS))
+        "column-index and early-stop bugs, 8 parts of which those of more than 16 rows may become blocks,"
+        " a layer with no block left unstructured; --row-multiple, --min-col-nnz, --min-block-cols do not"
+        " apply)", "regroup", "branch", knob="block_columns", label="colrule",
+        choices=list(BLOCK_COLUMNS))
     bench: str | None = setting(
         None, "benchmark instead of training: kernels (the default when given alone) = dense vs grouped "
-        "GEMM on a ticket, paper = the same in the paper's per-layer setting (batch 64, 127x127), regroup = "
-        "partitioner coverage and speed vs baselines, train = training images/s vs a plain PyTorch loop "
-        "with the same settings, and the cost of the masks", "benchmarks", "tool", nargs="?", const="kernels",
-        choices=("kernels", "paper", "regroup", "train"))
+        "GEMM on a ticket, paper = the same in the paper's per-layer setting "
+        f"({kernels.PAPER_PROFILE}), regroup = partitioner coverage and speed vs baselines, train = "
+        "training images/s vs a plain PyTorch loop with the same settings, and the cost of the masks",
+        "benchmarks", "tool", nargs="?", const="kernels", choices=("kernels", "paper", "regroup", "train"))
     export: str | None = setting(None, "instead of training: save the ticket (--ticket, or the last level "
                                  "in --out-dir of the run --method names) without its dead channels, as a "
                                  "smaller dense network; PATH ends in .pt (models.load_slim), .pt2 "
@@ -1861,13 +1903,17 @@ def check_training_flags(cfg, device, procs):
 # ---- files: atomic writes, safe loading, the experiment directory ----
 def atomic_write(path, write, mode="wb"):
     """write(f) into a temporary file next to `path`, flushed to disk, then renamed over `path`: a crash
-    never leaves half a file. The one way every file here is written."""
+    never leaves half a file, nor does an exception raised by write. The one way every file here is
+    written; mode None: write(temporary path) writes the file itself (exporters that take a path)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, mode, **({} if "b" in mode else dict(newline=""))) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        if mode is None:
+            write(tmp)
+        else:
+            with open(tmp, mode, **({} if "b" in mode else dict(newline=""))) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

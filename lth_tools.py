@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from lth_ref import datasets, kernels, model_zoo   # data.py, kernels.py, models.py as lth_ref loaded them
 from lth_ref import (  # the method
     BLOCK_COLUMNS, REGROUP_UNITS, apply_masks, autocast, ceil_div, conv_channel_stats, layer_stats,
-    magnitude_prune, mask_pairs, needs_feats, paper_schedule, postprocess, prunable_weights, prune_to_density,
-    refill, regroup_mask, remask, rewind, train_step)
+    grad_scaler, magnitude_prune, mask_pairs, needs_feats, paper_schedule, postprocess, prunable_weights,
+    prune_to_density, refill, regroup_mask, remask, rewind, train_step)
 from lth_ref import (  # settings, files and results
     RUN_SETTINGS, SOURCE_SETTINGS, Config, Processes, UsageError, atomic_write, branch_dirs, branch_knobs,
     branch_run, check_masks_fit, check_training_flags, check_writable_dir, finished_tickets,
@@ -70,17 +70,23 @@ def ticket_model(ticket):
     return model.eval()
 
 
+def pruned_network(arch, dataset, density_, seed=0):
+    """(model, {name: weight}, masks): a seeded, untrained --arch and its masks at that density, pruned by
+    global magnitude in one step (what the benches use when they have no trained ticket)."""
+    torch.manual_seed(seed)
+    model = model_zoo.MODELS[arch](datasets.CLASS_COUNTS[dataset])
+    weights = {n: w.detach() for n, w in prunable_weights(model).items()}
+    return model, weights, prune_to_density({n: w.abs() for n, w in weights.items()}, density_)
+
+
 def fresh_ticket(arch, dataset, density_, method, knobs, seed=0, out_dir=None):
     """(bench.json path, ticket) for --bench-density: a seeded, untrained --arch pruned by global magnitude
     to that density in one step, post-processed by --method with its knobs, BN calibrated."""
     if method == "imp":
         raise UsageError("--bench-density needs --method refill, refill+ or regroup (an unstructured imp "
                          "mask has no blocks)")
-    torch.manual_seed(seed)
     classes, shape = datasets.CLASS_COUNTS[dataset], datasets.IMAGE_SHAPES[dataset]
-    model = model_zoo.MODELS[arch](classes)
-    weights = {n: w.detach() for n, w in prunable_weights(model).items()}
-    masks = prune_to_density({n: w.abs() for n, w in weights.items()}, density_)
+    model, weights, masks = pruned_network(arch, dataset, density_, seed)
     feats = None
     if needs_feats(method, knobs.get("score")):              # an untrained model: a random batch will do
         calibrate_batchnorm(model, shape)
@@ -325,21 +331,20 @@ def export_slim(path, ticket, out, log=print):
             "network, with the zeros inside its blocks")
     shape = datasets.IMAGE_SHAPES[ticket["config"].get("dataset", "cifar10")]
     x, x_check = torch.randn(EXPORT_CHECK_BATCH, *shape), torch.randn(EXPORT_CHECK_BATCH // 2 + 1, *shape)
-    tmp = f"{out}.tmp{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    try:
+    errors = []
+
+    def write_and_check(tmp):
         with torch.no_grad():
             got = writer(slim, ticket, x, x_check, tmp)
-            err = kernels.rel_err(got, model(x_check), centered=True)
-        if not err <= EXPORT_TOLERANCE:
+            errors.append(kernels.rel_err(got, model(x_check), centered=True))
+        if not errors[0] <= EXPORT_TOLERANCE:
             raise UsageError(f"--export {out}: the written network's outputs differ from the ticket's by "
-                             f"{err:.2e} (relative; at most {EXPORT_TOLERANCE:g} expected): nothing was "
-                             "written")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    row = dict(ticket=path, **whole_model_counts(model, ticket["masks"], shape), max_rel_err=err, wrote=out)
+                             f"{errors[0]:.2e} (relative; at most {EXPORT_TOLERANCE:g} expected): nothing "
+                             "was written")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    atomic_write(out, write_and_check, mode=None)
+    row = dict(ticket=path, **whole_model_counts(model, ticket["masks"], shape), max_rel_err=errors[0],
+               wrote=out)
     log(markdown_table([row]))
     return row
 
@@ -440,7 +445,6 @@ class quiet_onnx_export:
 # ---- benchmarks (python lth_ref.py --bench [kernels|paper|regroup|train]) ----
 BENCH_TRAIN_DENSITY = 0.2   # the benchmarked ticket keeps 20% of the prunable weights (7 IMP levels)
 FORMAT_PROBE_RUNS = 5       # timed forwards per memory format when --bench-memory-format auto measures them
-PAPER_PROFILE_BATCH = 64    # Sec. A1, Fig. 7: the paper profiles every conv on a batch of 64 (127x127 inputs)
 TIMING_SGD = dict(lr=0.01, momentum=0.9)   # --bench train's optimizer: a step's time does not depend on them
 
 
@@ -453,11 +457,9 @@ def bench_train(arch="resnet20", dataset="cifar10", batch_size=128, device="cpu"
     masks of a BENCH_TRAIN_DENSITY ticket, ours without masks, and a plain loop (forward, mean
     cross-entropy, backward, step). The masking alone (weight *= mask) is timed too."""
     cfg = Config(amp=amp, channels_last=channels_last)
-    torch.manual_seed(seed)
     classes = datasets.CLASS_COUNTS[dataset]
-    model = model_zoo.MODELS[arch](classes).to(device)
-    scores = {n: w.detach().abs() for n, w in prunable_weights(model).items()}
-    masks = prune_to_density(scores, BENCH_TRAIN_DENSITY)
+    model, _, masks = pruned_network(arch, dataset, BENCH_TRAIN_DENSITY, seed)
+    model = model.to(device)
     apply_masks(model, masks)
     x = torch.randn(batch_size, *datasets.IMAGE_SHAPES[dataset], device=device)
     y = torch.randint(0, classes, (batch_size,), device=device)
@@ -466,7 +468,7 @@ def bench_train(arch="resnet20", dataset="cifar10", batch_size=128, device="cpu"
         layout = torch.channels_last if channels_last else torch.contiguous_format
         m = copy.deepcopy(model).to(memory_format=layout)
         net, opt = torch.compile(m) if compile else m, torch.optim.SGD(m.parameters(), **TIMING_SGD)
-        scaler = torch.amp.GradScaler(torch.device(device).type, enabled=amp == "fp16")
+        scaler = grad_scaler(device, amp)
         pairs = mask_pairs(m, masks) if name == "ours" else []
         ours_pairs = pairs if name == "ours" else ours_pairs
         steps[name] = functools.partial(plain_train_step, net, opt, scaler, x, y, cfg) if name == "plain" \
@@ -557,7 +559,7 @@ def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_
 
     Each layer at its real activation shape (the dataset's images), then the whole model (dense masked vs
     regrouped_model) and the slim network, for every batch size. paper=True: the paper's profiling setting
-    (Sec. A1, Fig. 7): every conv fed a batch-64 127x127 input, conv only. Refill tickets run as one block
+    (kernels.PAPER_PROFILE). Refill tickets run as one block
     of kept channels per layer. memory_format: a kernels.MEMORY_FORMATS key or auto (the faster for dense);
     dtype: of the models and inputs, every side alike. Each figure with its min-max range and a noisy flag."""
     model = ticket_model(ticket)
@@ -570,10 +572,10 @@ def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_
                   level=ticket["level"], device=device_name(device), memory_format=memory_format,
                   threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
                   **{k: v for k, v in kernels.runtime_info(device, dtype).items() if k != "device"},
-                  setting="paper (batch 64, 127x127, conv only)" if paper else "dataset images",
+                  setting=f"paper ({kernels.PAPER_PROFILE}, conv only)" if paper else "dataset images",
                   counts=whole_model_counts(model, ticket["masks"], shape), runs=[])
     fmt = kernels.MEMORY_FORMATS[memory_format]
-    for batch in ([PAPER_PROFILE_BATCH] if paper else batches):
+    for batch in ([kernels.PAPER_PROFILE_BATCH] if paper else batches):
         layers = kernels.bench_layers(model, blocks, batch, device, paper_setting=paper, repeats=repeats,
                                       input_size=shape, memory_format=fmt, dtype=dtype)
         log(f"\nper layer, batch {batch}, {report['device']}, {memory_format}, {report['dtype']}, median of "
@@ -727,9 +729,7 @@ def run_bench(cfg, out_dir):
             weights = {n: ticket["state_dict"][n] for n in ticket["masks"]}
             masks = magnitude_prune(weights, ticket["masks"], cfg.prune_rate)
         else:                                  # a seeded, freshly initialized network at 20% density
-            torch.manual_seed(cfg.seed)
-            weights = prunable_weights(model_zoo.MODELS[cfg.arch](datasets.CLASS_COUNTS[cfg.dataset]))
-            masks = prune_to_density({n: w.detach().abs() for n, w in weights.items()}, BENCH_TRAIN_DENSITY)
+            _, weights, masks = pruned_network(cfg.arch, cfg.dataset, BENCH_TRAIN_DENSITY, cfg.seed)
         regroup_knobs = {k: v for k, v in branch_knobs(cfg, "regroup").items() if k != "unit"}
         return bench_regroup(masks, cfg.regroup_unit, cfg.seed, **regroup_knobs)
     auto_dtype = "fp16" if torch.device(device).type == "cuda" else "fp32"

@@ -1712,8 +1712,15 @@ def trunk_mask(out, level):
 
 
 @pytest.mark.slow
-def test_imp_trunk_levels_densities_and_files(tmp_path):
+def test_imp_trunk_levels_densities_and_files(tmp_path, monkeypatch):
+    read, load = [], L.load_ticket
+
+    def spy(path, model=None, mmap=False):        # tickets read into a model (not for the results table)
+        read.append(path) if model is not None else None
+        return load(path, model, mmap)
+    monkeypatch.setattr(L, "load_ticket", spy)
     out, rows = run_cli(tmp_path, "--levels", "2")
+    assert read == []            # IMP prunes the weights it just trained, in memory: no ticket read back
     assert [r["level"] for r in rows] == [0, 1, 2] and {r["branch"] for r in rows} == {"trunk"}
     assert [round(r["density"], 3) for r in rows] == [1.0, 0.8, 0.64]
     for level in range(3):
@@ -1725,11 +1732,23 @@ def test_imp_trunk_levels_densities_and_files(tmp_path):
                                        "results.csv", "results.json", "results.lock", "run.lock"]
 
 
+BRANCH_CASES = [("refill", []), ("refill+", []), ("regroup", []), ("refill", ["--refill-score", "saliency"])]
+
+
+@pytest.fixture(scope="module")
+def branched_run(tmp_path_factory):
+    """One experiment: a trunk of 2 levels and the branches of BRANCH_CASES, trained once (the first
+    command trains the trunk, the others reuse it). Returns (directory, result rows)."""
+    tmp = tmp_path_factory.mktemp("branches")
+    for method, flags in BRANCH_CASES:
+        out, rows = run_cli(tmp, "--levels", "2", "--method", method, *flags)
+    return out, rows
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method, flags", [("refill", []), ("refill+", []), ("regroup", []),
-                                           ("refill", ["--refill-score", "saliency"])])
-def test_branches_post_process_the_unstructured_trunk(tmp_path, method, flags):
-    out, rows = run_cli(tmp_path, "--levels", "2", "--method", method, *flags)
+@pytest.mark.parametrize("method, flags", BRANCH_CASES)
+def test_branches_post_process_the_unstructured_trunk(branched_run, method, flags):
+    out, rows = branched_run
     name = L.branch_name(cli_config("--method", method, *flags))
     assert [r["level"] for r in rows_of(rows, "trunk")] == [0, 1, 2]
     assert [r["level"] for r in rows_of(rows, name)] == [1, 2]
@@ -4383,16 +4402,27 @@ def test_bench_density_runs_the_grouped_gemm_on_a_fresh_regrouped_model(tmp_path
         assert model.eval()(torch.randn(8, 3, 32, 32)).std(0).max() > 1e-3
 
 
-def test_auto_memory_format_is_the_faster_one_for_the_dense_model(monkeypatch):
-    timed = {}
+@pytest.mark.parametrize("fastest", ["contiguous", "channels_last"])
+def test_auto_memory_format_is_the_faster_one_for_the_dense_model(fastest, monkeypatch):
+    """Each format made the faster one in turn (the probe times them in MEMORY_FORMATS' order, each
+    forward run in its format): a probe that always answers one format fails one of the two."""
+    formats = []
 
-    def fake_timing(fns, device, repeats, warmup):              # channels-last made slower on purpose
-        timed["n"] = len(fns)
-        return [1.0, 2.0] if list(kernels.MEMORY_FORMATS)[0] == "contiguous" else [2.0, 1.0]
+    def fake_timing(fns, device, repeats, warmup):
+        for fn in fns:                                         # which format each timed forward runs in
+            seen = []
+            hook = torch.nn.modules.module.register_module_forward_pre_hook(
+                lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+            try:
+                fn()
+            finally:
+                hook.remove()
+            formats.append("channels_last" if seen[0] else "contiguous")
+        return [1.0 if f == fastest else 2.0 for f in formats]
     monkeypatch.setattr(kernels, "time_interleaved", fake_timing)
     model = models.MODELS["resnet20"](10)
-    assert lth_tools.faster_memory_format(model, (3, 32, 32), 2, "cpu", log=lambda *_: None) == "contiguous"
-    assert timed["n"] == len(kernels.MEMORY_FORMATS)
+    assert lth_tools.faster_memory_format(model, (3, 32, 32), 2, "cpu", log=lambda *_: None) == fastest
+    assert sorted(formats) == sorted(kernels.MEMORY_FORMATS)
 
 
 def test_foreach_masking_equals_masking_each_weight():
@@ -5042,10 +5072,16 @@ def test_onnx_export_without_the_extra_says_what_to_install(tmp_path, monkeypatc
 
 
 # ---- README ----
-def test_readme_cli_table_lists_every_flag_with_its_default():
+def test_readme_cli_table_lists_every_flag_with_its_default_and_help():
     readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    table = readme[readme.index("## CLI reference"):]
     rows = {m.group(1): m.group(2)
-            for m in re.finditer(r"^\| `(--[a-z-]+)[^`]*` \| ([^|]*) \|", readme, re.M)}
+            for m in re.finditer(r"^\| `(--[a-z-]+)[^`]*` \| ([^|]*) \|", table, re.M)}
+    helps = {m.group(1): m.group(2).replace("\\|", "|")
+             for m in re.finditer(r"^\| `(--[a-z-]+)[^`]*` \| [^|]* \| ((?:[^|\\]|\\\|)*) \|", table, re.M)}
+    for field in dataclasses.fields(L.Config):
+        flag = "--" + field.name.replace("_", "-")
+        assert helps.get(flag) == field.metadata["help"].replace("%%", "%"), f"README's help of {flag}"
     for action in L.build_parser()._actions:
         if action.option_strings and action.dest != "help":
             flag, default = action.option_strings[0], action.default
