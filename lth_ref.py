@@ -16,16 +16,17 @@ banner what the loop needs: settings (Config), torchrun, files, file locks, resu
 point, main. The tools run on finished tickets (--report, --bench, --export, the reader of
 --import-masks) are in lth_tools.py, which is imported only when one of them runs.
 
-One ticket, trunk level L-1 -> the regroup branch of level L, step by step (the section that holds it):
-    the trunk's level L-1   run_experiment -> level_start -> branch_masks -> imp_source  (the experiment)
+One ticket, trunk level L-1 -> the regroup branch of level L, step by step, top to bottom (its section):
     IMP's prune             magnitude_prune, keep_top                                 (mask sources)
     post-processing         postprocess                                               (post-processing)
-    regroup                 regroup -> regroup_mask: row_similarity, partition_rows,
+    regroup                 regroup -> regroup_mask: hypergraph_rows, row_similarity, partition_rows,
                             refine_partition, choose_block_columns                    (regroup)
-    rewind                  retrain -> rewind, to theta_k of rewind_state             (training)
+    rewind                  rewind, to theta_k                                        (training)
     retrain                 retrain: lr_at, train_epoch, train_step                   (training)
     evaluate                evaluate                                                  (training)
-    result                  train_level -> result_row, then write_results    (the experiment, results)
+    the experiment          imp_source (trunk level L-1, held in memory) -> branch_masks -> level_start
+                            -> train_level -> run_experiment                          (the experiment)
+    result                  result_row, then write_results                            (results)
 
 Files: lth_ref.py (this), lth_tools.py (report, benchmarks, slim export, mask import), models.py (MODELS,
 slim networks), data.py (datasets, on-device batches), kernels.py (grouped GEMM), test_lth_ref.py.
@@ -360,6 +361,31 @@ def _scoring_copy(model, train):
     for p in model.parameters():
         p.grad = None
     return model
+
+
+# ---- post-processing: what a branch does to the trunk's mask of a level ----
+def postprocess(method, weights, masks, feats=None, **knobs):
+    """Turn unstructured masks into a structural ticket's masks: (masks, blocks or None).
+
+    Paper: Alg. 2 (refill, refill+) and Alg. 3 (regroup), applied to "the unstructured mask from
+    Alg. 1"; bring your own masks from any pruning loop. method: a POSTPROCESS key (the table after
+    refill and regroup, below); weights, masks: {name: (O, C, kh, kw)} (weights: the trained weights the
+    masks were pruned from, for refill's scores); feats: conv_channel_stats for the feature-map refill
+    scores; knobs: method_knobs(method), the per-layer function's keyword arguments, with its defaults.
+    blocks: {name: [(rows, cols)]} for regroup, None otherwise.
+    """
+    if method not in POSTPROCESS:
+        raise ValueError(f"unknown method {method!r}; expected one of {list(POSTPROCESS)}")
+    unknown = sorted(set(knobs) - set(method_knobs(method)))
+    if unknown:
+        raise ValueError(f"{method} takes the knobs {list(method_knobs(method))}, not {unknown}")
+    check_pairs(weights, masks, "postprocess")
+    fn, fixed = POSTPROCESS[method]
+    if fn is None:
+        return masks, None
+    if fn is regroup:
+        return regroup(masks, **fixed, **knobs)
+    return fn(weights, masks, feats=feats, **fixed, **knobs), None
 
 
 # ---- refill (channel-wise tickets) ----
@@ -846,31 +872,7 @@ def layer_stats(before, after, blocks=None):
     return stats
 
 
-# ---- post-processing: what a branch does to the trunk's mask of a level ----
-def postprocess(method, weights, masks, feats=None, **knobs):
-    """Turn unstructured masks into a structural ticket's masks: (masks, blocks or None).
-
-    Paper: Alg. 2 (refill, refill+) and Alg. 3 (regroup), applied to "the unstructured mask from
-    Alg. 1"; bring your own masks from any pruning loop. method: a POSTPROCESS key; weights, masks:
-    {name: (O, C, kh, kw)} (weights: the trained weights the masks were pruned from, for refill's
-    scores); feats: conv_channel_stats for the feature-map refill scores; knobs: the keyword arguments
-    of the method's function (method_knobs(method); their defaults are that function's).
-    blocks: {name: [(rows, cols)]} for regroup, None otherwise.
-    """
-    if method not in POSTPROCESS:
-        raise ValueError(f"unknown method {method!r}; expected one of {list(POSTPROCESS)}")
-    unknown = sorted(set(knobs) - set(method_knobs(method)))
-    if unknown:
-        raise ValueError(f"{method} takes the knobs {list(method_knobs(method))}, not {unknown}")
-    check_pairs(weights, masks, "postprocess")
-    fn, fixed = POSTPROCESS[method]
-    if fn is None:
-        return masks, None
-    if fn is regroup:
-        return regroup(masks, **fixed, **knobs)
-    return fn(weights, masks, feats=feats, **fixed, **knobs), None
-
-
+# ---- the post-processing methods: their functions, knobs, and the masks training keeps ----
 POSTPROCESS = {  # method -> (its function, arguments the method fixes); the rest are its knobs
     "imp": (None, {}),                   # unstructured: the trunk's mask as it is
     "refill": (refill, dict(extra=0.0)),  # Alg. 2: channel-wise tickets
