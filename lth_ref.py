@@ -425,7 +425,8 @@ def refill_plus(weights, masks, feats=None, extra=REFILL_PLUS_EXTRA, **knobs):
 def refill_mask(weight, mask, extra=0.0, score="l1", feats=None, channel_multiple=1):
     """One layer's refill: keep the n best output channels whole, prune every other channel whole.
 
-    Paper: Sec. 3.2 / Alg. 2 (refill), n = nnz / K channels; refill+ keeps n + extra * (O - n).
+    Paper: Sec. 3.2 / Alg. 2 (refill), n = nnz / K channels, rounded to the nearest count (Python's round:
+    a half to the even count) and at least 1; refill+ keeps n + extra * (O - n), rounded alike.
     Official: `prune_model_custom_fillback` (fillback_rate = extra, criterion `remain` by default).
     channel_multiple: n rounded up to a multiple of it, at most O (ours: channel counts that GPUs and
     vector units run fast, Torch-Pruning's round_to).

@@ -1224,6 +1224,16 @@ REFILL_COUNTS = [  # (nnz, extra, channel_multiple, channels kept)
 ]
 
 
+@pytest.mark.parametrize("nnz, expected", [(5, 2), (7, 4)])
+def test_refill_rounds_a_half_channel_to_the_even_count(nnz, expected):
+    """K = 2 weights per channel: 5 / 2 = 2.5 keeps 2 channels, 7 / 2 = 3.5 keeps 4 (Python's round)."""
+    weight = torch.randn(10, 2, generator=torch.Generator().manual_seed(nnz))
+    mask = torch.zeros(20)
+    mask[torch.randperm(20, generator=torch.Generator().manual_seed(nnz))[:nnz]] = 1
+    out = L.refill_mask(weight, mask.reshape(10, 2))
+    assert int((out.sum(1) == 2).sum()) == expected and int((out.sum(1) == 1).sum()) == 0
+
+
 @pytest.mark.parametrize("nnz, extra, multiple, expected", REFILL_COUNTS)
 def test_refill_keeps_whole_channels_and_the_channel_count_worked_out_by_hand(nnz, extra, multiple, expected):
     weight = torch.randn(10, 1, 3, 3, generator=torch.Generator().manual_seed(nnz))
