@@ -948,8 +948,8 @@ def bench_layers(model, blocks, batch_size=64, device="cpu", paper_setting=False
     shapes = None if paper_setting else _conv_input_shapes(model, batch_size, device, input_size, dtype)
     results = []
     for key, module_name, conv in _conv_modules(model, blocks):
-        size = (PAPER_PROFILE_SIZE,) * 2
-        shape = (batch_size, conv.in_channels, *size) if paper_setting else shapes[module_name]
+        shape = (batch_size, conv.in_channels, PAPER_PROFILE_SIZE, PAPER_PROFILE_SIZE) if paper_setting \
+            else shapes[module_name]
         x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
         layer = RegroupedConv2d.from_conv(conv, blocks[key], name=key)
         mask = block_mask(layer.weight_shape, check_blocks(layer.weight_shape, blocks[key], key))

@@ -331,20 +331,19 @@ def export_slim(path, ticket, out, log=print):
             "network, with the zeros inside its blocks")
     shape = datasets.IMAGE_SHAPES[ticket["config"].get("dataset", "cifar10")]
     x, x_check = torch.randn(EXPORT_CHECK_BATCH, *shape), torch.randn(EXPORT_CHECK_BATCH // 2 + 1, *shape)
-    errors = []
+    err = None
 
-    def write_and_check(tmp):
+    def write_and_check(tmp):                  # raising here leaves nothing at `out`
+        nonlocal err
         with torch.no_grad():
-            got = writer(slim, ticket, x, x_check, tmp)
-            errors.append(kernels.rel_err(got, model(x_check), centered=True))
-        if not errors[0] <= EXPORT_TOLERANCE:
+            err = kernels.rel_err(writer(slim, ticket, x, x_check, tmp), model(x_check), centered=True)
+        if not err <= EXPORT_TOLERANCE:
             raise UsageError(f"--export {out}: the written network's outputs differ from the ticket's by "
-                             f"{errors[0]:.2e} (relative; at most {EXPORT_TOLERANCE:g} expected): nothing "
-                             "was written")
+                             f"{err:.2e} (relative; at most {EXPORT_TOLERANCE:g} expected): nothing was "
+                             "written")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     atomic_write(out, write_and_check, mode=None)
-    row = dict(ticket=path, **whole_model_counts(model, ticket["masks"], shape), max_rel_err=errors[0],
-               wrote=out)
+    row = dict(ticket=path, **whole_model_counts(model, ticket["masks"], shape), max_rel_err=err, wrote=out)
     log(markdown_table([row]))
     return row
 
@@ -559,8 +558,8 @@ def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_
 
     Each layer at its real activation shape (the dataset's images), then the whole model (dense masked vs
     regrouped_model) and the slim network, for every batch size. paper=True: the paper's profiling setting
-    (kernels.PAPER_PROFILE). Refill tickets run as one block
-    of kept channels per layer. memory_format: a kernels.MEMORY_FORMATS key or auto (the faster for dense);
+    (kernels.PAPER_PROFILE, conv only). Refill tickets run as one block of kept channels per layer.
+    memory_format: a kernels.MEMORY_FORMATS key or auto (the faster for dense);
     dtype: of the models and inputs, every side alike. Each figure with its min-max range and a noisy flag."""
     model = ticket_model(ticket)
     blocks = ticket["blocks"] or {n: channel_blocks(m) for n, m in ticket["masks"].items()}

@@ -1610,6 +1610,17 @@ def tiny_experiment(model, batch_size=16, train_subset=64, **settings):
     return L.Experiment(cfg, model, model, d, "cpu", L.Processes(), log=lambda *_: None)
 
 
+def test_help_states_table_1_as_printed():
+    """The help's Table 1 text against the paper's Table 1, typed here: the values by dataset, then the
+    (arch, dataset) cells that differ from their dataset's row."""
+    assert L.table1_values("lr") == "0.1 on every dataset"
+    assert L.table1_values("epochs") == "160 on cifar10, cifar100; 95 on tinyimagenet, imagenet"
+    assert L.table1_values("weight_decay") == (
+        "0.0001 on cifar10, imagenet; 0.0002 on cifar100; 0.0005 on tinyimagenet; vgg16 on cifar10: 0.0002; "
+        "vgg16 on cifar100: 0.0005")
+    assert "mobilenet_v1 on cifar100: 64" in L.table1_values("batch_size")
+
+
 def test_plus_schedule_is_app_a2s_and_explicit_flags_override():
     cfg = L.resolve(L.Config(arch="vgg16", dataset="cifar100", schedule="plus"))
     assert (cfg.epochs, cfg.lr_drops, cfg.rewind_epoch, cfg.weight_decay) == (240, [150, 180, 210], 8, 5e-4)
@@ -1726,7 +1737,8 @@ def test_imp_trunk_levels_densities_and_files(tmp_path, monkeypatch):
     read, load = [], L.load_ticket
 
     def spy(path, model=None, mmap=False):        # tickets read into a model (not for the results table)
-        read.append(path) if model is not None else None
+        if model is not None:
+            read.append(path)
         return load(path, model, mmap)
     monkeypatch.setattr(L, "load_ticket", spy)
     out, rows = run_cli(tmp_path, "--levels", "2")
