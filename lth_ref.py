@@ -911,15 +911,15 @@ def training_masks(model, masks, method):
 # ---- training: rewind, retrain with the step schedule, evaluate ----
 @dataclasses.dataclass
 class Experiment:
-    """What training reads: the settings (Config), the model and the net that trains it (the model, or its
-    DDP / compiled wrapper sharing its parameters), the data, the device, this process's place under
-    torchrun (Processes: is_main writes files and prints) and the log; `held` keeps, per run, the last
-    level this process trained: {run name: (level, masks, trained state)}, what the next level prunes."""
+    """What the experiment's steps share: the settings (Config), the model and the net that trains it (the
+    model, or its DDP / compiled wrapper sharing its parameters), the data (on the device), this process's
+    place under torchrun (Processes: is_main writes files and prints) and the log; `held` keeps, per run,
+    the last level this process trained: {run name: (level, masks, trained state)}, what the next level
+    prunes. The training steps (retrain, train_epoch, evaluate) take what they read, not this."""
     cfg: typing.Any
     model: nn.Module
     net: nn.Module
     data: typing.Any
-    device: str
     procs: typing.Any
     log: typing.Callable = print
     held: dict = dataclasses.field(default_factory=dict)
@@ -941,22 +941,25 @@ def rewind(model, state, masks):
     apply_masks(model, masks)
 
 
-def retrain(exp, masks, state, first_epoch, level, resume=None, after_epoch=None):
+def retrain(model, data, cfg, masks, state, first_epoch, level, net=None, procs=None, resume=None,
+            after_epoch=None):
     """Rewind to `state`, keep `masks` applied, train from first_epoch to the end of the schedule.
 
     Paper: Alg. 1 / Sec. 3.1: weights <- theta_k * m, then SGD with Table 1's step schedule from epoch k
     (the schedule resumes, as Frankle et al. 2020; first_epoch 0 with --lr-schedule restart, as the
     official main_imp.py); the final epoch's test accuracy is recorded, nothing is chosen on the test set.
-    masks: what is multiplied in after every step (training_masks). resume: an epoch checkpoint's
-    optimizer, scaler and metrics (`state` is then its model). after_epoch(metrics, optimizer, scaler):
-    checkpointing and logging. Returns the last epoch's metrics (epoch, loss, train_acc, test and, with a
-    validation split, val accuracy). Diverged (with the epoch and learning rate) when the loss is not
-    finite."""
-    cfg, model = exp.cfg, exp.model
+    model: trained in place; data: a data.py dataset on the model's device; cfg: the Config (Table 1's
+    settings, amp, channels_last, seed, val_split); masks: what is multiplied in after every step
+    (training_masks). net: what the steps call (default: the model; its DDP / compiled wrapper);
+    procs: this process under torchrun (default: one process). resume: an epoch checkpoint's optimizer,
+    scaler and metrics (`state` is then its model). after_epoch(metrics, optimizer, scaler): checkpointing
+    and logging. Returns the last epoch's metrics (epoch, loss, train_acc, test and, with a validation
+    split, val accuracy). Diverged (with the epoch and learning rate) when the loss is not finite."""
+    net, procs = model if net is None else net, procs or Processes()
     rewind(model, state, masks)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    scaler = grad_scaler(exp.device, cfg.amp)
+    scaler = grad_scaler(data.device, cfg.amp)
     metrics = None
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -966,14 +969,14 @@ def retrain(exp, masks, state, first_epoch, level, resume=None, after_epoch=None
     for epoch in range(first_epoch, cfg.epochs):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch, cfg)
-        generator = torch.Generator(device=exp.device).manual_seed(mix_seed(cfg.seed, level, epoch))
+        generator = torch.Generator(device=data.device).manual_seed(mix_seed(cfg.seed, level, epoch))
         try:
-            loss, train_acc = train_epoch(exp, optimizer, scaler, pairs, generator)
+            loss, train_acc = train_epoch(net, data, cfg, optimizer, scaler, pairs, generator, procs)
         except Diverged as e:
             raise Diverged(e.loss, epoch + 1, lr_at(epoch, cfg)) from None
         splits = ("test", "val") if cfg.val_split else ("test",)
         metrics = dict(epoch=epoch + 1, loss=loss, train_acc=train_acc,
-                       **{s: evaluate(exp, s) for s in splits})
+                       **{s: evaluate(model, data, cfg, s, procs) for s in splits})
         if after_epoch is not None:
             after_epoch(metrics, optimizer, scaler)
     return metrics
@@ -1010,16 +1013,17 @@ def remask(pairs):
         torch._foreach_mul_([p for p, _ in pairs], [m for _, m in pairs])
 
 
-def train_epoch(exp, optimizer, scaler, pairs, generator, penalty=None):
+def train_epoch(net, data, cfg, optimizer, scaler, pairs, generator, procs=None, penalty=None):
     """One epoch of SGD over global batches of cfg.batch_size examples (this process: its slice of each).
 
-    pairs: mask_pairs, applied after every step; penalty: a term added to every step's loss (ADMM's).
-    A last global batch smaller than the number of processes is skipped (some would get no example).
-    Returns (mean train loss, train accuracy) over all processes; sums stay on the device but every
-    DIVERGENCE_CHECK_STEPS steps. Diverged when the loss is not finite.
+    pairs: mask_pairs, applied after every step; generator: the epoch's seeded draw (order, augmentation);
+    penalty: a term added to every step's loss (ADMM's). A last global batch smaller than the number of
+    processes is skipped (some would get no example). Returns (mean train loss, train accuracy) over all
+    processes; sums stay on the device but every DIVERGENCE_CHECK_STEPS steps. Diverged when the loss is
+    not finite.
     """
-    cfg, data, procs = exp.cfg, exp.data, exp.procs
-    exp.net.train()
+    procs = procs or Processes()
+    net.train()
     sums = torch.zeros(2, device=data.device)
     seen = 0
     for i, (x, y) in enumerate(datasets.train_batches(data, cfg.batch_size, generator,
@@ -1027,8 +1031,8 @@ def train_epoch(exp, optimizer, scaler, pairs, generator, penalty=None):
         global_size = min(cfg.batch_size, data.num_train - i * cfg.batch_size)
         if global_size < procs.world:
             break
-        loss_sum, correct = train_step(exp.net, optimizer, scaler, pairs, x, y, procs.world / global_size,
-                                       cfg, penalty)
+        loss_sum, correct = train_step(net, optimizer, scaler, pairs, x, y, procs.world / global_size, cfg,
+                                       penalty)
         sums += torch.stack([loss_sum, correct.float()])
         seen += global_size
         if (i + 1) % DIVERGENCE_CHECK_STEPS == 0:
@@ -1072,17 +1076,17 @@ def autocast(amp, device):
 
 
 @torch.no_grad()
-def evaluate(exp, split="test"):
-    """Accuracy (fraction correct) on the test (or val) split, in eval mode; each process evaluates
-    its shard and the counts are summed."""
-    cfg, data, procs = exp.cfg, exp.data, exp.procs
-    exp.model.eval()
+def evaluate(model, data, cfg, split="test", procs=None):
+    """Accuracy (fraction correct) of the model on the test (or val) split, in eval mode, with cfg's amp
+    and channels_last; each process (procs, default one) evaluates its shard and the counts are summed."""
+    procs = procs or Processes()
+    model.eval()
     correct = torch.zeros((), device=data.device)
     for x, y in datasets.eval_batches(data, EVAL_BATCH, split, procs.rank, procs.world):
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(cfg.amp, data.device):
-            correct += (exp.model(x).argmax(1) == y).sum()
+            correct += (model(x).argmax(1) == y).sum()
     return procs.sum([correct.item()], data.device)[0] / len(data.split_labels(split))
 
 
@@ -1146,7 +1150,6 @@ def random_source(exp, level):
             state)
 
 
-
 def init_scores_source(criterion):
     """A pruning-at-initialization source: `criterion` scores theta_0 on one seeded training batch (SNIP:
     --snip-samples samples when given, in passes of --batch-size)."""
@@ -1155,7 +1158,7 @@ def init_scores_source(criterion):
         count = exp.cfg.snip_samples if criterion is snip_scores else None
         images, labels = score_batch(exp, 0) if count is None else score_samples(exp, count)
         more = dict(chunk=exp.cfg.batch_size) if count is not None else {}
-        scores = criterion(holding(exp, state), list(prunable_weights(exp.model)), images, labels, **more)
+        scores = criterion(network_at(exp, state), list(prunable_weights(exp.model)), images, labels, **more)
         return prune_to_density(scores, level_density(exp.cfg.prune_rate, level)), state
     return source
 
@@ -1163,7 +1166,7 @@ def init_scores_source(criterion):
 def synflow_source(exp, level):
     """SynFlow: data-free, iterative (--synflow-rounds) at theta_0, to density 0.8^L."""
     state = init_state(exp)
-    masks = synflow_masks(holding(exp, state), list(prunable_weights(exp.model)),
+    masks = synflow_masks(network_at(exp, state), list(prunable_weights(exp.model)),
                           level_density(exp.cfg.prune_rate, level), exp.cfg.synflow_rounds,
                           exp.data.image_shape)
     return masks, state
@@ -1178,12 +1181,16 @@ def admm_source(exp, level):
     if os.path.exists(path):
         cached = load_file(path, "ADMM result")
         return cached["masks"], cached["state"]
-    model = holding(exp, trained(exp, trunk_run(cfg), 0)[1])
+    model = exp.model                          # trained in place, through exp.net (DDP / compile share it)
+    model.load_state_dict(trained(exp, trunk_run(cfg), 0)[1])
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.admm_lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    scaler = grad_scaler(exp.device, cfg.amp)
-    w_step = lambda iteration, penalty: train_epoch(exp, optimizer, scaler, [], torch.Generator(
-        device=exp.device).manual_seed(mix_seed(cfg.seed, level, ADMM_EPOCHS - iteration)), penalty)
+    scaler = grad_scaler(exp.data.device, cfg.amp)
+
+    def w_step(iteration, penalty):            # one epoch on loss + penalty, a draw of its own
+        generator = torch.Generator(device=exp.data.device).manual_seed(
+            mix_seed(cfg.seed, level, ADMM_EPOCHS - iteration))
+        train_epoch(exp.net, exp.data, cfg, optimizer, scaler, [], generator, exp.procs, penalty)
     masks = admm_prune(model, list(prunable_weights(model)), level_density(cfg.prune_rate, level), w_step,
                        cfg.admm_iterations, cfg.admm_rho)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -1228,7 +1235,7 @@ def branch_masks(exp, run, level):
     knobs = branch_knobs(exp.cfg, run.method)
     feats = None
     if needs_feats(run.method, knobs.get("score")):
-        feats = conv_channel_stats(holding(exp, state), list(masks), *score_batch(exp, level))
+        feats = conv_channel_stats(network_at(exp, state), list(masks), *score_batch(exp, level))
     new, blocks = postprocess(run.method, {n: state[n] for n in masks}, masks, feats, **knobs)
     stats = {n: layer_stats(masks[n], new[n], None if blocks is None else blocks[n]) for n in new}
     return new, blocks, stats
@@ -1272,14 +1279,14 @@ def rewind_state(exp):
 
 def score_batch(exp, level):
     """One seeded training batch (the first of a draw no training epoch uses): (images, labels)."""
-    g = torch.Generator(device=exp.device).manual_seed(mix_seed(exp.cfg.seed, level, SCORE_BATCH))
+    g = torch.Generator(device=exp.data.device).manual_seed(mix_seed(exp.cfg.seed, level, SCORE_BATCH))
     return next(datasets.train_batches(exp.data, exp.cfg.batch_size, g))
 
 
 def score_samples(exp, count):
     """`count` seeded training samples: score_batch's draw, continued over the epoch's next batches
     (all the training set when it is smaller). Returns (images, labels)."""
-    g = torch.Generator(device=exp.device).manual_seed(mix_seed(exp.cfg.seed, 0, SCORE_BATCH))
+    g = torch.Generator(device=exp.data.device).manual_seed(mix_seed(exp.cfg.seed, 0, SCORE_BATCH))
     batches, taken = [], 0
     for images, labels in datasets.train_batches(exp.data, exp.cfg.batch_size, g):
         batches.append((images, labels))
@@ -1289,10 +1296,12 @@ def score_samples(exp, count):
     return tuple(torch.cat(t)[:count] for t in zip(*batches))
 
 
-def holding(exp, state):
-    """The experiment's model holding `state` (a scratch use: every level loads its own state)."""
-    exp.model.load_state_dict(state)
-    return exp.model
+def network_at(exp, state):
+    """A copy of the experiment's model holding `state`, to score a mask on (the model itself is left as
+    it is)."""
+    model = copy.deepcopy(exp.model)
+    model.load_state_dict(state)
+    return model
 
 
 def train_level(exp, run, level, eta):
@@ -1303,12 +1312,13 @@ def train_level(exp, run, level, eta):
     cfg, model = exp.cfg, exp.model
     ckpt_path = os.path.join(os.path.dirname(ticket_path(run, level)), "checkpoint.pt")
     start, ckpt = resume_or_start(exp, run, level, ckpt_path)
-    masks = {n: m.to(exp.device) for n, m in start.masks.items()}
-    exp.procs.check_same(masks, exp.device)
+    masks = {n: m.to(exp.data.device) for n, m in start.masks.items()}
+    exp.procs.check_same(masks, exp.data.device)
     progress = dict(epoch=start.first_epoch, seconds=ckpt["seconds"] if ckpt else 0.0, t0=time.perf_counter())
     try:
-        metrics = retrain(exp, training_masks(model, masks, run.method), start.state, start.first_epoch,
-                          level, ckpt, checkpointer(exp, run, level, start, ckpt_path, progress, eta))
+        metrics = retrain(model, exp.data, cfg, training_masks(model, masks, run.method), start.state,
+                          start.first_epoch, level, net=exp.net, procs=exp.procs, resume=ckpt,
+                          after_epoch=checkpointer(exp, run, level, start, ckpt_path, progress, eta))
     except Diverged as e:
         raise UsageError(diverged_message(exp, run, level, e, ckpt_path)) from None
     except (KeyboardInterrupt, Stopped) as e:
@@ -2165,7 +2175,7 @@ def open_experiment(cfg, log=print):
             os.makedirs(branch.path, exist_ok=True)
             write_text(json.dumps(branch_config(cfg), indent=1), os.path.join(branch.path, "branch.json"))
     procs.barrier()                            # every rank reads theta_0 from init.pt
-    return (Experiment(cfg, model, training_net(model, cfg, device, procs), data, device, procs, log),
+    return (Experiment(cfg, model, training_net(model, cfg, device, procs), data, procs, log),
             trunk, branch)
 
 

@@ -27,6 +27,7 @@ import sysconfig
 import tarfile
 import tempfile
 import threading
+import types
 import urllib.error
 import urllib.request
 import warnings
@@ -1107,10 +1108,27 @@ def test_snip_over_several_batches_scores_the_mean_loss_of_all_samples(tmp_path)
     whole, chunked = L.snip_scores(model, names, x, y), L.snip_scores(model, names, x, y, chunk=16)  # 16+16+8
     assert all(torch.allclose(whole[n], chunked[n], rtol=1e-4, atol=1e-6) for n in names)   # float sums
     cfg = L.resolve(L.Config(dataset="synthetic", batch_size=16, snip_samples=40, out_dir="unused"))
-    exp = L.Experiment(cfg, model, model, d, "cpu", L.Processes(), log=lambda *_: None)
+    exp = L.Experiment(cfg, model, model, d, L.Processes(), log=lambda *_: None)
     images, labels = L.score_samples(exp, 40)
     assert images.shape[0] == labels.shape[0] == 40 and torch.equal(images[:16], L.score_batch(exp, 0)[0])
     assert L.score_samples(exp, 1000)[0].shape[0] == 64                 # at most the training set
+
+
+def test_a_source_scores_theta_0_on_a_copy_and_leaves_the_experiments_model_alone(tmp_path):
+    """synflow_source reads theta_0 (init.pt) and scores it on a copy: its masks are synflow_masks of a
+    network holding theta_0, and the experiment's model keeps the weights it had."""
+    model, init = source_model(seed=1), source_model(seed=2).state_dict()
+    torch.save(init, tmp_path / "init.pt")
+    cfg = L.resolve(L.Config(dataset="synthetic", out_dir=str(tmp_path), synflow_rounds=3))
+    d = data.load_dataset("synthetic", "unused", "cpu", train_subset=32, seed=0)
+    exp = L.Experiment(cfg, model, model, d, L.Processes(), log=lambda *_: None)
+    before = copy.deepcopy(model.state_dict())
+    masks, state = L.synflow_source(exp, 2)
+    reference = source_model()
+    reference.load_state_dict(init)
+    expected = L.synflow_masks(reference, list(masks), 0.8 ** 2, 3, (3, 32, 32))
+    assert all(torch.equal(masks[n], expected[n]) for n in masks) and state is not None
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_admm_projection_keeps_the_largest_weights_of_all_layers():
@@ -1602,12 +1620,11 @@ def tiny_classifier(seed=0):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
-def tiny_experiment(model, batch_size=16, train_subset=64, **settings):
-    """An Experiment around `model` on synthetic data in one process (no files)."""
+def tiny_setting(batch_size=16, train_subset=64, **settings):
+    """(data, cfg): synthetic data and settings for training a tiny model in one process (no files)."""
     cfg = L.resolve(L.Config(dataset="synthetic", batch_size=batch_size, train_subset=train_subset, epochs=2,
                              rewind_epoch=0, lr=0.1, out_dir="unused", **settings))
-    d = data.load_dataset("synthetic", "unused", "cpu", train_subset=train_subset, seed=0)
-    return L.Experiment(cfg, model, model, d, "cpu", L.Processes(), log=lambda *_: None)
+    return data.load_dataset("synthetic", "unused", "cpu", train_subset=train_subset, seed=0), cfg
 
 
 def test_help_states_table_1_as_printed():
@@ -1651,12 +1668,13 @@ def test_retrain_keeps_pruned_weights_zero_through_sgd_momentum_and_weight_decay
     model = tiny_classifier()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    exp = tiny_experiment(model, amp=amp, channels_last=channels_last, weight_decay=1e-3)
+    d, cfg = tiny_setting(amp=amp, channels_last=channels_last, weight_decay=1e-3)
     weights = L.prunable_weights(model)
     masks = L.magnitude_prune(weights, L.ones_masks(weights), 0.7)
     state = copy.deepcopy(model.state_dict())
     epochs = []
-    metrics = L.retrain(exp, masks, state, 0, 1, after_epoch=lambda m, o, s: epochs.append(m["epoch"]))
+    metrics = L.retrain(model, d, cfg, masks, state, 0, 1,
+                        after_epoch=lambda m, o, s: epochs.append(m["epoch"]))
     assert epochs == [1, 2] and math.isfinite(metrics["loss"]) and 0 <= metrics["test"] <= 1
     for n, w in weights.items():
         assert torch.all(w[masks[n] == 0] == 0)                      # the masks were applied
@@ -1665,12 +1683,15 @@ def test_retrain_keeps_pruned_weights_zero_through_sgd_momentum_and_weight_decay
 
 def test_retrain_from_a_later_epoch_trains_only_the_rest_of_the_schedule():
     model = tiny_classifier()
-    exp = tiny_experiment(model)
+    d, cfg = tiny_setting()
+    fields = ("lr", "momentum", "weight_decay", "epochs", "lr_drops", "batch_size", "amp", "channels_last",
+              "seed", "val_split")                       # what a copied retrain reads: no Config needed
+    cfg = types.SimpleNamespace(**{k: getattr(cfg, k) for k in fields})
     masks = L.ones_masks(L.prunable_weights(model))
     seen = []
-    L.retrain(exp, masks, copy.deepcopy(model.state_dict()), 1, 1, after_epoch=lambda m, o, s: seen.append(
-        (m["epoch"], o.param_groups[0]["lr"])))
-    assert seen == [(2, pytest.approx(L.lr_at(1, exp.cfg)))]
+    L.retrain(model, d, cfg, masks, copy.deepcopy(model.state_dict()), 1, 1,
+              after_epoch=lambda m, o, s: seen.append((m["epoch"], o.param_groups[0]["lr"])))
+    assert seen == [(2, pytest.approx(L.lr_at(1, cfg)))]
 
 
 def test_dead_bn_stays_zero_through_training_and_the_trained_ticket_slims_exactly():
@@ -1679,7 +1700,7 @@ def test_dead_bn_stays_zero_through_training_and_the_trained_ticket_slims_exactl
     masks = random_channel_masks(model, seed=6)
     train_masks = {**masks, **models.bn_masks(model, masks)}  # conv weights and the BN of dead rows
     bn_before = model.layer1[0].bn1.weight.detach().clone()
-    L.retrain(tiny_experiment(model, weight_decay=1e-3), train_masks, copy.deepcopy(model.state_dict()), 1, 1)
+    L.retrain(model, *tiny_setting(weight_decay=1e-3), train_masks, copy.deepcopy(model.state_dict()), 1, 1)
     params = dict(model.named_parameters())
     for name, mask in models.bn_masks(model, masks).items():
         assert torch.all(params[name][mask == 0] == 0)
