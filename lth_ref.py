@@ -2096,16 +2096,22 @@ def levels_started(path):
 
 def check_paths(cfg):
     """UsageError with a hint for an --out-dir or --data-dir that is a file, or that this user cannot use."""
-    paths = [("--out-dir", cfg.out_dir, os.W_OK)] + ([("--data-dir", cfg.data_dir, os.R_OK)]
-                                                      if cfg.dataset != "synthetic" else [])
-    for flag, path, need in paths:
-        above = next(p for p in (path, *parents(path)) if os.path.exists(p))
-        if not os.path.isdir(above):
-            raise UsageError(f"{flag} {path}: {above} is a file, not a directory; "
-                             "pass a directory (--out-dir is created if missing)")
-        if not os.access(above, need | os.X_OK):
-            raise UsageError(f"{flag} {path}: this user may not {'write to' if need == os.W_OK else 'read'} "
-                             f"{above}; fix its permissions or pass another directory")
+    check_dir("--out-dir", cfg.out_dir)
+    if cfg.dataset != "synthetic":
+        check_dir("--data-dir", cfg.data_dir, os.R_OK)
+
+
+def check_dir(what, path, need=os.W_OK):
+    """UsageError unless `path` is a directory this user may write to (need os.R_OK: read), or one that can
+    be created there (its nearest existing ancestor is a writable directory): checked before the work."""
+    above = next(p for p in (path, *parents(path)) if os.path.exists(p))
+    if not os.path.isdir(above):
+        raise UsageError(f"{what} {path}: {above} is a file, not a directory; pass a directory (one that "
+                         "is missing is created)")
+    if not os.access(above, need | os.X_OK):
+        raise UsageError(f"{what} {path}: this user may not {'write to' if need == os.W_OK else 'read'} "
+                         f"{above} (its permissions, or a read-only file system); fix that or pass another "
+                         "directory")
 
 
 def parents(path):
@@ -2115,17 +2121,6 @@ def parents(path):
         path = os.path.dirname(path)
         out.append(path)
     return out
-
-
-def check_writable_dir(what, path):
-    """UsageError unless `path` is a directory this user may write to, or one that can be created there
-    (its nearest existing ancestor is a writable directory): checked before the work, not after it."""
-    above = next(p for p in (path, *parents(path)) if os.path.exists(p))
-    if not os.path.isdir(above):
-        raise UsageError(f"{what} {path}: {above} is a file, not a directory; pass a path in a directory")
-    if not os.access(above, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {path}: {above} cannot be written (a read-only file system, or this user's "
-                         "permissions); pass a path in a writable directory")
 
 
 WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,

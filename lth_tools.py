@@ -35,7 +35,7 @@ from lth_ref import (  # the method
     prune_to_density, refill, regroup_mask, remask, rewind, train_step)
 from lth_ref import (  # settings, files and results
     RUN_SETTINGS, SOURCE_SETTINGS, Config, Processes, UsageError, atomic_write, branch_dirs, branch_knobs,
-    branch_run, check_masks_fit, check_training_flags, check_writable_dir, finished_tickets,
+    branch_run, check_dir, check_masks_fit, check_training_flags, finished_tickets,
     load_file, load_ticket, markdown_table, read_json, resolve_device, save, trunk_run, whole_model_counts,
     write_csv, write_text)
 
@@ -319,7 +319,7 @@ def export_slim(path, ticket, out, log=print):
     writer = EXPORT_FORMATS.get(os.path.splitext(out)[1])
     if writer is None:
         raise UsageError(f"--export {out}: the file name must end in one of {', '.join(EXPORT_FORMATS)}")
-    check_writable_dir("--export", os.path.dirname(os.path.abspath(out)))
+    check_dir("--export", os.path.dirname(os.path.abspath(out)))
     model = ticket_model(ticket)
     slim = model_zoo.slim_model(model, ticket["masks"]).eval()
     kept = kept_dead_rows(model, ticket["masks"])
@@ -1368,7 +1368,7 @@ def write_report(dirs, out_dir=None, layers=None, log=print):
     experiments = [read_experiment(d) for d in dirs]
     out_dir = out_dir or os.path.join(dirs[0] if len(dirs) == 1 else
                                       os.path.commonpath([os.path.abspath(d) for d in dirs]), "report")
-    check_writable_dir("--report's output directory", out_dir)
+    check_dir("--report's output directory", out_dir)
     tags = dict(zip(dirs, report_tags(experiments)))
     prefix = lambda e: f"{tags[e['path']]}_" if len(experiments) > 1 else ""
     sections, pictures, curves = [], [], {}
