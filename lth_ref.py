@@ -909,22 +909,6 @@ def training_masks(model, masks, method):
 
 
 # ---- training: rewind, retrain with the step schedule, evaluate ----
-@dataclasses.dataclass
-class Experiment:
-    """What the experiment's steps share: the settings (Config), the model and the net that trains it (the
-    model, or its DDP / compiled wrapper sharing its parameters), the data (on the device), this process's
-    place under torchrun (Processes: is_main writes files and prints) and the log; `held` keeps, per run,
-    the last level this process trained: {run name: (level, masks, trained state)}, what the next level
-    prunes. The training steps (retrain, train_epoch, evaluate) take what they read, not this."""
-    cfg: typing.Any
-    model: nn.Module
-    net: nn.Module
-    data: typing.Any
-    procs: typing.Any
-    log: typing.Callable = print
-    held: dict = dataclasses.field(default_factory=dict)
-
-
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # --amp: autocast dtype
 # after rewinding to epoch k: go on from k (paper), or run from 0 (official)
 LR_SCHEDULES = ("resume", "restart")
@@ -1091,6 +1075,22 @@ def evaluate(model, data, cfg, split="test", procs=None):
 
 
 # ---- the experiment: an unstructured trunk and structural branches ----
+@dataclasses.dataclass
+class Experiment:
+    """What the experiment's steps share: the settings (Config), the model and the net that trains it (the
+    model, or its DDP / compiled wrapper sharing its parameters), the data (on the device), this process's
+    place under torchrun (Processes: is_main writes files and prints) and the log; `held` keeps, per run,
+    the last level this process trained: {run name: (level, masks, trained state)}, what the next level
+    prunes. The training steps above take what they read instead."""
+    cfg: typing.Any
+    model: nn.Module
+    net: nn.Module
+    data: typing.Any
+    procs: typing.Any
+    log: typing.Callable = print
+    held: dict = dataclasses.field(default_factory=dict)
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     """A chain of tickets in an experiment directory: the trunk (the mask source's unstructured
