@@ -274,8 +274,9 @@ def grasp_scores(model, names, images, labels, temperature=GRASP_TEMPERATURE):
 
     Paper: Fig. 6 left (GraSP, Wang et al. 2020). Published: g = dL/dw on the batch in two halves
     (logits / T), then H g = d(g_stop . dL/dw)/dw, score -w * Hg, and the highest scores are removed;
-    keeping the highest w * Hg is the same rule. g and z run over every conv and linear weight as
-    published; the caller ranks the prunable ones. images (B, C, H, W), labels (B,).
+    keeping the highest w * Hg is the same rule. Official: `prune_grasp` ranks |w * Hg| (ours: the sign
+    kept, as published). g and z run over every conv and linear weight as published; the caller ranks the
+    prunable ones. images (B, C, H, W), labels (B,).
     """
     model = _scoring_copy(model, train=True)
     weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

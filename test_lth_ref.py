@@ -5115,6 +5115,20 @@ def test_onnx_export_without_the_extra_says_what_to_install(tmp_path, monkeypatc
 
 
 # ---- README ----
+def test_readme_quotes_only_names_the_code_has():
+    """Every snake_case name README quotes in `...` (not a path or file name) occurs in our code (its
+    definitions, or the official code's names its docstrings cite), but for a placeholder: a renamed
+    function leaves no stale name behind."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = " ".join(open(os.path.join(here, f)).read()
+                    for f in ("lth_ref.py", "lth_tools.py", "kernels.py", "models.py", "data.py", __file__))
+    quoted = set()
+    for span in re.findall(r"`([^`\n]+)`", open(os.path.join(here, "README.md")).read()):
+        quoted.update(re.findall(r"(?<![/\w])([a-z][a-z0-9]*(?:_[a-z0-9]+)+)\b(?![/.\w-])", span))
+    stale = sorted(n for n in quoted - {"your_source"} if not re.search(rf"\b{n}\b", code))
+    assert len(quoted) > 100 and stale == []
+
+
 def test_readme_cli_table_lists_every_flag_with_its_default_and_help():
     readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
     table = readme[readme.index("## CLI reference"):]
