@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import shutil
+import shlex
 import signal
 import socket
 import struct
@@ -5115,6 +5116,22 @@ def test_onnx_export_without_the_extra_says_what_to_install(tmp_path, monkeypatc
 
 
 # ---- README ----
+def test_every_command_of_the_gpu_check_parses():
+    """.ci/gpu-check runs on a lent GPU only, never in CI: each of its lth_ref.py commands must parse and
+    pass the settings' checks here, so that a renamed flag fails now and not on the GPU."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = open(os.path.join(here, ".ci", "gpu-check")).read().replace("\\\n", "")
+    bench = re.search(r'^B="python3 lth_ref.py (.*)"$', script, re.M).group(1)
+    commands = [line.replace("$B", "lth_ref.py " + bench) for line in script.splitlines()
+                if line.startswith("step ") and ("lth_ref.py" in line or "$B" in line)]
+    assert len(commands) >= 9
+    for line in commands:
+        argv = shlex.split(line.split("lth_ref.py", 1)[1].replace("$t", "/tmp/unused"))
+        assert L.config_from_args(L.build_parser().parse_args(argv)).out_dir, line
+    assert "kernels.cuda_extension()" in script and callable(kernels.cuda_extension)
+    assert {"device", "dtype"} <= set(inspect.signature(kernels.bench_dense_cost).parameters)
+
+
 def test_readme_quotes_only_names_the_code_has():
     """Every snake_case name README quotes in `...` (not a path or file name) occurs in our code (its
     definitions, or the official code's names its docstrings cite), but for a placeholder: a renamed
