@@ -586,11 +586,23 @@ def check_regroup_args(mask, unit, block_columns, **knobs):
         raise ValueError(f"regroup_mask: expected the conv's mask (O, C, kh, kw)"
                          f"{' or its (O, K) view' if unit == 'position' else ''}, "
                          f"got shape {tuple(mask.shape)}")
-    for knob, value in knobs.items():
-        if int(value) != value or value < 1:
-            raise ValueError(f"regroup_mask: {knob} must be an integer >= 1, got {value!r}")
+    check_regroup_knobs(block_columns, **knobs)
     if not torch.isin(mask.detach().cpu(), torch.tensor([0.0, 1.0], dtype=mask.dtype)).all():
         raise ValueError("regroup_mask: the mask must hold only 0 and 1")
+
+
+def check_regroup_knobs(block_columns, name=str, **knobs):
+    """ValueError unless each knob is an integer >= 1 and t2 <= b1: a pass's smallest group has b1 rows,
+    and no column of it holds more than b1 nonzeros (layers of few rows would keep no block).
+    name: how a message calls a knob (the CLI passes its flag)."""
+    for knob, value in knobs.items():
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name(knob)} must be an integer >= 1, got {value!r}")
+    t2, b1 = knobs.get("min_col_nnz", 1), knobs.get("row_multiple", 1)
+    if block_columns != "official" and t2 > b1:
+        raise ValueError(f"{name('min_col_nnz')} (paper t2, {t2}) must be at most {name('row_multiple')} "
+                         f"(paper b1, {b1}): a group of b1 rows has no column with more than b1 nonzeros, "
+                         "so small layers would keep no block")
 
 
 def hypergraph_rows(units, b1):
@@ -1626,7 +1638,7 @@ class Config:
         official="B2 = 16: parts of more than 16 rows")
     min_col_nnz: int = setting(
         KNOB_DEFAULTS["min_col_nnz"], "regroup: nonzeros a column needs inside a group to be selected (paper "
-        "t2)", "regroup", "branch", check=IS_POSITIVE, knob="min_col_nnz", label="colnnz")
+        "t2; at most --row-multiple)", "regroup", "branch", check=IS_POSITIVE, knob="min_col_nnz", label="colnnz")
     min_block_cols: int = setting(
         KNOB_DEFAULTS["min_block_cols"], "regroup: columns a group needs to become a block (paper b2)",
         "regroup", "branch", check=IS_POSITIVE, knob="min_block_cols", label="cols")
@@ -1743,6 +1755,12 @@ def check_combinations(cfg):
     if cfg.group_aware and cfg.method == "imp":
         raise UsageError("--group-aware post-processes every level of its own chain: give it a --method "
                          "(refill, refill+ or regroup)")
+    if "regroup" in (cfg.method, cfg.bench):
+        try:
+            check_regroup_knobs(cfg.block_columns, flag_name, row_multiple=cfg.row_multiple,
+                                min_col_nnz=cfg.min_col_nnz)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if cfg.group_aware and cfg.mask_source != "imp":
         raise UsageError("--group-aware prunes its own previous level iteratively: it needs --mask-source "
                          f"imp, not {cfg.mask_source} (one-shot sources have no chain)")

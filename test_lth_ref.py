@@ -1540,6 +1540,7 @@ def test_official_regroup_keeps_its_row_rules_and_its_unstructured_fallback():
     (lambda: L.regroup_mask(torch.ones(2, 8, 3, 3, 1)), "got shape"),
     (lambda: L.regroup_mask(torch.ones(8, 18), groups=0), "groups must be an integer >= 1"),
     (lambda: L.regroup_mask(torch.full((8, 18), 0.5)), "only 0 and 1"),
+    (lambda: L.regroup_mask(torch.ones(8, 18), min_col_nnz=9), "(paper t2, 9) must be at most row_multiple"),
     (lambda: L.refill_mask(torch.ones(4, 2, 3, 3), torch.ones(4, 18)), "must have the same shape"),
     (lambda: L.refill_mask(torch.ones(4, 18), torch.ones(4, 18), extra=2), "must be in [0, 1]"),
     (lambda: L.postprocess("prune", {}, {}), "unknown method 'prune'"),
@@ -2237,6 +2238,8 @@ def test_a_failed_start_leaves_the_experiment_free(tmp_path, capsys):
     (["--refill-extra", "2"], "--refill-extra must be in [0, 1]"),
     (["--group-aware"], "--group-aware post-processes every level of its own chain"),
     (["--group-aware", "--method", "regroup", "--mask-source", "omp"], "it needs --mask-source imp"),
+    (["--method", "regroup", "--min-col-nnz", "9"], "--min-col-nnz (paper t2, 9) must be at most --row"),
+    (["--bench", "regroup", "--min-col-nnz", "9"], "--min-col-nnz (paper t2, 9) must be at most --row"),
     (["--amp", "fp16"], "--amp fp16 needs a CUDA GPU"),
     (["--sync-bn"], "--sync-bn synchronizes BatchNorm across processes"),
     (["--val-split", "-1"], "--val-split must be >= 0"),
@@ -2347,6 +2350,15 @@ def test_bench_regroup_on_a_ticket_reports_every_layer_and_beats_random(tmp_path
     rows = lth_tools.run_bench(cli_config("--bench", "regroup"), str(tmp_path / "run"))
     assert len(rows) == 18 and all(r["blocks"] > 0 for r in rows)
     assert np.mean([r["coverage"] for r in rows]) > np.mean([r["random"] for r in rows])
+
+
+def test_bench_regroup_leaves_out_a_layer_that_keeps_no_block():
+    masks = {"empty": torch.zeros(16, 8, 3, 3), "full": torch.ones(16, 8, 3, 3)}
+    said = []
+    rows = lth_tools.bench_regroup(masks, log=said.append)
+    assert [r["name"] for r in rows] == ["full"] and rows[0]["coverage"] == 1.0
+    assert "empty: regroup keeps no block here" in said[0]
+    assert lth_tools.bench_regroup({"empty": masks["empty"]}, log=said.append) == []
 
 
 def test_bench_without_a_ticket_says_how_to_get_one(tmp_path, capsys):
