@@ -2771,6 +2771,17 @@ def empty_rows(mask2d):
 
 # ---- reference and CPU paths ----
 
+def test_centered_error_sees_feature_errors_under_a_large_bias_and_no_error_in_constant_outputs():
+    ref = torch.tensor([[10.0, 10.5], [10.5, 10.0]]).double()  # a bias of 10, features of +-0.25
+    y = ref + torch.tensor([[0.1, 0.0], [0.0, 0.0]])
+    assert kernels.rel_err(y, ref) == pytest.approx(0.1 / 10.5)
+    assert kernels.rel_err(y, ref, centered=True) == pytest.approx(0.1 / 0.25)
+    same = torch.tensor([[0.07, -0.03]], dtype=torch.float64).repeat(4, 1)   # outputs ignoring the input
+    rounded = same.float().double()                            # fp32 rounding: ~1e-9 apart
+    assert kernels.rel_err(rounded, same, centered=True) < 1e-5
+    assert kernels.rel_err(same + 0.01, same, centered=True) > 1.0   # a real error stays large
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_reference_matches_masked_conv(shape):
     x, weight, blocks, mask2d, masked, conv = make_case(shape, seed=1)
