@@ -1936,8 +1936,10 @@ def check_training_flags(cfg, device, procs):
 def atomic_write(path, write, mode="wb"):
     """write(f) into a temporary file next to `path`, flushed to disk, then renamed over `path`: a crash
     never leaves half a file, nor does an exception raised by write. The one way every file here is
-    written; mode None: write(temporary path) writes the file itself (exporters that take a path)."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    written; mode None: write(temporary path) writes the file itself (exporters that take a path). The
+    temporary name keeps path's extension (readers such as torch.export.load go by it)."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"
     try:
         if mode is None:
             write(tmp)
@@ -1947,6 +1949,10 @@ def atomic_write(path, write, mode="wb"):
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename == tmp:                  # a message names the file asked for, not its temporary
+            e.filename = path
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -5121,7 +5121,14 @@ def test_export_into_an_unwritable_place_is_an_error_before_the_work_and_a_write
     assert L.main(["--export", str(tmp_path / "slim.pt"), "--ticket", path]) == 2
     err = capsys.readouterr().err
     assert "error: cannot write" in err and "Read-only file system" in err and "slim.pt" in err
-    assert not any(p.name.startswith("slim.pt") for p in tmp_path.iterdir())
+    assert not any(p.name.startswith("slim.") for p in tmp_path.iterdir())
+
+
+def test_atomic_write_hands_a_path_writer_a_temporary_name_with_the_extension_then_renames_it(tmp_path):
+    seen = []
+    L.atomic_write(str(tmp_path / "net.pt2"), lambda p: (seen.append(p), open(p, "w").write("x")), mode=None)
+    assert seen[0].endswith(".pt2") and seen[0] != str(tmp_path / "net.pt2")
+    assert [p.name for p in tmp_path.iterdir()] == ["net.pt2"]
 
 
 def test_a_non_write_os_error_still_shows_its_traceback(tmp_path, monkeypatch):
