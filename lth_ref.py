@@ -1638,7 +1638,8 @@ class Config:
         official="B2 = 16: parts of more than 16 rows")
     min_col_nnz: int = setting(
         KNOB_DEFAULTS["min_col_nnz"], "regroup: nonzeros a column needs inside a group to be selected (paper "
-        "t2; at most --row-multiple)", "regroup", "branch", check=IS_POSITIVE, knob="min_col_nnz", label="colnnz")
+        "t2; at most --row-multiple)", "regroup", "branch", check=IS_POSITIVE, knob="min_col_nnz",
+        label="colnnz")
     min_block_cols: int = setting(
         KNOB_DEFAULTS["min_block_cols"], "regroup: columns a group needs to become a block (paper b2)",
         "regroup", "branch", check=IS_POSITIVE, knob="min_block_cols", label="cols")

@@ -182,8 +182,9 @@ def read_imported_masks(path, model, arch):
     out = {m: masks[n].float() for n, m in mapped.items() if m in prunable}
     not_binary = sorted(n for n, m in out.items() if not torch.isin(m, torch.tensor([0.0, 1.0])).all())
     if not_binary:
+        found = torch.unique(out[not_binary[0]])[:4].tolist()
         raise UsageError(f"--import-masks {path}: a mask must hold only 0 and 1; other values in "
-                         f"{', '.join(not_binary[:4])} (is it a weight file?)")
+                         f"{', '.join(not_binary[:4])} ({not_binary[0]} holds {found}; is it a weight file?)")
     return out, {mapped[n]: w.float() for n, w in weights.items() if mapped.get(n) in prunable}
 
 
@@ -235,17 +236,21 @@ def import_mismatch(path, arch, masks, mapped, ours, prunable):
 
 def split_import(raw, path):
     """The masks and trained weights of a loaded file, by the file's own names (wrappers removed): an
-    lth_ref ticket; a checkpoint's state_dict; torch.nn.utils.prune's `<p>_mask` (weights `<p>_orig`);
-    open_lth's PrunedModel buffers `mask_<p with . as ___>`; else every tensor of a {name: tensor} dict."""
+    lth_ref ticket; the dict under `masks` or a checkpoint's CHECKPOINT_KEYS, read as below;
+    torch.nn.utils.prune's `<p>_mask` (weights `<p>_orig`); open_lth's PrunedModel buffers
+    `mask_<p with . as ___>`; else every tensor of a {name: tensor} dict."""
     is_dict = lambda key: isinstance(raw, dict) and isinstance(raw.get(key), dict)
     if is_dict("masks") and is_dict("state_dict"):
         return raw["masks"], {n: raw["state_dict"][n] for n in raw["masks"] if n in raw["state_dict"]}
-    if is_dict("state_dict"):
-        raw = raw["state_dict"]
+    raw = next((raw[k] for k in ("masks",) + CHECKPOINT_KEYS if is_dict(k)), raw)
     if not isinstance(raw, dict) or not raw:
         raise UsageError(f"--import-masks {path} holds no dict of tensors (a mask file is "
                          "{name: 0/1 tensor})")
     tensors = {bare_name(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        inner = [k for k, v in raw.items() if isinstance(v, dict)]
+        raise UsageError(f"--import-masks {path} holds no tensors at its top level (its dicts: {inner[:4]}): "
+                         f"save the dict of masks itself, e.g. torch.save(torch.load(FILE)[KEY], PATH)")
     if any(k.endswith("_mask") for k in tensors):
         masks = {k[:-len("_mask")]: v for k, v in tensors.items() if k.endswith("_mask")}
         return masks, {n: tensors[n + "_orig"] for n in masks if n + "_orig" in tensors}
@@ -261,14 +266,17 @@ def split_import(raw, path):
 
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")   # a state_dict's names, never a mask's
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net")  # where training scripts keep the
+                                                                      # state_dict inside a checkpoint
 
 
 def is_weights_only(tensors):
     """True for a {name: tensor} dict that is a model's state_dict rather than masks: it holds BN statistics,
-    or none of its weight matrices and kernels (2 or more dims) is 0/1."""
-    kernels_ = [t for t in tensors.values() if t.dim() >= 2]
+    or none of its weight matrices and kernels (2 or more dims) looks like a mask (zeros and at most one
+    other value: 0/1, or 0/255 that the 0/1 check then names)."""
+    looks_like_mask = lambda t: len(torch.unique(t[t != 0])) <= 1
     return any(k.endswith(BN_BUFFERS) for k in tensors) or not any(
-        bool(((t == 0) | (t == 1)).all()) for t in kernels_)
+        looks_like_mask(t) for t in tensors.values() if t.dim() >= 2)
 
 
 def bare_name(name):

@@ -4867,7 +4867,10 @@ def test_import_maps_the_official_codes_names():
     (lambda sd: {k: v for k, v in sd.items() if "layer3" not in k}, "no mask for ['layer3.0.conv1.weight"),
     (lambda sd: {k: v * 0.5 if "layer2.1" in k else v for k, v in sd.items()},
      "other values in layer2.1.conv1.weight"),
-    (lambda sd: {k: v * 0.5 for k, v in sd.items()}, "a state_dict with no masks"),
+    (lambda sd: {k: v * 0.5 for k, v in sd.items()}, "layer1.0.conv1.weight holds [0.5]"),
+    (lambda sd: {k: (v * 255).to(torch.uint8) for k, v in sd.items()}, "a mask must hold only 0 and 1"),
+    (lambda sd: {k: torch.randn(v.shape) for k, v in sd.items()}, "a state_dict with no masks"),
+    (lambda sd: {"config": {"lr": 0.1}, "epoch": 3}, "no tensors at its top level (its dicts: ['config'])"),
     (lambda sd: {"layers": RunsCode("unused")}, "refuses to unpickle"),
 ])
 def test_import_refuses_what_does_not_fit_with_a_message(tmp_path, content, message):
@@ -4876,6 +4879,17 @@ def test_import_refuses_what_does_not_fit_with_a_message(tmp_path, content, mess
     with pytest.raises(L.UsageError) as e:
         lth_tools.read_imported_masks(str(tmp_path / "m.pt"), model, "resnet20")
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("wrap", [lambda m: {"masks": m, "epoch": 3},
+                                  lambda m: {"model": m, "optimizer": {"lr": 0.1}},
+                                  lambda m: {"model_state_dict": {f"module.{k}": v for k, v in m.items()}}])
+def test_import_finds_masks_inside_a_checkpoints_usual_keys(tmp_path, wrap):
+    model = models.MODELS["resnet20"](10)
+    masks = L.magnitude_prune(L.prunable_weights(model), L.ones_masks(L.prunable_weights(model)), 0.5)
+    torch.save(wrap(masks), tmp_path / "m.pt")
+    read, _ = lth_tools.read_imported_masks(str(tmp_path / "m.pt"), model, "resnet20")
+    assert read.keys() == masks.keys() and all(torch.equal(read[n], masks[n]) for n in masks)
 
 
 def test_a_changed_trunk_setting_names_the_flag_and_what_level_0_does_not_read_may_change(tmp_path):
