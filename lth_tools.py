@@ -216,13 +216,11 @@ def import_mismatch(path, arch, masks, mapped, ours, prunable):
     unmatched = sorted(n for n, m in mapped.items() if m not in ours)
     shortcuts = [n for n in unmatched if re.search(r"\.shortcut\.\d+\.weight$", n) and masks[n].dim() == 4]
     if shortcuts and not any(".shortcut." in n for n in ours):
-        drop = ", ".join(f"'{n}'" for n in shortcuts)
-        fix = f"m = torch.load('{path}'); [m.pop(k) for k in ({drop},)]; torch.save(m, '{path}.option_a.pt')"
-        return (f"--import-masks {path} holds masks of 1x1 projection shortcuts ({drop}): that tool's "
-                f"network has convolutions in its downsampling shortcuts, our --arch {arch} has none "
-                "(option-A shortcuts: subsample and zero-pad, no weights), so these masks have no layer "
-                "here. The other layers are the same: drop those entries and import the rest, e.g. python -c "
-                f"\"import torch; {fix}\"")
+        return (f"--import-masks {path} holds masks of 1x1 projection shortcuts "
+                f"({', '.join(repr(n) for n in shortcuts)}): that tool's network has convolutions in its "
+                f"downsampling shortcuts, our --arch {arch} has none (option-A shortcuts: subsample and "
+                "zero-pad, no weights), so these masks have no layer here. The other layers are the same: "
+                f"drop those entries and import the rest, e.g. python -c \"{drop_command(path, shortcuts)}\"")
     wrong = sorted(n for n, m in mapped.items() if m in prunable and tuple(masks[n].shape) != ours[m])
     missing = sorted(set(prunable) - set(mapped.values()))
     if not (unmatched or wrong or missing):
@@ -232,6 +230,16 @@ def import_mismatch(path, arch, masks, mapped, ours, prunable):
              f"another shape ({shapes})" * bool(wrong), f"no mask for {missing[:4]}" * bool(missing)]
     return (f"--import-masks {path} does not fit --arch {arch}: {', '.join(p for p in parts if p)}; was it "
             "made for another --arch, or saved transposed?")
+
+
+def drop_command(path, names):
+    """A one-line Python program that writes PATH.option_a.pt: the file without the entries of `names`
+    (bare names), whatever the file calls them (prefixes, `_mask`/`_orig`, open_lth's `___`, a wrapper)."""
+    keys = "|".join(r"(^|[._])" + re.escape(n).replace(r"\.", r"(\.|___)") for n in names)
+    wrappers = ("masks",) + CHECKPOINT_KEYS
+    return (f"import re, torch; m = torch.load('{path}'); d = next((m[k] for k in {wrappers} "
+            f"if isinstance(m.get(k), dict)), m); [d.pop(k) for k in list(d) if re.search(r'{keys}', k)]; "
+            f"torch.save(m, '{path}.option_a.pt')")
 
 
 def split_import(raw, path):

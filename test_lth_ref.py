@@ -4959,7 +4959,26 @@ def bad_import_files(tmp_path):
             "weights.pt": ["a state_dict with no masks", "save the `*_mask` buffers or a {name: mask} dict"],
             "transposed.pt": ["layer2.0.conv1.weight: expected (32, 16, 3, 3), found (16, 32, 3, 3)"],
             "open_lth.pth": ["1x1 projection shortcuts", "'blocks.3.shortcut.0.weight', "
-                             "'blocks.6.shortcut.0.weight'", "option-A", "m.pop(k)"]}
+                             "'blocks.6.shortcut.0.weight'", "option-A", "d.pop(k)"]}
+
+
+@pytest.mark.parametrize("form", [lambda m: m, lambda m: {f"module.{k}_mask": v for k, v in m.items()},
+                                  lambda m: {"mask_" + k.replace(".", "___"): v for k, v in m.items()},
+                                  lambda m: {"state_dict": {f"{k}_mask": v for k, v in m.items()}}])
+def test_the_command_that_drops_projection_shortcut_masks_works_on_each_form_of_file(tmp_path, form):
+    masks = L.ones_masks(L.prunable_weights(models.MODELS["resnet20"](10)))
+    olth = {f"blocks.{3 * (int(n[5]) - 1) + int(n[7])}.{n[9:]}": m for n, m in masks.items()}
+    olth.update({"blocks.3.shortcut.0.weight": torch.ones(32, 16, 1, 1), "blocks.13.conv1.weight":
+                 torch.ones(1)})                            # a name the command must leave alone
+    path = str(tmp_path / "m.pth")
+    torch.save(form(olth), path)
+    with pytest.raises(L.UsageError) as e:
+        lth_tools.read_imported_masks(path, models.MODELS["resnet20"](10), "resnet20")
+    command = re.search(r'python -c "(.*)"$', str(e.value)).group(1)
+    subprocess.run([sys.executable, "-c", command], check=True)
+    kept = L.load_file(path + ".option_a.pt", "fixed file")
+    kept = kept.get("state_dict", kept)
+    assert len(kept) == len(olth) - 1 and not any("shortcut" in k for k in kept)
 
 
 def test_each_bad_import_file_stops_the_run_before_anything_trains_with_what_the_file_is(tmp_path, capsys):
