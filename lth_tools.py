@@ -45,7 +45,10 @@ def find_ticket(ticket=None, out_dir=None, cfg=None, required=True):
     """(path, ticket) to benchmark or export: `ticket`, else the last finished level, in the experiment
     `out_dir`, of the run that cfg's --method/--init and knobs name (the trunk for imp)."""
     path = ticket
-    if path is None and out_dir and os.path.isdir(out_dir):
+    if path is not None and not os.path.isfile(path):
+        raise UsageError(f"--ticket {path} is not a file: pass a finished level's ticket, e.g. "
+                         "RUN/BRANCH/level_NN/ticket.pt (the trunk's: RUN/level_NN/ticket.pt), or "
+                         "--out-dir RUN with --method and its knobs for the run's last finished level")
         located = dataclasses.replace(cfg, out_dir=out_dir)
         run = branch_run(located) or trunk_run(located)
         tickets = finished_tickets(run.path)
@@ -1268,7 +1271,7 @@ def group_markdown(tag, group, rows, dense, extremes):
         "accuracy (the paper's definition; ties: the higher accuracy, then the lower level"
         + ("; with several seeds the mean accuracy against the mean dense accuracy" if several else "") +
         "). Time saving = 1 - t_ticket / t_dense from the bench.json next to the ticket "
-        "(`python lth_ref.py --bench --ticket RUN/level_NN/ticket.pt` writes one).", "", ext, "",
+        "(`python lth_ref.py --bench --ticket RUN/BRANCH/level_NN/ticket.pt` writes one).", "", ext, "",
         *savings, *[""][:len(savings)]])
 
 

@@ -2364,6 +2364,11 @@ def test_bench_regroup_leaves_out_a_layer_that_keeps_no_block():
 def test_bench_without_a_ticket_says_how_to_get_one(tmp_path, capsys):
     assert L.main(["--bench", "kernels", "--out-dir", str(tmp_path / "none")]) == 2
     assert "no ticket to benchmark" in capsys.readouterr().err
+    for flag in ("--bench", "--export"):
+        assert L.main([flag, "kernels" if flag == "--bench" else str(tmp_path / "s.pt"),
+                       "--ticket", str(tmp_path / "level_01")]) == 2
+        err = capsys.readouterr().err
+        assert "level_01 is not a file" in err and "RUN/BRANCH/level_NN/ticket.pt" in err
 
 
 @pytest.mark.slow
