@@ -929,15 +929,26 @@ def read_experiment(path):
     return dict(path=path, config=config, rows=rows, runs=runs)
 
 
+def run_key(e):
+    """(the settings that make an experiment, its seed): equal keys are copies of one run."""
+    settings = {k: v for k, v in e["config"].items() if k not in ("seed", *RUN_SETTINGS)}
+    return json.dumps(settings, sort_keys=True), e["config"].get("seed", 0)
+
+
 def group_seeds(experiments):
     """Experiments whose config.json differ only in `seed` (or in settings a later command may change,
-    like --levels) as groups, in first-seen order; within a group by seed."""
-    groups = {}
-    for e in experiments:
-        key = json.dumps({k: v for k, v in e["config"].items() if k not in ("seed", *RUN_SETTINGS)},
-                         sort_keys=True)
-        groups.setdefault(key, []).append(e)
+    like --levels) as groups, in first-seen order; within a group by seed. A directory whose settings and
+    seed repeat an earlier one's is a copy, not another seed: it opens a group of its own."""
+    groups, keys = {}, [run_key(e) for e in experiments]
+    for i, e in enumerate(experiments):
+        groups.setdefault((keys[i][0], keys[:i].count(keys[i])), []).append(e)
     return [sorted(g, key=lambda e: e["config"].get("seed", 0)) for g in groups.values()]
+
+
+def repeated_runs(experiments):
+    """The directories whose settings and seed repeat an earlier directory's."""
+    keys = [run_key(e) for e in experiments]
+    return [e["path"] for i, e in enumerate(experiments) if keys[i] in keys[:i]]
 
 
 def combine_seeds(row_lists):
@@ -1396,6 +1407,9 @@ def write_report(dirs, out_dir=None, layers=None, log=print):
     check_dir("--report's output directory", out_dir)
     tags = dict(zip(dirs, report_tags(experiments)))
     prefix = lambda e: f"{tags[e['path']]}_" if len(experiments) > 1 else ""
+    for path in repeated_runs(experiments):
+        print(f"WARNING: {path} repeats the settings and seed of another directory: reported on its own, "
+              "not as another seed", file=sys.stderr)
     sections, pictures, curves = [], [], {}
     csvs = {"accuracy_vs_sparsity.csv": [], "extreme_tickets.csv": []}
     for group in group_seeds(experiments):

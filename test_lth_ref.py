@@ -2563,6 +2563,20 @@ def test_report_groups_seeds_and_reads_the_single_run_layout(tmp_path, monkeypat
     assert md_table_after(text[text.index("## old"):], "Extreme")[0]["extreme winning ticket"] == "level 1"
 
 
+def test_a_copied_directory_is_reported_on_its_own_not_averaged_as_another_seed(tmp_path, capsys):
+    cfg = dict(arch="resnet20", dataset="synthetic", epochs=2, mask_source="imp", levels=1, out_dir="x")
+    rows = lambda acc: [dict(branch="trunk", source="imp", method="imp", init="rewind", level=0, density=1.0,
+                             test_acc=acc, flop_ratio="", blocks="", coverage="")]
+    for name, seed, acc in (("a", 0, 0.5), ("b", 1, 0.7), ("a_copy", 0, 0.9)):
+        write_experiment(tmp_path / name, {**cfg, "seed": seed}, rows(acc))
+    experiments = [lth_tools.read_experiment(str(tmp_path / d)) for d in ("a", "b", "a_copy")]
+    groups = lth_tools.group_seeds(experiments)
+    assert [[os.path.basename(e["path"]) for e in g] for g in groups] == [["a", "b"], ["a_copy"]]
+    assert lth_tools.repeated_runs(experiments) == [str(tmp_path / "a_copy")]
+    assert L.main(["--report", *(str(tmp_path / d) for d in ("a", "b", "a_copy"))]) == 0
+    assert "a_copy repeats the settings and seed of another directory" in capsys.readouterr().err
+
+
 def test_transcribed_paper_cells():
     assert (lth_tools.paper_cell("resnet18", "cifar10", "regroup", "rewind", 1)
             == ("A4", "table1", 80.00, 94.48))
