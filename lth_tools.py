@@ -1073,10 +1073,10 @@ def _figure(figsize):
 
 
 def line_label(row):
-    """A curve's name: the mask source, and the branch that post-processes it."""
-    if row["branch"] == "trunk":
-        return f"{row['source']} (unstructured)"
-    return f"{row['source']} + {row['branch']}"
+    """A curve's name: the mask source, the branch that post-processes it, and the experiment where the
+    figure holds two of one source (they differ in the source's own settings)."""
+    name = f"{row['source']} " + ("(unstructured)" if row["branch"] == "trunk" else f"+ {row['branch']}")
+    return name + (f" [{row['experiment']}]" if row.get("experiment") else "")
 
 
 def accuracy_figure(rows, dense_acc, title="", arch=None, dataset=None):
@@ -1331,8 +1331,10 @@ def accuracy_pictures(curves, tags):
     group's lines; the dense line is the mean of the groups' dense accuracies."""
     out = []
     for figure in curves.values():
-        first = figure[0][0][0]
-        rows = [r for _, group_rows, _ in figure for r in group_rows]
+        first, sources = figure[0][0][0], [group[0]["config"].get("mask_source") for group, _, _ in figure]
+        named = len(set(sources)) < len(sources)           # a source twice: its lines name their experiment
+        rows = [{**r, **(dict(experiment=tags[group[0]["path"]]) if named else {})}
+                for group, group_rows, _ in figure for r in group_rows]
         dense = finite_mean(d for _, _, d in figure if d is not None)
         seeds = max(len(group) for group, _, _ in figure)
         title = f"{first['config'].get('arch')} on {first['config'].get('dataset')}" + \

@@ -2563,6 +2563,23 @@ def test_report_groups_seeds_and_reads_the_single_run_layout(tmp_path, monkeypat
     assert md_table_after(text[text.index("## old"):], "Extreme")[0]["extreme winning ticket"] == "level 1"
 
 
+def test_two_runs_of_one_source_with_other_source_settings_draw_two_named_lines(tmp_path):
+    pytest.importorskip("matplotlib")
+    cfg = dict(arch="resnet20", dataset="synthetic", epochs=2, mask_source="snip", levels=1, out_dir="x")
+    rows = lambda acc: [dict(branch="trunk", source="snip", method="imp", init="rewind", level=level,
+                             density=density, test_acc=acc, flop_ratio="", blocks="", coverage="")
+                        for level, density in ((0, 1.0), (1, 0.8))]
+    for name, samples, acc in (("few", 10, 0.5), ("many", 100, 0.7)):
+        write_experiment(tmp_path / name, {**cfg, "snip_samples": samples}, rows(acc))
+    groups = lth_tools.group_seeds([lth_tools.read_experiment(str(tmp_path / d)) for d in ("few", "many")])
+    curves = {"one figure": [(g, lth_tools.combine_seeds([e["rows"] for e in g]), 0.6) for g in groups]}
+    [(_, draw)] = lth_tools.accuracy_pictures(curves, {str(tmp_path / d): d for d in ("few", "many")})
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in draw().axes[0].get_lines()
+             if not ln.get_label().startswith("_") and "dense" not in ln.get_label()}
+    assert {k: [round(a) for a in v] for k, v in lines.items()} == \
+        {"snip (unstructured) [few]": [50, 50], "snip (unstructured) [many]": [70, 70]}
+
+
 def test_a_copied_directory_is_reported_on_its_own_not_averaged_as_another_seed(tmp_path, capsys):
     cfg = dict(arch="resnet20", dataset="synthetic", epochs=2, mask_source="imp", levels=1, out_dir="x")
     rows = lambda acc: [dict(branch="trunk", source="imp", method="imp", init="rewind", level=0, density=1.0,
