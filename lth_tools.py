@@ -49,6 +49,7 @@ def find_ticket(ticket=None, out_dir=None, cfg=None, required=True):
         raise UsageError(f"--ticket {path} is not a file: pass a finished level's ticket, e.g. "
                          "RUN/BRANCH/level_NN/ticket.pt (the trunk's: RUN/level_NN/ticket.pt), or "
                          "--out-dir RUN with --method and its knobs for the run's last finished level")
+    if path is None and out_dir and os.path.isdir(out_dir):
         located = dataclasses.replace(cfg, out_dir=out_dir)
         run = branch_run(located) or trunk_run(located)
         tickets = finished_tickets(run.path)
