@@ -1014,14 +1014,16 @@ def bench_layers_of(run):
             speedup = dense_ms / sparse_ms
         out.append(dict(name=str(layer.get("name", "?")), flop_ratio=ratio,
                         ideal=1 / ratio if ratio > 0 else float("nan"), dense_ms=dense_ms,
-                        regrouped_ms=sparse_ms, speedup=speedup, path=str(layer.get("path", ""))))
+                        regrouped_ms=sparse_ms, speedup=speedup, path=str(layer.get("path", "")),
+                        noisy=layer.get("noisy") is True and layer.get("speedup") != kernels.SAME_PATH))
     return out
 
 
 def bench_saving(bench):
     """Running-time saving 1 - t_sparse / t_dense of a bench.json's first batch: over its conv layers
     (the paper's profiling, conv only) and end to end where measured (NaN where absent).
-    Returns dict(conv, end_to_end, batch, device, date)."""
+    Returns dict(conv, end_to_end, batch, device, date, noisy_layers: how many conv layers' two timings
+    overlap (kernels.is_noisy), noisy_end_to_end)."""
     run = next(iter(bench.get("runs") or []), {}) if isinstance(bench, dict) else {}
     layers = bench_layers_of(run)
     dense, sparse = sum(l["dense_ms"] for l in layers), sum(l["regrouped_ms"] for l in layers)
@@ -1029,7 +1031,8 @@ def bench_saving(bench):
     saving = lambda d, s: 1 - s / d if d > 0 else float("nan")
     return dict(conv=saving(dense, sparse) if layers else float("nan"),
                 end_to_end=saving(_number(model, "dense_ms"), _number(model, "regrouped_ms")),
-                batch=run.get("batch"), device=bench.get("device", "?"), date=bench.get("date", "?"))
+                batch=run.get("batch"), device=bench.get("device", "?"), date=bench.get("date", "?"),
+                noisy_layers=sum(l["noisy"] for l in layers), noisy_end_to_end=model.get("noisy") is True)
 
 
 def block_order(blocks, out_rows, k):
@@ -1210,7 +1213,11 @@ def saving_text(savings):
     if not savings:
         return "-"
     conv, e2e = (finite_mean(s[k] for s in savings) for k in ("conv", "end_to_end"))
-    parts = [f"{100 * v:.1f}% {what}" for v, what in ((conv, "conv layers"), (e2e, "end to end")) if v == v]
+    noisy = max(s.get("noisy_layers", 0) for s in savings)
+    conv_noise = f" ({noisy} noisy layer{'s' * (noisy > 1)})" if noisy else ""
+    e2e_noise = " (noisy)" if any(s.get("noisy_end_to_end") for s in savings) else ""
+    parts = [f"{100 * v:.1f}% {what}" for v, what in ((conv, f"conv layers{conv_noise}"),
+                                                      (e2e, f"end to end{e2e_noise}")) if v == v]
     first = savings[0]
     where = f"batch {first['batch']}, {first['device']}, {first['date']}" + \
         (f", mean of {len(savings)} bench.json" if len(savings) > 1 else "")

@@ -3363,6 +3363,20 @@ def test_bench_saving_counts_a_layer_run_dense_on_both_sides_as_no_saving():
     assert lth_tools.bench_saving(bench)["conv"] == pytest.approx(1 - (2.0 + 6.0) / (4.0 + 6.0))
 
 
+
+def test_a_saving_measured_within_the_noise_says_so():
+    layers = [{"name": "a", "flop_ratio": 0.2, "dense_ms": 4.0, "regrouped_ms": 2.0, "noisy": True},
+              {"name": "b", "flop_ratio": 0.5, "dense_ms": 6.0, "regrouped_ms": 6.1, "noisy": True,
+               "speedup": kernels.SAME_PATH},                   # the same conv twice: its noise is no claim
+              {"name": "c", "flop_ratio": 0.5, "dense_ms": 6.0, "regrouped_ms": 3.0, "noisy": False}]
+    bench = lambda noisy: {"device": "cpu", "date": "d", "runs": [{"batch": 64, "layers": layers, "model": {
+        "dense_ms": 20.0, "regrouped_ms": 15.0, "noisy": noisy}}]}
+    text = lth_tools.saving_text([lth_tools.bench_saving(bench(True))])
+    assert "% conv layers (1 noisy layer), 25.0% end to end (noisy) (batch 64" in text
+    assert "noisy" not in lth_tools.saving_text([lth_tools.bench_saving(
+        {**bench(False), "runs": [{**bench(False)["runs"][0], "layers": layers[1:]}]})])
+
+
 # ---- CUDA: tables (CPU), compile check (nvcc), kernel (GPU only) ----
 
 KERNEL_PATHS = [f"kernel{r}" for r in kernels.KERNEL_TILE_ROWS]
