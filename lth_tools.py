@@ -532,8 +532,12 @@ def bench_regroup(masks, unit="position", seed=0, log=print, **knobs):
         t0 = time.perf_counter()
         new, blocks = regroup_mask(mask.cpu(), unit, **knobs)
         seconds = time.perf_counter() - t0
-        if not blocks:                         # an empty layer, or the official rule's fallback
+        if not blocks:                         # an empty layer
             log(f"{name}: regroup keeps no block here; left out of the table")
+            continue
+        if knobs.get("block_columns") == "official" and torch.equal(new.reshape(m2.shape), m2):
+            log(f"{name}: the official rule leaves this layer unstructured (no group of more than 16 rows); "
+                "left out of the table")
             continue
         new, size = new.reshape(m2.shape), max(len(r) for r, _ in blocks)
         nonempty = np.flatnonzero(m2.sum(1).numpy() > 0)
@@ -749,7 +753,12 @@ def run_bench(cfg, out_dir):
                            cfg.compile, cfg.bench_repeats, cfg.seed)
     knobs = branch_knobs(cfg, cfg.method)
     if cfg.bench == "regroup":
-        path, ticket = find_ticket(cfg.ticket, out_dir, cfg, required=False)
+        trunk = dataclasses.replace(cfg, method="imp", init="rewind")   # regroup reads the trunk's masks
+        path, ticket = find_ticket(cfg.ticket, out_dir, trunk, required=False)
+        if ticket is not None and ticket["config"].get("branch", "trunk") != "trunk":
+            print(f"WARNING: {path} is a ticket of the branch {ticket['config']['branch']}, whose masks are "
+                  "already post-processed; regroup works on the trunk's (RUN/level_NN/ticket.pt)",
+                  file=sys.stderr)
         if ticket is not None:                 # its next IMP mask: the trained weights pruned once more
             weights = {n: ticket["state_dict"][n] for n in ticket["masks"]}
             masks = magnitude_prune(weights, ticket["masks"], cfg.prune_rate)

@@ -2347,9 +2347,15 @@ def test_lth_ref_imports_next_to_a_foreign_data_package(tmp_path):
 @pytest.mark.slow
 def test_bench_regroup_on_a_ticket_reports_every_layer_and_beats_random(tmp_path, capsys):
     run_cli(tmp_path, "--levels", "0")
-    rows = lth_tools.run_bench(cli_config("--bench", "regroup"), str(tmp_path / "run"))
-    assert len(rows) == 18 and all(r["blocks"] > 0 for r in rows)
+    rows = lth_tools.run_bench(cli_config("--bench", "regroup", "--method", "regroup"), str(tmp_path / "run"))
+    assert len(rows) == 18 and all(r["blocks"] > 0 for r in rows)     # the trunk's ticket, for any --method
     assert np.mean([r["coverage"] for r in rows]) > np.mean([r["random"] for r in rows])
+    branch = L.load_file(str(tmp_path / "run" / "level_00" / "ticket.pt"), "ticket")
+    branch["config"]["branch"] = "regroup"
+    torch.save(branch, tmp_path / "branch.pt")
+    capsys.readouterr()
+    lth_tools.run_bench(cli_config("--bench", "regroup", "--ticket", str(tmp_path / "branch.pt")), "")
+    assert "is a ticket of the branch regroup" in capsys.readouterr().err
 
 
 def test_bench_regroup_leaves_out_a_layer_that_keeps_no_block():
@@ -2359,6 +2365,9 @@ def test_bench_regroup_leaves_out_a_layer_that_keeps_no_block():
     assert [r["name"] for r in rows] == ["full"] and rows[0]["coverage"] == 1.0
     assert "empty: regroup keeps no block here" in said[0]
     assert lth_tools.bench_regroup({"empty": masks["empty"]}, log=said.append) == []
+    small = {"small": (torch.rand(16, 8, 3, 3, generator=torch.Generator().manual_seed(0)) < 0.3).float()}
+    assert lth_tools.bench_regroup(small, block_columns="official", log=said.append) == []
+    assert "small: the official rule leaves this layer unstructured" in said[-2]
 
 
 def test_bench_without_a_ticket_says_how_to_get_one(tmp_path, capsys):
