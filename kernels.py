@@ -378,13 +378,16 @@ def _im2col_union(x, info, p, conv):
     # xp: (C, N, Hp, Wp)
     xp = F.pad(x.transpose(0, 1).contiguous(), (padding[1], padding[1], padding[0], padding[0]))
     x_cols = _new(x, (len(p["union_chans"]), N, OH, OW))
-    start = 0
+    start, grad = 0, torch.is_grad_enabled() and x.requires_grad
     for j, chans in enumerate(p["union_chans"].split(p["pos_counts"])):
         if len(chans):
             y0, x0 = (j // kw) * dilation[0], (j % kw) * dilation[1]
             y1, x1 = y0 + stride[0] * (OH - 1) + 1, x0 + stride[1] * (OW - 1) + 1
             window = xp[:, :, y0:y1:stride[0], x0:x1:stride[1]]  # (C, N, OH, OW)
-            torch.index_select(window, 0, chans, out=x_cols[start:start + len(chans)])
+            if grad:                                            # out= has no autograd
+                x_cols[start:start + len(chans)] = window.index_select(0, chans)
+            else:
+                torch.index_select(window, 0, chans, out=x_cols[start:start + len(chans)])
             start += len(chans)
     return x_cols.view(len(p["union_chans"]), N * OH * OW)
 

@@ -2863,6 +2863,17 @@ def test_cpu_path_matches_masked_conv(shape, strategy, memory_format, poisoned):
         assert y.is_contiguous(memory_format=fmt) and kernels.memory_format_of(y) == fmt
 
 
+@pytest.mark.parametrize("strategy", kernels.CANDIDATES["cpu"])
+def test_each_cpu_path_runs_with_grad_and_passes_the_dense_gradient_to_its_input(strategy):
+    x, weight, blocks, _, masked, conv = make_case(SHAPES[0], seed=3, dtype=torch.float64)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = kernels.RegroupedConv2d(weight.double(), blocks, strategy=strategy, **conv)(x_ours)
+    ref = F.conv2d(x_ref, masked.double(), **conv)
+    (y * ref.detach()).sum().backward()
+    (ref * ref.detach()).sum().backward()
+    assert rel_err(y.detach(), ref.detach()) < 1e-12 and rel_err(x_ours.grad, x_ref.grad) < 1e-12
+
+
 def test_select_channels_keeps_the_memory_format():
     x = torch.randn(3, 6, 4, 5)
     chans = torch.tensor([4, 0, 5])
