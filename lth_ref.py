@@ -1510,6 +1510,8 @@ def table1_values(key):
              if key in row and d in paper]
     return "; ".join(parts + cells)
 IS_POSITIVE, NOT_NEGATIVE = (">= 1", lambda v: v >= 1), (">= 0", lambda v: v >= 0)
+FINITE_ABOVE_0 = ("a finite number > 0", lambda v: 0 < v < float("inf"))     # NaN fails every comparison
+SEED_LIMIT = 2 ** 32          # numpy's legacy seed range; the derived seeds (mix_seed) stay within int64
 
 
 @dataclasses.dataclass
@@ -1544,12 +1546,12 @@ class Config:
     synflow_rounds: int = setting(SYNFLOW_ROUNDS, "pruning rounds of --mask-source synflow", "experiment",
                                   "source", source="synflow", check=IS_POSITIVE)
     admm_rho: float = setting(ADMM_RHO, "--mask-source admm: penalty weight rho", "experiment", "source",
-                              source="admm", official="rho", check=("> 0", lambda v: v > 0))
+                              source="admm", official="rho", check=FINITE_ABOVE_0)
     admm_iterations: int = setting(ADMM_ITERATIONS, "--mask-source admm: iterations, each one W-step epoch "
                                    "then the Z- and U-steps", "experiment", "source", source="admm",
                                    check=IS_POSITIVE)
     admm_lr: float = setting(ADMM_LR, "--mask-source admm: SGD learning rate of the W-steps (ours)",
-                             "experiment", "source", source="admm", check=("> 0", lambda v: v > 0))
+                             "experiment", "source", source="admm", check=FINITE_ABOVE_0)
     method: str = setting(
         "imp", "the branch: how each trunk level's mask is post-processed: imp (not at all: with --init "
         "rewind the trunk is the ticket), refill (channel-wise), refill+ (channel-wise, extra channels), "
@@ -1562,7 +1564,7 @@ class Config:
                                 "--method other than imp", "experiment", "branch",
                                 official="main_imp_regroup.py")
     seed: int = setting(0, "seed for init, data order and augmentation", "experiment", "trunk",
-                        official="--seed")
+                        official="--seed", check=(f"in [0, {SEED_LIMIT})", lambda v: 0 <= v < SEED_LIMIT))
     verbose: bool = setting(False, "print the per-layer table of every level", "experiment")
     wait: bool = setting(False, "when another process trains the branch this command asks for: wait for it "
                          "(default: stop with a message; the trunk is always waited for)", "experiment")
@@ -1571,7 +1573,8 @@ class Config:
     lr_drops: list | None = setting(
         None, f"epochs at which the LR drops x0.1; default: {TABLE1} ({table1_values('lr_drops')}), "
         "scaled to --epochs, never before epoch 1 (--epochs 1: no drop)", "training", "trunk", nargs="*",
-        metavar="EPOCH", type=int, official="--decreasing_lr")
+        metavar="EPOCH", type=int, official="--decreasing_lr",
+        check=("epochs >= 1", lambda v: all(e >= 1 for e in v)))
     rewind_epoch: int | None = setting(
         None, f"rewind to the end of this epoch (0 = initialization); default: {TABLE1} "
         f"({table1_values('rewind_epoch')}), scaled to --epochs", "training", "trunk", check=NOT_NEGATIVE,
@@ -1592,11 +1595,12 @@ class Config:
                                 "level", "training", "trunk", check=("in (0, 1)", lambda v: 0 < v < 1),
                                 official="--rate")
     lr: float | None = setting(None, f"SGD learning rate; default: {TABLE1} ({table1_values('lr')})",
-                               "training", "trunk", official="--lr")
-    momentum: float = setting(PAPER["momentum"], "SGD momentum", "training", "trunk")
+                               "training", "trunk", official="--lr", check=FINITE_ABOVE_0)
+    momentum: float = setting(PAPER["momentum"], "SGD momentum", "training", "trunk",
+                              check=("in [0, 1)", lambda v: 0 <= v < 1))
     weight_decay: float | None = setting(
         None, f"L2 weight decay; default: {TABLE1} ({table1_values('weight_decay')})", "training", "trunk",
-        official="--weight_decay")
+        official="--weight_decay", check=("a finite number >= 0", lambda v: 0 <= v < float("inf")))
     batch_size: int | None = setting(
         None, f"examples per SGD step, over all processes under torchrun; default: {TABLE1} "
         f"({table1_values('batch_size')})", "training", "trunk", check=IS_POSITIVE, official="--batch_size")
@@ -2456,8 +2460,9 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, argparse.SUPPRESS, False) and "default" not in text \
-                and action.option_strings:
+        shown = action.default is not None and action.default is not False \
+            and action.default != argparse.SUPPRESS             # a default of 0 is shown (0 == False)
+        if shown and "default" not in text and action.option_strings:
             default = " ".join(map(str, action.default)) if isinstance(action.default, list) \
                 else action.default
             text += f" (default: {default})"

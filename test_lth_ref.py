@@ -2240,6 +2240,13 @@ def test_a_failed_start_leaves_the_experiment_free(tmp_path, capsys):
     (["--group-aware", "--method", "regroup", "--mask-source", "omp"], "it needs --mask-source imp"),
     (["--method", "regroup", "--min-col-nnz", "9"], "--min-col-nnz (paper t2, 9) must be at most --row"),
     (["--bench", "regroup", "--min-col-nnz", "9"], "--min-col-nnz (paper t2, 9) must be at most --row"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--lr", "-0.1"], "--lr must be a finite number > 0"),
+    (["--momentum", "1"], "--momentum must be in [0, 1)"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0"),
+    (["--seed", "20000000000000"], "--seed must be in [0, 4294967296)"),
+    (["--lr-drops", "0"], "--lr-drops must be epochs >= 1"),
+    (["--admm-lr", "inf"], "--admm-lr must be a finite number > 0"),
     (["--amp", "fp16"], "--amp fp16 needs a CUDA GPU"),
     (["--sync-bn"], "--sync-bn synchronizes BatchNorm across processes"),
     (["--val-split", "-1"], "--val-split must be >= 0"),
@@ -2260,6 +2267,7 @@ def test_unknown_choices_are_argparse_errors(capsys, flags, phrase):
 
 def test_help_states_each_default_once():
     text = L.build_parser().format_help()
+    assert re.search(r"--seed SEED\s+seed for init[^\n]*\n?[^\n]*\(default: 0\)", text)   # 0 is a default too
     assert "(default: None)" not in text and "(default: False)" not in text
     for action in L.build_parser()._actions:
         helped = L.HelpFormatter("x")._get_help_string(action)
