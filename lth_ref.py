@@ -1203,7 +1203,12 @@ def admm_source(exp, level):
     def w_step(iteration, penalty):            # one epoch on loss + penalty, a draw of its own
         generator = torch.Generator(device=exp.data.device).manual_seed(
             mix_seed(cfg.seed, level, ADMM_EPOCHS - iteration))
-        train_epoch(exp.net, exp.data, cfg, optimizer, scaler, [], generator, exp.procs, penalty)
+        try:
+            train_epoch(exp.net, exp.data, cfg, optimizer, scaler, [], generator, exp.procs, penalty)
+        except Diverged as e:
+            raise UsageError(f"ADMM for trunk level {level} diverged in W-step {iteration + 1}: the training "
+                             f"loss is {e.loss}; lower --admm-lr ({cfg.admm_lr:g}) or --admm-rho "
+                             f"({cfg.admm_rho:g}). Nothing was written for this level") from None
     masks = admm_prune(model, list(prunable_weights(model)), level_density(cfg.prune_rate, level), w_step,
                        cfg.admm_iterations, cfg.admm_rho)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -1753,6 +1758,10 @@ def resolve_import(cfg):
 
 def check_combinations(cfg):
     """Refuse settings that contradict each other, with the fix."""
+    modes = [flag for flag, value in (("--report", cfg.report), ("--bench", cfg.bench),
+                                      ("--export", cfg.export)) if value is not None]
+    if len(modes) > 1:
+        raise UsageError(f"{' and '.join(modes)} are separate commands: run one at a time")
     if cfg.rewind_epoch > cfg.epochs or (cfg.rewind_epoch == cfg.epochs and cfg.lr_schedule == "resume"):
         raise UsageError(f"--rewind-epoch must be in [0, --epochs), got {cfg.rewind_epoch} "
                          f"with --epochs {cfg.epochs} "
@@ -2516,7 +2525,7 @@ def main(argv=None):
         elif cfg.bench:
             import lth_tools
             lth_tools.run_bench(cfg, args.out_dir)
-        elif cfg.export:
+        elif cfg.export is not None:
             import lth_tools
             lth_tools.export_slim(*lth_tools.find_ticket(cfg.ticket, args.out_dir, cfg), cfg.export)
         else:
