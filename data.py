@@ -316,6 +316,9 @@ def read_split(folder: str, files: tuple[str, ...], spec: CifarSpec):
         x, y = read_batch(path, spec.label_key, spec.num_classes)
         xs.append(x)
         ys.append(y)
+    if not sum(len(y) for y in ys):
+        raise DataError(f"{folder}/: {', '.join(files)} hold no images; delete the folder and run again to "
+                        f"re-extract (or re-download) {spec.archive}.")
     # each row is the red plane, then green, then blue, each 32x32 row-major: (N, 3072) -> (N, 3, 32, 32)
     x = np.concatenate(xs).reshape(-1, *IMAGE_SHAPE)
     return torch.from_numpy(x), torch.from_numpy(np.concatenate(ys))

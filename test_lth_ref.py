@@ -466,6 +466,15 @@ def test_corrupt_batch_names_the_file(tmp_path, kind, phrase):
     assert str(bad) in str(e.value) and phrase in str(e.value)
 
 
+@pytest.mark.parametrize("train_rows, test_rows, empty", [((0,) * 5, (3,), "data_batch_1, data_batch_2"),
+                                                         ((1, 2, 3, 4, 5), (0,), "test_batch hold no images")])
+def test_an_empty_split_is_a_data_error(tmp_path, train_rows, test_rows, empty):
+    write_cifar(tmp_path, data.CIFAR10, train_rows, test_rows)
+    with pytest.raises(DataError) as e:
+        data.load_dataset("cifar10", str(tmp_path), download=False, log=quiet)
+    assert empty in str(e.value) and "re-extract" in str(e.value)
+
+
 def test_missing_batch_file(tmp_path):
     write_cifar(tmp_path, data.CIFAR10, **C10_ROWS)
     os.remove(tmp_path / "cifar-10-batches-py" / "test_batch")
