@@ -324,7 +324,8 @@ def kept_dead_rows(model, masks):
     return kept
 
 
-EXPORT_TOLERANCE = 1e-4     # largest relative output error (against the batch spread) of a written export
+EXPORT_TOLERANCE = 1e-3     # largest relative output error (against the batch spread) of a written
+                            # export: fp32 rounding through ResNet-50 reaches about 1e-4; a wrong weight, more
 ONNX_EXTRA = "pip install onnx onnxscript onnxruntime"   # the optional extra of --export .onnx and ORT timing
 
 
@@ -350,7 +351,9 @@ def export_slim(path, ticket, out, log=print):
         log("note: the grouped-GEMM model (kernels.regrouped_model) does not export; this is the slim dense "
             "network, with the zeros inside its blocks")
     shape = datasets.IMAGE_SHAPES[ticket["config"].get("dataset", "cifar10")]
-    x, x_check = torch.randn(EXPORT_CHECK_BATCH, *shape), torch.randn(EXPORT_CHECK_BATCH // 2 + 1, *shape)
+    g = torch.Generator().manual_seed(ticket["config"].get("seed", 0))   # the same check on every call
+    x, x_check = (torch.randn(n, *shape, generator=g) for n in (EXPORT_CHECK_BATCH,
+                                                                 EXPORT_CHECK_BATCH // 2 + 1))
     err = None
 
     def write_and_check(tmp):                  # raising here leaves nothing at `out`

@@ -466,8 +466,8 @@ def test_corrupt_batch_names_the_file(tmp_path, kind, phrase):
     assert str(bad) in str(e.value) and phrase in str(e.value)
 
 
-@pytest.mark.parametrize("train_rows, test_rows, empty", [((0,) * 5, (3,), "data_batch_1, data_batch_2"),
-                                                         ((1, 2, 3, 4, 5), (0,), "test_batch hold no images")])
+@pytest.mark.parametrize("train_rows, test_rows, empty", [
+    ((0,) * 5, (3,), "data_batch_1, data_batch_2"), ((1, 2, 3, 4, 5), (0,), "test_batch hold no images")])
 def test_an_empty_split_is_a_data_error(tmp_path, train_rows, test_rows, empty):
     write_cifar(tmp_path, data.CIFAR10, train_rows, test_rows)
     with pytest.raises(DataError) as e:
@@ -5253,6 +5253,20 @@ def test_atomic_write_hands_a_path_writer_a_temporary_name_with_the_extension_th
     L.atomic_write(str(tmp_path / "net.pt2"), lambda p: (seen.append(p), open(p, "w").write("x")), mode=None)
     assert seen[0].endswith(".pt2") and seen[0] != str(tmp_path / "net.pt2")
     assert [p.name for p in tmp_path.iterdir()] == ["net.pt2"]
+
+
+def test_an_export_whose_network_differs_from_the_ticket_is_refused_and_not_written(tmp_path, monkeypatch,
+                                                                                   capsys):
+    path = saved_fresh_ticket(tmp_path)
+
+    def wrong_writer(slim, ticket, x, x_check, out):      # writes a file whose network lost one channel
+        slim.get_submodule("conv1").weight.data[0] = 0
+        open(out, "wb").close()
+        return slim(x_check)
+    monkeypatch.setitem(lth_tools.EXPORT_FORMATS, ".pt", wrong_writer)
+    assert L.main(["--export", str(tmp_path / "slim.pt"), "--ticket", path]) == 2
+    err = capsys.readouterr().err
+    assert "outputs differ from the ticket's" in err and not (tmp_path / "slim.pt").exists()
 
 
 def test_a_non_write_os_error_still_shows_its_traceback(tmp_path, monkeypatch):
