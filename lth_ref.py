@@ -1255,6 +1255,11 @@ def branch_masks(exp, run, level):
     if needs_feats(run.method, knobs.get("score")):
         feats = conv_channel_stats(network_at(exp, state), list(masks), *score_batch(exp, level))
     new, blocks = postprocess(run.method, {n: state[n] for n in masks}, masks, feats, **knobs)
+    cut = [n for n in new if masks[n].any() and not new[n].any()]
+    if cut:
+        raise UsageError(f"{run.name} level {level}: {run.method} with {knobs} keeps no weight of "
+                         f"{len(cut)} layer(s) ({', '.join(cut[:3])}), which cuts the network: loosen its "
+                         "settings (e.g. a smaller --min-block-cols or --min-col-nnz)")
     stats = {n: layer_stats(masks[n], new[n], None if blocks is None else blocks[n]) for n in new}
     return new, blocks, stats
 

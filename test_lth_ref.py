@@ -2253,6 +2253,7 @@ def test_a_failed_start_leaves_the_experiment_free(tmp_path, capsys):
     (["--report", "r", "--export", "e.pt"], "--report and --export are separate commands"),
     (["--mask-source", "admm", "--admm-iterations", "1", "--admm-lr", "1e30", "--levels", "1"],
      "ADMM for trunk level 1 diverged in W-step 1: the training loss is nan; lower --admm-lr"),
+    (["--method", "regroup", "--min-block-cols", "1000", "--levels", "1"], "keeps no weight of 18 layer(s)"),
     (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
     (["--lr", "-0.1"], "--lr must be a finite number > 0"),
     (["--momentum", "1"], "--momentum must be in [0, 1)"),
