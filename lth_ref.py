@@ -2148,7 +2148,10 @@ def check_paths(cfg):
 def check_dir(what, path, need=os.W_OK):
     """UsageError unless `path` is a directory this user may write to (need os.R_OK: read), or one that can
     be created there (its nearest existing ancestor is a writable directory): checked before the work."""
-    above = next(p for p in (path, *parents(path)) if os.path.exists(p))
+    above = next(p for p in (path, *parents(path)) if os.path.lexists(p))
+    if os.path.islink(above) and not os.path.exists(above):
+        raise UsageError(f"{what} {path}: {above} is a link to {os.readlink(above)}, which does not exist "
+                         "(storage not mounted?); fix the link or pass another directory")
     if not os.path.isdir(above):
         raise UsageError(f"{what} {path}: {above} is a file, not a directory; pass a directory (one that "
                          "is missing is created)")

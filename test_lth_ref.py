@@ -5230,6 +5230,13 @@ def saved_fresh_ticket(tmp_path):
     return str(tmp_path / "t.pt")
 
 
+def test_a_dangling_link_as_out_dir_is_an_error_before_the_work(tmp_path, capsys):
+    (tmp_path / "run").symlink_to(tmp_path / "unmounted")
+    assert L.main(FAST + ["--levels", "0", "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "is a link to" in err and "does not exist" in err and not (tmp_path / "unmounted").exists()
+
+
 def test_export_into_an_unwritable_place_is_an_error_before_the_work_and_a_write_fault_is_one_too(
         tmp_path, monkeypatch, capsys):
     path = saved_fresh_ticket(tmp_path)
