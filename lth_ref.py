@@ -1133,6 +1133,11 @@ def ticket_path(run, level):
     return os.path.join(run.path, f"level_{level:02d}", "ticket.pt")
 
 
+def checkpoint_path(run, level):
+    """The epoch checkpoint of an unfinished level (removed once its ticket is written)."""
+    return os.path.join(run.path, f"level_{level:02d}", "checkpoint.pt")
+
+
 def trained(exp, run, level):
     """(masks, trained state) of a finished level of `run`: in memory when this process just trained it,
     else (an earlier command or another process trained it) read from its ticket.pt."""
@@ -1333,7 +1338,7 @@ def train_level(exp, run, level, eta):
     in exp.held for the next level. Returns its result row. A loss that diverges, or a stop by a signal,
     leaves the last epoch checkpoint and nothing else of the level."""
     cfg, model = exp.cfg, exp.model
-    ckpt_path = os.path.join(os.path.dirname(ticket_path(run, level)), "checkpoint.pt")
+    ckpt_path = checkpoint_path(run, level)
     start, ckpt = resume_or_start(exp, run, level, ckpt_path)
     masks = {n: m.to(exp.data.device) for n, m in start.masks.items()}
     exp.procs.check_same(masks, exp.data.device)
@@ -1353,8 +1358,7 @@ def train_level(exp, run, level, eta):
                           {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     if exp.procs.is_main:
         write_ticket(exp, run, level, start, row)
-        if os.path.exists(ckpt_path):
-            os.remove(ckpt_path)
+        remove_if_there(ckpt_path)
     exp.procs.barrier()                        # the level is finished on disk before any rank goes on
     return row
 
@@ -1433,6 +1437,8 @@ def run_experiment(cfg, log=print):
         if lock is None:
             by = "earlier" if (run, level) not in todo else "by another process"
             exp.log(f"{run.name} level {level}: finished {by}, reused ({ticket_path(run, level)})")
+            if exp.procs.is_main and (run, level) not in todo:   # a stop between ticket and cleanup
+                remove_if_there(checkpoint_path(run, level))
             continue
         try:
             exp.log(summary_line(train_level(exp, run, level, eta)))
@@ -1975,6 +1981,14 @@ def atomic_write(path, write, mode="wb"):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_if_there(path):
+    """Remove a file that another process may have removed first."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def save(obj, path):

@@ -5230,6 +5230,15 @@ def saved_fresh_ticket(tmp_path):
     return str(tmp_path / "t.pt")
 
 
+@pytest.mark.slow
+def test_a_checkpoint_left_beside_a_finished_ticket_is_removed_when_the_level_is_reused(tmp_path):
+    out, _ = run_cli(tmp_path, "--levels", "0")
+    level = os.path.join(out, "level_00")
+    shutil.copy(os.path.join(level, "ticket.pt"), os.path.join(level, "checkpoint.pt"))   # stopped there
+    run_cli(tmp_path, "--levels", "0")
+    assert sorted(os.listdir(level)) == ["ticket.pt"]
+
+
 def test_a_dangling_link_as_out_dir_is_an_error_before_the_work(tmp_path, capsys):
     (tmp_path / "run").symlink_to(tmp_path / "unmounted")
     assert L.main(FAST + ["--levels", "0", "--out-dir", str(tmp_path / "run")]) == 2
