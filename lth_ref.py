@@ -2126,17 +2126,17 @@ def changes_text(changed):
     if "import_sha256" in changed:
         old, new = (v or [] for v in changed["import_sha256"])
         files = [i + 1 for i, (a, b) in enumerate(zip(old, new)) if a != b]
-        text.append(f"--import-masks file {', '.join(map(str, files))} (other content than before)" if files
-                    else f"--import-masks {len(old)} -> {len(new)} files")
+        text += [f"--import-masks file {', '.join(map(str, files))} (other content than before)"][:len(files)]
+        text += [f"--import-masks {len(old)} -> {len(new)} files"] * (len(old) != len(new))
     return "; ".join(text)
 
 
 def stale_levels(cfg, changed):
     """The started level directories (trunk and every branch) that settings in LEVEL0_FREE feed, when they
     change: the level of each imported file whose content changed, every level >= 1 for the others."""
-    if set(changed) == {"import_sha256"}:
+    if set(changed) == {"import_sha256"}:              # a file changed, or left out: its level is stale
         old, new = (v or [] for v in changed["import_sha256"])
-        levels = [i + 1 for i, (a, b) in enumerate(zip(old, new)) if a != b]
+        levels = [i + 1 for i, a in enumerate(old) if i >= len(new) or a != new[i]]
     else:
         levels = range(1, max(cfg.levels, *levels_started(cfg.out_dir)) + 1)
     runs = [cfg.out_dir] + [os.path.join(cfg.out_dir, b) for b in branch_dirs(cfg.out_dir)]

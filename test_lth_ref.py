@@ -5116,6 +5116,17 @@ def test_a_fixed_import_file_reuses_level_0_and_a_changed_one_names_the_levels_t
     assert "import-sha256" not in err
 
 
+def test_a_level_trained_from_an_imported_file_that_is_left_out_or_replaced_is_stale(tmp_path):
+    for level in ("level_00", "level_01", "level_02"):
+        os.makedirs(tmp_path / level)
+    cfg = types.SimpleNamespace(out_dir=str(tmp_path), levels=1)
+    for old, new, text in ((["a", "b"], ["a"], "--import-masks 2 -> 1 files"),
+                           (["a", "b"], ["a", "c"], "--import-masks file 2 (other content than before)")):
+        changed = {"import_sha256": (old, new)}
+        assert L.stale_levels(cfg, changed) == [str(tmp_path / "level_02")]
+        assert L.changes_text(changed) == text
+
+
 @pytest.mark.slow
 def test_an_imported_torch_prune_trunk_trains_and_a_regroup_branch_post_processes_it(tmp_path):
     pruned = torch_pruned_resnet20()
