@@ -418,6 +418,8 @@ def list_tiny_imagenet(spec: FolderSpec, root: str):
             annotations = [line.split("\t")[:2] for line in f if line.strip()]
     except OSError as e:
         raise folder_error(spec, root, f"cannot read {e.filename}") from None
+    except UnicodeDecodeError:
+        raise folder_error(spec, root, "wnids.txt or val/val_annotations.txt is not text") from None
     label = {wnid: i for i, wnid in enumerate(wnids)}
     train_files, train_labels = [], []
     for wnid in wnids:
@@ -425,6 +427,8 @@ def list_tiny_imagenet(spec: FolderSpec, root: str):
         if not os.path.isdir(os.path.join(root, folder)):
             raise folder_error(spec, root, f"no folder {folder}/ for class {wnid} of wnids.txt")
         names = image_files(os.path.join(root, folder))
+        if not names:
+            raise folder_error(spec, root, f"{folder}/ holds no images (class {wnid} of wnids.txt)")
         train_files += [os.path.join(folder, n) for n in names]
         train_labels += [label[wnid]] * len(names)
     bad = [a for a in annotations if len(a) != 2 or a[1].strip() not in label]
@@ -432,6 +436,10 @@ def list_tiny_imagenet(spec: FolderSpec, root: str):
         raise folder_error(spec, root, f"val/val_annotations.txt has {len(bad)} lines without a known "
                                        f"wnid (first: {bad[0]})")
     test_files = [os.path.join("val", "images", name) for name, _ in annotations]
+    missing = [f for f in test_files if not os.path.isfile(os.path.join(root, f))]
+    if missing:
+        raise folder_error(spec, root, f"val/val_annotations.txt names {len(missing)} images that are "
+                                       f"missing (first: {missing[0]})")
     test_labels = [label[wnid.strip()] for _, wnid in annotations]
     return train_files, train_labels, test_files, test_labels, len(wnids)
 
@@ -456,6 +464,8 @@ def list_imagenet(spec: FolderSpec, root: str):
         files, labels = [], []
         for wnid in splits[split]:
             names = image_files(os.path.join(root, split, wnid))
+            if split == "train" and not names:
+                raise folder_error(spec, root, f"train/{wnid}/ holds no images (an empty class)")
             files += [os.path.join(split, wnid, n) for n in names]
             labels += [label[wnid]] * len(names)
         out += [files, labels]

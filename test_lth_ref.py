@@ -987,6 +987,30 @@ def test_truncated_jpeg_raises_data_error_naming_the_file(tmp_path, workers):
     assert "Traceback" not in msg and "worker" not in msg  # raised here, not a worker's traceback
 
 
+@pytest.mark.parametrize("damage, phrase", [
+    (lambda f: (f / "wnids.txt").write_bytes(b"n0100\n\xff\xfe\n"), "wnids.txt or val/val_annotations"),
+    (lambda f: [p.unlink() for p in (f / "train" / "n0200" / "images").iterdir()],
+     "train/n0200/images/ holds no images"),
+    (lambda f: (f / "val" / "images" / "val_3.JPEG").unlink(), "names 1 images that are missing"),
+])
+def test_a_damaged_tiny_imagenet_folder_is_a_data_error_before_training(tmp_path, damage, phrase):
+    pytest.importorskip("PIL.Image")
+    folder, _, _ = write_tiny_imagenet(tmp_path)
+    damage(folder)
+    with pytest.raises(DataError) as e:
+        data.load_dataset("tinyimagenet", str(tmp_path), log=quiet)
+    assert phrase in str(e.value)
+
+
+def test_an_empty_imagenet_class_folder_is_a_data_error(tmp_path):
+    pytest.importorskip("PIL.Image")
+    write_imagenet(tmp_path)
+    (tmp_path / "imagenet" / "train" / "n04").mkdir()
+    with pytest.raises(DataError) as e:
+        data.load_dataset("imagenet", str(tmp_path), log=quiet)
+    assert "train/n04/ holds no images" in str(e.value)
+
+
 def test_missing_pillow_gives_a_one_line_install_hint(tmp_path, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "PIL", None)  # `from PIL import Image` now raises ImportError
