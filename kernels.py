@@ -775,7 +775,15 @@ class RegroupedConv2d(nn.Module):
 
 
 def _drop_built_paths(module, incompatible_keys):
-    """load_state_dict hook of RegroupedConv2d: its path tensors came from the old blocks."""
+    """load_state_dict hook of RegroupedConv2d: the loaded blocks may have other sizes and rows than the
+    old ones (same buffer shapes), so the plan's python values, its rows in no block and every built path
+    (with its measured choice) are made again from the loaded buffers."""
+    sizes = [tuple(s) for s in module.block_sizes.tolist()]
+    used = torch.zeros(module.weight_shape[0], dtype=torch.bool)
+    used[module.plan_rows.cpu()] = True
+    module.plan_empty_rows = torch.nonzero(~used).view(-1).to(module.plan_rows.device)
+    module.info.update(sizes=sizes, choice={}, times={},
+                       flop_ratio=sum(r * c for r, c in sizes) / math.prod(module.weight_shape))
     module._drop_paths(keep=())
 
 

@@ -2920,6 +2920,19 @@ def test_each_cpu_path_runs_with_grad_and_passes_the_dense_gradient_to_its_input
     assert rel_err(y.detach(), ref.detach()) < 1e-12 and rel_err(x_ours.grad, x_ref.grad) < 1e-12
 
 
+@pytest.mark.parametrize("strategy", [None, *kernels.CANDIDATES["cpu"]])
+def test_a_layer_loading_the_state_of_other_blocks_of_the_same_buffer_shapes_runs_those_blocks(strategy):
+    w, x = torch.randn(6, 4, 3, 3, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    blocks_a = [(torch.tensor([0, 1]), torch.arange(0, 3)), (torch.tensor([2, 3]), torch.arange(3, 6))]
+    blocks_b = [(torch.tensor([0]), torch.arange(0, 3)), (torch.tensor([2, 4, 5]), torch.arange(3, 6))]
+    a = kernels.RegroupedConv2d(w, blocks_a, padding=1, strategy=strategy)
+    with torch.no_grad():
+        a(x)                                                  # a's paths are built for its own blocks
+        a.load_state_dict(kernels.RegroupedConv2d(w, blocks_b, padding=1).state_dict())
+        ref = F.conv2d(x, w * kernels.block_mask(w.shape, blocks_b), padding=1)
+        assert rel_err(a(x), ref) < 1e-12 and a.info["flop_ratio"] == pytest.approx(4 * 3 / (6 * 36))
+
+
 def test_select_channels_keeps_the_memory_format():
     x = torch.randn(3, 6, 4, 5)
     chans = torch.tensor([4, 0, 5])
