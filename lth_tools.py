@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from lth_ref import datasets, kernels, model_zoo   # data.py, kernels.py, models.py as lth_ref loaded them
 from lth_ref import (  # the method
-    BLOCK_COLUMNS, REGROUP_UNITS, apply_masks, autocast, ceil_div, conv_channel_stats, layer_stats,
-    grad_scaler, magnitude_prune, mask_pairs, needs_feats, paper_schedule, postprocess, prunable_weights,
+    BLOCK_COLUMNS, OFFICIAL_MIN_ROWS, REGROUP_UNITS, apply_masks, autocast, ceil_div, conv_channel_stats,
+    layer_stats, grad_scaler, magnitude_prune, mask_pairs, needs_feats, paper_schedule, postprocess, prunable_weights,
     prune_to_density, refill, regroup_mask, remask, rewind, train_step)
 from lth_ref import (  # settings, files and results
     RUN_SETTINGS, SOURCE_SETTINGS, Config, Processes, UsageError, atomic_write, branch_dirs, branch_knobs,
@@ -539,8 +539,8 @@ def bench_regroup(masks, unit="position", seed=0, log=print, **knobs):
             log(f"{name}: regroup keeps no block here; left out of the table")
             continue
         if knobs.get("block_columns") == "official" and torch.equal(new.reshape(m2.shape), m2):
-            log(f"{name}: the official rule leaves this layer unstructured (no group of more than 16 rows); "
-                "left out of the table")
+            log(f"{name}: the official rule leaves this layer unstructured (no group of more than "
+                f"{OFFICIAL_MIN_ROWS} rows); left out of the table")
             continue
         new, size = new.reshape(m2.shape), max(len(r) for r, _ in blocks)
         nonempty = np.flatnonzero(m2.sum(1).numpy() > 0)
