@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from lth_ref import datasets, kernels, model_zoo   # data.py, kernels.py, models.py as lth_ref loaded them
 from lth_ref import (  # the method
     BLOCK_COLUMNS, OFFICIAL_MIN_ROWS, REGROUP_UNITS, apply_masks, autocast, ceil_div, conv_channel_stats,
-    layer_stats, grad_scaler, magnitude_prune, mask_pairs, needs_feats, paper_schedule, postprocess, prunable_weights,
-    prune_to_density, refill, regroup_mask, remask, rewind, train_step)
+    layer_stats, grad_scaler, magnitude_prune, mask_pairs, needs_feats, paper_schedule, postprocess,
+    prunable_weights, prune_to_density, refill, regroup_mask, remask, rewind, train_step)
 from lth_ref import (  # settings, files and results
     RUN_SETTINGS, SOURCE_SETTINGS, Config, Processes, UsageError, atomic_write, branch_dirs, branch_knobs,
     branch_run, check_dir, check_masks_fit, check_training_flags, finished_tickets,
