@@ -141,8 +141,16 @@ def block_mask(shape, blocks):
 def flop_ratio(shape, blocks):
     """sum_b |rows_b| * |cols_b| / (O * K): the regrouped layer's share of the dense MACs (the ideal
     speedup is its inverse; it equals the mask's density, rows being disjoint). shape: (O, K) or
-    (O, C, kh, kw), as block_mask."""
-    return sum(len(r) * len(c) for r, c in blocks) / math.prod(shape)
+    (O, C, kh, kw), as block_mask; blocks: [(rows, cols)], or [(row count, column count)]."""
+    size = lambda v: v if isinstance(v, int) else len(v)
+    return sum(size(r) * size(c) for r, c in blocks) / math.prod(shape)
+
+
+def rows_in_no_block(out_rows, rows):
+    """The output rows (int64, on rows' device) that no block covers: rows = the blocks' rows, joined."""
+    used = torch.zeros(out_rows, dtype=torch.bool)
+    used[rows.cpu()] = True
+    return torch.nonzero(~used).view(-1).to(rows.device)
 
 
 def pack_blocks(weight, blocks):
@@ -180,16 +188,13 @@ def make_plan(weight, blocks, strategy=None):
     concatenated), empty_rows (the rows in no block)."""
     if strategy not in (None, *PATHS):
         raise ValueError(f"unknown path {strategy!r}, expected one of {tuple(PATHS)}")
-    O = weight.shape[0]
     empty = torch.zeros(0, dtype=torch.int64)
     rows = torch.cat([r for r, _ in blocks]) if blocks else empty
-    used = torch.zeros(O, dtype=torch.bool)
-    used[rows] = True
     info = {"weight_shape": tuple(weight.shape), "flop_ratio": flop_ratio(weight.shape, blocks),
             "sizes": [(len(r), len(c)) for r, c in blocks], "forced": strategy, "choice": {}, "times": {}}
     t = {"packed": pack_blocks(weight, blocks), "rows": rows.to(weight.device),
          "cols": (torch.cat([c for _, c in blocks]) if blocks else empty).to(weight.device),
-         "empty_rows": torch.nonzero(~used).view(-1).to(weight.device)}
+         "empty_rows": rows_in_no_block(weight.shape[0], rows).to(weight.device)}
     return info, t
 
 
@@ -775,15 +780,14 @@ class RegroupedConv2d(nn.Module):
 
 
 def _drop_built_paths(module, incompatible_keys):
-    """load_state_dict hook of RegroupedConv2d: the loaded blocks may have other sizes and rows than the
-    old ones (same buffer shapes), so the plan's python values, its rows in no block and every built path
-    (with its measured choice) are made again from the loaded buffers."""
+    """load_state_dict hook of RegroupedConv2d: the loaded blocks may have other rows and sizes than the
+    old ones (same buffer shapes), so the rows in no block, the sizes and the FLOP ratio are read again
+    from the loaded buffers; every built path is dropped, and the measured choices too if sizes changed."""
     sizes = [tuple(s) for s in module.block_sizes.tolist()]
-    used = torch.zeros(module.weight_shape[0], dtype=torch.bool)
-    used[module.plan_rows.cpu()] = True
-    module.plan_empty_rows = torch.nonzero(~used).view(-1).to(module.plan_rows.device)
-    module.info.update(sizes=sizes, choice={}, times={},
-                       flop_ratio=sum(r * c for r, c in sizes) / math.prod(module.weight_shape))
+    module.plan_empty_rows = rows_in_no_block(module.weight_shape[0], module.plan_rows)
+    if sizes != module.info["sizes"]:
+        module.info.update(sizes=sizes, choice={}, times={},
+                           flop_ratio=flop_ratio(module.weight_shape, sizes))
     module._drop_paths(keep=())
 
 

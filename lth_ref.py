@@ -1979,12 +1979,11 @@ def atomic_write(path, write, mode="wb"):
             e.filename = path
         raise
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        remove_if_there(tmp)
 
 
 def remove_if_there(path):
-    """Remove a file that another process may have removed first."""
+    """Remove a file if it is there (another process, or a rename, may have taken it first)."""
     try:
         os.remove(path)
     except FileNotFoundError:
@@ -2126,8 +2125,10 @@ def changes_text(changed):
     if "import_sha256" in changed:
         old, new = (v or [] for v in changed["import_sha256"])
         files = [i + 1 for i, (a, b) in enumerate(zip(old, new)) if a != b]
-        text += [f"--import-masks file {', '.join(map(str, files))} (other content than before)"][:len(files)]
-        text += [f"--import-masks {len(old)} -> {len(new)} files"] * (len(old) != len(new))
+        if files:
+            text.append(f"--import-masks file {', '.join(map(str, files))} (other content than before)")
+        if len(old) != len(new):
+            text.append(f"--import-masks {len(old)} -> {len(new)} files")
     return "; ".join(text)
 
 
