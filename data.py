@@ -228,16 +228,23 @@ def extract(spec: CifarSpec, archive: str, data_dir: str, log) -> str:
 
 
 def find_folder(spec: CifarSpec, data_dir: str, download_ok: bool, log) -> str:
-    """The extracted folder; else extract the archive in data_dir; else download it (if allowed)."""
+    """The extracted folder; else extract the archive in data_dir (md5 checked); else download it (if
+    allowed)."""
     folder = os.path.join(data_dir, spec.folder)
     if os.path.isdir(folder):
         return folder
+    if os.path.lexists(folder):
+        raise DataError(f"{folder} is not a folder (a file, or a link to nothing); {spec.archive} is "
+                        f"extracted there: move or delete it and run again.")
     archive = os.path.join(data_dir, spec.archive)
-    if not os.path.isfile(archive):
-        if not download_ok:
-            raise DataError(f"{spec.name} not found in {data_dir} and downloading is off. Put "
-                            f"{spec.archive} (or the extracted {spec.folder}/) into "
-                            f"{os.path.abspath(data_dir)}, or allow the download.")
+    if os.path.isfile(archive):
+        check_md5(archive, spec.md5, f"It is not the official {spec.archive} (cut short, or another file): "
+                  "delete it and run again to download it, or put the official archive in its place.")
+    elif not download_ok:
+        raise DataError(f"{spec.name} not found in {data_dir} and downloading is off. Put "
+                        f"{spec.archive} (or the extracted {spec.folder}/) into "
+                        f"{os.path.abspath(data_dir)}, or allow the download.")
+    else:
         archive = download(spec, data_dir, log)
     return extract(spec, archive, data_dir, log)
 
@@ -659,16 +666,16 @@ def split_indices(n: int, name: str, val_split: int, train_subset: int | None, s
     the one drawn without a validation split.
     """
     if val_split < 0 or val_split >= max(n, 1):
-        raise DataError(f"val_split={val_split} is out of range: {name} has {n} training examples; pass "
-                        f"a number from 0 (no validation set) to {n - 1}.")
+        raise DataError(f"val_split={val_split} (--val-split) is out of range: {name} has {n} training "
+                        f"examples; pass a number from 0 (no validation set) to {n - 1}.")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g) if val_split else torch.arange(n)
     held, rest = perm[:val_split].sort().values, perm[val_split:].sort().values
     if train_subset is not None:
         if not 1 <= train_subset <= len(rest):
             after = f" after holding out val_split={val_split}" if val_split else ""
-            raise DataError(f"train_subset={train_subset} is out of range: {name} has {len(rest)} training "
-                            f"examples{after}; pass a number from 1 to {len(rest)}.")
+            raise DataError(f"train_subset={train_subset} (--train-subset) is out of range: {name} has "
+                            f"{len(rest)} training examples{after}; pass a number from 1 to {len(rest)}.")
         rest = rest[torch.randperm(len(rest), generator=g)[:train_subset].sort().values]
     return rest, held
 

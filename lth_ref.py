@@ -32,6 +32,7 @@ Files: lth_ref.py (this), lth_tools.py (report, benchmarks, slim export, mask im
 slim networks), data.py (datasets, on-device batches), kernels.py (grouped GEMM), test_lth_ref.py.
 """
 import argparse
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -1964,7 +1965,8 @@ def atomic_write(path, write, mode="wb"):
     written; mode None: write(temporary path) writes the file itself (exporters that take a path). The
     temporary name keeps path's extension (readers such as torch.export.load go by it)."""
     root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    tmp = f"{root}.tmp{os.getpid()}.{socket.gethostname()}{ext}"
+    remove_stale_temporaries(path)
     try:
         if mode is None:
             write(tmp)
@@ -1980,6 +1982,30 @@ def atomic_write(path, write, mode="wb"):
         raise
     finally:
         remove_if_there(tmp)
+
+
+def remove_stale_temporaries(path):
+    """Remove the temporaries of `path` that writers killed mid-write (kill -9, power loss) left: those
+    named for a process of this machine that no longer runs (another machine's are left to it)."""
+    root, ext = os.path.splitext(path)
+    pattern = re.compile(rf"{re.escape(os.path.basename(root))}\.tmp(\d+)\.{re.escape(socket.gethostname())}"
+                         + re.escape(ext))
+    directory = os.path.dirname(path) or "."
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        found = pattern.fullmatch(name)
+        if found and not process_alive(int(found.group(1))):
+            remove_if_there(os.path.join(directory, name))
+
+
+def process_alive(pid):
+    """Whether a process with this id runs on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def remove_if_there(path):
@@ -2088,22 +2114,20 @@ def write_ticket(exp, run, level, start, row):
             exp.log(markdown_table(table))
 
 
-def check_config(path, settings, started, reuse=None):
+def check_config(path, settings, started, reuse=None, running=None):
     """Refuse settings that differ from the config.json at `path` once training has started there
     (before that, a corrected command simply replaces it). reuse: the experiment's Config, for the trunk's
     config.json: settings trunk level 0 does not read (LEVEL0_FREE) may change while no level they feed
-    has started; else the message names the directories to delete (or another --out-dir)."""
-    if not (started and os.path.exists(path)):
+    has started, and no other process runs the trunk (running: 'pid P on HOST' of the one that does);
+    else the message names the directories to delete (or another --out-dir)."""
+    if not ((started or running) and os.path.exists(path)):
         return
-    try:
-        old = read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"{path} is corrupt; delete its folder or fix the file") from None
-    defaults = Config()                        # a setting newer than the file: its default then
-    changed = {k: (old.get(k, getattr(defaults, k, None)), v) for k, v in settings.items()
-               if old.get(k, getattr(defaults, k, None)) != v}
+    changed = config_changes(path, settings)
     here = os.path.dirname(path) or "."
-    fixed = {k: c for k, c in changed.items() if reuse is None or k not in LEVEL0_FREE}
+    fixed = {k: c for k, c in changed.items() if reuse is None or running or k not in LEVEL0_FREE}
+    if fixed and running:
+        raise UsageError(f"{here} is being trained by {running} with other settings ({changes_text(fixed)}); "
+                         "wait for it to finish, use its values, or use another --out-dir")
     if fixed:
         raise UsageError(f"{here} holds an experiment with other settings ({changes_text(fixed)}); to go "
                          "on here use the recorded values (only --levels may grow); to run the new settings "
@@ -2113,6 +2137,18 @@ def check_config(path, settings, started, reuse=None):
         raise UsageError(f"{here}: {changes_text(changed)} changes levels that have started here ("
                          f"{', '.join(stale)}); the levels before them are reused. Delete those directories "
                          "to train them again with the new settings, or use another --out-dir")
+
+
+def config_changes(path, settings):
+    """{setting: (recorded, given)} for the settings that differ from the config.json at `path` (a setting
+    newer than the file: recorded as its default)."""
+    try:
+        old = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError(f"{path} is corrupt; delete its folder or fix the file") from None
+    defaults = Config()
+    recorded = {k: old.get(k, getattr(defaults, k, None)) for k in settings}
+    return {k: (recorded[k], v) for k, v in settings.items() if recorded[k] != v}
 
 
 LEVEL0_FREE = ("prune_rate", "lr_schedule", "import_sha256", *SOURCE_SETTINGS)   # trunk settings that the
@@ -2210,11 +2246,7 @@ def open_experiment(cfg, log=print):
     check_inputs(cfg)
     log(settings_line(cfg, procs))
     trunk, branch = trunk_run(cfg), branch_run(cfg)
-    started = os.path.isdir(os.path.join(cfg.out_dir, "level_00"))
-    check_config(os.path.join(cfg.out_dir, "config.json"), trunk_config(cfg), started, reuse=cfg)
-    if branch is not None:
-        check_config(os.path.join(branch.path, "branch.json"), branch_config(cfg),
-                     os.path.exists(os.path.join(branch.path, "level_01")))
+    check_settings_here(cfg, branch, trunk_holder(trunk))   # early, for a quick answer; again under the lock
     data = datasets.load_dataset(cfg.dataset, cfg.data_dir, device, cfg.train_subset, cfg.seed, log=log,
                                  val_split=cfg.val_split)
     torch.manual_seed(cfg.seed)
@@ -2222,18 +2254,37 @@ def open_experiment(cfg, log=print):
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if procs.is_main:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        record = {**trunk_config(cfg), **{f.name: getattr(cfg, f.name) for f in settings_of("run")},
-                  "processes": procs.world}
-        write_text(json.dumps(record, indent=1), os.path.join(cfg.out_dir, "config.json"))
-        if not started:                        # theta_0 of these settings (arch, seed, classes)
-            save(model.state_dict(), os.path.join(cfg.out_dir, "init.pt"))
-        if branch is not None:
-            os.makedirs(branch.path, exist_ok=True)
-            write_text(json.dumps(branch_config(cfg), indent=1), os.path.join(branch.path, "branch.json"))
+        with waiting_lock(os.path.join(cfg.out_dir, "setup.lock")):   # one process at a time checks and
+                                                                            # writes the settings
+            check_settings_here(cfg, branch, running=trunk_holder(trunk))
+            write_settings(cfg, model, branch, procs)
     procs.barrier()                            # every rank reads theta_0 from init.pt
     return (Experiment(cfg, model, training_net(model, cfg, device, procs), data, procs, log),
             trunk, branch)
+
+
+def check_settings_here(cfg, branch, running=None):
+    """check_config for the trunk's config.json (started: its theta_0 or level 0 is there; running: the
+    process that trains the trunk now) and the branch's branch.json (started: its level 1 is there)."""
+    started = any(os.path.exists(os.path.join(cfg.out_dir, f)) for f in ("init.pt", "level_00"))
+    check_config(os.path.join(cfg.out_dir, "config.json"), trunk_config(cfg), started, reuse=cfg,
+                 running=running)
+    if branch is not None:
+        check_config(os.path.join(branch.path, "branch.json"), branch_config(cfg),
+                     os.path.exists(os.path.join(branch.path, "level_01")))
+
+
+def write_settings(cfg, model, branch, procs):
+    """config.json (trunk and run settings, the process count), theta_0 as init.pt unless it is there (the
+    model as seeded by --seed), and the branch's branch.json."""
+    record = {**trunk_config(cfg), **{f.name: getattr(cfg, f.name) for f in settings_of("run")},
+              "processes": procs.world}
+    write_text(json.dumps(record, indent=1), os.path.join(cfg.out_dir, "config.json"))
+    if not os.path.exists(os.path.join(cfg.out_dir, "init.pt")):
+        save(model.state_dict(), os.path.join(cfg.out_dir, "init.pt"))
+    if branch is not None:
+        os.makedirs(branch.path, exist_ok=True)
+        write_text(json.dumps(branch_config(cfg), indent=1), os.path.join(branch.path, "branch.json"))
 
 
 def check_inputs(cfg):
@@ -2330,6 +2381,28 @@ def lock_holder(path):
         return "another process"
 
 
+@contextlib.contextmanager
+def waiting_lock(path):
+    """Hold the OS file lock at `path`, waiting for it (others hold it for a moment): setup.lock while a
+    process checks and writes the settings, so two commands started together cannot both find the
+    directory fresh; results.lock while one rewrites the results files."""
+    fcntl = posix_locks()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)      # released when the file closes
+        yield
+
+
+def trunk_holder(trunk):
+    """'pid P on HOST' of another process that trains a trunk level now, or None (creates nothing)."""
+    if not os.path.exists(lock_path(trunk)):
+        return None
+    lock = try_lock(lock_path(trunk))
+    release(lock)
+    return lock_holder(lock_path(trunk)) if lock is None else None
+
+
 def claim_level(exp, run, level):
     """Make this process the one that trains (run, level): its lock (rank 0; True on the other ranks), or
     None once another process has finished it. While another process trains it: a trunk level is waited
@@ -2344,7 +2417,12 @@ def claim_level(exp, run, level):
             if lock is not None and os.path.exists(ticket_path(run, level)):   # finished meanwhile
                 release(lock)
                 lock, state = None, "done"
+            elif lock is not None and run.name == "trunk" and (moved := settings_changed(exp.cfg, level)):
+                release(lock)
+                lock, state = None, moved
         state = exp.procs.broadcast(state)
+        if state not in ("busy", "done", "mine"):
+            raise UsageError(state)
         if state != "busy":
             return None if state == "done" else (lock if exp.procs.is_main else True)
         holder = exp.procs.broadcast(lock_holder(lock_path(run)))
@@ -2356,6 +2434,17 @@ def claim_level(exp, run, level):
             exp.log(f"{run.name} level {level}: being trained by {holder}; waiting for its ticket")
             waited = time.monotonic()
         time.sleep(LOCK_POLL_S)
+
+
+def settings_changed(cfg, level):
+    """The error text when the trunk's config.json no longer holds this command's trunk settings (another
+    command started here since changed a setting level 0 does not read), or None."""
+    path = os.path.join(cfg.out_dir, "config.json")
+    changed = {k: (given, was) for k, (was, given) in config_changes(path, trunk_config(cfg)).items()}
+    if not changed:
+        return None
+    return (f"{path} was rewritten by another command started here since this one ({changes_text(changed)}); "
+            f"this command stops before trunk level {level}, which the other one trains with its settings")
 
 
 # ---- results: one row per ticket, per run and for the whole experiment ----
@@ -2444,10 +2533,7 @@ def write_results(exp_dir):
     """results.json/csv per branch and, combined with the trunk's rows, for the experiment, rewritten from
     every finished ticket under the experiment's results.lock (two processes never lose each other's
     rows). Returns the combined rows (trunk first, then branches by name; by level within a run)."""
-    fcntl = posix_locks()
-    with open(os.path.join(exp_dir, "results.lock"), "a") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes
+    with waiting_lock(os.path.join(exp_dir, "results.lock")):
         return write_result_files(exp_dir)
 
 

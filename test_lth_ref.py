@@ -343,6 +343,13 @@ def make_archive(root, spec, archive_dir, **kw):
 C10_ROWS = dict(train_rows=(7, 3, 0, 5, 9), test_rows=(11,))  # odd sizes and an empty batch
 
 
+def as_official(monkeypatch, archive, spec=data.CIFAR10):
+    """load_dataset takes this generated archive for the official one (its md5 as the published md5)."""
+    name = {data.CIFAR10: "cifar10", data.CIFAR100: "cifar100"}[spec]
+    official = dataclasses.replace(spec, md5=data.file_md5(str(archive)))
+    monkeypatch.setitem(data.DATASETS, name, functools.partial(data.load_cifar, official))
+
+
 def quiet(_msg):
     pass
 
@@ -391,9 +398,10 @@ def test_cifar10_from_folder(tmp_path):
     assert len(logs) == 1 and "loading" in logs[0]
 
 
-def test_cifar10_from_archive_extracts_it(tmp_path):
+def test_cifar10_from_archive_extracts_it(tmp_path, monkeypatch):
     (tmp_path / "dd").mkdir()
-    raw, _ = make_archive(tmp_path / "src", data.CIFAR10, tmp_path / "dd", **C10_ROWS)
+    raw, archive = make_archive(tmp_path / "src", data.CIFAR10, tmp_path / "dd", **C10_ROWS)
+    as_official(monkeypatch, archive)
     logs = []
     d = data.load_dataset("cifar10", str(tmp_path / "dd"), download=False, log=logs.append)
     check_matches(d, raw, 10)
@@ -520,10 +528,11 @@ def char_device(name):
     symlink("cifar-10-batches-py/data_batch_1", "/etc/passwd"),
     symlink("cifar-10-batches-py/data_batch_2", "/etc/passwd", tarfile.LNKTYPE),
     char_device("cifar-10-batches-py/dev")], ids=["dotdot", "absolute", "symlink", "hardlink", "device"])
-def test_unsafe_archive_member_is_refused(tmp_path, member):
+def test_unsafe_archive_member_is_refused(tmp_path, monkeypatch, member):
     dd = tmp_path / "a" / "b"
     dd.mkdir(parents=True)
     tar_with(dd / "cifar-10-python.tar.gz", member)
+    as_official(monkeypatch, dd / "cifar-10-python.tar.gz")     # an official archive that went bad
     with pytest.raises(DataError, match="unsafe member") as e:
         data.load_dataset("cifar10", str(dd), download=False, log=quiet)
     assert "cifar-10-python.tar.gz" in str(e.value)
@@ -531,18 +540,35 @@ def test_unsafe_archive_member_is_refused(tmp_path, member):
     assert not (tmp_path / "evil.txt").exists() and not os.path.exists("/tmp/lth_ref_evil.txt")
 
 
-def test_corrupt_archive(tmp_path):
+def test_corrupt_archive(tmp_path, monkeypatch):
     _, archive = make_archive(tmp_path / "src", data.CIFAR10, tmp_path, **C10_ROWS)
     archive.write_bytes(archive.read_bytes()[:300])
+    as_official(monkeypatch, archive)                           # (the md5 check is tested on its own)
     with pytest.raises(DataError, match="could not extract") as e:
         data.load_dataset("cifar10", str(tmp_path), download=False, log=quiet)
     assert str(archive) in str(e.value)
 
 
-def test_archive_without_the_folder(tmp_path):
+def test_a_local_archive_that_is_not_the_official_one_is_refused_before_extracting(tmp_path):
+    _, archive = make_archive(tmp_path / "src", data.CIFAR10, tmp_path, **C10_ROWS)
+    with pytest.raises(DataError) as e:
+        data.load_dataset("cifar10", str(tmp_path), download=False, log=quiet)
+    assert f"{archive} is corrupt (md5 {data.file_md5(str(archive))}, expected {data.CIFAR10.md5})" in \
+        str(e.value) and "delete it and run again to download it" in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["cifar-10-python.tar.gz", "src"]   # nothing extracted
+
+
+def test_a_file_where_the_extracted_folder_goes_is_named(tmp_path):
+    (tmp_path / "cifar-10-batches-py").write_text("not a folder")
+    with pytest.raises(DataError, match="cifar-10-batches-py is not a folder .*move or delete it"):
+        data.load_dataset("cifar10", str(tmp_path), download=False, log=quiet)
+
+
+def test_archive_without_the_folder(tmp_path, monkeypatch):
     m = tarfile.TarInfo("something-else/file")
     with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
         tar.addfile(m, io.BytesIO(b""))
+    as_official(monkeypatch, tmp_path / "cifar-10-python.tar.gz")
     with pytest.raises(DataError, match="no folder cifar-10-batches-py"):
         data.load_dataset("cifar10", str(tmp_path), download=False, log=quiet)
 
@@ -781,7 +807,7 @@ def test_val_split_is_disjoint_from_training_and_stable_for_a_seed(tmp_path):
     with pytest.raises(DataError, match="no validation set.*val_split=N"):
         next(data.eval_batches(full, 7, "val"))
     for bad in (-1, 109):
-        with pytest.raises(DataError, match=f"val_split={bad} is out of range"):
+        with pytest.raises(DataError, match=rf"val_split={bad} \(--val-split\) is out of range"):
             load(val_split=bad)
     with pytest.raises(DataError, match="90 training examples after holding out val_split=19"):
         load(val_split=19, train_subset=91)
@@ -1807,7 +1833,8 @@ def test_imp_trunk_levels_densities_and_files(tmp_path, monkeypatch):
         assert not os.path.exists(os.path.join(out, f"level_{level:02d}", "checkpoint.pt"))
     assert open(os.path.join(out, "results.csv")).readline().startswith("branch,source,method,init,level")
     assert sorted(os.listdir(out)) == ["config.json", "init.pt", "level_00", "level_01", "level_02",
-                                       "results.csv", "results.json", "results.lock", "run.lock"]
+                                       "results.csv", "results.json", "results.lock", "run.lock",
+                                       "setup.lock"]
 
 
 BRANCH_CASES = [("refill", []), ("refill+", []), ("regroup", []), ("refill", ["--refill-score", "saliency"])]
@@ -2077,6 +2104,19 @@ def test_the_same_branch_from_a_second_process_stops_with_a_message_unless_it_wa
     L.release(lock)
 
 
+def test_a_write_removes_the_temporaries_of_its_file_that_killed_writers_left(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    left = {"dead": f"ticket.tmp{dead.pid}.{host}.pt", "live": f"ticket.tmp{os.getppid()}.{host}.pt",
+            "elsewhere": f"ticket.tmp{dead.pid}.other-machine.pt",
+            "other file": f"init.tmp{dead.pid}.{host}.pt"}
+    for name in left.values():
+        (tmp_path / name).write_bytes(b"half a file")
+    L.save({"w": torch.ones(1)}, str(tmp_path / "ticket.pt"))
+    assert sorted(os.listdir(tmp_path)) == sorted(["ticket.pt"] + [left[k] for k in left if k != "dead"])
+
+
 def test_without_posix_file_locks_one_warning_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fcntl", None)             # `import fcntl` raises ImportError
     monkeypatch.setattr(kernels, "_WARNED", set())
@@ -2084,6 +2124,75 @@ def test_without_posix_file_locks_one_warning_and_the_run_goes_on(tmp_path, monk
     assert first is not None and second is not None            # no lock, but no failure either
     L.release(first), L.release(second)
     assert capsys.readouterr().err.count("WARNING: this OS has no POSIX file locks") == 1
+
+
+def write_config(out, *flags):
+    """config.json of the fast settings with `flags`, as a command that finished its setup writes it."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(L.trunk_config(cli_config(*flags)), f)
+
+
+def test_a_process_training_the_trunk_keeps_its_settings_even_those_level_0_ignores(tmp_path, monkeypatch,
+                                                                                      capsys):
+    out = str(tmp_path / "run")
+    monkeypatch.setattr(L, "claim_level", lambda *_: pytest.fail("went on to wait for the holder's level"))
+    write_config(out)                                          # its setup is done, level 0 not yet created
+    holder = L.try_lock(os.path.join(out, "run.lock"))         # (another open file: flock refuses us too)
+    try:
+        assert L.main(FAST + ["--out-dir", out, "--prune-rate", "0.5"]) == 2
+    finally:
+        L.release(holder)
+    err = capsys.readouterr().err
+    assert f"is being trained by pid {os.getpid()} on " in err and "--prune-rate 0.2 -> 0.5" in err
+    assert json.load(open(os.path.join(out, "config.json")))["prune_rate"] == 0.2
+
+
+def test_theta_0_written_by_another_command_makes_the_experiment_started(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    write_config(out)
+    open(os.path.join(out, "init.pt"), "wb").close()          # its level 0 is about to start
+    assert L.main(FAST + ["--out-dir", out, "--seed", "7", "--levels", "0"]) == 2
+    assert "holds an experiment with other settings (--seed 0 -> 7)" in capsys.readouterr().err
+
+
+def test_settings_written_during_this_commands_data_loading_are_checked_again(tmp_path, monkeypatch, capsys):
+    out, load = str(tmp_path / "run"), data.load_dataset
+    def other_command_sets_up(*args, **kwargs):                # it finishes its setup while we load
+        write_config(out)
+        open(os.path.join(out, "init.pt"), "wb").close()
+        return load(*args, **kwargs)
+    monkeypatch.setattr(data, "load_dataset", other_command_sets_up)
+    assert L.main(FAST + ["--out-dir", out, "--seed", "7", "--levels", "0"]) == 2
+    assert "other settings (--seed 0 -> 7)" in capsys.readouterr().err
+    assert os.path.getsize(os.path.join(out, "init.pt")) == 0   # its theta_0 is left alone
+
+
+def test_a_waiting_lock_lets_one_process_at_a_time_in(tmp_path):
+    entered, path = threading.Event(), str(tmp_path / "setup.lock")
+    def second():
+        with L.waiting_lock(path):
+            entered.set()
+    with L.waiting_lock(path):
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert not entered.wait(0.3)                            # another open file: flock makes it wait
+    assert entered.wait(10)
+    thread.join()
+
+
+@pytest.mark.slow
+def test_no_trunk_level_is_trained_after_another_command_changed_the_settings(tmp_path, monkeypatch, capsys):
+    out, train = str(tmp_path / "run"), L.train_level
+    def then_another_command_starts(exp, run, level, eta):
+        row = train(exp, run, level, eta)
+        write_config(out, "--prune-rate", "0.5")                 # accepted there: no level 1 yet, lock free
+        return row
+    monkeypatch.setattr(L, "train_level", then_another_command_starts)
+    assert L.main(FAST + ["--out-dir", out, "--levels", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "was rewritten by another command started here since this one (--prune-rate 0.2 -> 0.5)" in err
+    assert "stops before trunk level 1" in err and not os.path.exists(os.path.join(out, "level_01"))
 
 
 @pytest.mark.slow
@@ -2257,7 +2366,8 @@ def test_changed_trunk_setting_is_refused_once_training_started(tmp_path, capsys
 def test_a_failed_start_leaves_the_experiment_free(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert L.main(FAST[:4] + ["--train-subset", "10000", "--epochs", "1", "--out-dir", out]) == 2
-    assert "train_subset=10000 is out of range" in capsys.readouterr().err and not os.path.exists(out)
+    err = capsys.readouterr().err
+    assert "train_subset=10000 (--train-subset) is out of range" in err and not os.path.exists(out)
     os.makedirs(out)
     with open(os.path.join(out, "config.json"), "w") as f:   # an older start that trained nothing
         json.dump({"lr": 0.5}, f)
