@@ -49,6 +49,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import time
 import typing
 
@@ -2198,7 +2199,8 @@ def check_paths(cfg):
 
 def check_dir(what, path, need=os.W_OK):
     """UsageError unless `path` is a directory this user may write to (need os.R_OK: read), or one that can
-    be created there (its nearest existing ancestor is a writable directory): checked before the work."""
+    be created there (its nearest existing ancestor is a writable directory): checked before the work,
+    writing by creating and removing a folder there."""
     above = next(p for p in (path, *parents(path)) if os.path.lexists(p))
     if os.path.islink(above) and not os.path.exists(above):
         raise UsageError(f"{what} {path}: {above} is a link to {os.readlink(above)}, which does not exist "
@@ -2210,6 +2212,12 @@ def check_dir(what, path, need=os.W_OK):
         raise UsageError(f"{what} {path}: this user may not {'write to' if need == os.W_OK else 'read'} "
                          f"{above} (its permissions, or a read-only file system); fix that or pass another "
                          "directory")
+    try:                                       # a real try where file modes say nothing (root, /proc)
+        if need == os.W_OK:
+            os.rmdir(tempfile.mkdtemp(dir=above, prefix=".lth_ref-probe-"))
+    except OSError as e:
+        raise UsageError(f"{what} {path}: nothing can be created in {above} ({e.strerror}); pass another "
+                         "directory") from None
 
 
 def parents(path):

@@ -5406,6 +5406,16 @@ def test_a_dangling_link_as_out_dir_is_an_error_before_the_work(tmp_path, capsys
     assert "is a link to" in err and "does not exist" in err and not (tmp_path / "unmounted").exists()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_place_where_nothing_can_be_created_is_an_error_before_the_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "load_dataset", lambda *_, **__: pytest.fail("the experiment started"))
+    monkeypatch.setattr(lth_tools, "ticket_model", lambda *_: pytest.fail("the export started"))
+    assert L.main(FAST + ["--levels", "0", "--out-dir", "/proc/run"]) == 2   # root's mode bits say writable
+    assert capsys.readouterr().err.startswith("error: --out-dir /proc/run: ")
+    assert L.main(["--export", "/proc/slim.pt", "--ticket", saved_fresh_ticket(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: --export /proc: ")
+
+
 def test_export_into_an_unwritable_place_is_an_error_before_the_work_and_a_write_fault_is_one_too(
         tmp_path, monkeypatch, capsys):
     path = saved_fresh_ticket(tmp_path)
