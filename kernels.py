@@ -679,7 +679,10 @@ class RegroupedConv2d(nn.Module):
         super().__init__()
         blocks = check_blocks(tuple(weight.shape), blocks, name)
         self.name, self.weight_shape = name, tuple(weight.shape)
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.stride, self.padding = _pair(stride), _pair(padding)
+        self.dilation = tuple(d if k > 1 else 1 for d, k in zip(_pair(dilation), self.weight_shape[2:]))
+        # a size-1 kernel side reads the same pixels at any dilation; F.conv2d (oneDNN, torch 2.13)
+        # segfaults with such a dilation on channels-last inputs 1 pixel wide with stride and padding
         self.info, tensors = make_plan(weight, blocks, strategy)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("block_sizes", torch.tensor(self.info["sizes"], dtype=torch.int64).view(-1, 2))

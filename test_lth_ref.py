@@ -3019,6 +3019,32 @@ def test_cpu_path_matches_masked_conv(shape, strategy, memory_format, poisoned):
         assert y.is_contiguous(memory_format=fmt) and kernels.memory_format_of(y) == fmt
 
 
+ONE_WIDE_DILATED = """
+import sys, torch, kernels
+torch.manual_seed(0)
+conv = torch.nn.Conv2d(8, 6, (3, 1), stride=(1, 2), padding=(1, 1), dilation=(1, 2))
+blocks = [(torch.tensor(r), torch.tensor(c)) for r, c in [([0, 1, 2], [0, 3, 5, 9]), ([4, 5], [1, 2, 17])]]
+x = torch.randn(2, 8, 3, 1)
+ref = kernels.grouped_gemm_reference(x, conv.weight, blocks, conv.stride, conv.padding, conv.dilation)
+ref += conv.bias[:, None, None]                    # every row has its bias, rows in no block too
+for fmt in (torch.contiguous_format, torch.channels_last):
+    for strategy in kernels.CANDIDATES["cpu"]:
+        layer = kernels.RegroupedConv2d.from_conv(conv, blocks, strategy=strategy)
+        with torch.no_grad():
+            y = layer(x.contiguous(memory_format=fmt))
+        assert kernels.rel_err(y, ref) < 1e-5, (fmt, strategy, kernels.rel_err(y, ref))
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_a_dilated_size_1_kernel_side_on_a_1_pixel_wide_input_runs_on_every_cpu_path():
+    # oneDNN crashes the process (SIGSEGV) on it in channels-last: hence a child process
+    done = subprocess.run([sys.executable, "-c", ONE_WIDE_DILATED], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=TORCHRUN_TIMEOUT_S)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
+
+
 @pytest.mark.parametrize("strategy", kernels.CANDIDATES["cpu"])
 def test_each_cpu_path_runs_with_grad_and_passes_the_dense_gradient_to_its_input(strategy):
     x, weight, blocks, _, masked, conv = make_case(SHAPES[0], seed=3, dtype=torch.float64)
