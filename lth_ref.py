@@ -2283,11 +2283,17 @@ def check_settings_here(cfg, branch, running=None):
 
 
 def write_settings(cfg, model, branch, procs):
-    """config.json (trunk and run settings, the process count), theta_0 as init.pt unless it is there (the
-    model as seeded by --seed), and the branch's branch.json."""
+    """config.json (trunk and run settings, the process count: one WARNING when it changed), theta_0 as
+    init.pt unless it is there (the model as seeded by --seed), and the branch's branch.json."""
     record = {**trunk_config(cfg), **{f.name: getattr(cfg, f.name) for f in settings_of("run")},
               "processes": procs.world}
-    write_text(json.dumps(record, indent=1), os.path.join(cfg.out_dir, "config.json"))
+    path = os.path.join(cfg.out_dir, "config.json")
+    before = read_json(path).get("processes", 1) if os.path.exists(path) else procs.world
+    if before != procs.world and os.path.exists(os.path.join(cfg.out_dir, "init.pt")):
+        print(f"WARNING: {path} recorded {before} process(es), this run has {procs.world}: every step trains "
+              "on the same data, but BatchNorm statistics are per process (unless --sync-bn), so the levels "
+              f"trained from here differ slightly from a run with {before}", file=sys.stderr)
+    write_text(json.dumps(record, indent=1), path)
     if not os.path.exists(os.path.join(cfg.out_dir, "init.pt")):
         save(model.state_dict(), os.path.join(cfg.out_dir, "init.pt"))
     if branch is not None:

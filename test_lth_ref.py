@@ -2148,6 +2148,20 @@ def test_a_process_training_the_trunk_keeps_its_settings_even_those_level_0_igno
     assert json.load(open(os.path.join(out, "config.json")))["prune_rate"] == 0.2
 
 
+@pytest.mark.slow
+def test_resuming_with_another_process_count_warns_once(tmp_path, capsys):
+    out, _ = run_cli(tmp_path, "--levels", "0")
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["processes"] == 1
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({**config, "processes": 2}, f)                 # as a start under torchrun wrote it
+    capsys.readouterr()
+    run_cli(tmp_path, "--levels", "0")
+    assert capsys.readouterr().err.count("config.json recorded 2 process(es), this run has 1:") == 1
+    run_cli(tmp_path, "--levels", "0")
+    assert "WARNING" not in capsys.readouterr().err
+
+
 def test_theta_0_written_by_another_command_makes_the_experiment_started(tmp_path, capsys):
     out = str(tmp_path / "run")
     write_config(out)
