@@ -2272,14 +2272,19 @@ def open_experiment(cfg, log=print):
 
 
 def check_settings_here(cfg, branch, running=None):
-    """check_config for the trunk's config.json (started: its theta_0 or level 0 is there; running: the
-    process that trains the trunk now) and the branch's branch.json (started: its level 1 is there)."""
-    started = any(os.path.exists(os.path.join(cfg.out_dir, f)) for f in ("init.pt", "level_00"))
-    check_config(os.path.join(cfg.out_dir, "config.json"), trunk_config(cfg), started, reuse=cfg,
-                 running=running)
+    """check_config for the trunk's config.json (running: the process that trains the trunk now) and the
+    branch's branch.json (started: its level 1 is there)."""
+    check_config(os.path.join(cfg.out_dir, "config.json"), trunk_config(cfg), trunk_started(cfg.out_dir),
+                 reuse=cfg, running=running)
     if branch is not None:
         check_config(os.path.join(branch.path, "branch.json"), branch_config(cfg),
                      os.path.exists(os.path.join(branch.path, "level_01")))
+
+
+def trunk_started(out_dir):
+    """Whether an experiment's trunk has started: its theta_0 (init.pt, written with config.json) or its
+    level 0 is there."""
+    return any(os.path.exists(os.path.join(out_dir, f)) for f in ("init.pt", "level_00"))
 
 
 def write_settings(cfg, model, branch, procs):
@@ -2287,14 +2292,14 @@ def write_settings(cfg, model, branch, procs):
     init.pt unless it is there (the model as seeded by --seed), and the branch's branch.json."""
     record = {**trunk_config(cfg), **{f.name: getattr(cfg, f.name) for f in settings_of("run")},
               "processes": procs.world}
-    path = os.path.join(cfg.out_dir, "config.json")
-    before = read_json(path).get("processes", 1) if os.path.exists(path) else procs.world
-    if before != procs.world and os.path.exists(os.path.join(cfg.out_dir, "init.pt")):
+    path, started = os.path.join(cfg.out_dir, "config.json"), trunk_started(cfg.out_dir)
+    before = read_json(path).get("processes", 1) if started and os.path.exists(path) else procs.world
+    if before != procs.world:
         print(f"WARNING: {path} recorded {before} process(es), this run has {procs.world}: every step trains "
               "on the same data, but BatchNorm statistics are per process (unless --sync-bn), so the levels "
               f"trained from here differ slightly from a run with {before}", file=sys.stderr)
     write_text(json.dumps(record, indent=1), path)
-    if not os.path.exists(os.path.join(cfg.out_dir, "init.pt")):
+    if not started:
         save(model.state_dict(), os.path.join(cfg.out_dir, "init.pt"))
     if branch is not None:
         os.makedirs(branch.path, exist_ok=True)

@@ -2383,8 +2383,8 @@ def test_a_failed_start_leaves_the_experiment_free(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train_subset=10000 (--train-subset) is out of range" in err and not os.path.exists(out)
     os.makedirs(out)
-    with open(os.path.join(out, "config.json"), "w") as f:   # an older start that trained nothing
-        json.dump({"lr": 0.5}, f)
+    with open(os.path.join(out, "config.json"), "w") as f:   # an older start that trained nothing, its
+        f.write('{"lr": 0.5, "seed": ')                         # file cut short
     run_cli(tmp_path, "--levels", "0")                        # the corrected command is accepted
 
 
