@@ -2254,7 +2254,8 @@ def open_experiment(cfg, log=print):
     check_inputs(cfg)
     log(settings_line(cfg, procs))
     trunk, branch = trunk_run(cfg), branch_run(cfg)
-    check_settings_here(cfg, branch, trunk_holder(trunk))   # early, for a quick answer; again under the lock
+    check_settings_here(cfg, branch,                      # early, for a quick answer; again under the lock
+                        trunk_holder(trunk) if procs.is_main else None)   # (rank 0 speaks for its ranks)
     data = datasets.load_dataset(cfg.dataset, cfg.data_dir, device, cfg.train_subset, cfg.seed, log=log,
                                  val_split=cfg.val_split)
     torch.manual_seed(cfg.seed)
