@@ -542,29 +542,30 @@ def regroup_mask(mask, unit="position", groups=8, row_multiple=8, min_col_nnz=1,
     nonzeros in the group; denser than IMP), intended (the official width rule, corrected) or official
     (the official code as it runs, its row rules and its unstructured fallback included:
     official_regroup_mask; b1, b2 and t2 do not apply to it).
-    Otherwise every block has at least b1 rows (a multiple of b1) and b2 columns. mask: the conv's 0/1
-    mask (O, C, kh, kw), or its (O, K) view for unit "position". Returns (new mask of mask's shape, blocks)
-
-    with blocks = [(rows, cols)] int64, rows disjoint, cols indexing the flattened (c, ky, kx) axis, and
-    the new mask exactly the union of the blocks' rectangles.
+    Otherwise every block has at least b1 rows (a multiple of b1) and b2 columns, and a layer with
+    nonzeros keeps a block (minimal_block when the first pass finds none; in a layer of fewer than b1
+    rows, b1 and t2 are at most its rows: lth_ref's additions). mask: the conv's 0/1 mask (O, C, kh, kw),
+    or its (O, K) view for unit "position". Returns (new mask of mask's shape, blocks) with blocks =
+    [(rows, cols)] int64, rows disjoint, cols indexing the flattened (c, ky, kx) axis, and the new mask
+    exactly the union of the blocks' rectangles.
     """
     check_regroup_args(mask, unit, block_columns, groups=groups, row_multiple=row_multiple,
                        min_col_nnz=min_col_nnz, min_block_cols=min_block_cols)
-    cols_per_unit = REGROUP_UNITS[unit](mask.shape) if mask.dim() == 4 else 1
-    order = REGROUP_UNIT_ORDER[unit](mask.shape) if mask.dim() == 4 else np.arange(mask.shape[1])
-    m = mask.detach().reshape(mask.shape[0], -1).cpu().numpy().astype(np.float32)[:, order]
-    units = m.reshape(m.shape[0], -1, cols_per_unit).sum(2)      # (O, U) nonzeros per unit
+    units, order, cols_per_unit = mask_units(mask, unit)
     if block_columns == "official":
         return official_regroup_mask(mask, units, cols_per_unit, groups)
-    b1, min_units = min(row_multiple, len(m)), min(ceil_div(min_block_cols, cols_per_unit), units.shape[1])
+    b1, min_units = min(row_multiple, len(units)), min(ceil_div(min_block_cols, cols_per_unit), len(units.T))
+    t2, minimal = min(min_col_nnz, b1), b1 * min_units * cols_per_unit   # t2 <= b1 in layers under b1 rows
     vertices = hypergraph_rows(units, b1)
     sim = row_similarity(units[vertices])                         # (n, n), computed once
-    budget, rows_left, blocks = float(m.sum()), vertices, []
-    while len(rows_left) >= b1 and (not blocks or budget >= b1 * min_units * cols_per_unit):
+    budget, rows_left, blocks = float(units.sum()), vertices, []
+    while len(rows_left) >= b1 and (not blocks or block_columns != "budget" or budget >= minimal):
         at = np.searchsorted(vertices, rows_left)
-        area = budget if blocks else max(budget, b1 * min_units * cols_per_unit)   # one minimal block
-        found = regroup_pass(units[rows_left], sim[np.ix_(at, at)], cols_per_unit, area, groups, b1,
-                             min_col_nnz, min_units, BLOCK_COLUMNS[block_columns])
+        area = budget if blocks else max(budget, minimal)   # one minimal block
+        found = regroup_pass(units[rows_left], sim[np.ix_(at, at)], cols_per_unit, area, groups, b1, t2,
+                             min_units, BLOCK_COLUMNS[block_columns])
+        if not found and not blocks and units.any():
+            found = minimal_block(units[rows_left], b1, min_units)
         if not found:
             break
         for rows, unit_idx in found:
@@ -575,6 +576,24 @@ def regroup_mask(mask, unit="position", groups=8, row_multiple=8, min_col_nnz=1,
     blocks = [(torch.from_numpy(np.sort(r)).long(), torch.from_numpy(np.sort(c)).long())
               for r, c in sorted(blocks, key=lambda b: int(b[0].min()))]
     return kernels.block_mask(tuple(mask.shape), blocks).to(mask), blocks
+
+
+def mask_units(mask, unit):
+    """A layer's mask counted per regroup unit: ((O, U) nonzeros per unit, the column order that makes
+    each unit's columns consecutive, columns per unit)."""
+    cols_per_unit = REGROUP_UNITS[unit](mask.shape) if mask.dim() == 4 else 1
+    order = REGROUP_UNIT_ORDER[unit](mask.shape) if mask.dim() == 4 else np.arange(mask.shape[1])
+    m = mask.detach().reshape(mask.shape[0], -1).cpu().numpy().astype(np.float32)[:, order]
+    return m.reshape(m.shape[0], -1, cols_per_unit).sum(2), order, cols_per_unit
+
+
+def minimal_block(units, b1, min_units):
+    """lth_ref's last resort when a layer's first pass finds no block (its groups too narrow under the
+    rule, or too large for the area): one b1 x b2 block, the b2 most used units and the b1 rows with the
+    most nonzeros in them, so that a layer with nonzeros keeps a block. Returns [(row idx, unit idx)]."""
+    cols = np.sort(np.argsort(-units.sum(0), kind="stable")[:min_units])
+    rows = np.sort(np.argsort(-units[:, cols].sum(1), kind="stable")[:b1])
+    return [(rows, cols)]
 
 
 def check_regroup_args(mask, unit, block_columns, **knobs):
@@ -588,18 +607,22 @@ def check_regroup_args(mask, unit, block_columns, **knobs):
         raise ValueError(f"regroup_mask: expected the conv's mask (O, C, kh, kw)"
                          f"{' or its (O, K) view' if unit == 'position' else ''}, "
                          f"got shape {tuple(mask.shape)}")
-    check_regroup_knobs(block_columns, **knobs)
+    check_regroup_knobs(block_columns, unit, **knobs)
     if not torch.isin(mask.detach().cpu(), torch.tensor([0.0, 1.0], dtype=mask.dtype)).all():
         raise ValueError("regroup_mask: the mask must hold only 0 and 1")
 
 
-def check_regroup_knobs(block_columns, name=str, **knobs):
+def check_regroup_knobs(block_columns, unit, name=str, **knobs):
     """ValueError unless each knob is an integer >= 1 and t2 <= b1: a pass's smallest group has b1 rows,
-    and no column of it holds more than b1 nonzeros (layers of few rows would keep no block).
-    name: how a message calls a knob (the CLI passes its flag)."""
+    and no column of it holds more than b1 nonzeros (layers of few rows would keep no block); and the
+    official rule on position units, the single (c, ky, kx) columns its code counts. name: how a message
+    calls a knob (the CLI passes its flag)."""
     for knob, value in knobs.items():
         if int(value) != value or value < 1:
             raise ValueError(f"{name(knob)} must be an integer >= 1, got {value!r}")
+    if block_columns == "official" and unit != "position":
+        raise ValueError(f"{name('block_columns')} official runs the official code's rule, which counts "
+                         f"single (c, ky, kx) columns: it needs {name('regroup_unit')} position, not {unit}")
     t2, b1 = knobs.get("min_col_nnz", 1), knobs.get("row_multiple", 1)
     if block_columns != "official" and t2 > b1:
         raise ValueError(f"{name('min_col_nnz')} (paper t2, {t2}) must be at most {name('row_multiple')} "
@@ -739,9 +762,24 @@ def choose_block_columns(units, groups, unit_cost, area, min_col_nnz, min_block_
     column) pair with >= t2 nonzeros is ranked by the fraction of the group's rows that use the column
     (nonzeros gained per refilled element), and the best pairs are taken until the blocks' total area
     reaches `area` (the layer's IMP nonzeros), so the regrouped density stays that of IMP.
-    units: (n, U) counts; groups: row index arrays; unit_cost: mask elements per unit and row;
-    min_block_units: b2 in units. Returns [(group rows, unit idx)].
+    A group left with fewer than b2 columns is no block: the narrowest such group is left out and the
+    area shared again among the others, until every group left is wide enough (none of the area goes to
+    a group that cannot use it). units: (n, U) counts; groups: row index arrays; unit_cost: mask elements
+    per unit and row; min_block_units: b2 in units. Returns [(group rows, unit idx)].
     """
+    live = list(groups)
+    while live:
+        chosen = densest_pairs(units, live, unit_cost, area, min_col_nnz)
+        width = chosen.sum(1)
+        if (width >= min_block_units).all():
+            return [(g, np.flatnonzero(chosen[i])) for i, g in enumerate(live)]
+        live.pop(int(np.argmin(width)))
+    return []
+
+
+def densest_pairs(units, groups, unit_cost, area, min_col_nnz):
+    """choose_block_columns' ranking: (t, U) bool, the (group, column) pairs with >= t2 nonzeros taken by
+    the fraction of the group's rows that use the column, best first, while their area fits `area`."""
     sizes = np.array([len(g) for g in groups], dtype=np.float64)
     counts = np.stack([units[g].sum(0) for g in groups])     # (t, U) nonzeros per group and column
     frac = counts / (sizes[:, None] * unit_cost)
@@ -751,8 +789,7 @@ def choose_block_columns(units, groups, unit_cost, area, min_col_nnz, min_block_
     take = order[(np.cumsum(cost) <= area) & (frac.flat[order] > 0)]
     chosen = np.zeros(counts.shape, dtype=bool)
     chosen.flat[take] = True
-    return [(g, np.flatnonzero(chosen[i])) for i, g in enumerate(groups)
-            if chosen[i].sum() >= min_block_units]
+    return chosen
 
 
 def paper_block_columns(units, groups, unit_cost, area, min_col_nnz, min_block_units):
@@ -1674,7 +1711,7 @@ class Config:
         "width/1.5 nonzeros outside), official (the official code as it runs: its width loop with its "
         "column-index and early-stop bugs, 8 parts of which those of more than 16 rows may become blocks,"
         " a layer with no block left unstructured; --row-multiple, --min-col-nnz, --min-block-cols do not"
-        " apply)", "regroup", "branch", knob="block_columns", label="colrule",
+        " apply; needs --regroup-unit position)", "regroup", "branch", knob="block_columns", label="colrule",
         choices=list(BLOCK_COLUMNS))
     bench: str | None = setting(
         None, "benchmark instead of training: kernels (the default when given alone) = dense vs grouped "
@@ -1784,7 +1821,7 @@ def check_combinations(cfg):
                          "(refill, refill+ or regroup)")
     if "regroup" in (cfg.method, cfg.bench):
         try:
-            check_regroup_knobs(cfg.block_columns, flag_name, row_multiple=cfg.row_multiple,
+            check_regroup_knobs(cfg.block_columns, cfg.regroup_unit, flag_name, row_multiple=cfg.row_multiple,
                                 min_col_nnz=cfg.min_col_nnz)
         except ValueError as e:
             raise UsageError(str(e)) from None

@@ -1545,6 +1545,46 @@ def test_budget_columns_keep_imps_density():
     assert 0.95 * m.sum() <= new.sum() <= m.sum()
 
 
+def test_the_budget_goes_to_groups_that_can_be_blocks():
+    units = np.zeros((16, 20))
+    units[8:, :3] = 1                                               # group B: 3 full columns (fraction 1)
+    units[:6, 3:13] = 1                                             # group A: 10 columns at 6 of 8 rows
+    groups = [np.arange(8), np.arange(8, 16)]
+    # ranked pairs: B's 3 columns (area 24), then A's at 8 each: 24 + 5 * 8 = 64 leaves A 5 and B 3
+    # columns, neither 8; B (the narrower) is left out and A gets the area: columns 3..10
+    (rows, cols), = L.choose_block_columns(units, groups, 1, 64.0, 1, 8)
+    assert rows.tolist() == list(range(8)) and cols.tolist() == list(range(3, 11))
+
+
+@pytest.mark.parametrize("rule", ["budget", "paper", "intended"])
+def test_a_layer_with_nonzeros_always_keeps_a_block(rule):
+    g = torch.Generator().manual_seed(0)
+    for shape in ((64, 32, 1, 1), (16, 16, 3, 3), (32, 16, 3, 3), (256, 64, 1, 1), (8, 3, 3, 3)):
+        for density in (0.005, 0.01, 0.02, 0.04, 0.08):
+            mask = (torch.rand(shape, generator=g) < density).float()
+            if mask.any():
+                new, blocks = L.regroup_mask(mask, block_columns=rule)
+                b1 = min(8, shape[0])
+                check_regroup(mask, new, blocks, row_multiple=b1, min_block_cols=8, budget=rule == "budget")
+
+
+def test_t2_is_at_most_the_rows_of_a_layer_narrower_than_b1():
+    m = torch.zeros(24, 60)
+    m[:, :10] = 1                                                   # 10 columns every row uses
+    m[torch.arange(24), 20 + torch.arange(24)] = 1                  # and one column of its own per row
+    new, blocks = L.regroup_mask(m, row_multiple=100, min_col_nnz=50, block_columns="paper")
+    # b1 = 24 rows here, so t2 = min(50, 24): the block is every row on the 10 full columns
+    assert [(r.tolist(), c.tolist()) for r, c in blocks] == [(list(range(24)), list(range(10)))]
+
+
+def test_the_official_rule_refuses_units_other_than_positions(capsys):
+    with pytest.raises(ValueError, match="official .* it needs regroup_unit position, not vector"):
+        L.regroup_mask(torch.ones(16, 16, 3, 3), unit="vector", block_columns="official")
+    flags = ["--method", "regroup", "--block-columns", "official", "--regroup-unit", "channel"]
+    assert L.main(FAST + flags) == 2
+    assert "--block-columns official runs the official code's rule" in capsys.readouterr().err
+
+
 def test_intended_columns_match_a_hand_computation():
     m = torch.zeros(8, 50)
     m[:, 10:30] = 1                                                 # every row: the same 20 columns
