@@ -34,8 +34,8 @@ from lth_ref import (  # the method
     layer_stats, grad_scaler, magnitude_prune, mask_pairs, needs_feats, paper_schedule, postprocess,
     prunable_weights, prune_to_density, refill, regroup_mask, remask, rewind, train_step)
 from lth_ref import (  # settings, files and results
-    RUN_SETTINGS, SOURCE_SETTINGS, Config, Processes, UsageError, atomic_write, branch_dirs, branch_knobs,
-    branch_run, check_dir, check_masks_fit, check_training_flags, finished_tickets,
+    LEVEL0_FREE, RUN_SETTINGS, SOURCE_SETTINGS, Config, Processes, UsageError, atomic_write, branch_config,
+    branch_dirs, branch_knobs, branch_run, check_dir, check_masks_fit, check_training_flags, finished_tickets,
     load_file, load_ticket, markdown_table, read_json, resolve_device, save, trunk_run, whole_model_counts,
     write_csv, write_text)
 
@@ -856,20 +856,29 @@ def paper_cell(arch, dataset, method, init, level):
 PAPER_METHOD_SETTINGS = {  # settings a table implies beyond its schedule, per method
     "regroup": dict(block_columns="official", regroup_unit="position"),   # its code: pruning_utils.regroup
 }
+OFFICIAL_RULE_IGNORES = ("row_multiple", "min_col_nnz", "min_block_cols")   # b1, t2, b2: not read by the
+                                                                               # official block-column rule
 UNRECORDED = object()       # a setting the experiment's files do not hold (config.json of an older version)
 
 
 def paper_setting(arch, dataset, method, init):
     """The settings that define a PAPER_RESULTS entry ({} when the paper has none): the table's row
-    (arch, dataset, method, init), IMP masks, its schedule preset with the preset's epochs, LR drops and
-    rewind epoch, the full training set (no subset, no validation split) and the column rule it implies."""
+    (arch, dataset, method, init), IMP masks at the paper's prune rate, its schedule preset with every
+    value of it (epochs, LR, LR drops, batch, weight decay, rewind epoch), the paper's momentum and LR
+    schedule after rewinding, the full training set (no subset, no validation split), and the method's
+    settings: Config's defaults (the paper's) with the column rule the table implies."""
     if (arch, dataset, method, init) not in PAPER_RESULTS:
         return {}
     table, preset, _ = PAPER_RESULTS[(arch, dataset, method, init)]
     sched = paper_schedule(arch, dataset, preset)
-    return dict(arch=arch, dataset=dataset, method=method, init=init, mask_source="imp", schedule=preset,
-                epochs=sched["epochs"], lr_drops=list(sched["lr_drops"]), rewind_epoch=sched["rewind_epoch"],
-                train_subset=None, val_split=0, **PAPER_METHOD_SETTINGS.get(method, {}))
+    default = Config(method=method)
+    ignored = ("method", "init", *OFFICIAL_RULE_IGNORES * (PAPER_METHOD_SETTINGS.get(method, {}).get(
+        "block_columns") == "official"))
+    knobs = {k: v for k, v in branch_config(default).items() if k not in ignored} if method != "imp" else {}
+    return {**dict(arch=arch, dataset=dataset, method=method, init=init, mask_source="imp", schedule=preset),
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in sched.items()},
+            **dict(prune_rate=default.prune_rate, momentum=default.momentum, lr_schedule=default.lr_schedule,
+                   train_subset=None, val_split=0), **knobs, **PAPER_METHOD_SETTINGS.get(method, {})}
 
 
 def paper_mismatch(expected, settings):
@@ -1332,7 +1341,7 @@ def paper_dense_text(cfg):
         return ""
     table_name, acc = PAPER_DENSE[(arch, dataset)]
     expected = {k: v for k, v in paper_setting(arch, dataset, "imp", "rewind").items()
-                if k not in ("method", "init", "mask_source")}
+                if k not in ("method", "init", "mask_source", *LEVEL0_FREE)}
     differs = paper_mismatch(expected, cfg)
     if differs:
         return f"; the paper's (Table {table_name}) not shown: {'; '.join(differs)}"

@@ -2826,7 +2826,11 @@ def test_transcribed_paper_cells():
 
 
 A4_SETTING = dict(arch="resnet18", dataset="cifar10", seed=0, mask_source="imp", schedule="table1",
-                  epochs=160, lr_drops=[80, 120], rewind_epoch=8, train_subset=None, val_split=0, out_dir="x")
+                  epochs=160, lr_drops=[80, 120], rewind_epoch=8, train_subset=None, val_split=0, out_dir="x",
+                  lr=0.1, batch_size=128, weight_decay=1e-4, momentum=0.9, prune_rate=0.2,
+                  lr_schedule="resume")
+A4_BRANCH = dict(method="regroup", init="rewind", group_aware=False, block_columns="official",
+                 regroup_unit="position", groups=8)   # Table 1's CIFAR-10 row, 20% per round, 8 hMETIS parts
 
 
 def write_a4_experiment(path, cfg=A4_SETTING, branch=None):
@@ -2839,8 +2843,7 @@ def write_a4_experiment(path, cfg=A4_SETTING, branch=None):
                                  row("regroup", "regroup", 1, 0.8, 0.9400)])
     os.makedirs(path / "regroup")
     with open(path / "regroup" / "branch.json", "w") as f:
-        json.dump(branch or dict(method="regroup", init="rewind", block_columns="official",
-                                 regroup_unit="position"), f)
+        json.dump(branch or A4_BRANCH, f)
 
 
 def test_report_puts_the_papers_numbers_beside_a_run_of_the_same_setting(tmp_path, monkeypatch):
@@ -2860,8 +2863,7 @@ def test_report_puts_the_papers_numbers_beside_a_run_of_the_same_setting(tmp_pat
 def test_report_puts_the_papers_time_saving_beside_ours(tmp_path, monkeypatch, rule, shown):
     no_matplotlib(monkeypatch)
     cfg = {**A4_SETTING, "dataset": "cifar100"}                    # the paper's 64.93% at 78% sparsity
-    write_a4_experiment(tmp_path / "r18", cfg, dict(method="regroup", init="rewind", block_columns=rule,
-                                                    regroup_unit="position"))
+    write_a4_experiment(tmp_path / "r18", cfg, {**A4_BRANCH, "block_columns": rule})
     os.makedirs(tmp_path / "r18" / "regroup" / "level_01")
     with open(tmp_path / "r18" / "regroup" / "level_01" / "bench.json", "w") as f:
         json.dump(BENCH, f)
@@ -2886,12 +2888,14 @@ def test_report_puts_the_papers_time_saving_beside_ours(tmp_path, monkeypatch, r
     ("train_subset", 512, "train_subset 512, paper None"),
     ("val_split", 5000, "val_split 5000, paper 0"), ("schedule", None, "schedule unknown, paper table1"),
     ("block_columns", "budget", "block_columns budget, paper official"),
-    ("regroup_unit", "channel", "regroup_unit channel, paper position")])
+    ("regroup_unit", "channel", "regroup_unit channel, paper position"),
+    ("prune_rate", 0.5, "prune_rate 0.5, paper 0.2"), ("lr", 1.0, "lr 1.0, paper 0.1"),
+    ("batch_size", 7, "batch_size 7, paper 128"), ("weight_decay", 0, "weight_decay 0, paper 0.0001"),
+    ("groups", 2, "groups 2, paper 8")])
 def test_report_shows_no_paper_cell_for_a_run_that_differs_in_one_setting(tmp_path, monkeypatch, key, value,
                                                                          says):
     no_matplotlib(monkeypatch)
-    cfg, branch = dict(A4_SETTING), dict(method="regroup", init="rewind", block_columns="official",
-                                         regroup_unit="position")
+    cfg, branch = dict(A4_SETTING), dict(A4_BRANCH)
     target = branch if key in branch else cfg
     if value is None:
         del target[key]                                             # an older config.json: unknown
