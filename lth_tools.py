@@ -928,7 +928,8 @@ def read_experiment(path):
     """An experiment directory as data: {path, config, rows, runs {branch: its directory}}.
 
     Rows come from results.json. A directory of the single-run layout (rows without `branch`, config.json
-    with a `method`) reads as one run named by its method.
+    with a `method`) reads as one run named by its method. A branch whose directory is missing keeps its
+    rows but has no run (one WARNING): its tickets and timings are not the trunk's.
     """
     files = [os.path.join(path, f) for f in ("config.json", "results.json")]
     if not all(os.path.exists(f) for f in files):
@@ -940,14 +941,20 @@ def read_experiment(path):
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UsageError(f"{path}: config.json or results.json is corrupt; run the training command "
                          "again to rewrite results.json") from None
-    method = config.get("method", "imp")
+    method, single = config.get("method", "imp"), not any("branch" in r for r in rows)
     defaults = dict(branch=method, source=config.get("mask_source", "imp"), method=method,
                     init=config.get("init", "rewind"))
     rows = [{**defaults, **r} for r in rows]
     runs = {}
     for branch in dict.fromkeys(r["branch"] for r in rows):
         sub = os.path.join(path, branch)
-        runs[branch] = sub if branch != "trunk" and os.path.isdir(sub) else path
+        if branch == "trunk" or single:
+            runs[branch] = path
+        elif os.path.isdir(sub):
+            runs[branch] = sub
+        else:
+            print(f"WARNING: {path}: results.json lists the branch {branch}, but {sub} is missing: its rows "
+                  "are reported, its masks and timings are not", file=sys.stderr)
     return dict(path=path, config=config, rows=rows, runs=runs)
 
 

@@ -2749,6 +2749,18 @@ def write_experiment(path, config, rows):
             json.dump(obj, f)
 
 
+def test_a_branch_whose_directory_is_missing_keeps_its_rows_but_never_reads_the_trunks_files(tmp_path,
+                                                                                              capsys):
+    row = lambda branch, method: dict(branch=branch, source="imp", method=method, init="rewind", level=1,
+                                      density=0.8, test_acc=0.9)
+    write_experiment(tmp_path / "run", dict(arch="resnet20", dataset="synthetic"),
+                     [row("trunk", "imp"), row("regroup", "regroup")])
+    exp = lth_tools.read_experiment(str(tmp_path / "run"))
+    assert exp["runs"] == {"trunk": str(tmp_path / "run")} and len(exp["rows"]) == 2
+    missing = tmp_path / "run" / "regroup"
+    assert f"lists the branch regroup, but {missing} is missing" in capsys.readouterr().err
+
+
 def test_report_groups_seeds_and_reads_the_single_run_layout(tmp_path, monkeypatch, capsys):
     no_matplotlib(monkeypatch)
     cfg = dict(arch="resnet20", dataset="synthetic", epochs=2, mask_source="imp", levels=2, out_dir="x")
