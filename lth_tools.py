@@ -941,6 +941,9 @@ def read_experiment(path):
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UsageError(f"{path}: config.json or results.json is corrupt; run the training command "
                          "again to rewrite results.json") from None
+    if not isinstance(rows, list) or not rows:
+        raise UsageError(f"{path}: results.json holds no result rows; run the training command again to "
+                         "rewrite it from the finished tickets")
     method, single = config.get("method", "imp"), not any("branch" in r for r in rows)
     defaults = dict(branch=method, source=config.get("mask_source", "imp"), method=method,
                     init=config.get("init", "rewind"))

@@ -2761,6 +2761,12 @@ def test_a_branch_whose_directory_is_missing_keeps_its_rows_but_never_reads_the_
     assert f"lists the branch regroup, but {missing} is missing" in capsys.readouterr().err
 
 
+def test_a_results_file_without_rows_is_named_in_an_error(tmp_path, capsys):
+    write_experiment(tmp_path / "run", dict(arch="resnet20", dataset="synthetic"), [])
+    assert L.main(["--report", str(tmp_path / "run"), "--out-dir", str(tmp_path / "rep")]) == 2
+    assert "results.json holds no result rows" in capsys.readouterr().err
+
+
 def test_report_groups_seeds_and_reads_the_single_run_layout(tmp_path, monkeypatch, capsys):
     no_matplotlib(monkeypatch)
     cfg = dict(arch="resnet20", dataset="synthetic", epochs=2, mask_source="imp", levels=2, out_dir="x")
