@@ -12,8 +12,9 @@ Conventions the rest of lth_ref relies on:
 - the first nn.Conv2d in `model.named_modules()` is the stem conv (3 input channels; never pruned),
   and it is the only conv that reads the image;
 - the classifier is a single nn.Linear and the last module; every conv has bias=False; no dropout;
-- init: convs kaiming-normal (fan_out, relu gain, as the official Structure-LTH models), BN weight 1
-  and bias 0, Linear PyTorch default; deterministic given torch.manual_seed;
+- init: convs kaiming-normal (fan_out, relu gain), BN weight 1 and bias 0, Linear PyTorch default, as the
+  official ResNet-18/50 (its VGG and ResNet-20/56 differ: README, Differences); deterministic given
+  torch.manual_seed;
 - MobileNet-v1's 3x3 depthwise convs have groups = channels. lth_ref prunes only convs with
   groups == 1 (its prunable weights): depthwise weights are 1.40% of MobileNet-v1's non-stem conv
   weights, a (C, 1, 3, 3) weight has no (O, K) matrix with rows to refill or regroup, and the grouped
