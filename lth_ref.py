@@ -1318,6 +1318,7 @@ def level_start(exp, run, level):
         return Start(ones_masks({n: state[n] for n in prunable_weights(exp.model)}), None, None, state, 0)
     if run.name == "trunk":
         masks, blocks, stats = MASK_SOURCES[exp.cfg.mask_source](exp, level)[0], None, None
+        warn_empty_layers(exp, level, masks)
     else:
         masks, blocks, stats = branch_masks(exp, run, level)
     if run.init == "reinit":
@@ -1325,6 +1326,16 @@ def level_start(exp, run, level):
         return Start(masks, blocks, stats,
                      model_zoo.MODELS[exp.cfg.arch](exp.data.num_classes).state_dict(), 0)
     return Start(masks, blocks, stats, rewind_state(exp), first_epoch(exp.cfg, run, level))
+
+
+def warn_empty_layers(exp, level, masks):
+    """One WARNING when a trunk level's mask keeps no weight of some layers (the global prune emptied
+    them): their outputs are 0, which cuts a network without shortcuts around them."""
+    empty = [n for n, m in masks.items() if not m.any()]
+    if empty and exp.procs.is_main:
+        print(f"WARNING: trunk level {level} keeps no weight of {len(empty)} layer(s) ({', '.join(empty)}): "
+              "their outputs are 0, so a network without shortcuts around them (VGG) predicts one class; "
+              "fewer --levels or a smaller --prune-rate keeps them", file=sys.stderr)
 
 
 def first_epoch(cfg, run, level):
@@ -1451,7 +1462,8 @@ def diverged_message(exp, run, level, e, ckpt_path):
     return (f"{run.name} level {level} diverged in epoch {e.epoch}/{cfg.epochs} at learning rate {e.lr:g}: "
             f"the training loss is {e.loss} (not a finite number). "
             f"Nothing was written for this level; {kept}. "
-            f"Training is deterministic, so the same command would diverge again: lower --lr{amp}. --lr and "
+            f"Training is deterministic (on GPUs up to low-order bits), so the same command would diverge "
+            f"again: lower --lr{amp}. --lr and "
             f"--amp are trunk settings, which {cfg.out_dir} refuses to change once level 0 has started: run "
             f"the new setting with another --out-dir, or delete {cfg.out_dir} to start it over")
 

@@ -2189,6 +2189,18 @@ def test_a_process_training_the_trunk_keeps_its_settings_even_those_level_0_igno
 
 
 @pytest.mark.slow
+def test_a_trunk_level_that_empties_a_layer_says_so(tmp_path, monkeypatch, capsys):
+    imp = L.MASK_SOURCES["imp"]
+    def emptying(exp, level):                                  # as a global prune does at high levels
+        masks, state = imp(exp, level)
+        return {**masks, "layer3.0.conv1.weight": torch.zeros_like(masks["layer3.0.conv1.weight"])}, state
+    monkeypatch.setitem(L.MASK_SOURCES, "imp", emptying)
+    run_cli(tmp_path, "--levels", "1")
+    assert "WARNING: trunk level 1 keeps no weight of 1 layer(s) (layer3.0.conv1.weight)" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_resuming_with_another_process_count_warns_once(tmp_path, capsys):
     out, _ = run_cli(tmp_path, "--levels", "0")
     config = json.load(open(os.path.join(out, "config.json")))
