@@ -271,22 +271,26 @@ def snip_scores(model, names, images, labels, chunk=None):
 GRASP_TEMPERATURE = 200.0  # logits / T before the loss, as published (GraSP's default T = 200)
 
 
-def grasp_scores(model, names, images, labels, temperature=GRASP_TEMPERATURE):
+def grasp_scores(model, names, images, labels, temperature=GRASP_TEMPERATURE, chunk=None):
     """GraSP gradient-signal preservation: w * (H g) at the given weights (higher = keep).
 
-    Paper: Fig. 6 left (GraSP, Wang et al. 2020). Published: g = dL/dw on the batch in two halves
-    (logits / T), then H g = d(g_stop . dL/dw)/dw, score -w * Hg, and the highest scores are removed;
-    keeping the highest w * Hg is the same rule. Official: `prune_grasp` ranks |w * Hg| (ours: the sign
-    kept, as published). g and z run over every conv and linear weight as published; the caller ranks the
-    prunable ones. images (B, C, H, W), labels (B,).
+    Paper: Fig. 6 left (GraSP, Wang et al. 2020). Published: g = dL/dw on the samples in two halves
+    (logits / T; 10 x the classes samples), then H g = d(g_stop . dL/dw)/dw, score -w * Hg, and the highest
+    scores are removed; keeping the highest w * Hg is the same rule. Official: `prune_grasp` ranks
+    |w * Hg| (ours: the sign kept, as published). g and z run over every conv and linear weight as
+    published; the caller ranks the prunable ones. images (B, C, H, W), labels (B,); chunk: samples per
+    forward pass (default: a half at once; BatchNorm, in training mode as published, then normalizes per
+    pass).
     """
     model = _scoring_copy(model, train=True)
     weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     halves = [(x, y) for x, y in zip(images.chunk(2), labels.chunk(2)) if len(y)]
-    loss_of = lambda x, y: F.cross_entropy(model(x) / temperature, y)
-    g = [sum(parts) for parts in zip(*(torch.autograd.grad(loss_of(x, y), weights) for x, y in halves))]
-    for x, y in halves:
-        grad_f = torch.autograd.grad(loss_of(x, y), weights, create_graph=True)
+    passes = [(x[i:i + (chunk or len(y))], y[i:i + (chunk or len(y))], len(y)) for x, y in halves
+              for i in range(0, len(y), chunk or len(y))]          # a half's mean loss: its passes' sums / n
+    loss_of = lambda x, y, n: F.cross_entropy(model(x) / temperature, y, reduction="sum") / n
+    g = [sum(parts) for parts in zip(*(torch.autograd.grad(loss_of(*p), weights) for p in passes))]
+    for p in passes:
+        grad_f = torch.autograd.grad(loss_of(*p), weights, create_graph=True)
         sum((gw.detach() * gf).sum() for gw, gf in zip(g, grad_f)).backward()
     params = dict(model.named_parameters())
     return {n: (params[n] * params[n].grad).detach() for n in names}
@@ -1208,11 +1212,11 @@ def random_source(exp, level):
 
 
 def init_scores_source(criterion):
-    """A pruning-at-initialization source: `criterion` scores theta_0 on one seeded training batch (SNIP:
-    --snip-samples samples when given, in passes of --batch-size)."""
+    """A pruning-at-initialization source: `criterion` scores theta_0 on one seeded training batch (SNIP,
+    GraSP: --snip-samples, --grasp-samples samples when given, in passes of --batch-size)."""
     def source(exp, level):
         state = init_state(exp)
-        count = exp.cfg.snip_samples if criterion is snip_scores else None
+        count = {snip_scores: exp.cfg.snip_samples, grasp_scores: exp.cfg.grasp_samples}.get(criterion)
         images, labels = score_batch(exp, 0) if count is None else score_samples(exp, count)
         more = dict(chunk=exp.cfg.batch_size) if count is not None else {}
         scores = criterion(network_at(exp, state), list(prunable_weights(exp.model)), images, labels, **more)
@@ -1610,6 +1614,10 @@ class Config:
         None, "--mask-source snip: training samples scored (default: one batch of --batch-size; "
         "Synaptic-Flow scores 10 x the classes: 100 on CIFAR-10)", "experiment", "source", source="snip",
         check=IS_POSITIVE)
+    grasp_samples: int | None = setting(
+        None, "--mask-source grasp: training samples scored, in two halves (default: one batch of "
+        "--batch-size; published GraSP: 10 x the classes, 100 on CIFAR-10)", "experiment", "source",
+        source="grasp", check=IS_POSITIVE)
     synflow_rounds: int = setting(SYNFLOW_ROUNDS, "pruning rounds of --mask-source synflow", "experiment",
                                   "source", source="synflow", check=IS_POSITIVE)
     admm_rho: float = setting(ADMM_RHO, "--mask-source admm: penalty weight rho", "experiment", "source",

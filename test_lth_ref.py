@@ -1241,6 +1241,24 @@ def test_grasp_scores_are_w_times_hessian_gradient_product():
     assert torch.allclose(scores["1.weight"], expected, rtol=1e-5, atol=1e-7 * expected.abs().max())
 
 
+def test_grasp_over_many_samples_in_passes_scores_like_one_pass_per_half(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.Conv2d(4, 5, 3, bias=False), nn.Flatten(),
+                          nn.Linear(5 * 3 * 3, 3)).double()    # no BatchNorm: passes change nothing
+    x, y = torch.randn(10, 3, 7, 7, dtype=torch.float64), torch.arange(10) % 3
+    whole, passes = (L.grasp_scores(model, ["1.weight"], x, y, chunk=c)["1.weight"] for c in (None, 2))
+    assert torch.allclose(whole, passes, rtol=1e-9, atol=1e-12 * whole.abs().max())   # 2+2+1 per half
+    cfg = L.resolve(L.Config(dataset="synthetic", batch_size=16, grasp_samples=40, out_dir=str(tmp_path)))
+    seen = []
+    monkeypatch.setattr(L, "init_state", lambda exp: source_model().state_dict())
+    monkeypatch.setattr(L, "grasp_scores", lambda m, names, images, labels, chunk=None: seen.append(
+        (len(images), chunk)) or {n: torch.rand(m.get_parameter(n).shape) for n in names})
+    d = data.load_dataset("synthetic", "unused", "cpu", train_subset=64, seed=0)
+    L.init_scores_source(L.grasp_scores)(L.Experiment(cfg, source_model(), None, d, L.Processes(),
+                                                      log=lambda *_: None), 1)
+    assert seen == [(40, 16)]                                  # 40 samples, in passes of --batch-size
+
+
 @pytest.mark.parametrize("target", [0.5, 0.2])
 def test_synflow_hits_the_density_is_deterministic_and_scores_like_published(target):
     model = source_model()
