@@ -1306,8 +1306,8 @@ def branch_masks(exp, run, level):
     cut = [n for n in new if masks[n].any() and not new[n].any()]
     if cut:
         raise UsageError(f"{run.name} level {level}: {run.method} with {knobs} keeps no weight of "
-                         f"{len(cut)} layer(s) ({', '.join(cut[:3])}), which cuts the network: loosen its "
-                         "settings (e.g. a smaller --min-block-cols or --min-col-nnz)")
+                         f"{len(cut)} layer(s) ({', '.join(cut[:3])}), which cuts the network; the built-in "
+                         "post-processors keep part of every layer that has weights, so check the one used")
     stats = {n: layer_stats(masks[n], new[n], None if blocks is None else blocks[n]) for n in new}
     return new, blocks, stats
 

@@ -2458,6 +2458,19 @@ def test_a_failed_start_leaves_the_experiment_free(tmp_path, capsys):
     run_cli(tmp_path, "--levels", "0")                        # the corrected command is accepted
 
 
+@pytest.mark.slow
+def test_a_branch_whose_post_processing_empties_a_layer_stops_with_an_error(monkeypatch, tmp_path, capsys):
+    post = L.postprocess
+    def emptying(method, weights, masks, feats, **knobs):       # a post-processor that cuts one layer
+        new, blocks = post(method, weights, masks, feats, **knobs)
+        return {**new, "layer1.0.conv1.weight": torch.zeros_like(new["layer1.0.conv1.weight"])}, blocks
+    monkeypatch.setattr(L, "postprocess", emptying)
+    assert L.main(FAST + ["--method", "refill", "--levels", "1", "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "refill level 1: refill with" in err and "keeps no weight of 1 layer(s)" in err
+    assert "layer1.0.conv1.weight" in err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--prune-rate", "1.5"], "--prune-rate must be in (0, 1)"),
     (["--levels", "-1"], "--levels must be >= 0"),
@@ -2471,7 +2484,6 @@ def test_a_failed_start_leaves_the_experiment_free(tmp_path, capsys):
     (["--report", "r", "--export", "e.pt"], "--report and --export are separate commands"),
     (["--mask-source", "admm", "--admm-iterations", "1", "--admm-lr", "1e30", "--levels", "1"],
      "ADMM for trunk level 1 diverged in W-step 1: the training loss is nan; lower --admm-lr"),
-    (["--method", "regroup", "--min-block-cols", "1000", "--levels", "1"], "keeps no weight of 18 layer(s)"),
     (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
     (["--lr", "-0.1"], "--lr must be a finite number > 0"),
     (["--momentum", "1"], "--momentum must be in [0, 1)"),
