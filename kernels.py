@@ -33,9 +33,10 @@ input kind in RegroupedConv2d); every run is correct with either.
 conv = (stride, padding, dilation) as pairs.
 
 RegroupedConv2d runs the fastest path for each input it meets: on the first input of each
-choice_key (shape, dtype, memory format, device) it times every candidate of that device
-(CANDIDATES, from the table; dense always among them, like cudnn.benchmark; the CUDA kernel's tile
-height is measured as two paths) and keeps the winner if it beats dense by PATH_MARGIN, else
+choice_key (shape, dtype, memory format, device, whether a gradient flows back) it times every
+candidate of that device (CANDIDATES, from the table; dense always among them, like cudnn.benchmark;
+the CUDA kernel's tile height is measured as two paths; it is inference only, so never a candidate
+for an input that needs a gradient) and keeps the winner if it beats dense by PATH_MARGIN, else
 dense. bench_layers / bench_model: dense vs regrouped, per layer and end to end, in a chosen dtype,
 each figure with its spread; on CUDA end to end also in CUDA graphs. bench_dense_cost: the dense
 path against a plain F.conv2d. The CUDA source (CUDA_SRC, CPP_SRC) closes the file;
@@ -502,13 +503,25 @@ def cuda_extension():
 
 
 def _kernel_ready(x):
-    """The kernel can run x: a dtype it is built for, and the extension built."""
-    return x.dtype in KERNEL_DTYPES and cuda_extension() is not None
+    """The kernel can run x: a dtype it is built for, no gradient to pass back (it is inference only: its
+    output has no autograd history), and the extension built."""
+    return x.dtype in KERNEL_DTYPES and not needs_grad(x) and cuda_extension() is not None
+
+
+def needs_grad(x):
+    """Whether a gradient must flow back to x through this call (autograd on and x requires one)."""
+    return x.requires_grad and torch.is_grad_enabled()
 
 
 def _run_kernel(x, info, t, p, conv):
     """One launch of CUDA_SRC for all blocks (CUDA tensors of KERNEL_DTYPES); it reads and writes
     channels-last (an NCHW input is converted, and its output converted back)."""
+    if min(_output_shape(x, info, conv)[2:]) < 1:
+        raise ValueError(f"the kernel ({'x'.join(map(str, info['weight_shape'][2:]))}, dilation "
+                         f"{conv[2]}) is larger than the padded input {tuple(x.shape[2:])}")
+    if needs_grad(x):
+        raise ValueError("the CUDA kernel is inference only: run it under torch.no_grad() or "
+                         "torch.inference_mode(), or on an input that does not require grad")
     if not x.is_cuda or x.dtype not in KERNEL_DTYPES:
         raise ValueError(f"the CUDA kernel runs CUDA tensors of {[str(d) for d in KERNEL_DTYPES]}, got a "
                          f"{x.device.type} {x.dtype} input (without a GPU, "
@@ -572,9 +585,10 @@ CUDA_MAX_CALLS = 1000  # ... but at most this many calls per sample (kernels of 
 
 def choice_key(x):
     """What a layer's choice of path depends on besides the layer: input shape, memory format,
-    dtype and device type."""
+    dtype, device type, and "grad" when a gradient flows back (the CUDA kernel is inference only)."""
     fmt = "channels_last" if memory_format_of(x) == torch.channels_last else "contiguous"
-    return tuple(x.shape), fmt, str(x.dtype).replace("torch.", ""), x.device.type
+    key = tuple(x.shape), fmt, str(x.dtype).replace("torch.", ""), x.device.type
+    return key + ("grad",) * needs_grad(x)
 
 
 def candidate_paths(x):
@@ -765,7 +779,7 @@ class RegroupedConv2d(nn.Module):
         return lambda x: path.run(x, info, t, p, conv).add_(bias)  # run's y is a new tensor: add in place
 
     def forward(self, x):
-        kind = (x.shape, x.stride(), x.dtype, x.device)
+        kind = (x.shape, x.stride(), x.dtype, x.device, x.requires_grad and torch.is_grad_enabled())
         last_kind, run = self._last
         if kind != last_kind:
             run = self._runner(x)
@@ -1369,8 +1383,10 @@ torch::Tensor grouped_conv2d_cuda(torch::Tensor x, torch::Tensor packed, torch::
   TORCH_CHECK(dtype >= 0, "grouped_conv2d_cuda: float32, float16 or bfloat16 expected");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t O = weight_shape[0], kh = weight_shape[2], kw = weight_shape[3];
-  const int64_t OH = (H + 2 * conv[2] - conv[4] * (kh - 1) - 1) / conv[0] + 1;
-  const int64_t OW = (W + 2 * conv[3] - conv[5] * (kw - 1) - 1) / conv[1] + 1;
+  const int64_t span_h = H + 2 * conv[2] - conv[4] * (kh - 1) - 1;  // OH = span_h / stride + 1
+  const int64_t span_w = W + 2 * conv[3] - conv[5] * (kw - 1) - 1;
+  TORCH_CHECK(span_h >= 0 && span_w >= 0, "grouped_conv2d_cuda: the kernel is larger than the padded input");
+  const int64_t OH = span_h / conv[0] + 1, OW = span_w / conv[1] + 1;  // span >= 0: C++ / rounds down here
   TORCH_CHECK(OH > 0 && OW > 0 && H * W < INT_MAX / 4 && OH * OW < INT_MAX, "grouped_conv2d_cuda: bad sizes");
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = torch::empty({N, O, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));

@@ -3286,6 +3286,25 @@ def test_measured_choice_is_the_fastest_candidate_and_the_others_are_freed(monke
     assert rel_err(y, F.conv2d(x, masked, padding=1)) < 1e-5
 
 
+def test_an_input_that_needs_a_gradient_never_gets_the_inference_only_kernel(monkeypatch):
+    monkeypatch.setattr(kernels, "cuda_extension", lambda: object())   # as if the extension were built
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float16)
+    assert kernels._kernel_ready(x) and not kernels._kernel_ready(x.requires_grad_())
+    with torch.no_grad():
+        assert kernels._kernel_ready(x) and kernels.choice_key(x) == kernels.choice_key(x.detach())
+    assert kernels.choice_key(x)[-1] == "grad"                   # measured apart from the no-grad kind
+    layer, masked = small_layer(strategy="kernel32")
+    with pytest.raises(ValueError, match="inference only"):
+        layer(x)
+
+
+def test_the_kernel_refuses_a_kernel_larger_than_the_padded_input():
+    layer, _ = small_layer(strategy="kernel32")                  # 3x3, padding 1
+    layer.padding = (0, 0)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"\(3x3, .* larger than the padded input \(2, 2\)"):
+        layer(torch.randn(1, 8, 2, 2, dtype=torch.float16))
+
+
 def test_choice_is_measured_once_per_shape_format_and_dtype(monkeypatch):
     layer, masked = small_layer()
     calls = []
@@ -3906,7 +3925,7 @@ def test_cuda_graph_replays_the_models_and_bench_model_times_both(monkeypatch):
 # kernels.CUDA_SRC compiled by g++ and run on the CPU, with or without sanitizers, so a change to the
 # kernel can be checked without a GPU:
 #     import test_lth_ref as T
-#     y = T.emulated_grouped_conv2d(x, weight, blocks, stride, padding, dilation, tile_rows=16,
+#     y = T.emulated_grouped_conv2d(x, weight, blocks, stride, padding, dilation, tile_rows=32,
 #                                   source=new_src)
 # The kernel's own text, unchanged (only its CUDA includes and its <<<...>>> launch sit behind
 # #ifndef LTH_REF_HOST_EMULATION), compiled with EMULATION_HEADER: CUDA threads are OS threads,
