@@ -2,6 +2,7 @@
 
 Run with `python -m pytest -q test_lth_ref.py` (CPU, a few minutes). CUDA tests skip without a GPU.
 """
+import ast
 import copy
 import csv
 import ctypes
@@ -5648,6 +5649,61 @@ def test_every_command_of_the_gpu_check_parses():
         assert L.config_from_args(L.build_parser().parse_args(argv)).out_dir, line
     assert "kernels.cuda_extension()" in script and callable(kernels.cuda_extension)
     assert {"device", "dtype"} <= set(inspect.signature(kernels.bench_dense_cost).parameters)
+
+
+def copied_pieces(row_names):
+    """A fresh namespace holding only lth_ref.py's imports, the definitions `row_names` lists and the
+    UPPER_CASE constants they read (transitively), each from its source text, as a user copies them."""
+    src = open(L.__file__).read()
+    tree, lines, segments = ast.parse(src), src.splitlines(), {}
+    for node in tree.body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        first = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno])
+        segments.update({n: (node.lineno, "\n".join(lines[first - 1:node.end_lineno])) for n in names})
+    reads = lambda n: {x.id for x in ast.walk(ast.parse(segments[n][1])) if isinstance(x, ast.Name)}
+    todo = {n for n in row_names if n in segments}
+    while more := {r for n in todo for r in reads(n) if r in segments and r.isupper()} - todo:
+        todo |= more
+    ns = {"kernels": kernels}                                    # kernels.X names are listed as such
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            exec(ast.get_source_segment(src, node), ns)
+    for n in sorted(todo, key=lambda n: segments[n][0]):
+        exec(segments[n][1], ns)
+    return ns
+
+
+@pytest.mark.parametrize("rows, call", [
+    (["global magnitude pruning"], lambda ns, w, m: ns["magnitude_prune"](w, m, 0.2)),
+    (["one-shot masks"], lambda ns, w, m: (
+        ns["prune_to_density"](w, 0.5), ns["random_masks"](m, torch.Generator().manual_seed(0)),
+        ns["snip_scores"](MODELS["resnet20"](10), ["layer1.0.conv1.weight"], torch.randn(2, 3, 8, 8),
+                          torch.arange(2)),
+        ns["grasp_scores"](MODELS["resnet20"](10), ["layer1.0.conv1.weight"], torch.randn(2, 3, 8, 8),
+                           torch.arange(2)),
+        ns["synflow_masks"](MODELS["resnet20"](10), ["layer1.0.conv1.weight"], 0.5, 2, (3, 8, 8)),
+        ns["admm_project"](w, 0.5))),
+    (["masks on a model"], lambda ns, w, m: ns["density"](ns["ones_masks"](ns["prunable_weights"](
+        MODELS["resnet20"](10))))),
+    (["refill / refill+"], lambda ns, w, m: (ns["refill"](w, m), ns["refill_plus"](w, m))),
+    (["regroup"], lambda ns, w, m: [ns["regroup"](m, block_columns=r) for r in L.BLOCK_COLUMNS] + [
+        ns["regroup_mask"](m["a"], unit=u) for u in L.REGROUP_UNITS] + [
+        ns["regroup_mask"](torch.eye(16, 72), block_columns="paper", min_col_nnz=8)]),   # no block found
+    (["structural tickets", "refill / refill+", "regroup"],
+     lambda ns, w, m: [ns["postprocess"](method, w, m) for method in ("refill", "refill+", "regroup")]),
+])
+def test_each_piece_of_the_copy_table_runs_on_its_own(rows, call):
+    """README's "Copying a piece" rows name every definition their functions need: copied alone (with
+    the constants they read and the imports), they run."""
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read()
+    table = readme[readme.index("| you want | copy | needs |"):].split("\n\n")[0].splitlines()[2:]
+    cells = [r.split(" | ")[1] for r in table if any(r.startswith(f"| {row}") for row in rows)]
+    assert len(cells) == len(rows)
+    ns = copied_pieces([n for c in cells for n in re.findall(r"`([A-Za-z_]\w*)(?![\w.])", c)])
+    torch.manual_seed(0)
+    w = {"a": torch.randn(16, 8, 3, 3), "b": torch.randn(24, 16, 1, 1)}
+    call(ns, w, {n: (v.abs() > 0.7).float() for n, v in w.items()})
 
 
 def test_readme_quotes_only_names_the_code_has():
