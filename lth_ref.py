@@ -2164,12 +2164,12 @@ def write_ticket(exp, run, level, start, row):
                       mean=exp.data.mean.cpu().tolist(), std=exp.data.std.cpu().tolist()),
                   config={**dataclasses.asdict(cfg), "method": run.method, "init": run.init,
                           "group_aware": run.group_aware, "branch": run.name})
-    save(ticket, ticket_path(run, level))
-    if start.stats:
+    if start.stats:                            # before the ticket: a stop between the two loses nothing
         table = [dict(name=n, **s) for n, s in start.stats.items()]
         write_csv(table, os.path.join(os.path.dirname(ticket_path(run, level)), "layers.csv"))
         if cfg.verbose:
             exp.log(markdown_table(table))
+    save(ticket, ticket_path(run, level))
 
 
 def check_config(path, settings, started, reuse=None, running=None):
@@ -2178,6 +2178,10 @@ def check_config(path, settings, started, reuse=None, running=None):
     config.json: settings trunk level 0 does not read (LEVEL0_FREE) may change while no level they feed
     has started, and no other process runs the trunk (running: 'pid P on HOST' of the one that does);
     else the message names the directories to delete (or another --out-dir)."""
+    if (started or running) and reuse is not None and not os.path.exists(path):
+        raise UsageError(f"{path} is missing, but the experiment there has started (its init.pt or level_00 "
+                         "is there): put the file back, or use another --out-dir (or delete the directory to "
+                         "start over)")
     if not ((started or running) and os.path.exists(path)):
         return
     changed = config_changes(path, settings)
@@ -2494,7 +2498,7 @@ def claim_level(exp, run, level):
             if lock is not None and os.path.exists(ticket_path(run, level)):   # finished meanwhile
                 release(lock)
                 lock, state = None, "done"
-            elif lock is not None and run.name == "trunk" and (moved := settings_changed(exp.cfg, level)):
+            elif lock is not None and (moved := settings_changed(exp.cfg, run, level)):
                 release(lock)
                 lock, state = None, moved
         state = exp.procs.broadcast(state)
@@ -2513,15 +2517,16 @@ def claim_level(exp, run, level):
         time.sleep(LOCK_POLL_S)
 
 
-def settings_changed(cfg, level):
+def settings_changed(cfg, run, level):
     """The error text when the trunk's config.json no longer holds this command's trunk settings (another
-    command started here since changed a setting level 0 does not read), or None."""
+    command started here since changed a setting level 0 does not read), or None: checked before each
+    level, the branches' too (their masks come from the trunk's)."""
     path = os.path.join(cfg.out_dir, "config.json")
     changed = {k: (given, was) for k, (was, given) in config_changes(path, trunk_config(cfg)).items()}
     if not changed:
         return None
     return (f"{path} was rewritten by another command started here since this one ({changes_text(changed)}); "
-            f"this command stops before trunk level {level}, which the other one trains with its settings")
+            f"this command stops before {run.name} level {level}: run it again with those settings")
 
 
 # ---- results: one row per ticket, per run and for the whole experiment ----

@@ -2267,17 +2267,44 @@ def test_a_waiting_lock_lets_one_process_at_a_time_in(tmp_path):
 
 
 @pytest.mark.slow
-def test_no_trunk_level_is_trained_after_another_command_changed_the_settings(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("method, run", [("imp", "trunk"), ("regroup", "regroup")])
+def test_no_level_is_trained_after_another_command_changed_the_settings(tmp_path, monkeypatch, capsys, method,
+                                                                       run):
     out, train = str(tmp_path / "run"), L.train_level
     def then_another_command_starts(exp, run, level, eta):
         row = train(exp, run, level, eta)
         write_config(out, "--prune-rate", "0.5")                 # accepted there: no level 1 yet, lock free
         return row
     monkeypatch.setattr(L, "train_level", then_another_command_starts)
-    assert L.main(FAST + ["--out-dir", out, "--levels", "1"]) == 2
+    assert L.main(FAST + ["--out-dir", out, "--levels", "1", "--method", method]) == 2
     err = capsys.readouterr().err
     assert "was rewritten by another command started here since this one (--prune-rate 0.2 -> 0.5)" in err
-    assert "stops before trunk level 1" in err and not os.path.exists(os.path.join(out, "level_01"))
+    assert f"stops before {run} level 1" in err                 # (a branch level comes before trunk 1)
+    assert not os.path.exists(os.path.join(out, "level_01")) and not os.path.exists(os.path.join(out, run,
+                                                                                                 "level_01"))
+
+
+def test_a_branch_writes_layers_csv_before_its_ticket(tmp_path, monkeypatch):
+    """A stop between the two files leaves no ticket (the level is trained again, both files written),
+    never a ticket without its layers.csv (a finished level is not written again)."""
+    written = []
+    monkeypatch.setattr(L, "save", lambda obj, path: written.append(os.path.basename(path)))
+    monkeypatch.setattr(L, "write_csv", lambda rows, path: written.append(os.path.basename(path)))
+    model = MODELS["resnet20"](10)
+    exp = types.SimpleNamespace(cfg=cli_config(), model=model, log=print, data=types.SimpleNamespace(
+        num_classes=10, mean=torch.zeros(3), std=torch.ones(3)))
+    run = L.Run("regroup", str(tmp_path / "regroup"), "regroup", "rewind", False)
+    masks = L.ones_masks(L.prunable_weights(model))
+    start = L.Start(masks, None, {n: dict(density=1.0) for n in masks}, model.state_dict(), 0)
+    L.write_ticket(exp, run, 1, start, dict(level=1))
+    assert written == ["layers.csv", "ticket.pt"]
+
+
+def test_a_started_experiment_without_its_config_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    os.makedirs(os.path.join(out, "level_00"))                   # started; config.json deleted
+    assert L.main(FAST + ["--out-dir", out, "--lr", "0.05", "--levels", "0"]) == 2
+    assert "config.json is missing, but the experiment there has started" in capsys.readouterr().err
 
 
 @pytest.mark.slow
