@@ -2109,10 +2109,18 @@ def load_file(path, what, mmap=False):
     except Exception as e:  # truncated zip, wrong format, disallowed globals: all mean "not ours"
         first = (str(e).strip().splitlines() or [""])[0][:MESSAGE_CHARS]
         first = f"cannot read the {what} {path} ({type(e).__name__}: {first})"
+        fix = DAMAGED_FIX.get(what, "Delete it to compute that step again (a ticket: its level is trained "
+                                    "again), or point --out-dir elsewhere")
         raise DamagedFile(f"{first}; lth_ref writes only tensors and plain data, so the file is cut short, "
-                          "damaged or was not written by lth_ref. Delete it to compute that step again (a "
-                          "ticket: its level is trained again), or point --out-dir elsewhere",
-                          first) from None
+                          f"damaged or was not written by lth_ref. {fix}", first) from None
+
+
+DAMAGED_FIX = {  # what to do about a file load_file cannot read, where deleting it is not enough
+    "initialization": "theta_0 cannot be computed again once levels are trained from it: restore it from a "
+                      "copy, or start over with another --out-dir",
+    "rewind state": "Delete it and level_00/ to train level 0 again, which writes it again (or start over "
+                    "with another --out-dir)",
+}
 
 
 def check_masks_fit(model, masks, what="mask"):

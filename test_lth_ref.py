@@ -2562,6 +2562,15 @@ def test_a_damaged_checkpoint_is_set_aside_with_a_warning_and_the_level_starts_o
     assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in straight]
 
 
+@pytest.mark.parametrize("what, says", [("initialization", "theta_0 cannot be computed again"),
+                                        ("rewind state", "Delete it and level_00/ to train level 0 again"),
+                                        ("ticket", "Delete it to compute that step again")])
+def test_a_damaged_file_says_what_to_do_about_that_file(tmp_path, what, says):
+    (tmp_path / "f.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(L.DamagedFile, match=says):
+        L.load_file(str(tmp_path / "f.pt"), what)
+
+
 @pytest.mark.slow
 def test_a_damaged_ticket_is_an_error_that_names_it_and_says_what_to_do(tmp_path, capsys):
     out, _ = run_cli(tmp_path, "--levels", "0")
