@@ -5403,6 +5403,7 @@ def bad_import_files(tmp_path):
                              "'blocks.6.shortcut.0.weight'", "option-A", "d.pop(k)"]}
 
 
+@pytest.mark.slow                                               # a python process per form
 @pytest.mark.parametrize("form", [lambda m: m, lambda m: {f"module.{k}_mask": v for k, v in m.items()},
                                   lambda m: {"mask_" + k.replace(".", "___"): v for k, v in m.items()},
                                   lambda m: {"state_dict": {f"{k}_mask": v for k, v in m.items()}}])
@@ -5687,24 +5688,32 @@ def test_every_command_of_the_gpu_check_parses():
     assert {"device", "dtype"} <= set(inspect.signature(kernels.bench_dense_cost).parameters)
 
 
-def copied_pieces(row_names):
-    """A fresh namespace holding only lth_ref.py's imports, the definitions `row_names` lists and the
-    UPPER_CASE constants they read (transitively), each from its source text, as a user copies them."""
+@functools.lru_cache(maxsize=1)
+def lth_ref_source():
+    """(its import statements, {top-level name: (line, source text with decorators, names it reads)})."""
     src = open(L.__file__).read()
     tree, lines, segments = ast.parse(src), src.splitlines(), {}
     for node in tree.body:
         names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
             [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
         first = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno])
-        segments.update({n: (node.lineno, "\n".join(lines[first - 1:node.end_lineno])) for n in names})
-    reads = lambda n: {x.id for x in ast.walk(ast.parse(segments[n][1])) if isinstance(x, ast.Name)}
+        reads = {x.id for x in ast.walk(node) if isinstance(x, ast.Name)}
+        segments.update({n: (node.lineno, "\n".join(lines[first - 1:node.end_lineno]), reads) for n in names})
+    imports = [ast.get_source_segment(src, n) for n in tree.body
+               if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return imports, segments
+
+
+def copied_pieces(row_names):
+    """A fresh namespace holding only lth_ref.py's imports, the definitions `row_names` lists and the
+    UPPER_CASE constants they read (transitively), each from its source text, as a user copies them."""
+    imports, segments = lth_ref_source()
     todo = {n for n in row_names if n in segments}
-    while more := {r for n in todo for r in reads(n) if r in segments and r.isupper()} - todo:
+    while more := {r for n in todo for r in segments[n][2] if r in segments and r.isupper()} - todo:
         todo |= more
     ns = {"kernels": kernels}                                    # kernels.X names are listed as such
-    for node in tree.body:
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            exec(ast.get_source_segment(src, node), ns)
+    for statement in imports:
+        exec(statement, ns)
     for n in sorted(todo, key=lambda n: segments[n][0]):
         exec(segments[n][1], ns)
     return ns
