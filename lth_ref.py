@@ -1488,17 +1488,18 @@ def run_experiment(cfg, log=print):
     todo = [(run, level) for run, level in order if not os.path.exists(ticket_path(run, level))]
     eta = Eta(sum(cfg.epochs - first_epoch(cfg, run, level) for run, level in todo))
     for run, level in order:
-        lock = claim_level(exp, run, level) if (run, level) in todo else None
-        if lock is None:
-            by = "earlier" if (run, level) not in todo else "by another process"
-            exp.log(f"{run.name} level {level}: finished {by}, reused ({ticket_path(run, level)})")
-            if exp.procs.is_main and (run, level) not in todo:   # a stop between ticket and cleanup
-                remove_if_there(checkpoint_path(run, level))
-            continue
-        try:
-            exp.log(summary_line(train_level(exp, run, level, eta)))
-        finally:
-            release(lock)
+        with stop_point(f"{run.name} level {level}, before its first epoch"):
+            lock = claim_level(exp, run, level) if (run, level) in todo else None
+            if lock is None:
+                by = "earlier" if (run, level) not in todo else "by another process"
+                exp.log(f"{run.name} level {level}: finished {by}, reused ({ticket_path(run, level)})")
+                if exp.procs.is_main and (run, level) not in todo:   # a stop between ticket and cleanup
+                    remove_if_there(checkpoint_path(run, level))
+                continue
+            try:
+                exp.log(summary_line(train_level(exp, run, level, eta)))
+            finally:
+                release(lock)
         if exp.procs.is_main:
             write_results(cfg.out_dir)
     rows = write_results(cfg.out_dir) if exp.procs.is_main else []
@@ -1506,6 +1507,17 @@ def run_experiment(cfg, log=print):
     exp.log(f"results are in {cfg.out_dir}: results.csv and results.json (one row per ticket), "
             "level_NN/ticket.pt (trunk) and BRANCH/level_NN/ticket.pt")
     return rows
+
+
+@contextlib.contextmanager
+def stop_point(where):
+    """A stop inside (Ctrl-C, SIGTERM) says it stopped at `where`, unless a step within named a closer
+    place (train_level: the epoch)."""
+    try:
+        yield
+    except (KeyboardInterrupt, Stopped) as e:
+        e.where = getattr(e, "where", where)
+        raise
 
 
 # ==================================== tooling ====================================

@@ -2300,6 +2300,14 @@ def test_a_branch_writes_layers_csv_before_its_ticket(tmp_path, monkeypatch):
     assert written == ["layers.csv", "ticket.pt"]
 
 
+def test_a_stop_before_a_levels_first_epoch_names_that_level(tmp_path, monkeypatch, capsys):
+    def interrupted(*_):                                       # Ctrl-C while waiting for a level's lock
+        raise KeyboardInterrupt
+    monkeypatch.setattr(L, "claim_level", interrupted)
+    assert L.main(FAST + ["--out-dir", str(tmp_path / "run"), "--levels", "0"]) == 130
+    assert "stopped by SIGINT at trunk level 0, before its first epoch" in capsys.readouterr().err
+
+
 def test_a_started_experiment_without_its_config_is_refused(tmp_path, capsys):
     out = str(tmp_path / "run")
     os.makedirs(os.path.join(out, "level_00"))                   # started; config.json deleted
