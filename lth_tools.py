@@ -932,6 +932,9 @@ def read_experiment(path):
     rows but has no run (one WARNING): its tickets and timings are not the trunk's.
     """
     files = [os.path.join(path, f) for f in ("config.json", "results.json")]
+    if os.path.exists(files[0]) and not os.path.exists(files[1]) and finished_tickets(path):
+        raise UsageError(f"{path} has finished levels but no results.json (a stop before it was written): "
+                         "run its training command again, which reuses the levels and writes it")
     if not all(os.path.exists(f) for f in files):
         raise UsageError(f"{path} is not an experiment directory: it lacks config.json or results.json "
                          "(--report reads the --out-dir of a training run; results.json appears when its "

@@ -2848,6 +2848,16 @@ def test_a_branch_whose_directory_is_missing_keeps_its_rows_but_never_reads_the_
     assert f"lists the branch regroup, but {missing} is missing" in capsys.readouterr().err
 
 
+def test_a_report_of_finished_levels_without_results_json_says_to_rerun_the_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    write_experiment(out, dict(arch="resnet20", dataset="synthetic"), [])
+    os.remove(out / "results.json")
+    os.makedirs(out / "level_00")
+    (out / "level_00" / "ticket.pt").write_bytes(b"")           # stopped between ticket and results
+    assert L.main(["--report", str(out), "--out-dir", str(tmp_path / "rep")]) == 2
+    assert "has finished levels but no results.json" in capsys.readouterr().err
+
+
 def test_a_results_file_without_rows_is_named_in_an_error(tmp_path, capsys):
     write_experiment(tmp_path / "run", dict(arch="resnet20", dataset="synthetic"), [])
     assert L.main(["--report", str(tmp_path / "run"), "--out-dir", str(tmp_path / "rep")]) == 2
