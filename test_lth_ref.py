@@ -2140,6 +2140,19 @@ def test_two_processes_on_one_experiment_train_each_level_once(tmp_path, methods
 
 
 @pytest.mark.slow
+def test_two_commands_with_other_seeds_started_together_on_a_fresh_directory_train_one_experiment(tmp_path):
+    out = str(tmp_path / "run")
+    procs = [lth_ref_process(out, "--levels", "1", "--seed", seed) for seed in ("0", "1")]
+    logs = [p.communicate(timeout=TORCHRUN_TIMEOUT_S)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2] and not any("Traceback" in log for log in logs), logs
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    assert "other settings (--seed" in logs[loser]
+    assert json.load(open(os.path.join(out, "config.json")))["seed"] == winner
+    assert all(ticket(out, level)["config"]["seed"] == winner for level in (0, 1))
+
+
+@pytest.mark.slow
 def test_the_same_branch_from_a_second_process_stops_with_a_message_unless_it_waits(tmp_path, capsys):
     out = tmp_path / "run"
     (out / "regroup").mkdir(parents=True)
