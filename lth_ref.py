@@ -2068,7 +2068,10 @@ def remove_stale_temporaries(path):
 
 
 def process_alive(pid):
-    """Whether a process with this id runs on this machine (another user's counts)."""
+    """Whether a process with this id runs on this machine (another user's counts; on Windows, where
+    os.kill(pid, 0) is no such test, every process counts as running)."""
+    if os.name == "nt":
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -2336,7 +2339,8 @@ def open_experiment(cfg, log=print):
     log(settings_line(cfg, procs))
     trunk, branch = trunk_run(cfg), branch_run(cfg)
     check_settings_here(cfg, branch,                      # early, for a quick answer; again under the lock
-                        trunk_holder(trunk) if procs.is_main else None)   # (rank 0 speaks for its ranks)
+                        experiment_holder(cfg.out_dir) if procs.is_main and os.path.isdir(cfg.out_dir)
+                        else None)                            # (rank 0 speaks for its ranks)
     data = datasets.load_dataset(cfg.dataset, cfg.data_dir, device, cfg.train_subset, cfg.seed, log=log,
                                  val_split=cfg.val_split)
     torch.manual_seed(cfg.seed)
@@ -2346,7 +2350,7 @@ def open_experiment(cfg, log=print):
     if procs.is_main:
         with waiting_lock(os.path.join(cfg.out_dir, "setup.lock")):   # one process at a time checks and
                                                                             # writes the settings
-            check_settings_here(cfg, branch, running=trunk_holder(trunk))
+            check_settings_here(cfg, branch, running=experiment_holder(cfg.out_dir))
             write_settings(cfg, model, branch, procs)
     procs.barrier()                            # every rank reads theta_0 from init.pt
     return (Experiment(cfg, model, training_net(model, cfg, device, procs), data, procs, log),
@@ -2495,13 +2499,20 @@ def waiting_lock(path):
         yield
 
 
-def trunk_holder(trunk):
-    """'pid P on HOST' of another process that trains a trunk level now, or None (creates nothing)."""
-    if not os.path.exists(lock_path(trunk)):
-        return None
-    lock = try_lock(lock_path(trunk))
-    release(lock)
-    return lock_holder(lock_path(trunk)) if lock is None else None
+def experiment_holder(out_dir):
+    """'pid P on HOST' of another process that trains a level of this experiment now (the trunk's or a
+    branch's), or None. Looks with a shared lock taken and dropped at once: creates and rewrites nothing."""
+    fcntl = posix_locks()
+    for path in [os.path.join(d, "run.lock") for d in [out_dir] + [os.path.join(out_dir, b)
+                                                                   for b in branch_dirs(out_dir)]]:
+        if fcntl is None or not os.path.exists(path):
+            continue
+        with open(path) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return lock_holder(path)
+    return None
 
 
 def claim_level(exp, run, level):
@@ -2542,11 +2553,13 @@ def settings_changed(cfg, run, level):
     command started here since changed a setting level 0 does not read), or None: checked before each
     level, the branches' too (their masks come from the trunk's)."""
     path = os.path.join(cfg.out_dir, "config.json")
-    changed = {k: (given, was) for k, (was, given) in config_changes(path, trunk_config(cfg)).items()}
+    with waiting_lock(os.path.join(cfg.out_dir, "setup.lock")):   # not while a command writes it
+        changed = {k: (given, was) for k, (was, given) in config_changes(path, trunk_config(cfg)).items()}
     if not changed:
         return None
-    return (f"{path} was rewritten by another command started here since this one ({changes_text(changed)}); "
-            f"this command stops before {run.name} level {level}: run it again with those settings")
+    return (f"{path} no longer holds this command's settings ({changes_text(changed)}): another command "
+            f"started here rewrote it, or an --import-masks file changed; this command stops before "
+            f"{run.name} level {level}")
 
 
 # ---- results: one row per ticket, per run and for the whole experiment ----

@@ -2189,6 +2189,12 @@ def test_a_write_removes_the_temporaries_of_its_file_that_killed_writers_left(tm
     assert sorted(os.listdir(tmp_path)) == sorted(["ticket.pt"] + [left[k] for k in left if k != "dead"])
 
 
+def test_on_windows_no_temporary_is_taken_for_a_killed_writers(monkeypatch):
+    monkeypatch.setattr(os, "kill", lambda *_: pytest.fail("os.kill(pid, 0) sends Ctrl-C on Windows"))
+    monkeypatch.setattr(os, "name", "nt")
+    assert L.process_alive(2 ** 22 + 1)
+
+
 def test_without_posix_file_locks_one_warning_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fcntl", None)             # `import fcntl` raises ImportError
     monkeypatch.setattr(kernels, "_WARNED", set())
@@ -2246,6 +2252,31 @@ def test_resuming_with_another_process_count_warns_once(tmp_path, capsys):
     assert "WARNING" not in capsys.readouterr().err
 
 
+def test_a_process_training_a_branch_keeps_the_trunk_settings_too(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    write_config(out)
+    os.makedirs(os.path.join(out, "refill"))
+    open(os.path.join(out, "refill", "branch.json"), "w").write("{}")
+    holder = L.try_lock(os.path.join(out, "refill", "run.lock"))   # it trains refill level 1
+    monkeypatch.setattr(L, "claim_level", lambda *_: pytest.fail("went on"))
+    try:
+        assert L.main(FAST + ["--out-dir", out, "--prune-rate", "0.5"]) == 2
+    finally:
+        L.release(holder)
+    assert f"is being trained by pid {os.getpid()} on " in capsys.readouterr().err
+
+
+def test_the_check_before_a_level_waits_while_another_command_writes_the_settings(tmp_path):
+    write_config(str(tmp_path))
+    cfg, run, done = cli_config("--out-dir", str(tmp_path)), L.trunk_run(cli_config()), threading.Event()
+    thread = threading.Thread(target=lambda: (L.settings_changed(cfg, run, 1), done.set()))
+    with L.waiting_lock(str(tmp_path / "setup.lock")):          # another command checks and writes
+        thread.start()
+        assert not done.wait(0.3)
+    assert done.wait(10)
+    thread.join()
+
+
 def test_theta_0_written_by_another_command_makes_the_experiment_started(tmp_path, capsys):
     out = str(tmp_path / "run")
     write_config(out)
@@ -2291,7 +2322,7 @@ def test_no_level_is_trained_after_another_command_changed_the_settings(tmp_path
     monkeypatch.setattr(L, "train_level", then_another_command_starts)
     assert L.main(FAST + ["--out-dir", out, "--levels", "1", "--method", method]) == 2
     err = capsys.readouterr().err
-    assert "was rewritten by another command started here since this one (--prune-rate 0.2 -> 0.5)" in err
+    assert "no longer holds this command's settings (--prune-rate 0.2 -> 0.5): another command" in err
     assert f"stops before {run} level 1" in err                 # (a branch level comes before trunk 1)
     assert not os.path.exists(os.path.join(out, "level_01")) and not os.path.exists(os.path.join(out, run,
                                                                                                  "level_01"))
@@ -5638,7 +5669,8 @@ def test_a_dangling_link_as_out_dir_is_an_error_before_the_work(tmp_path, capsys
     assert "is a link to" in err and "does not exist" in err and not (tmp_path / "unmounted").exists()
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+@pytest.mark.skipif(not os.path.isdir("/proc/self") or os.geteuid() != 0,
+                    reason="needs Linux's /proc, as root (whose mode bits say it may write there)")
 def test_a_place_where_nothing_can_be_created_is_an_error_before_the_work(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data, "load_dataset", lambda *_, **__: pytest.fail("the experiment started"))
     monkeypatch.setattr(lth_tools, "ticket_model", lambda *_: pytest.fail("the export started"))
