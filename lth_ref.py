@@ -1486,6 +1486,7 @@ def run_experiment(cfg, log=print):
         order += [(branch, level)] if branch is not None else []
         order += [(trunk, level)] if branch is None or not branch.group_aware else []
     todo = [(run, level) for run, level in order if not os.path.exists(ticket_path(run, level))]
+    warn_kept_after_missing(exp, order, todo)
     eta = Eta(sum(cfg.epochs - first_epoch(cfg, run, level) for run, level in todo))
     for run, level in order:
         with stop_point(f"{run.name} level {level}, before its first epoch"):
@@ -1507,6 +1508,20 @@ def run_experiment(cfg, log=print):
     exp.log(f"results are in {cfg.out_dir}: results.csv and results.json (one row per ticket), "
             "level_NN/ticket.pt (trunk) and BRANCH/level_NN/ticket.pt")
     return rows
+
+
+def warn_kept_after_missing(exp, order, todo):
+    """One WARNING when an IMP trunk level is trained again (its ticket was deleted) while levels built
+    from it are kept: training is exact on the CPU, so they still match it there; on GPUs they may not."""
+    missing = [level for run, level in todo if run.name == "trunk"]
+    if exp.cfg.mask_source != "imp" or not missing or not exp.procs.is_main:
+        return
+    kept = [f"{run.name} level {level}" for run, level in order if level > min(missing)
+            and (run, level) not in todo]
+    if kept:
+        print(f"WARNING: trunk level {min(missing)} is trained again, but {', '.join(kept)} (built from it) "
+              "are kept: they match it only where training is exact (the CPU); delete them to train them "
+              "again from it", file=sys.stderr)
 
 
 @contextlib.contextmanager

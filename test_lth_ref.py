@@ -2239,6 +2239,18 @@ def test_a_trunk_level_that_empties_a_layer_says_so(tmp_path, monkeypatch, capsy
 
 
 @pytest.mark.slow
+def test_a_deleted_middle_trunk_level_is_trained_again_and_the_levels_after_it_are_named(tmp_path, capsys):
+    out, _ = run_cli(tmp_path, "--levels", "2", "--method", "refill")
+    shutil.rmtree(os.path.join(out, "level_01"))
+    capsys.readouterr()
+    run_cli(tmp_path, "--levels", "2", "--method", "refill")
+    err = capsys.readouterr().err
+    assert "WARNING: trunk level 1 is trained again, but refill level 2, trunk level 2 (built from it)" in err
+    run_cli(tmp_path, "--levels", "2", "--method", "refill")
+    assert "WARNING" not in capsys.readouterr().err            # a plain resume says nothing
+
+
+@pytest.mark.slow
 def test_resuming_with_another_process_count_warns_once(tmp_path, capsys):
     out, _ = run_cli(tmp_path, "--levels", "0")
     config = json.load(open(os.path.join(out, "config.json")))
