@@ -779,7 +779,7 @@ class RegroupedConv2d(nn.Module):
         return lambda x: path.run(x, info, t, p, conv).add_(bias)  # run's y is a new tensor: add in place
 
     def forward(self, x):
-        kind = (x.shape, x.stride(), x.dtype, x.device, x.requires_grad and torch.is_grad_enabled())
+        kind = (x.shape, x.stride(), x.dtype, x.device, needs_grad(x))
         last_kind, run = self._last
         if kind != last_kind:
             run = self._runner(x)

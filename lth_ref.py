@@ -285,8 +285,9 @@ def grasp_scores(model, names, images, labels, temperature=GRASP_TEMPERATURE, ch
     model = _scoring_copy(model, train=True)
     weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     halves = [(x, y) for x, y in zip(images.chunk(2), labels.chunk(2)) if len(y)]
-    passes = [(x[i:i + (chunk or len(y))], y[i:i + (chunk or len(y))], len(y)) for x, y in halves
-              for i in range(0, len(y), chunk or len(y))]          # a half's mean loss: its passes' sums / n
+    step = chunk or len(images)                               # at least a half: one pass per half
+    passes = [(x[i:i + step], y[i:i + step], len(y)) for x, y in halves
+              for i in range(0, len(y), step)]                 # a half's mean loss: its passes' sums / n
     loss_of = lambda x, y, n: F.cross_entropy(model(x) / temperature, y, reduction="sum") / n
     g = [sum(parts) for parts in zip(*(torch.autograd.grad(loss_of(*p), weights) for p in passes))]
     for p in passes:
@@ -2276,15 +2277,14 @@ def stale_levels(cfg, changed):
         levels = [i + 1 for i, a in enumerate(old) if i >= len(new) or a != new[i]]
     else:
         levels = range(1, max(cfg.levels, *levels_started(cfg.out_dir)) + 1)
-    runs = [cfg.out_dir] + [os.path.join(cfg.out_dir, b) for b in branch_dirs(cfg.out_dir)]
-    dirs = [os.path.join(r, f"level_{level:02d}") for r in runs for level in levels]
+    dirs = [os.path.join(r, f"level_{level:02d}") for r in run_dirs(cfg.out_dir) for level in levels]
     return [d for d in dirs if os.path.isdir(d)]
 
 
 def levels_started(path):
     """The level numbers of the level_NN directories under an experiment's trunk and branches."""
     found = [0]
-    for root in [path] + [os.path.join(path, b) for b in branch_dirs(path)]:
+    for root in run_dirs(path):
         found += [int(d[len("level_"):]) for d in os.listdir(root) if re.fullmatch(r"level_\d+", d)]
     return found
 
@@ -2518,8 +2518,7 @@ def experiment_holder(out_dir):
     """'pid P on HOST' of another process that trains a level of this experiment now (the trunk's or a
     branch's), or None. Looks with a shared lock taken and dropped at once: creates and rewrites nothing."""
     fcntl = posix_locks()
-    for path in [os.path.join(d, "run.lock") for d in [out_dir] + [os.path.join(out_dir, b)
-                                                                   for b in branch_dirs(out_dir)]]:
+    for path in [os.path.join(d, "run.lock") for d in run_dirs(out_dir)]:
         if fcntl is None or not os.path.exists(path):
             continue
         with open(path) as f:
@@ -2657,6 +2656,11 @@ def finished_tickets(path):
 def branch_dirs(exp_dir):
     """Names of the experiment's branch directories (those holding a branch.json), sorted."""
     return sorted(d for d in os.listdir(exp_dir) if os.path.exists(os.path.join(exp_dir, d, "branch.json")))
+
+
+def run_dirs(exp_dir):
+    """The directories of an experiment's runs: the trunk's (the experiment's own), then each branch's."""
+    return [exp_dir] + [os.path.join(exp_dir, b) for b in branch_dirs(exp_dir)]
 
 
 def write_results(exp_dir):

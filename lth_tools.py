@@ -405,8 +405,8 @@ def input_metadata(ticket):
 
 
 def with_input_metadata(model_bytes, ticket):
-    """An ONNX file's bytes with input_metadata(ticket) in its metadata_props (read by onnx or ONNX Runtime's
-    session.get_modelmeta().custom_metadata_map)."""
+    """An ONNX file's bytes with input_metadata(ticket) in its metadata_props (read by onnx, or by ONNX
+    Runtime as get_modelmeta().custom_metadata_map of the loaded model)."""
     onnx = importlib.import_module("onnx")
     model = onnx.load_from_string(model_bytes)
     onnx.helper.set_model_props(model, input_metadata(ticket))
