@@ -1716,6 +1716,9 @@ class Config:
     amp: str = setting("off", "mixed precision: autocast to bf16, or fp16 with loss scaling (CUDA only)",
                        "training", "trunk", choices=list(AMP_DTYPES))
     channels_last: bool = setting(False, "train with channels-last model and batches", "training")
+    deterministic: bool = setting(False, "GPUs: deterministic algorithms only (cuDNN, cuBLAS), for reruns "
+                                  "and resumes that repeat every bit on the same GPU and software; slower "
+                                  "(the CPU is deterministic without it)", "training")
     compile: bool = setting(False, "torch.compile the training network", "training")
     sync_bn: bool = setting(False, "under torchrun on GPUs: BatchNorm statistics over all processes "
                             "(default: per process)", "training", "trunk")
@@ -2028,6 +2031,33 @@ def resolve_device(name):
         raise UsageError("--device cuda, but torch sees no CUDA GPU (CPU build of torch, or no "
                          "driver); use --device cpu or auto")
     return name
+
+
+CUBLAS_DETERMINISTIC = ":4096:8"  # the CUBLAS_WORKSPACE_CONFIG under which cuBLAS is deterministic (the
+                                  # cuBLAS docs, "Results reproducibility"); read when a cuBLAS handle is made
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on):
+    """--deterministic: inside, torch uses deterministic algorithms only (cuDNN convolutions too, its
+    autotuner off) and cuBLAS its deterministic workspace; an op with no deterministic CUDA version
+    prints torch's warning naming it and runs as before. The previous settings come back after."""
+    if not on:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark,
+              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]
+        if before[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def check_training_flags(cfg, device, procs):
@@ -2774,7 +2804,8 @@ def main(argv=None):
         else:
             previous = signal.signal(signal.SIGTERM, stop_on_signal)   # a scheduler's stop: as Ctrl-C
             try:
-                run_experiment(cfg)
+                with deterministic_algorithms(cfg.deterministic):   # process-wide, so set here
+                    run_experiment(cfg)
             finally:
                 signal.signal(signal.SIGTERM, previous)
     except (UsageError, datasets.DataError) as e:

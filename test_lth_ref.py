@@ -2035,13 +2035,18 @@ def differences(a, b, where=""):
 
 
 @pytest.mark.slow
-def test_a_run_repeated_from_scratch_is_the_same_bit_for_bit_and_another_seed_is_not(tmp_path):
+def test_a_run_repeated_from_scratch_is_the_same_bit_for_bit_and_another_seed_is_not(tmp_path, recwarn):
     # the whole pipeline twice in fresh directories: theta_0, training (data order, augmentation), IMP's
-    # prune of the trained weights, refill, retraining; then once more with another seed
+    # prune of the trained weights, refill, retraining (again: --deterministic, which changes nothing on
+    # the CPU and finds no op without a deterministic version); then once more with another seed
     flags = ["--levels", "1", "--epochs", "1", "--train-subset", "64", "--method", "refill"]
-    first, again, other = (run_record(run_cli(tmp_path, *flags, *seed, name=name)[0])
-                           for name, seed in (("first", []), ("again", []), ("other", ["--seed", "1"])))
+    first, again, other = (run_record(run_cli(tmp_path, *flags, *more, name=name)[0])
+                           for name, more in (("first", []), ("again", ["--deterministic"]),
+                                              ("other", ["--seed", "1"])))
+    assert [str(w.message) for w in recwarn if "deterministic" in str(w.message)] == []
     tickets = ["level_00/ticket.pt", "level_01/ticket.pt", "refill/level_01/ticket.pt"]
+    for t in tickets:                        # a ticket records the settings of its command
+        assert again[t]["config"].pop("deterministic") and not first[t]["config"].pop("deterministic")
     assert set(first) >= {"init.pt", "results.json", "refill/results.json", *tickets}, sorted(first)
     assert differences(first, again) == []
     for t in tickets:                        # the comparison sees a change: another seed changes them all
@@ -4016,6 +4021,15 @@ def test_cuda_thick_blocks_and_model(path):
 
 
 @cuda
+@pytest.mark.slow
+def test_cuda_deterministic_runs_repeat_bit_for_bit(tmp_path):
+    # two fresh runs on the GPU with --deterministic: every ticket and result the same, every bit
+    flags = ["--levels", "1", "--epochs", "1", "--method", "regroup", "--deterministic", "--device", "cuda"]
+    first, again = (run_record(run_cli(tmp_path, *flags, name=name)[0]) for name in ("first", "again"))
+    assert "regroup/level_01/ticket.pt" in first and differences(first, again) == []
+
+
+@cuda
 def test_cuda_graph_replays_the_models_and_bench_model_times_both(monkeypatch):
     model, blocks, _ = tiny_model_and_blocks()
     x = torch.randn(4, 3, 16, 16, device="cuda", dtype=torch.float16)
@@ -5062,6 +5076,17 @@ def test_device_auto_without_cuda_warns_once_and_uses_the_cpu(monkeypatch, capsy
     assert capsys.readouterr().err.count("WARNING: no CUDA GPU found") == 1
     with pytest.raises(L.UsageError, match="--device cuda"):
         L.resolve_device("cuda")
+
+
+@pytest.mark.parametrize("flag", [[], ["--deterministic"]])
+def test_deterministic_holds_while_the_experiment_trains_and_is_undone_after(monkeypatch, tmp_path, flag):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen = []
+    monkeypatch.setattr(L, "run_experiment", lambda cfg: seen.append(
+        (torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))))
+    assert L.main(FAST + ["--out-dir", str(tmp_path / "run"), *flag]) == 0
+    assert seen == ([(True, ":4096:8")] if flag else [(False, None)])
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
 
 
 def test_kernel_fallback_warning_is_one_stderr_line_per_message(capsys):
