@@ -36,8 +36,8 @@ from lth_ref import (  # the method
 from lth_ref import (  # settings, files and results
     LEVEL0_FREE, RUN_SETTINGS, SOURCE_SETTINGS, Config, Processes, UsageError, atomic_write, branch_config,
     branch_dirs, branch_knobs, branch_run, check_dir, check_masks_fit, check_training_flags, finished_tickets,
-    load_file, load_ticket, markdown_table, read_json, resolve_device, save, trunk_run, whole_model_counts,
-    write_csv, write_text)
+    load_file, load_ticket, markdown_table, read_json, resolve_device, save, settings_fix, trunk_run,
+    whole_model_counts, write_csv, write_text)
 
 
 # ---- tickets for the tools: a finished level, or a fresh pruned network ----
@@ -940,10 +940,14 @@ def read_experiment(path):
                          "(--report reads the --out-dir of a training run; results.json appears when its "
                          "first level has finished)")
     try:
-        config, rows = [read_json(f) for f in files]
+        config = read_json(files[0])
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"{path}: config.json or results.json is corrupt; run the training command "
-                         "again to rewrite results.json") from None
+        raise UsageError(f"{files[0]} is damaged (not JSON); {settings_fix(files[0])}") from None
+    try:
+        rows = read_json(files[1])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError(f"{files[1]} is damaged (not JSON): run the training command again, which rewrites "
+                         "it from the finished tickets") from None
     if not isinstance(rows, list) or not rows:
         raise UsageError(f"{path}: results.json holds no result rows; run the training command again to "
                          "rewrite it from the finished tickets")

@@ -2376,6 +2376,24 @@ def test_a_started_experiment_without_its_config_is_refused(tmp_path, capsys):
     assert "config.json is missing, but the experiment there has started" in capsys.readouterr().err
 
 
+def test_a_damaged_config_names_the_command_that_rebuilds_it_from_the_first_ticket(tmp_path):
+    out = str(tmp_path / "run")
+    cfg = cli_config("--out-dir", out)
+    os.makedirs(os.path.join(out, "level_00"))
+    with open(os.path.join(out, "config.json"), "w") as f:
+        f.write('{"arch": "resnet20", "data')                    # cut short
+    with pytest.raises(L.UsageError, match="delete the directory to start over"):   # nothing to rebuild from
+        L.check_settings_here(cfg, None)
+    L.save(dict(config={**dataclasses.asdict(cfg), "method": "imp", "branch": "trunk"}),   # as write_ticket
+           os.path.join(out, "level_00", "ticket.pt"))
+    with pytest.raises(L.UsageError, match="config.json is damaged") as e:
+        L.check_settings_here(cfg, None)
+    exec(re.search(r'python -c "(.*)"$', str(e.value)).group(1))
+    L.check_settings_here(cfg, None)                             # rebuilt: the same settings go on
+    with pytest.raises(L.UsageError, match="--lr 0.1 -> 0.05"):  # and a changed one is still refused
+        L.check_settings_here(cli_config("--out-dir", out, "--lr", "0.05"), None)
+
+
 @pytest.mark.slow
 def test_sigterm_mid_level_stops_with_128_plus_15_and_the_same_command_resumes_exactly(tmp_path):
     flags = ["--levels", "1", "--method", "regroup"]
@@ -3132,6 +3150,16 @@ def test_block_order_draws_blocks_as_rectangles():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("damaged", ["config.json", "results.json"])
+def test_a_report_names_the_damaged_file_and_its_fix(tmp_path, capsys, damaged):
+    write_experiment(tmp_path / "run", dict(arch="resnet20", dataset="synthetic"), [dict(level=0)])
+    (tmp_path / "run" / damaged).write_text("{")
+    assert L.main(["--report", str(tmp_path / "run"), "--out-dir", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'run' / damaged} is damaged (not JSON)" in err
+    assert ("delete the directory to start over" if damaged == "config.json" else "rewrites it") in err
+
+
 def test_report_refuses_what_it_cannot_read(report_exp, tmp_path, capsys):
     assert L.main(["--report", str(tmp_path)]) == 2
     assert "is not an experiment directory" in capsys.readouterr().err
