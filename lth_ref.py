@@ -1406,7 +1406,7 @@ def train_level(exp, run, level, eta):
     except Diverged as e:
         raise UsageError(diverged_message(exp, run, level, e, ckpt_path)) from None
     except (KeyboardInterrupt, Stopped) as e:
-        e.where = f"{run.name} level {level} after epoch {progress['epoch']}/{cfg.epochs}"
+        e.where = f"{run.name} level {level} in epoch {progress['epoch'] + 1}/{cfg.epochs}"
         raise
     counts = whole_model_counts(model, masks, exp.data.image_shape)
     row = result_row(cfg, run, level, masks, start.blocks, start.stats, metrics, progress["seconds"], counts)
@@ -1491,7 +1491,7 @@ def run_experiment(cfg, log=print):
     warn_kept_after_missing(exp, order, todo)
     eta = Eta(sum(cfg.epochs - first_epoch(cfg, run, level) for run, level in todo))
     for run, level in order:
-        with stop_point(f"{run.name} level {level}, before its first epoch"):
+        with stop_point(f"{run.name} level {level}, before its first epoch", checkpoint_path(run, level)):
             lock = claim_level(exp, run, level) if (run, level) in todo else None
             if lock is None:
                 by = "earlier" if (run, level) not in todo else "by another process"
@@ -1527,13 +1527,14 @@ def warn_kept_after_missing(exp, order, todo):
 
 
 @contextlib.contextmanager
-def stop_point(where):
+def stop_point(where, ckpt_path):
     """A stop inside (Ctrl-C, SIGTERM) says it stopped at `where`, unless a step within named a closer
-    place (train_level: the epoch)."""
+    place (train_level: the epoch), and whether the level's epoch checkpoint is there to resume from."""
     try:
         yield
     except (KeyboardInterrupt, Stopped) as e:
         e.where = getattr(e, "where", where)
+        e.kept = ckpt_path if os.path.exists(ckpt_path) else None
         raise
 
 
@@ -2831,15 +2832,25 @@ def main(argv=None):
             print(f"error: {write_fault(e)}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Stopped) as e:
-        signum = getattr(e, "signum", signal.SIGINT)
         if main_process():
-            print(f"stopped by {signal.Signals(signum).name} at {getattr(e, 'where', 'the start')}: "
-                  "the last epoch checkpoint is kept; run the same command again to resume", file=sys.stderr)
-        return 128 + signum
+            tool = args.report or args.bench or args.export is not None
+            print(stop_message(e, training=not tool), file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
+
+
+def stop_message(e, training):
+    """What a stop by a signal says: where it stopped, and what the same command goes on from."""
+    name = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
+    if not training:
+        return f"stopped by {name}; run the same command again to redo it"
+    where, kept = getattr(e, "where", "the setup, before any level"), getattr(e, "kept", None)
+    resume = f"its last epoch checkpoint is kept ({kept})" if kept else "no epoch of that level was kept"
+    return (f"stopped by {name} at {where}: {resume}; the same command goes on from there (finished levels "
+            "are reused)")
 
 
 def stop_on_signal(signum, frame):

@@ -2366,7 +2366,19 @@ def test_a_stop_before_a_levels_first_epoch_names_that_level(tmp_path, monkeypat
         raise KeyboardInterrupt
     monkeypatch.setattr(L, "claim_level", interrupted)
     assert L.main(FAST + ["--out-dir", str(tmp_path / "run"), "--levels", "0"]) == 130
-    assert "stopped by SIGINT at trunk level 0, before its first epoch" in capsys.readouterr().err
+    assert "stopped by SIGINT at trunk level 0, before its first epoch: no epoch of that level was kept" in \
+        capsys.readouterr().err
+    os.makedirs(tmp_path / "run" / "level_00")
+    (tmp_path / "run" / "level_00" / "checkpoint.pt").write_bytes(b"")     # an earlier command's
+    assert L.main(FAST + ["--out-dir", str(tmp_path / "run"), "--levels", "0"]) == 130
+    assert "its last epoch checkpoint is kept" in capsys.readouterr().err
+
+
+def test_a_stop_of_a_tool_promises_no_checkpoint(tmp_path, monkeypatch, capsys):
+    import lth_tools
+    monkeypatch.setattr(lth_tools, "write_report", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert L.main(["--report", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "stopped by SIGINT; run the same command again to redo it\n"
 
 
 def test_a_started_experiment_without_its_config_is_refused(tmp_path, capsys):
@@ -2410,7 +2422,8 @@ def test_sigterm_mid_level_stops_with_128_plus_15_and_the_same_command_resumes_e
             break
     log = "".join(lines) + proc.communicate(timeout=TORCHRUN_TIMEOUT_S)[0]
     assert proc.returncode == 143, log
-    assert "stopped by SIGTERM at trunk level 1 after epoch 1/2: the last epoch checkpoint is kept" in log
+    ckpt = os.path.join(out, "level_01", "checkpoint.pt")
+    assert f"stopped by SIGTERM at trunk level 1 in epoch 2/2: its last epoch checkpoint is kept ({ckpt})" in log
     assert "Traceback" not in log and os.path.exists(os.path.join(out, "level_01", "checkpoint.pt"))
     resumed = lth_ref_process(out, *flags)
     assert ("resuming at epoch 1" in resumed.communicate(timeout=TORCHRUN_TIMEOUT_S)[0]
