@@ -594,6 +594,8 @@ def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_
     (kernels.PAPER_PROFILE, conv only). Refill tickets run as one block of kept channels per layer.
     memory_format: a kernels.MEMORY_FORMATS key or auto (the faster for dense);
     dtype: of the models and inputs, every side alike. Each figure with its min-max range and a noisy flag."""
+    out = os.path.join(os.path.dirname(path), "bench.json")
+    check_dir("--bench writes bench.json into", os.path.dirname(os.path.abspath(out)))   # before the work
     model = ticket_model(ticket)
     blocks = ticket["blocks"] or {n: channel_blocks(m) for n, m in ticket["masks"].items()}
     shape = datasets.IMAGE_SHAPES[ticket["config"].get("dataset", "cifar10")]
@@ -619,7 +621,6 @@ def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_
             run.update(bench_end_to_end(model, ticket, blocks, batch, device, repeats, shape, fmt, log,
                                         dtype))
         report["runs"].append(run)
-    out = os.path.join(os.path.dirname(path), "bench.json")
     write_text(json.dumps(report, indent=1, default=str), out)
     log(f"wrote {out}")
     return report

@@ -5731,6 +5731,15 @@ def saved_fresh_ticket(tmp_path):
     return str(tmp_path / "t.pt")
 
 
+def test_bench_into_an_unwritable_place_stops_before_it_measures(tmp_path, monkeypatch, capsys):
+    path = saved_fresh_ticket(tmp_path)
+    monkeypatch.setattr(kernels, "bench_layers", lambda *a, **k: pytest.fail("measured first"))
+    monkeypatch.setattr(L.os, "access", lambda p, mode: not mode & os.W_OK)   # as on a read-only mount
+    assert L.main(["--bench", "--ticket", path, "--device", "cpu", "--bench-memory-format", "contiguous"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --bench writes bench.json into {tmp_path}: this user "
+                                              "may not write to")
+
+
 @pytest.mark.slow
 def test_a_checkpoint_left_beside_a_finished_ticket_is_removed_when_the_level_is_reused(tmp_path):
     out, _ = run_cli(tmp_path, "--levels", "0")
