@@ -180,9 +180,8 @@ def read_imported_masks(path, model, arch):
         raise UsageError(problem)
     ignored = sorted(m for m in mapped.values() if m not in prunable)
     if ignored:
-        print(f"WARNING: {path}: masks of {len(ignored)} layers lth_ref does not prune are ignored (the "
-              f"stem, the classifier and depthwise convs stay dense): {', '.join(ignored[:4])}",
-              file=sys.stderr)
+        kernels._warn_once(f"{path}: masks of {len(ignored)} layers lth_ref does not prune are ignored (the "
+                           f"stem, the classifier and depthwise convs stay dense): {', '.join(ignored[:4])}")
     out = {m: masks[n].float() for n, m in mapped.items() if m in prunable}
     not_binary = sorted(n for n, m in out.items() if not torch.isin(m, torch.tensor([0.0, 1.0])).all())
     if not_binary:

@@ -5421,7 +5421,7 @@ def test_import_reads_open_lth_masks_and_plain_dicts_and_ignores_the_stem_and_cl
         olth[f"blocks.{3 * (int(stage) - 1) + int(block)}.{conv}.weight"] = m.int()
     torch.save(olth, tmp_path / "mask.pth")
     torch.save({n: m.bool() for n, m in masks.items()}, tmp_path / "plain.pt")
-    for f in ("mask.pth", "plain.pt"):
+    for f in ("mask.pth", "plain.pt", "mask.pth"):              # a file is read at setup and at its level
         got, weights = lth_tools.read_imported_masks(str(tmp_path / f), model, "resnet20")
         assert weights == {} and set(got) == set(masks) and all(torch.equal(got[n], masks[n]) for n in masks)
     err = capsys.readouterr().err
