@@ -1676,9 +1676,9 @@ class Config:
     epochs: int | None = setting(None, f"epochs per level; default: {TABLE1} ({table1_values('epochs')})",
                                  "training", "trunk", check=IS_POSITIVE, official="--epochs")
     lr_drops: list | None = setting(
-        None, f"epochs at which the LR drops x0.1; default: {TABLE1} ({table1_values('lr_drops')}), "
-        "scaled to --epochs, never before epoch 1 (--epochs 1: no drop)", "training", "trunk", nargs="*",
-        metavar="EPOCH", type=int, official="--decreasing_lr",
+        None, f"epochs at which the LR drops x0.1, each below --epochs; default: {TABLE1} "
+        f"({table1_values('lr_drops')}), scaled to --epochs, never before epoch 1 (--epochs 1: no drop)",
+        "training", "trunk", nargs="*", metavar="EPOCH", type=int, official="--decreasing_lr",
         check=("epochs >= 1", lambda v: all(e >= 1 for e in v)))
     rewind_epoch: int | None = setting(
         None, f"rewind to the end of this epoch (0 = initialization); default: {TABLE1} "
@@ -1822,6 +1822,11 @@ def resolve(cfg):
     scaled = lambda e: round(e * epochs / table["epochs"])   # the table's epochs at this schedule's length
     pick = lambda value, key: value if value is not None else table[key]
     cfg = resolve_import(cfg)
+    late = [d for d in cfg.lr_drops or [] if d >= epochs]
+    if late:
+        raise UsageError(f"--lr-drops {' '.join(map(str, late))}: at or after --epochs {epochs} a drop never "
+                         "applies (a drop at epoch E lowers the LR of the epochs after the first E); give "
+                         "drops below --epochs, or none")
     cfg = dataclasses.replace(
         cfg, levels=cfg.levels if cfg.levels is not None else PAPER["levels"], epochs=epochs,
         lr=pick(cfg.lr, "lr"),
@@ -1937,9 +1942,10 @@ def settings_line(cfg, procs):
     pruning = f"masks from {files} --import-masks file{'s' * (files != 1)}" if cfg.mask_source == "import" \
         else f"prune {cfg.prune_rate:.0%} per level, mask source {cfg.mask_source}"
     subset = f", a seeded subset of {cfg.train_subset} training images" if cfg.train_subset else ""
-    drops = ", ".join(map(str, cfg.lr_drops)) or "never"
+    applied = [d for d in cfg.lr_drops if d < cfg.epochs]     # a drop at epoch >= --epochs never applies
+    drops = ", ".join(f"x{0.1 ** applied.count(d):g} at {d}" for d in sorted(set(applied))) or "no drop"
     return (f"settings: {cfg.arch} on {cfg.dataset}{subset}, {cfg.levels} level{'s' * (cfg.levels != 1)} of "
-            f"{cfg.epochs} epochs, lr {cfg.lr} (x0.1 at {drops}), batch {cfg.batch_size}"
+            f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)}, lr {cfg.lr} ({drops}), batch {cfg.batch_size}"
             f"{f' over {procs.world} processes' if procs.world > 1 else ''}, weight decay "
             f"{cfg.weight_decay}, rewind to epoch {cfg.rewind_epoch}, {pruning}, amp {cfg.amp}, LR schedule "
             f"after rewinding: {cfg.lr_schedule}{' (App. A2 (+) schedule)' * (cfg.schedule == 'plus')}")

@@ -5507,6 +5507,13 @@ def test_the_settings_line_says_the_subset_and_one_level_and_no_prune_rate_for_i
     procs = L.Processes()
     line = L.settings_line(cli_config("--levels", "1"), procs)
     assert "a seeded subset of 128 training images" in line and "1 level of 2 epochs" in line
+    for flags, drops in ((["--epochs", "1"], "1 epoch, lr 0.1 (no drop)"),    # Table 1: x0.1 at 80, 120 of 160
+                         (["--epochs", "3"], "3 epochs, lr 0.1 (x0.01 at 2)"),  # scaled: 1.5, 2.25 -> 2, 2
+                         ([], "160 epochs, lr 0.1 (x0.1 at 80, x0.1 at 120)")):
+        assert drops in L.settings_line(L.config_from_args(L.build_parser().parse_args(
+            ["--dataset", "synthetic", *flags])), procs)
+    with pytest.raises(L.UsageError, match="--lr-drops 5: at or after --epochs 2 a drop never applies"):
+        cli_config("--lr-drops", "1", "5")
     assert "prune 20% per level" in L.settings_line(cli_config("--levels", "2"), procs)
     torch.save(L.ones_masks(L.prunable_weights(built("resnet20"))), tmp_path / "m.pt")
     line = L.settings_line(cli_config("--import-masks", str(tmp_path / "m.pt")), procs)
