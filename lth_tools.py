@@ -160,9 +160,11 @@ IMPORT_NAME_MAPS = {
 # open_lth's VGG-16 `layers.i` (its max-pools hold no weights) -> our `features.j`
 OPEN_LTH_VGG16 = dict(zip((0, 1, 3, 4, 6, 7, 8, 10, 11, 12, 14, 15, 16),
                           (0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40)))
-RESAVE_HINT = ("if you trust the file, re-save its tensors as plain data: python -c \"import torch; "
-               "torch.save(torch.load('FILE', weights_only=False)['state_dict'], 'FILE.tensors.pt')\" "
-               "(or the dict of masks it holds), then import that")
+RESAVE_HINT = ("if you trust the file, re-save its tensors and dicts of tensors as plain data: python -c "
+               "\"import torch; c = torch.load('FILE', weights_only=False); c = c.state_dict() if hasattr(c, "
+               "'state_dict') else c; torch.save({k: v for k, v in c.items() if torch.is_tensor(v) or "
+               "isinstance(v, dict) and all(map(torch.is_tensor, v.values()))}, 'FILE.tensors.pt')\", then "
+               "import FILE.tensors.pt")
 
 
 def read_imported_masks(path, model, arch):

@@ -2,6 +2,7 @@
 
 Run with `python -m pytest -q test_lth_ref.py` (CPU, a few minutes). CUDA tests skip without a GPU.
 """
+import argparse
 import ast
 import copy
 import csv
@@ -5460,6 +5461,19 @@ def test_import_refuses_what_does_not_fit_with_a_message(tmp_path, content, mess
     with pytest.raises(L.UsageError) as e:
         lth_tools.read_imported_masks(str(tmp_path / "m.pt"), model, "resnet20")
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("key", ["masks", "state_dict"])
+def test_the_resave_command_for_a_trusted_file_with_python_objects_gives_a_file_that_imports(tmp_path, key):
+    model = models.MODELS["resnet20"](10)
+    masks = L.magnitude_prune(L.prunable_weights(model), L.ones_masks(L.prunable_weights(model)), 0.5)
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({key: masks, "args": argparse.Namespace(lr=0.1), "epoch": 3}, path)   # as training scripts do
+    with pytest.raises(L.UsageError, match="refuses to unpickle") as e:
+        lth_tools.read_imported_masks(path, model, "resnet20")
+    exec(re.search(r'python -c "(.*?)", then import', str(e.value)).group(1))
+    read, _ = lth_tools.read_imported_masks(path + ".tensors.pt", model, "resnet20")
+    assert read.keys() == masks.keys() and all(torch.equal(read[n], masks[n]) for n in masks)
 
 
 @pytest.mark.parametrize("wrap", [lambda m: {"masks": m, "epoch": 3},
