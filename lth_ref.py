@@ -1856,7 +1856,9 @@ def resolve_import(cfg):
         raise UsageError(f"--import-masks gives the trunk's masks: drop --mask-source {cfg.mask_source}")
     missing = [f for f in cfg.import_masks if not os.path.isfile(f)]
     if missing:
-        raise UsageError(f"--import-masks: no such file {missing[0]}")
+        problem = "a directory: give the mask files in it, one per level" if os.path.isdir(missing[0]) else \
+            "no such file"
+        raise UsageError(f"--import-masks {missing[0]}: {problem}")
     levels = len(cfg.import_masks) if cfg.levels is None else cfg.levels
     if levels > len(cfg.import_masks):
         raise UsageError(f"--levels {levels} needs {levels} --import-masks files (one per level), got "
@@ -2176,7 +2178,8 @@ def load_file(path, what, mmap=False):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, wrong format, disallowed globals: all mean "not ours"
-        first = (str(e).strip().splitlines() or [""])[0][:MESSAGE_CHARS]
+        first = (str(e).strip().splitlines() or [""])[0]
+        first = first[:MESSAGE_CHARS] + "..." * (len(first) > MESSAGE_CHARS)
         first = f"cannot read the {what} {path} ({type(e).__name__}: {first})"
         fix = DAMAGED_FIX.get(what, "Delete it to compute that step again (a ticket: its level is trained "
                                     "again), or point --out-dir elsewhere")

@@ -34,10 +34,10 @@ from lth_ref import (  # the method
     layer_stats, grad_scaler, magnitude_prune, mask_pairs, needs_feats, paper_schedule, postprocess,
     prunable_weights, prune_to_density, refill, regroup_mask, remask, rewind, train_step)
 from lth_ref import (  # settings, files and results
-    LEVEL0_FREE, RUN_SETTINGS, SOURCE_SETTINGS, Config, Processes, UsageError, atomic_write, branch_config,
-    branch_dirs, branch_knobs, branch_run, check_dir, check_masks_fit, check_training_flags, finished_tickets,
-    load_file, load_ticket, markdown_table, read_json, resolve_device, save, settings_fix, trunk_run,
-    whole_model_counts, write_csv, write_text)
+    LEVEL0_FREE, RUN_SETTINGS, SOURCE_SETTINGS, Config, DamagedFile, Processes, UsageError, atomic_write,
+    branch_config, branch_dirs, branch_knobs, branch_run, check_dir, check_masks_fit, check_training_flags,
+    finished_tickets, load_file, load_ticket, markdown_table, read_json, resolve_device, save, settings_fix,
+    trunk_run, whole_model_counts, write_csv, write_text)
 
 
 # ---- tickets for the tools: a finished level, or a fresh pruned network ----
@@ -55,15 +55,21 @@ def find_ticket(ticket=None, out_dir=None, cfg=None, required=True):
         tickets = finished_tickets(run.path)
         if not tickets:
             raise UsageError(f"{out_dir} has no finished level of the {run.name} (branches here: "
-                             f"{branch_dirs(out_dir) or 'none'}); name one with --method and its knobs, "
-                             "or pass --ticket")
+                             f"{', '.join(branch_dirs(out_dir)) or 'none'}); name one with --method and its "
+                             "knobs, or pass --ticket")
         path = tickets[-1]
     if path is None:
         if required:
             raise UsageError("no ticket to benchmark or export: pass --ticket PATH, or --out-dir of an "
                              "experiment with at least one finished level (and --method for a branch)")
         return None, None
-    return path, load_ticket(path)
+    try:
+        return path, load_ticket(path)
+    except DamagedFile as e:
+        if ticket is None:                     # the experiment's own ticket: its fix applies
+            raise
+        raise UsageError(f"--ticket: {e.first_line}; pass a ticket.pt lth_ref wrote (RUN/level_NN/ticket.pt "
+                         "or RUN/BRANCH/level_NN/ticket.pt)") from None
 
 
 def ticket_model(ticket):
@@ -937,6 +943,9 @@ def read_experiment(path):
     if os.path.exists(files[0]) and not os.path.exists(files[1]) and finished_tickets(path):
         raise UsageError(f"{path} has finished levels but no results.json (a stop before it was written): "
                          "run its training command again, which reuses the levels and writes it")
+    if os.path.exists(files[0]) and not os.path.exists(files[1]):
+        raise UsageError(f"{path} has no finished level yet (results.json appears when its first level has "
+                         "finished)")
     if not all(os.path.exists(f) for f in files):
         raise UsageError(f"{path} is not an experiment directory: it lacks config.json or results.json "
                          "(--report reads the --out-dir of a training run; results.json appears when its "

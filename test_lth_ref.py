@@ -2673,6 +2673,14 @@ def test_a_damaged_file_says_what_to_do_about_that_file(tmp_path, what, says):
         L.load_file(str(tmp_path / "f.pt"), what)
 
 
+def test_a_long_reason_is_cut_with_an_ellipsis(tmp_path, monkeypatch):
+    (tmp_path / "f.pt").write_bytes(b"")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("word " * 100)))
+    with pytest.raises(L.DamagedFile) as e:
+        L.load_file(str(tmp_path / "f.pt"), "ticket")
+    assert ("word " * 100)[:L.MESSAGE_CHARS] + "...)" in e.value.first_line
+
+
 @pytest.mark.slow
 def test_a_damaged_ticket_is_an_error_that_names_it_and_says_what_to_do(tmp_path, capsys):
     out, _ = run_cli(tmp_path, "--levels", "0")
@@ -2769,13 +2777,18 @@ def test_bench_without_a_ticket_says_how_to_get_one(tmp_path, capsys):
                        "--ticket", str(tmp_path / "level_01")]) == 2
         err = capsys.readouterr().err
         assert "level_01 is not a file" in err and "RUN/BRANCH/level_NN/ticket.pt" in err
+    (tmp_path / "empty.pt").write_bytes(b"")                    # a file of the user's, not a level's ticket
+    assert L.main(["--export", str(tmp_path / "s.pt"), "--ticket", str(tmp_path / "empty.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --ticket: cannot read the ticket {tmp_path / 'empty.pt'}") and \
+        "pass a ticket.pt lth_ref wrote" in err and "trained again" not in err
 
 
 @pytest.mark.slow
 def test_bench_names_the_branches_when_the_run_asked_for_has_none(tmp_path, capsys):
     run_cli(tmp_path, "--levels", "1", "--epochs", "1", "--method", "refill")
     assert L.main(["--bench", "--out-dir", str(tmp_path / "run"), "--method", "regroup"] + FAST) == 2
-    assert "branches here: ['refill']" in capsys.readouterr().err
+    assert "branches here: refill)" in capsys.readouterr().err
 
 
 # ---- report ----
@@ -3178,6 +3191,10 @@ def test_a_report_names_the_damaged_file_and_its_fix(tmp_path, capsys, damaged):
 def test_report_refuses_what_it_cannot_read(report_exp, tmp_path, capsys):
     assert L.main(["--report", str(tmp_path)]) == 2
     assert "is not an experiment directory" in capsys.readouterr().err
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "config.json").write_text("{}")     # level 0 training, nothing finished
+    assert L.main(["--report", str(tmp_path / "started")]) == 2
+    assert "started has no finished level yet" in capsys.readouterr().err
     out, _ = report_exp
     assert L.main(["--report", out, "--out-dir", str(tmp_path / "r"), "--report-layers", "fc"]) == 2
     err = capsys.readouterr().err
@@ -5558,7 +5575,8 @@ def bad_import_files(tmp_path):
     olth.update({"blocks.3.shortcut.0.weight": torch.ones(32, 16, 1, 1), "blocks.6.shortcut.0.weight":
                  torch.ones(64, 32, 1, 1)})                   # open_lth's ResNet-20: 1x1 projection shortcuts
     torch.save(olth, tmp_path / "open_lth.pth")
-    return {"masks.txt": ["not a torch file"],
+    (tmp_path / "masks_dir").mkdir()
+    return {"masks.txt": ["not a torch file"], "masks_dir": ["masks_dir: a directory: give the mask files in it"],
             "weights.pt": ["a state_dict with no masks", "save the `*_mask` buffers or a {name: mask} dict"],
             "transposed.pt": ["layer2.0.conv1.weight: expected (32, 16, 3, 3), found (16, 32, 3, 3)"],
             "open_lth.pth": ["1x1 projection shortcuts", "'blocks.3.shortcut.0.weight', "
