@@ -5576,7 +5576,7 @@ def bad_import_files(tmp_path):
                  torch.ones(64, 32, 1, 1)})                   # open_lth's ResNet-20: 1x1 projection shortcuts
     torch.save(olth, tmp_path / "open_lth.pth")
     (tmp_path / "masks_dir").mkdir()
-    return {"masks.txt": ["not a torch file"], "masks_dir": ["masks_dir: a directory: give the mask files in it"],
+    return {"masks.txt": ["not a torch file"], "masks_dir": ["masks_dir: a directory: give the mask files"],
             "weights.pt": ["a state_dict with no masks", "save the `*_mask` buffers or a {name: mask} dict"],
             "transposed.pt": ["layer2.0.conv1.weight: expected (32, 16, 3, 3), found (16, 32, 3, 3)"],
             "open_lth.pth": ["1x1 projection shortcuts", "'blocks.3.shortcut.0.weight', "
