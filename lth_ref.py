@@ -2260,7 +2260,7 @@ def check_config(path, settings, started, reuse=None, running=None):
     else the message names the directories to delete (or another --out-dir)."""
     if (started or running) and reuse is not None and not os.path.exists(path):
         raise UsageError(f"{path} is missing, but the experiment there has started (its init.pt or level_00 "
-                         f"is there): put the file back; {settings_fix(path)}")
+                         f"is there): put the file back, or {settings_fix(path)}")
     if not ((started or running) and os.path.exists(path)):
         return
     changed = config_changes(path, settings)
@@ -2286,7 +2286,7 @@ def config_changes(path, settings):
     try:
         old = read_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"{path} is damaged (not JSON); {settings_fix(path)}") from None
+        raise UsageError(f"{path} is damaged (not JSON): {settings_fix(path)}") from None
     defaults = Config()
     recorded = {k: old.get(k, getattr(defaults, k, None)) for k in settings}
     return {k: (recorded[k], v) for k, v in settings.items() if recorded[k] != v}
@@ -2298,10 +2298,9 @@ def settings_fix(path):
     here = glob.escape(os.path.dirname(path) or ".")
     tickets = sorted(glob.glob(os.path.join(here, "level_*", "ticket.pt")))
     if not tickets:
-        return "or use another --out-dir, or delete the directory to start over"
-    return (f"{tickets[0]} records the settings it holds, and this command writes them back: python -c "
-            f"\"import json, torch; json.dump(torch.load({tickets[0]!r}, weights_only=True)['config'], "
-            f"open({path!r}, 'w'), indent=1)\"")
+        return "use another --out-dir, or delete the directory to start over"
+    return (f"rebuild it from the settings {tickets[0]} records: python -c \"import json, torch; json.dump("
+            f"torch.load({tickets[0]!r}, weights_only=True)['config'], open({path!r}, 'w'), indent=1)\"")
 
 
 LEVEL0_FREE = ("prune_rate", "lr_schedule", "import_sha256", *SOURCE_SETTINGS)   # trunk settings that the

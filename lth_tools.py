@@ -940,12 +940,11 @@ def read_experiment(path):
     rows but has no run (one WARNING): its tickets and timings are not the trunk's.
     """
     files = [os.path.join(path, f) for f in ("config.json", "results.json")]
-    if os.path.exists(files[0]) and not os.path.exists(files[1]) and finished_tickets(path):
-        raise UsageError(f"{path} has finished levels but no results.json (a stop before it was written): "
-                         "run its training command again, which reuses the levels and writes it")
     if os.path.exists(files[0]) and not os.path.exists(files[1]):
-        raise UsageError(f"{path} has no finished level yet (results.json appears when its first level has "
-                         "finished)")
+        raise UsageError(f"{path} has finished levels but no results.json (a stop before it was written): "
+                         "run its training command again, which reuses the levels and writes it"
+                         if finished_tickets(path) else
+                         f"{path} has no finished level yet (results.json appears when its first one has)")
     if not all(os.path.exists(f) for f in files):
         raise UsageError(f"{path} is not an experiment directory: it lacks config.json or results.json "
                          "(--report reads the --out-dir of a training run; results.json appears when its "
@@ -953,7 +952,7 @@ def read_experiment(path):
     try:
         config = read_json(files[0])
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"{files[0]} is damaged (not JSON); {settings_fix(files[0])}") from None
+        raise UsageError(f"{files[0]} is damaged (not JSON): {settings_fix(files[0])}") from None
     try:
         rows = read_json(files[1])
     except (json.JSONDecodeError, UnicodeDecodeError):
