@@ -1092,6 +1092,18 @@ def test_magnitude_prune_removes_exact_count_smallest_first_and_only_shrinks():
     assert abs(L.density(masks) - 0.8 ** 4) < 1e-3
 
 
+def test_magnitude_prune_never_brings_back_a_pruned_weight_however_large():
+    weights = {"a": torch.tensor([10.0, 9.0, 1.0, 2.0, 3.0])}      # the two largest were pruned before
+    new = L.magnitude_prune(weights, {"a": torch.tensor([0.0, 0, 1, 1, 1])}, 1 / 3)
+    assert new["a"].tolist() == [0, 0, 0, 1, 1]                  # of 3 kept, the smallest (1.0) goes
+
+
+def test_every_run_level_and_stream_draws_its_own_seed():
+    seeds = [L.mix_seed(seed, level, stream) for seed in range(4) for level in range(31)
+             for stream in [*range(-130, 0), *range(241)]]    # ADMM's, the scores', the epochs' streams
+    assert len(set(seeds)) == len(seeds)
+
+
 def test_magnitude_prune_is_global_not_per_layer():
     weights = {"a": torch.full((4, 1, 1, 1), 0.1), "b": torch.full((4, 1, 1, 1), 5.0)}
     new = L.magnitude_prune(weights, L.ones_masks(weights), 0.5)
@@ -1259,6 +1271,34 @@ def test_grasp_over_many_samples_in_passes_scores_like_one_pass_per_half(tmp_pat
     L.init_scores_source(L.grasp_scores)(L.Experiment(cfg, source_model(), None, d, L.Processes(),
                                                       log=lambda *_: None), 1)
     assert seen == [(40, 16)]                                  # 40 samples, in passes of --batch-size
+
+
+def test_synflow_prunes_on_the_published_exponential_schedule(monkeypatch):
+    seen, prune = [], L.prune_to_density
+    monkeypatch.setattr(L, "prune_to_density", lambda scores, target: seen.append(target) or
+                        prune(scores, target))
+    model = built("resnet20")
+    masks = L.synflow_masks(model, list(L.prunable_weights(model)), 0.1, rounds=3)
+    assert seen == pytest.approx([0.1 ** (1 / 3), 0.1 ** (2 / 3), 0.1])    # Tanaka et al.: target^(r/R)
+    assert L.density(masks) == pytest.approx(0.1, abs=1e-5)
+
+
+def test_admm_follows_the_published_updates_on_a_hand_traced_quadratic():
+    # loss 1/2 ||W - A||^2, rho 1, density 1/2: the exact W-step is W = (A + Z - U) / 2. By hand:
+    # Z0 = proj(W0) = [0, 0, 3, 4], U0 = 0; W1 = [2, 1.5, 2.5, 2.5], Z1 = [0, 0, 2.5, 2.5], U1 = [2, 1.5, 0, 0];
+    # W2 = (A + Z1 - U1) / 2 = [1, 0.75, 2.25, 1.75], whose top half is kept
+    target = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    model = nn.Module()
+    model.w = nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+
+    def w_step(iteration, penalty):
+        with torch.no_grad():
+            model.w.zero_()
+        slope, = torch.autograd.grad(penalty(), [model.w])       # at W = 0: rho (U - Z)
+        with torch.no_grad():
+            model.w.copy_((target - slope) / 2)
+    masks = L.admm_prune(model, ["w"], 0.5, w_step, iterations=2, rho=1.0)
+    assert model.w.tolist() == [1.0, 0.75, 2.25, 1.75] and masks["w"].tolist() == [0, 0, 1, 1]
 
 
 @pytest.mark.parametrize("target", [0.5, 0.2])
@@ -1466,6 +1506,48 @@ def test_regroup_beats_random_and_sorted_partitions():
             parts = [np.sort(order[i:i + size]) for i in range(0, out_rows, size)]
             theirs = lth_tools.partition_coverage(m, parts)
             assert ours > theirs + 0.01, (out_rows, ours, theirs)
+
+
+def test_row_similarity_is_tanimoto_by_hand():
+    sim = L.row_similarity(np.array([[1, 1, 0], [1, 0, 0], [0, 0, 1], [2, 0, 0], [1, 1, 0]]))
+    assert sim[0, 1] == pytest.approx(1 / 2) and sim[0, 2] == 0 and sim[1, 2] == 0   # |a&b| / |a|b|
+    assert sim[3, 4] == pytest.approx(2 / (4 + 2 - 2)) and sim[0, 4] == pytest.approx(1.0)  # counts
+    assert np.allclose(sim, sim.T)
+
+
+def test_partition_rows_seeds_with_the_largest_mass_and_adds_by_similarity_to_the_whole_group():
+    # row 0 has the largest mass; its nearest is row 1; then row 3 (0.5 + 0.9 to the group) beats
+    # row 2 (0.6 + 0), which only the seed alone would prefer
+    sim = np.array([[1, .9, .6, .5], [.9, 1, 0, .9], [.6, 0, 1, 0], [.5, .9, 0, 1]])
+    assert [g.tolist() for g in L.partition_rows(sim, 3)] == [[0, 1, 3], [2]]
+
+
+def test_refinement_counts_the_pair_it_swaps_and_makes_only_gaining_swaps():
+    # groups {0, 1}, {2, 3}: swapping 0 and 2 looks good (sim 0.9) but separates them again (gain
+    # 1 - 0.3 + 1 - 0.3 - 2 * 0.9 = -0.4); swapping 0 and 3 puts 0 with 2 (gain +0.3): total 0.6 -> 0.9
+    sim = np.array([[1, .3, .9, .1], [.3, 1, .1, 0], [.9, .1, 1, .3], [.1, 0, .3, 1]])
+    parts = L.refine_partition(sim, [np.array([0, 1]), np.array([2, 3])])
+    assert [p.tolist() for p in parts] == [[1, 3], [0, 2]]
+
+
+def test_densest_pairs_rank_by_the_fraction_of_the_groups_rows_and_skip_those_under_t2():
+    units = np.zeros((6, 2))
+    units[[0, 1], 0] = 1                                        # group A (rows 0-1): column 0 in both rows
+    units[[2, 3, 4], 1] = 1                                     # group B (rows 2-5): column 1 in 3 of 4
+    groups = [np.array([0, 1]), np.array([2, 3, 4, 5])]
+    chosen = L.densest_pairs(units, groups, unit_cost=1, area=4, min_col_nnz=1)
+    assert chosen.tolist() == [[True, False], [False, False]]   # A's 1.0 first; B's (area 4) no longer fits
+    chosen = L.densest_pairs(units, groups, unit_cost=1, area=100, min_col_nnz=3)
+    assert chosen.tolist() == [[False, False], [False, True]]   # t2 = 3: A's column has 2 nonzeros
+
+
+def test_each_regroup_pass_refines_its_greedy_partition(monkeypatch):
+    calls, refine = [], L.refine_partition
+    monkeypatch.setattr(L, "refine_partition", lambda sim, groups: calls.append(len(groups)) or
+                        refine(sim, groups))
+    mask = (torch.rand(64, 32, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    L.regroup_mask(mask, groups=4)
+    assert calls and calls[0] == 4
 
 
 def test_refinement_repairs_a_planted_bad_partition():
