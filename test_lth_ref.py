@@ -1285,8 +1285,8 @@ def test_synflow_prunes_on_the_published_exponential_schedule(monkeypatch):
 
 def test_admm_follows_the_published_updates_on_a_hand_traced_quadratic():
     # loss 1/2 ||W - A||^2, rho 1, density 1/2: the exact W-step is W = (A + Z - U) / 2. By hand:
-    # Z0 = proj(W0) = [0, 0, 3, 4], U0 = 0; W1 = [2, 1.5, 2.5, 2.5], Z1 = [0, 0, 2.5, 2.5], U1 = [2, 1.5, 0, 0];
-    # W2 = (A + Z1 - U1) / 2 = [1, 0.75, 2.25, 1.75], whose top half is kept
+    # Z0 = proj(W0) = [0, 0, 3, 4], U0 = 0; W1 = [2, 1.5, 2.5, 2.5], Z1 = [0, 0, 2.5, 2.5],
+    # U1 = [2, 1.5, 0, 0]; W2 = (A + Z1 - U1) / 2 = [1, 0.75, 2.25, 1.75], whose top half is kept
     target = torch.tensor([4.0, 3.0, 2.0, 1.0])
     model = nn.Module()
     model.w = nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0]))
@@ -1828,6 +1828,50 @@ def tiny_setting(batch_size=16, train_subset=64, **settings):
     cfg = L.resolve(L.Config(dataset="synthetic", batch_size=batch_size, train_subset=train_subset, epochs=2,
                              rewind_epoch=0, lr=0.1, out_dir="unused", **settings))
     return data.load_dataset("synthetic", "unused", "cpu", train_subset=train_subset, seed=0), cfg
+
+
+def test_retrain_is_sgd_with_momentum_and_weight_decay_on_each_batchs_mean_loss():
+    dataset, cfg = tiny_setting(batch_size=24, train_subset=64)   # batches of 24, 24 and 16
+    assert (cfg.lr_drops, cfg.momentum, cfg.weight_decay) == ([1, 2], 0.9, 1e-4)
+    model, ref = tiny_classifier(), tiny_classifier()
+    L.retrain(model, dataset, cfg, {}, copy.deepcopy(ref.state_dict()), 0, level=3)
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)   # plain PyTorch
+    for epoch, lr in enumerate([0.1, 0.01]):                   # x0.1 after epoch 1 (epoch 2's drop: never)
+        sgd.param_groups[0]["lr"] = lr
+        ref.train()
+        for x, y in data.train_batches(dataset, 24, torch.Generator().manual_seed(L.mix_seed(0, 3, epoch))):
+            sgd.zero_grad()
+            F.cross_entropy(ref(x), y).backward()
+            sgd.step()
+    for k, v in ref.state_dict().items():
+        assert torch.allclose(model.state_dict()[k].float(), v.float(), atol=1e-5), k
+
+
+def test_evaluate_reads_the_split_it_is_asked_for():
+    dataset = data.load_dataset("synthetic", "unused", "cpu", train_subset=64, seed=0, val_split=40)
+    cfg = tiny_setting()[1]
+
+    class Always(nn.Module):                                   # predicts class c for every image
+        def __init__(self, c):
+            super().__init__()
+            self.c = c
+
+        def forward(self, x):
+            return F.one_hot(torch.full((len(x),), self.c), 10).float()
+    c = next(c for c in range(10) if (dataset.split_labels("val") == c).float().mean()
+             != (dataset.split_labels("test") == c).float().mean())
+    for split in ("val", "test"):
+        assert L.evaluate(Always(c), dataset, cfg, split) == (dataset.split_labels(split) == c).float().mean()
+
+
+def test_structural_training_masks_zero_the_bn_of_each_pruned_conv_row_and_imp_keeps_bn_free():
+    model = built("resnet20")
+    masks = L.ones_masks(L.prunable_weights(model))
+    masks["layer1.0.conv1.weight"][3] = 0                      # output channel 3 of that conv pruned
+    refill, imp = L.training_masks(model, masks, "refill"), L.training_masks(model, masks, "imp")
+    assert imp.keys() == masks.keys()
+    for key in ("layer1.0.bn1.weight", "layer1.0.bn1.bias"):
+        assert refill[key].tolist() == [0.0 if c == 3 else 1.0 for c in range(16)]
 
 
 def test_help_states_table_1_as_printed():
