@@ -1541,6 +1541,32 @@ def test_densest_pairs_rank_by_the_fraction_of_the_groups_rows_and_skip_those_un
     assert chosen.tolist() == [[False, False], [False, True]]   # t2 = 3: A's column has 2 nonzeros
 
 
+def test_a_layer_under_one_minimal_block_of_nonzeros_gets_its_best_group_as_that_block():
+    # 32 nonzeros < b1 x b2 = 64: the first pass may spend one minimal block's area. Rows 0-7 use columns
+    # 0-7 (two each, a ring); rows 8-15 all use columns 8-9 only, too narrow for b2 = 8 columns. The block
+    # is rows 0-7 x columns 0-7 (16 of 32 nonzeros), not the most used columns and rows of both groups
+    mask = torch.zeros(16, 16)
+    for i in range(8):
+        mask[i, i] = mask[i, (i + 1) % 8] = 1
+    mask[8:, 8:10] = 1
+    _, blocks = L.regroup_mask(mask, groups=2)
+    assert [(r.tolist(), c.tolist()) for r, c in blocks] == [(list(range(8)), list(range(8)))]
+
+
+def test_rows_a_pass_leaves_without_a_block_get_one_in_the_next_pass():
+    # 240 nonzeros: X (rows 0-7) and Y (rows 8-15) fill 8 columns each, Z (rows 16-23) 14 of 16 columns.
+    # Pass 1 groups X+Y (16 rows) and Z: Z's block costs 128, the 112 left buy X+Y only 7 of the 8
+    # columns a block needs, so X+Y get none. Pass 2 splits them: X's 8 columns cost 64 of the 112,
+    # Y's would cost 64 more: X gets a block, Y none
+    mask = torch.zeros(24, 32)
+    mask[0:8, 0:8], mask[8:16, 8:16], mask[16:24, 16:32] = 1, 1, 1
+    for j in range(8):
+        mask[16 + j, 16 + 2 * j:18 + 2 * j] = 0
+    _, blocks = L.regroup_mask(mask, groups=2)
+    assert [(r.tolist(), c.tolist()) for r, c in blocks] == [(list(range(8)), list(range(8))),
+                                                             (list(range(16, 24)), list(range(16, 32)))]
+
+
 def test_each_regroup_pass_refines_its_greedy_partition(monkeypatch):
     calls, refine = [], L.refine_partition
     monkeypatch.setattr(L, "refine_partition", lambda sim, groups: calls.append(len(groups)) or
