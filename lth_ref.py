@@ -1676,8 +1676,9 @@ class Config:
     epochs: int | None = setting(None, f"epochs per level; default: {TABLE1} ({table1_values('epochs')})",
                                  "training", "trunk", check=IS_POSITIVE, official="--epochs")
     lr_drops: list | None = setting(
-        None, f"epochs at which the LR drops x0.1, each below --epochs; default: {TABLE1} "
-        f"({table1_values('lr_drops')}), scaled to --epochs, never before epoch 1 (--epochs 1: no drop)",
+        None, "epochs at which the LR drops x0.1 (one at or after --epochs never applies); default: "
+        f"{TABLE1} ({table1_values('lr_drops')}), scaled to --epochs, never before epoch 1 (--epochs 1: no "
+        "drop)",
         "training", "trunk", nargs="*", metavar="EPOCH", type=int, official="--decreasing_lr",
         check=("epochs >= 1", lambda v: all(e >= 1 for e in v)))
     rewind_epoch: int | None = setting(
@@ -1824,9 +1825,8 @@ def resolve(cfg):
     cfg = resolve_import(cfg)
     late = [d for d in cfg.lr_drops or [] if d >= epochs]
     if late:
-        raise UsageError(f"--lr-drops {' '.join(map(str, late))}: at or after --epochs {epochs} a drop never "
-                         "applies (a drop at epoch E lowers the LR of the epochs after the first E); give "
-                         "drops below --epochs, or none")
+        print(f"WARNING: --lr-drops {' '.join(map(str, late))}: at or after --epochs {epochs} a drop never "
+              "applies (a drop at epoch E lowers the LR of the epochs after the first E)", file=sys.stderr)
     cfg = dataclasses.replace(
         cfg, levels=cfg.levels if cfg.levels is not None else PAPER["levels"], epochs=epochs,
         lr=pick(cfg.lr, "lr"),

@@ -5687,7 +5687,8 @@ def test_levels_past_the_last_weight_of_a_layer_stop_at_start(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_the_settings_line_says_the_subset_and_one_level_and_no_prune_rate_for_imported_masks(tmp_path):
+def test_the_settings_line_says_the_subset_and_one_level_and_no_prune_rate_for_imported_masks(tmp_path,
+                                                                                              capsys):
     procs = L.Processes()
     line = L.settings_line(cli_config("--levels", "1"), procs)
     assert "a seeded subset of 128 training images" in line and "1 level of 2 epochs" in line
@@ -5696,8 +5697,10 @@ def test_the_settings_line_says_the_subset_and_one_level_and_no_prune_rate_for_i
                          ([], "160 epochs, lr 0.1 (x0.1 at 80, x0.1 at 120)")):
         assert drops in L.settings_line(L.config_from_args(L.build_parser().parse_args(
             ["--dataset", "synthetic", *flags])), procs)
-    with pytest.raises(L.UsageError, match="--lr-drops 5: at or after --epochs 2 a drop never applies"):
-        cli_config("--lr-drops", "1", "5")
+    capsys.readouterr()
+    assert cli_config("--lr-drops", "1", "5").lr_drops == [1, 5]   # kept as given (a recorded setting)
+    assert capsys.readouterr().err == ("WARNING: --lr-drops 5: at or after --epochs 2 a drop never applies (a "
+                                       "drop at epoch E lowers the LR of the epochs after the first E)\n")
     assert "prune 20% per level" in L.settings_line(cli_config("--levels", "2"), procs)
     torch.save(L.ones_masks(L.prunable_weights(built("resnet20"))), tmp_path / "m.pt")
     line = L.settings_line(cli_config("--import-masks", str(tmp_path / "m.pt")), procs)
