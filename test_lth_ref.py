@@ -5698,7 +5698,7 @@ def test_the_settings_line_says_the_subset_and_one_level_and_no_prune_rate_for_i
         assert drops in L.settings_line(L.config_from_args(L.build_parser().parse_args(
             ["--dataset", "synthetic", *flags])), procs)
     capsys.readouterr()
-    assert cli_config("--lr-drops", "1", "5").lr_drops == [1, 5]   # kept as given (a recorded setting)
+    assert cli_config("--lr-drops", "1", "5").lr_drops == [1, 5]   # kept as given (recorded)
     assert capsys.readouterr().err == ("WARNING: --lr-drops 5: at or after --epochs 2 a drop never applies (a "
                                        "drop at epoch E lowers the LR of the epochs after the first E)\n")
     assert "prune 20% per level" in L.settings_line(cli_config("--levels", "2"), procs)
