@@ -5699,8 +5699,8 @@ def test_the_settings_line_says_the_subset_and_one_level_and_no_prune_rate_for_i
             ["--dataset", "synthetic", *flags])), procs)
     capsys.readouterr()
     assert cli_config("--lr-drops", "1", "5").lr_drops == [1, 5]   # kept as given (recorded)
-    assert capsys.readouterr().err == ("WARNING: --lr-drops 5: at or after --epochs 2 a drop never applies (a "
-                                       "drop at epoch E lowers the LR of the epochs after the first E)\n")
+    assert capsys.readouterr().err == ("WARNING: --lr-drops 5: at or after --epochs 2 a drop never applies "
+                                       "(a drop at epoch E lowers the LR of the epochs after the first E)\n")
     assert "prune 20% per level" in L.settings_line(cli_config("--levels", "2"), procs)
     torch.save(L.ones_masks(L.prunable_weights(built("resnet20"))), tmp_path / "m.pt")
     line = L.settings_line(cli_config("--import-masks", str(tmp_path / "m.pt")), procs)
