@@ -38,7 +38,6 @@ import csv
 import dataclasses
 import datetime
 import errno
-import glob
 import importlib
 import importlib.util
 import inspect
@@ -47,6 +46,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -1406,7 +1406,7 @@ def train_level(exp, run, level, eta):
     except Diverged as e:
         raise UsageError(diverged_message(exp, run, level, e, ckpt_path)) from None
     except (KeyboardInterrupt, Stopped) as e:
-        e.where = f"{run.name} level {level} in epoch {progress['epoch'] + 1}/{cfg.epochs}"
+        e.where = f"{run.name} level {level} in epoch {min(progress['epoch'] + 1, cfg.epochs)}/{cfg.epochs}"
         raise
     counts = whole_model_counts(model, masks, exp.data.image_shape)
     row = result_row(cfg, run, level, masks, start.blocks, start.stats, metrics, progress["seconds"], counts)
@@ -1491,7 +1491,7 @@ def run_experiment(cfg, log=print):
     warn_kept_after_missing(exp, order, todo)
     eta = Eta(sum(cfg.epochs - first_epoch(cfg, run, level) for run, level in todo))
     for run, level in order:
-        with stop_point(f"{run.name} level {level}, before its first epoch", checkpoint_path(run, level)):
+        with stop_point(f"{run.name} level {level}", checkpoint_path(run, level)):
             lock = claim_level(exp, run, level) if (run, level) in todo else None
             if lock is None:
                 by = "earlier" if (run, level) not in todo else "by another process"
@@ -1824,7 +1824,7 @@ def resolve(cfg):
     pick = lambda value, key: value if value is not None else table[key]
     cfg = resolve_import(cfg)
     late = [d for d in cfg.lr_drops or [] if d >= epochs]
-    if late:
+    if late and os.environ.get("RANK", "0") == "0":           # resolve runs before torchrun's group exists
         print(f"WARNING: --lr-drops {' '.join(map(str, late))}: at or after --epochs {epochs} a drop never "
               "applies (a drop at epoch E lowers the LR of the epochs after the first E)", file=sys.stderr)
     cfg = dataclasses.replace(
@@ -2192,6 +2192,7 @@ DAMAGED_FIX = {  # what to do about a file load_file cannot read, where deleting
                       "copy, or start over with another --out-dir",
     "rewind state": "Delete it and level_00/ to train level 0 again, which writes it again (or start over "
                     "with another --out-dir)",
+    "--ticket file": "Pass a ticket.pt lth_ref wrote (RUN/level_NN/ticket.pt, RUN/BRANCH/level_NN/ticket.pt)",
 }
 
 
@@ -2210,9 +2211,10 @@ TICKET_KEYS = {"level": (int, type(None)), "masks": dict, "blocks": (dict, type(
                "metrics": dict, "config": dict, "num_classes": int}
 
 
-def load_ticket(path, model=None, mmap=False):
-    """Load a ticket.pt and check its structure (and, given a model, that its masks fit it)."""
-    ticket = load_file(path, "ticket", mmap=mmap)
+def load_ticket(path, model=None, mmap=False, what="ticket"):
+    """Load a ticket.pt and check its structure (and, given a model, that its masks fit it); `what` names
+    it in a message (DAMAGED_FIX)."""
+    ticket = load_file(path, what, mmap=mmap)
     problems = [k for k, types in TICKET_KEYS.items()
                 if not isinstance(ticket, dict) or not isinstance(ticket.get(k), types)]
     if not problems and "arch" not in ticket["config"]:
@@ -2236,13 +2238,15 @@ def load_checkpoint(path, model):
 
 def write_ticket(exp, run, level, start, row):
     """ticket.pt of a finished level (masks, blocks, trained state, its result row, per-layer stats, the
-    config) and, for a branch, layers.csv (printed with --verbose)."""
+    config: every setting, the imported files' sha256, the process count) and, for a branch, layers.csv
+    (printed with --verbose)."""
     cfg, model = exp.cfg, exp.model
     ticket = dict(level=level, masks={n: m.cpu() for n, m in start.masks.items()}, blocks=start.blocks,
                   state_dict={k: v.cpu() for k, v in model.state_dict().items()}, metrics=row,
                   layer_stats=start.stats, num_classes=exp.data.num_classes, normalization=dict(
                       mean=exp.data.mean.cpu().tolist(), std=exp.data.std.cpu().tolist()),
-                  config={**dataclasses.asdict(cfg), "method": run.method, "init": run.init,
+                  config={**dataclasses.asdict(cfg), **trunk_config(cfg), "processes": exp.procs.world,
+                          "method": run.method, "init": run.init,
                           "group_aware": run.group_aware, "branch": run.name})
     if start.stats:                            # before the ticket: a stop between the two loses nothing
         table = [dict(name=n, **s) for n, s in start.stats.items()]
@@ -2294,13 +2298,14 @@ def config_changes(path, settings):
 
 def settings_fix(path):
     """How to rebuild a run's config.json or branch.json at `path` that is missing or damaged: from the
-    settings its first finished ticket records (a superset of the file's), else start over."""
-    here = glob.escape(os.path.dirname(path) or ".")
-    tickets = sorted(glob.glob(os.path.join(here, "level_*", "ticket.pt")))
+    settings its last finished ticket records (a superset of the file's), else start over."""
+    tickets = finished_tickets(os.path.dirname(path) or ".")
     if not tickets:
         return "use another --out-dir, or delete the directory to start over"
-    return (f"rebuild it from the settings {tickets[0]} records: python -c \"import json, torch; json.dump("
-            f"torch.load({tickets[0]!r}, weights_only=True)['config'], open({path!r}, 'w'), indent=1)\"")
+    code = ("import json, sys, torch; json.dump(torch.load(sys.argv[1], weights_only=True)['config'], "
+            "open(sys.argv[2], 'w'), indent=1)")
+    return (f"rebuild it from the settings {tickets[-1]} records: python -c \"{code}\" "
+            f"{shlex.quote(tickets[-1])} {shlex.quote(path)}")
 
 
 LEVEL0_FREE = ("prune_rate", "lr_schedule", "import_sha256", *SOURCE_SETTINGS)   # trunk settings that the
@@ -2855,10 +2860,11 @@ def stop_message(e, training):
     name = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
     if not training:
         return f"stopped by {name}; run the same command again to redo it"
-    where, kept = getattr(e, "where", "the setup, before any level"), getattr(e, "kept", None)
-    resume = f"its last epoch checkpoint is kept ({kept})" if kept else "no epoch of that level was kept"
-    return (f"stopped by {name} at {where}: {resume}; the same command goes on from there (finished levels "
-            "are reused)")
+    go_on = "the same command goes on from there (finished levels are reused)"
+    if not hasattr(e, "where"):                # at setup, or between levels
+        return f"stopped by {name}: {go_on}"
+    kept = f"its last epoch checkpoint is kept ({e.kept})" if e.kept else "no epoch of that level was kept"
+    return f"stopped by {name} at {e.where}: {kept}; {go_on}"
 
 
 def stop_on_signal(signum, frame):

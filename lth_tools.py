@@ -19,6 +19,7 @@ import io
 import json
 import os
 import re
+import shlex
 import sys
 import time
 import zipfile
@@ -34,7 +35,7 @@ from lth_ref import (  # the method
     layer_stats, grad_scaler, magnitude_prune, mask_pairs, needs_feats, paper_schedule, postprocess,
     prunable_weights, prune_to_density, refill, regroup_mask, remask, rewind, train_step)
 from lth_ref import (  # settings, files and results
-    LEVEL0_FREE, RUN_SETTINGS, SOURCE_SETTINGS, Config, DamagedFile, Processes, UsageError, atomic_write,
+    LEVEL0_FREE, RUN_SETTINGS, SOURCE_SETTINGS, Config, Processes, UsageError, atomic_write,
     branch_config, branch_dirs, branch_knobs, branch_run, check_dir, check_masks_fit, check_training_flags,
     finished_tickets, load_file, load_ticket, markdown_table, read_json, resolve_device, save, settings_fix,
     trunk_run, whole_model_counts, write_csv, write_text)
@@ -63,13 +64,9 @@ def find_ticket(ticket=None, out_dir=None, cfg=None, required=True):
             raise UsageError("no ticket to benchmark or export: pass --ticket PATH, or --out-dir of an "
                              "experiment with at least one finished level (and --method for a branch)")
         return None, None
-    try:
-        return path, load_ticket(path)
-    except DamagedFile as e:
-        if ticket is None:                     # the experiment's own ticket: its fix applies
-            raise
-        raise UsageError(f"--ticket: {e.first_line}; pass a ticket.pt lth_ref wrote (RUN/level_NN/ticket.pt "
-                         "or RUN/BRANCH/level_NN/ticket.pt)") from None
+    level_dir = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    own = ticket is None or re.fullmatch(r"level_\d+", level_dir)   # a level of an experiment: its own fix
+    return path, load_ticket(path, what="ticket" if own else "--ticket file")
 
 
 def ticket_model(ticket):
@@ -166,11 +163,11 @@ IMPORT_NAME_MAPS = {
 # open_lth's VGG-16 `layers.i` (its max-pools hold no weights) -> our `features.j`
 OPEN_LTH_VGG16 = dict(zip((0, 1, 3, 4, 6, 7, 8, 10, 11, 12, 14, 15, 16),
                           (0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40)))
-RESAVE_HINT = ("if you trust the file, re-save its tensors and dicts of tensors as plain data: python -c "
-               "\"import torch; c = torch.load('FILE', weights_only=False); c = c.state_dict() if hasattr(c, "
-               "'state_dict') else c; torch.save({k: v for k, v in c.items() if torch.is_tensor(v) or "
-               "isinstance(v, dict) and all(map(torch.is_tensor, v.values()))}, 'FILE.tensors.pt')\", then "
-               "import FILE.tensors.pt")
+# re-saves the tensors and dicts of tensors of a trusted file (argv 1) as plain data (argv 2)
+RESAVE_CODE = ("import sys, torch; c = torch.load(sys.argv[1], weights_only=False); "
+               "c = c.state_dict() if hasattr(c, 'state_dict') else c; torch.save({k: v for k, v in "
+               "c.items() if torch.is_tensor(v) or isinstance(v, dict) and all(map(torch.is_tensor, "
+               "v.values()))}, sys.argv[2])")
 
 
 def read_imported_masks(path, model, arch):
@@ -217,7 +214,10 @@ def load_import(path):
         first = (str(e).strip().splitlines() or [""])[0]
         what = "holds Python objects that torch.load(weights_only=True) refuses to unpickle" \
             if "weights only load failed" in first.lower() else f"cannot be read ({type(e).__name__})"
-        raise UsageError(f"--import-masks {path} {what}; {RESAVE_HINT.replace('FILE', path)}") from None
+        copy = shlex.quote(path + ".tensors.pt")
+        raise UsageError(f"--import-masks {path} {what}; if you trust the file, import the copy of its "
+                         "tensors and dicts of tensors that this command writes as plain data: python -c "
+                         f"\"{RESAVE_CODE}\" {shlex.quote(path)} {copy}") from None
 
 
 def import_mismatch(path, arch, masks, mapped, ours, prunable):

@@ -1527,7 +1527,7 @@ def test_refinement_counts_the_pair_it_swaps_and_makes_only_gaining_swaps():
     # 1 - 0.3 + 1 - 0.3 - 2 * 0.9 = -0.4); swapping 0 and 3 puts 0 with 2 (gain +0.3): total 0.6 -> 0.9
     sim = np.array([[1, .3, .9, .1], [.3, 1, .1, 0], [.9, .1, 1, .3], [.1, 0, .3, 1]])
     parts = L.refine_partition(sim, [np.array([0, 1]), np.array([2, 3])])
-    assert [p.tolist() for p in parts] == [[1, 3], [0, 2]]
+    assert sorted(p.tolist() for p in parts) == [[0, 2], [1, 3]]   # swapping 1 and 2 makes the same groups
 
 
 def test_densest_pairs_rank_by_the_fraction_of_the_groups_rows_and_skip_those_under_t2():
@@ -2505,7 +2505,8 @@ def test_a_branch_writes_layers_csv_before_its_ticket(tmp_path, monkeypatch):
     monkeypatch.setattr(L, "save", lambda obj, path: written.append(os.path.basename(path)))
     monkeypatch.setattr(L, "write_csv", lambda rows, path: written.append(os.path.basename(path)))
     model = MODELS["resnet20"](10)
-    exp = types.SimpleNamespace(cfg=cli_config(), model=model, log=print, data=types.SimpleNamespace(
+    exp = types.SimpleNamespace(cfg=cli_config(), model=model, log=print, procs=L.Processes(),
+                                data=types.SimpleNamespace(
         num_classes=10, mean=torch.zeros(3), std=torch.ones(3)))
     run = L.Run("regroup", str(tmp_path / "regroup"), "regroup", "rewind", False)
     masks = L.ones_masks(L.prunable_weights(model))
@@ -2519,8 +2520,7 @@ def test_a_stop_before_a_levels_first_epoch_names_that_level(tmp_path, monkeypat
         raise KeyboardInterrupt
     monkeypatch.setattr(L, "claim_level", interrupted)
     assert L.main(FAST + ["--out-dir", str(tmp_path / "run"), "--levels", "0"]) == 130
-    assert "stopped by SIGINT at trunk level 0, before its first epoch: no epoch of that level was kept" in \
-        capsys.readouterr().err
+    assert "stopped by SIGINT at trunk level 0: no epoch of that level was kept" in capsys.readouterr().err
     os.makedirs(tmp_path / "run" / "level_00")
     (tmp_path / "run" / "level_00" / "checkpoint.pt").write_bytes(b"")     # an earlier command's
     assert L.main(FAST + ["--out-dir", str(tmp_path / "run"), "--levels", "0"]) == 130
@@ -2541,19 +2541,29 @@ def test_a_started_experiment_without_its_config_is_refused(tmp_path, capsys):
     assert "config.json is missing, but the experiment there has started" in capsys.readouterr().err
 
 
-def test_a_damaged_config_names_the_command_that_rebuilds_it_from_the_first_ticket(tmp_path):
-    out = str(tmp_path / "run")
+def run_printed_command(message, monkeypatch):
+    """Run the `python -c "CODE" ARG ...` that ends a message as a POSIX shell would pass it: its quoting
+    undone by shlex, CODE executed here with sys.argv set to its arguments."""
+    python, flag, code, *args = shlex.split(message[message.index("python -c"):])
+    monkeypatch.setattr(sys, "argv", ["-c", *args])
+    exec(code, {})
+
+
+def test_a_damaged_config_names_the_command_that_rebuilds_it_from_the_last_ticket(tmp_path, monkeypatch):
+    out = str(tmp_path / "it's a run")                          # a quote and spaces, which the shell sees
     cfg = cli_config("--out-dir", out)
-    os.makedirs(os.path.join(out, "level_00"))
+    for level in ("level_00", "level_01"):
+        os.makedirs(os.path.join(out, level))
     with open(os.path.join(out, "config.json"), "w") as f:
         f.write('{"arch": "resnet20", "data')                    # cut short
     with pytest.raises(L.UsageError, match="delete the directory to start over"):   # nothing to rebuild from
         L.check_settings_here(cfg, None)
-    L.save(dict(config={**dataclasses.asdict(cfg), "method": "imp", "branch": "trunk"}),   # as write_ticket
-           os.path.join(out, "level_00", "ticket.pt"))
+    for level, rate in (("level_00", 0.5), ("level_01", cfg.prune_rate)):   # --prune-rate changed after 0
+        L.save(dict(config={**dataclasses.asdict(cfg), "prune_rate": rate, "method": "imp"}),   # as tickets
+               os.path.join(out, level, "ticket.pt"))
     with pytest.raises(L.UsageError, match="config.json is damaged") as e:
         L.check_settings_here(cfg, None)
-    exec(re.search(r'python -c "(.*)"$', str(e.value)).group(1))
+    run_printed_command(str(e.value), monkeypatch)
     L.check_settings_here(cfg, None)                             # rebuilt: the same settings go on
     with pytest.raises(L.UsageError, match="--lr 0.1 -> 0.05"):  # and a changed one is still refused
         L.check_settings_here(cli_config("--out-dir", out, "--lr", "0.05"), None)
@@ -2932,8 +2942,13 @@ def test_bench_without_a_ticket_says_how_to_get_one(tmp_path, capsys):
     (tmp_path / "empty.pt").write_bytes(b"")                    # a file of the user's, not a level's ticket
     assert L.main(["--export", str(tmp_path / "s.pt"), "--ticket", str(tmp_path / "empty.pt")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: --ticket: cannot read the ticket {tmp_path / 'empty.pt'}") and \
-        "pass a ticket.pt lth_ref wrote" in err and "trained again" not in err
+    assert err.startswith(f"error: cannot read the --ticket file {tmp_path / 'empty.pt'}") and \
+        "Pass a ticket.pt lth_ref wrote" in err and "trained again" not in err
+    (tmp_path / "level_03").mkdir()                             # an experiment's level: its own fix
+    (tmp_path / "level_03" / "ticket.pt").write_bytes(b"")
+    own = str(tmp_path / "level_03" / "ticket.pt")
+    assert L.main(["--export", str(tmp_path / "s.pt"), "--ticket", own]) == 2
+    assert "its level is trained again" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -3329,7 +3344,6 @@ def test_block_order_draws_blocks_as_rectangles():
     assert all(contiguous(where_col[c.numpy()]) for _, c in widest)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("damaged", ["config.json", "results.json"])
 def test_a_report_names_the_damaged_file_and_its_fix(tmp_path, capsys, damaged):
     write_experiment(tmp_path / "run", dict(arch="resnet20", dataset="synthetic"), [dict(level=0)])
@@ -3340,6 +3354,7 @@ def test_a_report_names_the_damaged_file_and_its_fix(tmp_path, capsys, damaged):
     assert ("delete the directory to start over" if damaged == "config.json" else "rewrites it") in err
 
 
+@pytest.mark.slow
 def test_report_refuses_what_it_cannot_read(report_exp, tmp_path, capsys):
     assert L.main(["--report", str(tmp_path)]) == 2
     assert "is not an experiment directory" in capsys.readouterr().err
@@ -5290,15 +5305,29 @@ def test_device_auto_without_cuda_warns_once_and_uses_the_cpu(monkeypatch, capsy
         L.resolve_device("cuda")
 
 
+def determinism_settings():
+    return (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark,
+            os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+
 @pytest.mark.parametrize("flag", [[], ["--deterministic"]])
-def test_deterministic_holds_while_the_experiment_trains_and_is_undone_after(monkeypatch, tmp_path, flag):
+@pytest.mark.parametrize("before", [(False, False, False, None), (True, False, True, ":16:8")])
+def test_deterministic_holds_while_the_experiment_trains_and_is_undone_after(monkeypatch, tmp_path, flag,
+                                                                             before):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", before[2])
+    if before[3]:
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", before[3])
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     seen = []
-    monkeypatch.setattr(L, "run_experiment", lambda cfg: seen.append(
-        (torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))))
-    assert L.main(FAST + ["--out-dir", str(tmp_path / "run"), *flag]) == 0
-    assert seen == ([(True, ":4096:8")] if flag else [(False, None)])
-    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    monkeypatch.setattr(L, "run_experiment", lambda cfg: seen.append(determinism_settings()))
+    try:
+        assert L.main(FAST + ["--out-dir", str(tmp_path / "run"), *flag]) == 0
+        assert seen == [(True, True, False, before[3] or ":4096:8") if flag else before]
+        assert determinism_settings() == before
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_kernel_fallback_warning_is_one_stderr_line_per_message(capsys):
@@ -5634,14 +5663,15 @@ def test_import_refuses_what_does_not_fit_with_a_message(tmp_path, content, mess
 
 
 @pytest.mark.parametrize("key", ["masks", "state_dict"])
-def test_the_resave_command_for_a_trusted_file_with_python_objects_gives_a_file_that_imports(tmp_path, key):
+def test_the_resave_command_for_a_trusted_file_with_python_objects_gives_a_file_that_imports(tmp_path, key,
+                                                                                                monkeypatch):
     model = models.MODELS["resnet20"](10)
     masks = L.magnitude_prune(L.prunable_weights(model), L.ones_masks(L.prunable_weights(model)), 0.5)
-    path = str(tmp_path / "ckpt.pt")
+    path = str(tmp_path / "it's a checkpoint.pt")
     torch.save({key: masks, "args": argparse.Namespace(lr=0.1), "epoch": 3}, path)   # as training scripts do
     with pytest.raises(L.UsageError, match="refuses to unpickle") as e:
         lth_tools.read_imported_masks(path, model, "resnet20")
-    exec(re.search(r'python -c "(.*?)", then import', str(e.value)).group(1))
+    run_printed_command(str(e.value), monkeypatch)
     read, _ = lth_tools.read_imported_masks(path + ".tensors.pt", model, "resnet20")
     assert read.keys() == masks.keys() and all(torch.equal(read[n], masks[n]) for n in masks)
 
