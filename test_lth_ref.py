@@ -1567,6 +1567,13 @@ def test_rows_a_pass_leaves_without_a_block_get_one_in_the_next_pass():
                                                              (list(range(16, 24)), list(range(16, 32)))]
 
 
+def test_the_intended_width_rule_is_strict_at_its_boundary_as_the_official_loop():
+    # one row, 5 nonzeros: at width 3 it has 2 outside, and 2 * 1.5 = 3 is not below 3: width 4
+    row = np.array([[1, 1, 1, 1, 1, 0]])
+    [(_, cols)] = L.intended_block_columns(row, [np.array([0])], 1, 0, 1, 1)
+    assert cols.tolist() == [0, 1, 2, 3] and L.official_width(row) == 4
+
+
 def test_each_regroup_pass_refines_its_greedy_partition(monkeypatch):
     calls, refine = [], L.refine_partition
     monkeypatch.setattr(L, "refine_partition", lambda sim, groups: calls.append(len(groups)) or
