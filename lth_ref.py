@@ -2863,7 +2863,8 @@ def stop_message(e, training):
     go_on = "the same command goes on from there (finished levels are reused)"
     if not hasattr(e, "where"):                # at setup, or between levels
         return f"stopped by {name}: {go_on}"
-    kept = f"its last epoch checkpoint is kept ({e.kept})" if e.kept else "no epoch of that level was kept"
+    kept = getattr(e, "kept", None)
+    kept = f"its last epoch checkpoint is kept ({kept})" if kept else "no epoch of that level was kept"
     return f"stopped by {name} at {e.where}: {kept}; {go_on}"
 
 
