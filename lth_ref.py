@@ -38,6 +38,7 @@ import csv
 import dataclasses
 import datetime
 import errno
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -1678,8 +1679,7 @@ class Config:
     lr_drops: list | None = setting(
         None, "epochs at which the LR drops x0.1 (one at or after --epochs never applies); default: "
         f"{TABLE1} ({table1_values('lr_drops')}), scaled to --epochs, never before epoch 1 (--epochs 1: no "
-        "drop)",
-        "training", "trunk", nargs="*", metavar="EPOCH", type=int, official="--decreasing_lr",
+        "drop)", "training", "trunk", nargs="*", metavar="EPOCH", type=int, official="--decreasing_lr",
         check=("epochs >= 1", lambda v: all(e >= 1 for e in v)))
     rewind_epoch: int | None = setting(
         None, f"rewind to the end of this epoch (0 = initialization); default: {TABLE1} "
@@ -2494,7 +2494,16 @@ def check_levels(cfg, weights):
 
 
 def file_sha256(path):
-    """Hex sha256 of a file's bytes (imported masks are recorded by content, not by path)."""
+    """Hex sha256 of a file's bytes (imported masks are recorded by content, not by path). The trunk's
+    settings are checked before every level and recorded in every ticket: a file is read again only when
+    its size or modification time changed."""
+    stat = os.stat(path)
+    return _sha256_of(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256_of(path, size, mtime_ns):
+    """file_sha256 of the file as it was at (size, mtime_ns)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -5806,6 +5806,17 @@ def test_each_bad_import_file_stops_the_run_before_anything_trains_with_what_the
         assert not out.exists()                               # no init.pt, no level 0, no checkpoint
 
 
+def test_an_import_files_hash_is_read_once_and_again_after_a_change(tmp_path):
+    path = tmp_path / "masks.pt"
+    path.write_bytes(b"first")
+    reads = L._sha256_of.cache_info().misses
+    assert L.file_sha256(str(path)) == L.file_sha256(str(path)) == hashlib.sha256(b"first").hexdigest()
+    assert L._sha256_of.cache_info().misses == reads + 1          # the trunk's checks before every level
+    path.write_bytes(b"second!")
+    os.utime(path, ns=(1, 1))                                    # a new size and time: read again
+    assert L.file_sha256(str(path)) == hashlib.sha256(b"second!").hexdigest()
+
+
 def test_the_dropped_open_lth_shortcut_entries_leave_a_file_that_imports(tmp_path):
     bad_import_files(tmp_path)
     olth = torch.load(tmp_path / "open_lth.pth")
