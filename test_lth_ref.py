@@ -5478,6 +5478,18 @@ def test_bn_masks_are_zero_exactly_on_dead_rows():
     assert bms["layer2.0.bn1.weight"][5] == 1
 
 
+def test_a_conv_bias_keeps_a_masked_row_alive():
+    model = built("wrn32_2")
+    masks = random_channel_masks(model, seed=3)
+    conv = model.layer2[0].conv1
+    dead = int(torch.nonzero(masks["layer2.0.conv1.weight"].flatten(1).sum(1) == 0)[0])
+    conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
+    conv.bias.data[dead] = 0.5  # the row's output is the bias, not 0
+    assert models.bn_masks(model, masks)["layer2.0.bn1.weight"][dead] == 1
+    conv.bias.data[dead] = 0.0
+    assert models.bn_masks(model, masks)["layer2.0.bn1.weight"][dead] == 0
+
+
 def test_slim_export_loads_with_weights_only_into_a_fresh_module(one_thread):
     masks = random_channel_masks(built("wrn32_2"), seed=4, one_alive="layer3.4.conv1.weight")
     ticket = masked_ticket(built("wrn32_2"), masks).float()
