@@ -1778,11 +1778,13 @@ class Config:
                                  "smaller dense network; PATH ends in .pt (models.load_slim), .pt2 "
                                  "(torch.export) or .onnx (ONNX, an optional extra)", "benchmarks", "tool",
                                  metavar="PATH")
-    ticket: str | None = setting(None, "ticket.pt to benchmark (default: the last level, in --out-dir, of "
-                                 "the run --method names)", "benchmarks", "tool")
+    ticket: str | None = setting(None, "ticket.pt to benchmark or export (default: the last level, in "
+                                 "--out-dir, of the run --method names); it runs its own network, so an "
+                                 "--arch or --dataset given with it must be its own", "benchmarks", "tool")
     bench_density: float | None = setting(None, "bench a fresh --arch pruned to this density and "
                                           "post-processed by --method (with the regroup/refill flags) "
-                                          "instead of a saved ticket", "benchmarks", "tool",
+                                          "instead of a saved ticket (--bench regroup: the masks it "
+                                          "partitions)", "benchmarks", "tool",
                                           check=("in (0, 1]", lambda v: 0 < v <= 1))
     bench_batch: list = setting([64], "batch sizes for --bench kernels", "benchmarks", "tool", nargs="+",
                                 type=int, check=("a list of numbers >= 1", lambda v: all(b >= 1 for b in v)))
@@ -1846,13 +1848,14 @@ def resolve(cfg):
 
 
 def resolve_import(cfg):
-    """--import-masks makes the trunk's mask source `import`, one level per file (UsageError otherwise)."""
+    """--import-masks: the trunk's masks, one level per file, from mask source `import` (which
+    config_from_args sets when --mask-source is not given); UsageError otherwise."""
     if not cfg.import_masks:
         if cfg.mask_source == "import":
             raise UsageError("--mask-source import reads its masks from --import-masks FILE [FILE ...]: "
                              "give the files")
         return cfg
-    if cfg.mask_source not in ("imp", "import"):
+    if cfg.mask_source != "import":
         raise UsageError(f"--import-masks gives the trunk's masks: drop --mask-source {cfg.mask_source}")
     missing = [f for f in cfg.import_masks if not os.path.isfile(f)]
     if missing:
@@ -1863,7 +1866,7 @@ def resolve_import(cfg):
     if levels > len(cfg.import_masks):
         raise UsageError(f"--levels {levels} needs {levels} --import-masks files (one per level), got "
                          f"{len(cfg.import_masks)}")
-    return dataclasses.replace(cfg, mask_source="import", levels=levels)
+    return dataclasses.replace(cfg, levels=levels)
 
 
 def check_combinations(cfg):
@@ -1888,6 +1891,22 @@ def check_combinations(cfg):
     if cfg.group_aware and cfg.mask_source != "imp":
         raise UsageError("--group-aware prunes its own previous level iteratively: it needs --mask-source "
                          f"imp, not {cfg.mask_source} (one-shot sources have no chain)")
+    if cfg.ticket is not None and ticket_unread(cfg):
+        raise UsageError(f"--ticket {cfg.ticket} is not read by this command: {ticket_unread(cfg)}; drop it")
+
+
+def ticket_unread(cfg):
+    """Why the command cfg describes reads no --ticket; None where it reads one (--export, --bench kernels,
+    paper and regroup)."""
+    if cfg.report is not None:
+        return "--report reads experiment directories"
+    if cfg.export is not None or (cfg.bench in ("kernels", "paper", "regroup") and cfg.bench_density is None):
+        return None
+    if cfg.bench_density is not None and cfg.bench is not None:
+        return "--bench-density benchmarks a fresh --arch network instead"
+    if cfg.bench == "train":
+        return "--bench train times training steps of a fresh --arch network"
+    return "an experiment trains its own tickets (--ticket is for --bench and --export)"
 
 
 def flag_name(field_name):
@@ -2794,19 +2813,21 @@ HELP_EXAMPLES = """examples:
   python lth_ref.py --export slim.onnx --out-dir runs/cpu_demo --method refill   # a slim dense network"""
 
 
-def build_parser():
-    """The CLI: one flag per Config field, in its argument group, with its default, help and choices."""
+def build_parser(defaults=True):
+    """The CLI: one flag per Config field, in its argument group, with its default, help and choices.
+    defaults=False leaves every default out, so a parse holds only the flags given (given_flags)."""
     p = argparse.ArgumentParser(
         description="Find structurally sparse lottery tickets (Chen et al., ICML 2022): an unstructured "
                     "trunk (--mask-source) and a structural branch (--method, --init) per level.",
         epilog=HELP_EXAMPLES, formatter_class=HelpFormatter)
     sections = {group: p.add_argument_group(group) for group in GROUPS}
-    defaults = Config()
+    values = Config()
     for f in dataclasses.fields(Config):
-        meta, default = f.metadata, getattr(defaults, f.name)
+        meta, default = f.metadata, getattr(values, f.name) if defaults else argparse.SUPPRESS
         text = meta["help"] + (f" (official: {meta['official']})" if meta["official"] else "")
         if f.type is bool:
-            sections[meta["group"]].add_argument(flag_name(f.name), action="store_true", help=text)
+            sections[meta["group"]].add_argument(flag_name(f.name), action="store_true", default=default,
+                                                 help=text)
             continue
         kind = next(a for a in (*typing.get_args(f.type), f.type) if a is not type(None))
         kind = str if kind is list else kind   # a list flag's items: strings unless its flag says otherwise
@@ -2815,27 +2836,37 @@ def build_parser():
     return p
 
 
-def config_from_args(args):
+def given_flags(argv=None):
+    """The Config fields set on the command line, told apart from their defaults (a flag given with its
+    default value counts as given)."""
+    return frozenset(vars(build_parser(defaults=False).parse_args(argv)))
+
+
+def config_from_args(args, given):
     """The parsed flags as a resolved Config (Table 1's row for --arch/--dataset filled in, values
-    checked)."""
-    return resolve(Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}))
+    checked). given: given_flags; --import-masks without --mask-source makes the source `import`."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    if values["import_masks"] and "mask_source" not in given:
+        values["mask_source"] = "import"
+    return resolve(Config(**values))
 
 
 def main(argv=None):
     """The single entry point: run an experiment (default), or a benchmark (--bench), an export (--export)
     or a report (--report); the last three run lth_tools.py, imported only then."""
-    args = build_parser().parse_args(argv)
+    args, given = build_parser().parse_args(argv), given_flags(argv)
     try:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, given)
         if cfg.report:
             import lth_tools
             lth_tools.write_report(cfg.report, args.out_dir, cfg.report_layers)
         elif cfg.bench:
             import lth_tools
-            lth_tools.run_bench(cfg, args.out_dir)
+            lth_tools.run_bench(cfg, args.out_dir, given)
         elif cfg.export is not None:
             import lth_tools
-            lth_tools.export_slim(*lth_tools.find_ticket(cfg.ticket, args.out_dir, cfg), cfg.export)
+            lth_tools.export_slim(*lth_tools.find_ticket(cfg.ticket, args.out_dir, cfg, given=given),
+                                  cfg.export)
         else:
             previous = signal.signal(signal.SIGTERM, stop_on_signal)   # a scheduler's stop: as Ctrl-C
             try:

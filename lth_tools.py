@@ -42,9 +42,11 @@ from lth_ref import (  # settings, files and results
 
 
 # ---- tickets for the tools: a finished level, or a fresh pruned network ----
-def find_ticket(ticket=None, out_dir=None, cfg=None, required=True):
+def find_ticket(ticket=None, out_dir=None, cfg=None, required=True, given=frozenset()):
     """(path, ticket) to benchmark or export: `ticket`, else the last finished level, in the experiment
-    `out_dir`, of the run that cfg's --method/--init and knobs name (the trunk for imp)."""
+    `out_dir`, of the run that cfg's --method/--init and knobs name (the trunk for imp). given: the flags
+    on the command line (lth_ref.given_flags); an --arch or --dataset there that is not the ticket's is
+    refused (the ticket brings its own network)."""
     path = ticket
     if path is not None and not os.path.isfile(path):
         raise UsageError(f"--ticket {path} is not a file: pass a finished level's ticket, e.g. "
@@ -66,7 +68,19 @@ def find_ticket(ticket=None, out_dir=None, cfg=None, required=True):
         return None, None
     level_dir = os.path.basename(os.path.dirname(os.path.abspath(path)))
     own = ticket is None or re.fullmatch(r"level_\d+", level_dir)   # a level of an experiment: its own fix
-    return path, load_ticket(path, what="ticket" if own else "--ticket file")
+    found = load_ticket(path, what="ticket" if own else "--ticket file")
+    check_given_network(path, found, cfg, given)
+    return path, found
+
+
+def check_given_network(path, ticket, cfg, given):
+    """UsageError when the command line's --arch or --dataset (given) is not the ticket's own."""
+    differ = [f"--{k} {getattr(cfg, k)}" for k in ("arch", "dataset")
+              if k in given and ticket["config"].get(k, getattr(cfg, k)) != getattr(cfg, k)]
+    if differ:
+        raise UsageError(f"{path} is a ticket of {ticket['config'].get('arch')} on "
+                         f"{ticket['config'].get('dataset')}, which is the network it runs: drop "
+                         f"{' and '.join(differ)}")
 
 
 def ticket_model(ticket):
@@ -754,9 +768,9 @@ def device_name(device):
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def run_bench(cfg, out_dir):
+def run_bench(cfg, out_dir, given=frozenset()):
     """--bench: the benchmark cfg.bench names, on a saved ticket (--ticket / out_dir and --method) or on a
-    fresh pruned network (--bench-density)."""
+    fresh pruned network (--bench-density). given: the flags on the command line (find_ticket)."""
     device = resolve_device(cfg.device)
     if cfg.bench == "train":
         check_training_flags(cfg, device, Processes())
@@ -765,7 +779,8 @@ def run_bench(cfg, out_dir):
     knobs = branch_knobs(cfg, cfg.method)
     if cfg.bench == "regroup":
         trunk = dataclasses.replace(cfg, method="imp", init="rewind")   # regroup reads the trunk's masks
-        path, ticket = find_ticket(cfg.ticket, out_dir, trunk, required=False)
+        path, ticket = (None, None) if cfg.bench_density is not None else \
+            find_ticket(cfg.ticket, out_dir, trunk, required=False, given=given)
         if ticket is not None and ticket["config"].get("branch", "trunk") != "trunk":
             print(f"WARNING: {path} is a ticket of the branch {ticket['config']['branch']}, whose masks are "
                   "already post-processed; regroup works on the trunk's (RUN/level_NN/ticket.pt)",
@@ -773,8 +788,9 @@ def run_bench(cfg, out_dir):
         if ticket is not None:                 # its next IMP mask: the trained weights pruned once more
             weights = {n: ticket["state_dict"][n] for n in ticket["masks"]}
             masks = magnitude_prune(weights, ticket["masks"], cfg.prune_rate)
-        else:                                  # a seeded, freshly initialized network at 20% density
-            _, weights, masks = pruned_network(cfg.arch, cfg.dataset, BENCH_TRAIN_DENSITY, cfg.seed)
+        else:                                  # a seeded, freshly initialized network (default: 20% dense)
+            density_ = cfg.bench_density or BENCH_TRAIN_DENSITY
+            _, weights, masks = pruned_network(cfg.arch, cfg.dataset, density_, cfg.seed)
         regroup_knobs = {k: v for k, v in branch_knobs(cfg, "regroup").items() if k != "unit"}
         return bench_regroup(masks, cfg.regroup_unit, cfg.seed, **regroup_knobs)
     auto_dtype = "fp16" if torch.device(device).type == "cuda" else "fp32"
@@ -787,7 +803,7 @@ def run_bench(cfg, out_dir):
         path, ticket = fresh_ticket(cfg.arch, cfg.dataset, cfg.bench_density, cfg.method, knobs, cfg.seed,
                                     out_dir)
     else:
-        path, ticket = find_ticket(cfg.ticket, out_dir, cfg)
+        path, ticket = find_ticket(cfg.ticket, out_dir, cfg, given=given)
     return bench_kernels(path, ticket, device, cfg.bench_batch, cfg.bench_repeats, cfg.bench_memory_format,
                          paper=cfg.bench == "paper", dtype=dtype)
 

@@ -2004,8 +2004,13 @@ def run_cli(tmp_path, *extra, name="run"):
         return out, json.load(f)
 
 
+def parsed_config(argv):
+    """The resolved Config of a command line, as main builds it."""
+    return L.config_from_args(L.build_parser().parse_args(argv), L.given_flags(argv))
+
+
 def cli_config(*flags):
-    return L.config_from_args(L.build_parser().parse_args(FAST + list(flags)))
+    return parsed_config(FAST + list(flags))
 
 
 def ticket(out, level, branch=""):
@@ -2794,6 +2799,13 @@ def test_a_branch_whose_post_processing_empties_a_layer_stops_with_an_error(monk
     (["--amp", "fp16"], "--amp fp16 needs a CUDA GPU"),
     (["--sync-bn"], "--sync-bn synchronizes BatchNorm across processes"),
     (["--val-split", "-1"], "--val-split must be >= 0"),
+    (["--mask-source", "imp", "--import-masks", "m.pt"], "--import-masks gives the trunk's masks: drop "
+                                                          "--mask-source imp"),
+    (["--ticket", "t.pt"], "--ticket t.pt is not read by this command: an experiment trains its own"),
+    (["--bench", "train", "--ticket", "t.pt"], "not read by this command: --bench train times training"),
+    (["--bench", "--bench-density", "0.5", "--method", "refill", "--ticket", "t.pt"],
+     "not read by this command: --bench-density benchmarks a fresh --arch network instead; drop it"),
+    (["--report", "r", "--ticket", "t.pt"], "not read by this command: --report reads experiment"),
 ])
 def test_bad_values_exit_2_with_a_clear_message(tmp_path, capsys, flags, message):
     assert L.main(FAST + ["--out-dir", str(tmp_path / "x")] + flags) == 2
@@ -5479,7 +5491,7 @@ def test_bn_masks_are_zero_exactly_on_dead_rows():
 
 
 def test_a_conv_bias_keeps_a_masked_row_alive():
-    model = built("wrn32_2")
+    model = copy.deepcopy(built("wrn32_2"))   # a bias is added below
     masks = random_channel_masks(model, seed=3)
     conv = model.layer2[0].conv1
     dead = int(torch.nonzero(masks["layer2.0.conv1.weight"].flatten(1).sum(1) == 0)[0])
@@ -5745,8 +5757,7 @@ def test_the_settings_line_says_the_subset_and_one_level_and_no_prune_rate_for_i
     for flags, drops in ((["--epochs", "1"], "1 epoch, lr 0.1 (no drop)"),    # Table 1: x0.1 at 80, 120
                          (["--epochs", "3"], "3 epochs, lr 0.1 (x0.01 at 2)"),  # scaled: 1.5, 2.25 -> 2, 2
                          ([], "160 epochs, lr 0.1 (x0.1 at 80, x0.1 at 120)")):
-        assert drops in L.settings_line(L.config_from_args(L.build_parser().parse_args(
-            ["--dataset", "synthetic", *flags])), procs)
+        assert drops in L.settings_line(parsed_config(["--dataset", "synthetic", *flags]), procs)
     capsys.readouterr()
     assert cli_config("--lr-drops", "1", "5").lr_drops == [1, 5]   # kept as given (recorded)
     assert capsys.readouterr().err == ("WARNING: --lr-drops 5: at or after --epochs 2 a drop never applies "
@@ -5987,6 +5998,28 @@ def saved_fresh_ticket(tmp_path):
     return str(tmp_path / "t.pt")
 
 
+def test_an_arch_or_dataset_given_with_a_ticket_must_be_the_tickets(tmp_path, monkeypatch, capsys):
+    path = saved_fresh_ticket(tmp_path)                           # resnet20 on cifar10
+    monkeypatch.setattr(lth_tools, "ticket_model", lambda *_: pytest.fail("the export started"))
+    assert L.main(["--export", str(tmp_path / "slim.pt"), "--ticket", path, "--arch", "vgg16"]) == 2
+    assert capsys.readouterr().err == (f"error: {path} is a ticket of resnet20 on cifar10, which is the "
+                                       "network it runs: drop --arch vgg16\n")
+    cfg = cli_config("--arch", "resnet20", "--dataset", "cifar100")
+    with pytest.raises(L.UsageError, match="drop --dataset cifar100$"):
+        lth_tools.find_ticket(path, None, cfg, given={"arch", "dataset"})
+    assert lth_tools.find_ticket(path, None, cfg, given={"arch"})[0] == path   # the same arch, given
+    assert lth_tools.find_ticket(path, None, cli_config("--arch", "vgg16"))[0] == path   # a default
+
+
+def test_bench_regroup_prunes_a_fresh_network_to_bench_density():
+    for density in (0.1, 0.3):
+        rows = lth_tools.run_bench(cli_config("--bench", "regroup", "--bench-density", str(density),
+                                              "--arch", "resnet20"), "")
+        sizes = [math.prod(int(d) for d in r["shape"].split("x")) for r in rows]
+        kept = sum(r["density"] * n for r, n in zip(rows, sizes)) / sum(sizes)
+        assert abs(kept - density) < 0.02                            # the convs' share of the weights
+
+
 def test_bench_into_an_unwritable_place_stops_before_it_measures(tmp_path, monkeypatch, capsys):
     path = saved_fresh_ticket(tmp_path)
     monkeypatch.setattr(kernels, "bench_layers", lambda *a, **k: pytest.fail("measured first"))
@@ -6090,7 +6123,7 @@ def test_every_command_of_the_gpu_check_parses():
     assert len(commands) >= 9
     for line in commands:
         argv = shlex.split(line.split("lth_ref.py", 1)[1].replace("$t", "/tmp/unused"))
-        assert L.config_from_args(L.build_parser().parse_args(argv)).out_dir, line
+        assert parsed_config(argv).out_dir, line
     assert "kernels.cuda_extension()" in script and callable(kernels.cuda_extension)
     assert {"device", "dtype"} <= set(inspect.signature(kernels.bench_dense_cost).parameters)
 
