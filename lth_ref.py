@@ -2662,14 +2662,15 @@ def settings_changed(cfg, run, level):
 
 # ---- results: one row per ticket, per run and for the whole experiment ----
 class Eta:
-    """Remaining time of this command from the mean epoch time seen so far."""
+    """Remaining time of this command from the mean time of a step (an epoch; a benchmarked layer) so far."""
 
-    def __init__(self, epochs_left):
-        self.left, self.seconds, self.epochs = epochs_left, 0.0, 0
+    def __init__(self, steps_left):
+        self.left, self.seconds, self.done = steps_left, 0.0, 0
 
     def update(self, dt):
-        self.seconds, self.epochs, self.left = self.seconds + dt, self.epochs + 1, self.left - 1
-        s = int(max(0, self.left) * self.seconds / self.epochs)
+        """The ETA, as 0h00m00s, after one more step that took dt seconds."""
+        self.seconds, self.done, self.left = self.seconds + dt, self.done + 1, self.left - 1
+        s = int(max(0, self.left) * self.seconds / self.done)
         return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
 
 

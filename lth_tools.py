@@ -35,7 +35,7 @@ from lth_ref import (  # the method
     layer_stats, grad_scaler, magnitude_prune, mask_pairs, needs_feats, paper_schedule, postprocess,
     prunable_weights, prune_to_density, refill, regroup_mask, remask, rewind, train_step)
 from lth_ref import (  # settings, files and results
-    LEVEL0_FREE, RUN_SETTINGS, SOURCE_SETTINGS, Config, Processes, UsageError, atomic_write,
+    LEVEL0_FREE, RUN_SETTINGS, SOURCE_SETTINGS, Config, Eta, Processes, UsageError, atomic_write,
     branch_config, branch_dirs, branch_knobs, branch_run, check_dir, check_masks_fit, check_training_flags,
     finished_tickets, load_file, load_ticket, markdown_table, read_json, resolve_device, save, settings_fix,
     trunk_run, whole_model_counts, write_csv, write_text)
@@ -632,7 +632,8 @@ def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_
     fmt = kernels.MEMORY_FORMATS[memory_format]
     for batch in ([kernels.PAPER_PROFILE_BATCH] if paper else batches):
         layers = kernels.bench_layers(model, blocks, batch, device, paper_setting=paper, repeats=repeats,
-                                      input_size=shape, memory_format=fmt, dtype=dtype)
+                                      input_size=shape, memory_format=fmt, dtype=dtype,
+                                      log=layer_progress(len(blocks), batch, log))
         log(f"\nper layer, batch {batch}, {report['device']}, {memory_format}, {report['dtype']}, median of "
             f"{repeats} (range: min-max ms; noisy: the range is wider than the gap; candidates: each path's "
             "median ms when the layer chose):")
@@ -645,6 +646,18 @@ def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_
     write_text(json.dumps(report, indent=1, default=str), out)
     log(f"wrote {out}")
     return report
+
+
+def layer_progress(count, batch, log):
+    """bench_layers' per-layer callback: one progress line per layer timed (its path, its time, the ETA)."""
+    eta, last = Eta(count), [time.perf_counter()]
+
+    def line(row):
+        now = time.perf_counter()
+        left, seconds, last[0] = eta.update(now - last[0]), now - last[0], now
+        log(f"batch {batch}: layer {eta.done}/{count} {row['name']} timed ({row['path']}) in {seconds:.1f}s, "
+            f"ETA {left}")
+    return line
 
 
 SLIM_CHANNEL_MULTIPLE = 8   # the channel multiple --bench times next to a refill ticket's own slim network

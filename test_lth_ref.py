@@ -5229,12 +5229,14 @@ def test_regrouped_model_of_a_pipeline_ticket_equals_the_masked_dense_model(tmp_
 
 
 @pytest.mark.slow
-def test_bench_density_runs_the_grouped_gemm_on_a_fresh_regrouped_model(tmp_path):
+def test_bench_density_runs_the_grouped_gemm_on_a_fresh_regrouped_model(tmp_path, capsys):
     cfg = cli_config("--bench", "--method", "regroup", "--bench-density", "0.2", "--bench-repeats", "1",
                      "--bench-batch", "16")
     report = lth_tools.run_bench(cfg, str(tmp_path))            # (each layer times its paths)
     run = report["runs"][0]
     assert len(run["layers"]) == 18 and run["model"]["max_rel_err"] < 1e-4
+    out = capsys.readouterr().out
+    assert "batch 16: layer 1/18 layer1.0.conv1.weight timed (" in out and "batch 16: layer 18/18 " in out
     assert report["memory_format"] == run["model"]["memory_format"] in kernels.MEMORY_FORMATS  # measured
     assert run["slim"]["max_rel_err"] < 1e-4 and run["slim"]["params_slim"] <= run["slim"]["params"]
     assert json.load(open(tmp_path / "bench.json"))["arch"] == "resnet20"
@@ -5286,6 +5288,18 @@ def test_bench_dtype_flag_reaches_the_benches(flag, dtype, tmp_path, monkeypatch
     assert L.main(["--bench", "--bench-density", "0.2", "--method", "regroup", "--device", "cpu",
                    "--bench-dtype", flag, "--out-dir", str(tmp_path)]) == 0
     assert got["dtype"] == dtype                               # auto on the CPU: fp32
+
+
+def test_bench_layer_progress_lines_count_the_layers_and_give_the_eta(monkeypatch):
+    clock = iter([0.0, 2.0, 5.0, 6.0])                         # layers of 2 s, 3 s and 1 s
+    monkeypatch.setattr(lth_tools.time, "perf_counter", lambda: next(clock))
+    said = []
+    line = lth_tools.layer_progress(3, 64, said.append)
+    for name, path in (("a.weight", "dense"), ("b.weight", "gather"), ("c.weight", "dense")):
+        line({"name": name, "path": path})
+    assert said == ["batch 64: layer 1/3 a.weight timed (dense) in 2.0s, ETA 0h00m04s",     # 2 left x 2 s
+                    "batch 64: layer 2/3 b.weight timed (gather) in 3.0s, ETA 0h00m02s",    # 1 x 2.5 s
+                    "batch 64: layer 3/3 c.weight timed (dense) in 1.0s, ETA 0h00m00s"]
 
 
 def test_bench_train_times_ours_plain_and_the_masking(monkeypatch):
