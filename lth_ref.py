@@ -1496,6 +1496,7 @@ def run_experiment(cfg, log=print):
             lock = claim_level(exp, run, level) if (run, level) in todo else None
             if lock is None:
                 by = "earlier" if (run, level) not in todo else "by another process"
+                load_ticket(ticket_path(run, level), exp.model, mmap=True)   # readable: else stop before work
                 exp.log(f"{run.name} level {level}: finished {by}, reused ({ticket_path(run, level)})")
                 if exp.procs.is_main and (run, level) not in todo:   # a stop between ticket and cleanup
                     remove_if_there(checkpoint_path(run, level))

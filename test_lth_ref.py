@@ -2869,9 +2869,12 @@ def test_a_damaged_ticket_is_an_error_that_names_it_and_says_what_to_do(tmp_path
     path = os.path.join(out, "level_00", "ticket.pt")
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)                  # a copy cut short
+    capsys.readouterr()
     assert L.main(FAST + ["--out-dir", out, "--levels", "1"]) == 2
-    err = capsys.readouterr().err
-    assert f"cannot read the ticket {path}" in err and "Delete it" in err and "Traceback" not in err
+    said = capsys.readouterr()
+    assert f"cannot read the ticket {path}" in said.err and "Delete it" in said.err
+    assert "Traceback" not in said.err and "reused" not in said.out    # refused when found, not when read
+    assert not os.path.exists(os.path.join(out, "level_01"))            # before any work
 
 
 @pytest.mark.slow
