@@ -517,6 +517,8 @@ def bench_train(arch="resnet20", dataset="cifar10", batch_size=128, device="cpu"
         steps[name] = functools.partial(plain_train_step, net, opt, scaler, x, y, cfg) if name == "plain" \
             else functools.partial(train_step, net, opt, scaler, pairs, x, y, 1.0 / batch_size, cfg)
     steps["masking"] = functools.partial(remask, ours_pairs)
+    log(f"timing {kernels.BENCH_WARMUP} + {repeats} rounds of three training steps (ours, ours without masks, "
+        f"plain) and the masking, {arch} at batch {batch_size} on {device_name(device)}")
     ms = dict(zip(steps, kernels.time_interleaved(list(steps.values()), torch.device(device), repeats,
                                                   warmup=kernels.BENCH_WARMUP)))
     ips = {k: batch_size / (ms[k] / 1e3) for k in ("ours", "ours_unmasked", "plain")}
@@ -640,6 +642,7 @@ def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_
         log(markdown_table([{k: fmt_cell(v) for k, v in row.items()} for row in layers]))
         run = dict(batch=batch, layers=layers)
         if not paper:
+            log(f"batch {batch}: timing the whole network (dense, regrouped, slim)")
             run.update(bench_end_to_end(model, ticket, blocks, batch, device, repeats, shape, fmt, log,
                                         dtype))
         report["runs"].append(run)

@@ -5240,6 +5240,7 @@ def test_bench_density_runs_the_grouped_gemm_on_a_fresh_regrouped_model(tmp_path
     assert len(run["layers"]) == 18 and run["model"]["max_rel_err"] < 1e-4
     out = capsys.readouterr().out
     assert "batch 16: layer 1/18 layer1.0.conv1.weight timed (" in out and "batch 16: layer 18/18 " in out
+    assert "batch 16: timing the whole network" in out
     assert report["memory_format"] == run["model"]["memory_format"] in kernels.MEMORY_FORMATS  # measured
     assert run["slim"]["max_rel_err"] < 1e-4 and run["slim"]["params_slim"] <= run["slim"]["params"]
     assert json.load(open(tmp_path / "bench.json"))["arch"] == "resnet20"
@@ -5309,8 +5310,9 @@ def test_bench_train_times_ours_plain_and_the_masking(monkeypatch):
     """Under a fake clock (each step runs once; ours 20 ms, without masks 10, plain 40, masking 2),
     the row says what those times mean for a batch of 4, computed here by hand."""
     steps = fake_timing(monkeypatch, ms=(20.0, 10.0, 40.0, 2.0))
-    row = lth_tools.bench_train("resnet20", "cifar10", batch_size=4, repeats=2, device="cpu",
-                                log=lambda *_: None)
+    said = []
+    row = lth_tools.bench_train("resnet20", "cifar10", batch_size=4, repeats=2, device="cpu", log=said.append)
+    assert said[0].startswith(f"timing {kernels.BENCH_WARMUP} + 2 rounds of three training steps")   # first
     assert len(steps[0]) == 4  # ours, ours without masks, plain, the masking: each ran
     assert (row["img_s_ours"], row["img_s_unmasked"], row["img_s_plain"]) == (200.0, 400.0, 100.0)
     assert (row["ours_vs_plain"], row["masked_vs_unmasked"]) == (2.0, 0.5)
