@@ -517,8 +517,8 @@ def bench_train(arch="resnet20", dataset="cifar10", batch_size=128, device="cpu"
         steps[name] = functools.partial(plain_train_step, net, opt, scaler, x, y, cfg) if name == "plain" \
             else functools.partial(train_step, net, opt, scaler, pairs, x, y, 1.0 / batch_size, cfg)
     steps["masking"] = functools.partial(remask, ours_pairs)
-    log(f"timing {kernels.BENCH_WARMUP} + {repeats} rounds of three training steps (ours, ours without masks, "
-        f"plain) and the masking, {arch} at batch {batch_size} on {device_name(device)}")
+    log(f"timing {kernels.BENCH_WARMUP} + {repeats} rounds of three training steps (ours, ours without "
+        f"masks, plain) and the masking, {arch} at batch {batch_size} on {device_name(device)}")
     ms = dict(zip(steps, kernels.time_interleaved(list(steps.values()), torch.device(device), repeats,
                                                   warmup=kernels.BENCH_WARMUP)))
     ips = {k: batch_size / (ms[k] / 1e3) for k in ("ours", "ours_unmasked", "plain")}
