@@ -1892,6 +1892,8 @@ def check_combinations(cfg):
     if cfg.group_aware and cfg.mask_source != "imp":
         raise UsageError("--group-aware prunes its own previous level iteratively: it needs --mask-source "
                          f"imp, not {cfg.mask_source} (one-shot sources have no chain)")
+    if cfg.bench_density is not None and cfg.bench not in ("kernels", "paper", "regroup"):
+        raise UsageError("--bench-density is read by --bench kernels, paper and regroup: drop it")
     if cfg.ticket is not None and ticket_unread(cfg):
         raise UsageError(f"--ticket {cfg.ticket} is not read by this command: {ticket_unread(cfg)}; drop it")
 
@@ -1903,10 +1905,10 @@ def ticket_unread(cfg):
         return "--report reads experiment directories"
     if cfg.export is not None or (cfg.bench in ("kernels", "paper", "regroup") and cfg.bench_density is None):
         return None
-    if cfg.bench_density is not None and cfg.bench is not None:
-        return "--bench-density benchmarks a fresh --arch network instead"
     if cfg.bench == "train":
         return "--bench train times training steps of a fresh --arch network"
+    if cfg.bench_density is not None and cfg.bench is not None:
+        return "--bench-density benchmarks a fresh --arch network instead"
     return "an experiment trains its own tickets (--ticket is for --bench and --export)"
 
 

@@ -631,11 +631,12 @@ def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_
                   **{k: v for k, v in kernels.runtime_info(device, dtype).items() if k != "device"},
                   setting=f"paper ({kernels.PAPER_PROFILE}, conv only)" if paper else "dataset images",
                   counts=whole_model_counts(model, ticket["masks"], shape), runs=[])
-    fmt = kernels.MEMORY_FORMATS[memory_format]
-    for batch in ([kernels.PAPER_PROFILE_BATCH] if paper else batches):
+    fmt, batches = kernels.MEMORY_FORMATS[memory_format], [kernels.PAPER_PROFILE_BATCH] if paper else batches
+    progress = layer_progress(len(blocks), len(batches), log)
+    for batch in batches:
         layers = kernels.bench_layers(model, blocks, batch, device, paper_setting=paper, repeats=repeats,
                                       input_size=shape, memory_format=fmt, dtype=dtype,
-                                      log=layer_progress(len(blocks), batch, log))
+                                      log=functools.partial(progress, batch))
         log(f"\nper layer, batch {batch}, {report['device']}, {memory_format}, {report['dtype']}, median of "
             f"{repeats} (range: min-max ms; noisy: the range is wider than the gap; candidates: each path's "
             "median ms when the layer chose):")
@@ -651,15 +652,16 @@ def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_
     return report
 
 
-def layer_progress(count, batch, log):
-    """bench_layers' per-layer callback: one progress line per layer timed (its path, its time, the ETA)."""
-    eta, last = Eta(count), [time.perf_counter()]
+def layer_progress(layers, batches, log):
+    """line(batch, row), bench_layers' per-layer callback: one progress line per layer timed (its path, its
+    time, the ETA of the layers of every batch)."""
+    eta, last = Eta(layers * batches), [time.perf_counter()]
 
-    def line(row):
+    def line(batch, row):
         now = time.perf_counter()
         left, seconds, last[0] = eta.update(now - last[0]), now - last[0], now
-        log(f"batch {batch}: layer {eta.done}/{count} {row['name']} timed ({row['path']}) in {seconds:.1f}s, "
-            f"ETA {left}")
+        log(f"batch {batch}: layer {(eta.done - 1) % layers + 1}/{layers} {row['name']} timed "
+            f"({row['path']}) in {seconds:.1f}s, ETA {left}")
     return line
 
 

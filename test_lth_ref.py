@@ -2806,6 +2806,9 @@ def test_a_branch_whose_post_processing_empties_a_layer_stops_with_an_error(monk
     (["--bench", "--bench-density", "0.5", "--method", "refill", "--ticket", "t.pt"],
      "not read by this command: --bench-density benchmarks a fresh --arch network instead; drop it"),
     (["--report", "r", "--ticket", "t.pt"], "not read by this command: --report reads experiment"),
+    (["--bench", "train", "--bench-density", "0.5"], "--bench-density is read by --bench kernels, paper and"),
+    (["--export", "e.pt", "--bench-density", "0.5"], "--bench-density is read by --bench kernels, paper and"),
+    (["--bench-density", "0.5"], "--bench-density is read by --bench kernels, paper and regroup: drop it"),
 ])
 def test_bad_values_exit_2_with_a_clear_message(tmp_path, capsys, flags, message):
     assert L.main(FAST + ["--out-dir", str(tmp_path / "x")] + flags) == 2
@@ -5295,15 +5298,17 @@ def test_bench_dtype_flag_reaches_the_benches(flag, dtype, tmp_path, monkeypatch
 
 
 def test_bench_layer_progress_lines_count_the_layers_and_give_the_eta(monkeypatch):
-    clock = iter([0.0, 2.0, 5.0, 6.0])                         # layers of 2 s, 3 s and 1 s
+    clock = iter([0.0, 2.0, 5.0, 6.0, 10.0])                   # layers of 2 s, 3 s, 1 s and 4 s
     monkeypatch.setattr(lth_tools.time, "perf_counter", lambda: next(clock))
     said = []
-    line = lth_tools.layer_progress(3, 64, said.append)
-    for name, path in (("a.weight", "dense"), ("b.weight", "gather"), ("c.weight", "dense")):
-        line({"name": name, "path": path})
-    assert said == ["batch 64: layer 1/3 a.weight timed (dense) in 2.0s, ETA 0h00m04s",     # 2 left x 2 s
-                    "batch 64: layer 2/3 b.weight timed (gather) in 3.0s, ETA 0h00m02s",    # 1 x 2.5 s
-                    "batch 64: layer 3/3 c.weight timed (dense) in 1.0s, ETA 0h00m00s"]
+    line = lth_tools.layer_progress(2, 2, said.append)         # two layers at two batch sizes
+    for batch, name, path in ((8, "a.weight", "dense"), (8, "b.weight", "gather"), (64, "a.weight", "dense"),
+                              (64, "b.weight", "conv")):
+        line(batch, {"name": name, "path": path})
+    assert said == ["batch 8: layer 1/2 a.weight timed (dense) in 2.0s, ETA 0h00m06s",      # 3 left x 2 s
+                    "batch 8: layer 2/2 b.weight timed (gather) in 3.0s, ETA 0h00m05s",     # 2 x 2.5 s
+                    "batch 64: layer 1/2 a.weight timed (dense) in 1.0s, ETA 0h00m02s",     # 1 x 2 s
+                    "batch 64: layer 2/2 b.weight timed (conv) in 4.0s, ETA 0h00m00s"]
 
 
 def test_bench_train_times_ours_plain_and_the_masking(monkeypatch):
@@ -5785,6 +5790,8 @@ def test_the_settings_line_says_the_subset_and_one_level_and_no_prune_rate_for_i
     torch.save(L.ones_masks(L.prunable_weights(built("resnet20"))), tmp_path / "m.pt")
     line = L.settings_line(cli_config("--import-masks", str(tmp_path / "m.pt")), procs)
     assert "prune" not in line and "masks from 1 --import-masks file," in line
+    explicit = cli_config("--mask-source", "import", "--import-masks", str(tmp_path / "m.pt"))
+    assert explicit.mask_source == "import"
     said = []
     data.load_dataset("synthetic", "", train_subset=100, log=said.append)
     assert said[-1] == f"training on 100 of the {data.SYNTH_TRAIN} training images (seeded)"
