@@ -1907,7 +1907,7 @@ def ticket_unread(cfg):
         return None
     if cfg.bench == "train":
         return "--bench train times training steps of a fresh --arch network"
-    if cfg.bench_density is not None and cfg.bench is not None:
+    if cfg.bench_density is not None:
         return "--bench-density benchmarks a fresh --arch network instead"
     return "an experiment trains its own tickets (--ticket is for --bench and --export)"
 
