@@ -237,13 +237,15 @@ def _new(x, shape, memory_format=torch.contiguous_format):
 def _build_dense(info, t):
     """{"weight": the block-masked dense weight (O, C, kh, kw), rebuilt from the packed blocks, and
     "weight_channels_last": the same in channels-last memory}: a weight in the input's memory format
-    spares oneDNN / cuDNN a reorder of the weight on every call."""
+    spares oneDNN / cuDNN a reorder of the weight on every call. .to, not .contiguous: a 1x1 weight is
+    in both formats at once and .contiguous keeps its strides, while .to gives those of an nn.Conv2d's
+    weight after model.to(memory_format=torch.channels_last): the dense model's call, stride for stride."""
     O, C, kh, kw = info["weight_shape"]
     w2 = t["packed"].new_zeros(O, C * kh * kw)
     for rows, cols, w in _blocks_of(info, t):
         w2[rows[:, None], cols[None, :]] = w
     weight = w2.view(O, C, kh, kw)
-    return {"weight": weight, "weight_channels_last": weight.contiguous(memory_format=torch.channels_last)}
+    return {"weight": weight, "weight_channels_last": weight.to(memory_format=torch.channels_last)}
 
 
 def _run_dense(x, info, t, p, conv):

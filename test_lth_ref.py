@@ -41,6 +41,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from data import DataError
 from models import MODELS, BasicBlock, PadShortcut, count_params
@@ -3814,6 +3815,43 @@ def tiny_model_and_blocks():
         O, C, kh, kw = model.get_parameter(name).shape
         blocks[name], masks[name] = random_blocks(O, C * kh * kw, seed=10 + i, n_blocks=3)
     return model, blocks, masks
+
+
+class OpRecorder(TorchDispatchMode):
+    """Every ATen op dispatched inside it, with the shape, strides and dtype of its tensor arguments: what a
+    device is asked to run (a GPU launches a kernel per op), observed on the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [(tuple(a.shape), a.stride(), a.dtype) for a in args if torch.is_tensor(a)]
+        self.ops.append((str(func), tensors))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_regrouped_model_whose_layers_run_dense_dispatches_exactly_the_dense_models_ops(monkeypatch):
+    """Never slower than dense, op for op: where every layer chose dense, the regrouped model asks the
+    device for the same convolutions, on the same shapes, strides (memory format) and dtypes, and nothing
+    more, so cuDNN / oneDNN get the same calls as for the masked dense model."""
+    fake_clock(monkeypatch, {"dense": 1})                    # every layer measures dense the fastest
+    model, blocks, _ = tiny_model_and_blocks()
+    for dtype in (torch.float32, torch.bfloat16):
+        for fmt in kernels.MEMORY_FORMATS.values():
+            dense = kernels.masked_model(model, blocks).to(dtype, memory_format=fmt)
+            regrouped = kernels.regrouped_model(model, blocks).to(dtype, memory_format=fmt)
+            x = torch.randn(2, 3, 16, 16).to(dtype).contiguous(memory_format=fmt)
+            recorders = OpRecorder(), OpRecorder()
+            with torch.no_grad():
+                regrouped(x)                                     # measures its paths
+                for net, recorder in zip((dense, regrouped), recorders):
+                    with recorder:
+                        net(x)
+            layers = [m for m in regrouped.modules() if isinstance(m, kernels.RegroupedConv2d)]
+            assert len(layers) == 3 and [list(m.info["choice"].values()) for m in layers] == [["dense"]] * 3
+            assert recorders[0].ops == recorders[1].ops
+            assert sum("convolution" in op for op, _ in recorders[1].ops) == 3
 
 
 def test_regrouped_model_equals_masked_dense_model():
