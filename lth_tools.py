@@ -52,7 +52,11 @@ def find_ticket(ticket=None, out_dir=None, cfg=None, required=True, given=frozen
         raise UsageError(f"--ticket {path} is not a file: pass a finished level's ticket, e.g. "
                          "RUN/BRANCH/level_NN/ticket.pt (the trunk's: RUN/level_NN/ticket.pt), or "
                          "--out-dir RUN with --method and its knobs for the run's last finished level")
-    if path is None and out_dir and os.path.isdir(out_dir):
+    if path is None and out_dir and not os.path.isdir(out_dir):
+        problem = "is a file" if os.path.exists(out_dir) else "does not exist"
+        raise UsageError(f"--out-dir {out_dir} {problem}: pass the directory of an experiment with a "
+                         "finished level (and --method for a branch), or --ticket PATH")
+    if path is None and out_dir:
         located = dataclasses.replace(cfg, out_dir=out_dir)
         run = branch_run(located) or trunk_run(located)
         tickets = finished_tickets(run.path)
@@ -67,7 +71,7 @@ def find_ticket(ticket=None, out_dir=None, cfg=None, required=True, given=frozen
                              "experiment with at least one finished level (and --method for a branch)")
         return None, None
     level_dir = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    own = ticket is None or re.fullmatch(r"level_\d+", level_dir)   # a level of an experiment: its own fix
+    own = ticket is None or (re.fullmatch(r"level_\d+", level_dir) and os.path.basename(path) == "ticket.pt")
     found = load_ticket(path, what="ticket" if own else "--ticket file")
     check_given_network(path, found, cfg, given)
     return path, found
@@ -806,9 +810,12 @@ def run_bench(cfg, out_dir, given=frozenset()):
         if ticket is not None:                 # its next IMP mask: the trained weights pruned once more
             weights = {n: ticket["state_dict"][n] for n in ticket["masks"]}
             masks = magnitude_prune(weights, ticket["masks"], cfg.prune_rate)
+            print(f"masks: the next IMP mask of {path} (its weights pruned by {cfg.prune_rate:g})")
         else:                                  # a seeded, freshly initialized network (default: 20% dense)
             density_ = cfg.bench_density or BENCH_TRAIN_DENSITY
             _, weights, masks = pruned_network(cfg.arch, cfg.dataset, density_, cfg.seed)
+            print(f"masks: a fresh seeded {cfg.arch} pruned to density {density_:g} by weight magnitude "
+                  f"(seed {cfg.seed}{'; no --ticket or --out-dir given' * (cfg.bench_density is None)})")
         regroup_knobs = {k: v for k, v in branch_knobs(cfg, "regroup").items() if k != "unit"}
         return bench_regroup(masks, cfg.regroup_unit, cfg.seed, **regroup_knobs)
     auto_dtype = "fp16" if torch.device(device).type == "cuda" else "fp32"

@@ -2941,7 +2941,8 @@ def test_bench_regroup_on_a_ticket_reports_every_layer_and_beats_random(tmp_path
     branch = L.load_file(str(tmp_path / "run" / "level_00" / "ticket.pt"), "ticket")
     branch["config"]["branch"] = "regroup"
     torch.save(branch, tmp_path / "branch.pt")
-    capsys.readouterr()
+    level0 = tmp_path / "run" / "level_00" / "ticket.pt"
+    assert f"masks: the next IMP mask of {level0}" in capsys.readouterr().out
     lth_tools.run_bench(cli_config("--bench", "regroup", "--ticket", str(tmp_path / "branch.pt")), "")
     assert "is a ticket of the branch regroup" in capsys.readouterr().err
 
@@ -2959,8 +2960,11 @@ def test_bench_regroup_leaves_out_a_layer_that_keeps_no_block():
 
 
 def test_bench_without_a_ticket_says_how_to_get_one(tmp_path, capsys):
-    assert L.main(["--bench", "kernels", "--out-dir", str(tmp_path / "none")]) == 2
+    assert L.main(["--bench", "kernels"]) == 2
     assert "no ticket to benchmark" in capsys.readouterr().err
+    for bench in ("kernels", "regroup"):                        # regroup would bench a fresh network
+        assert L.main(["--bench", bench, "--out-dir", str(tmp_path / "none")]) == 2
+        assert f"--out-dir {tmp_path / 'none'} does not exist: pass the directory" in capsys.readouterr().err
     for flag in ("--bench", "--export"):
         assert L.main([flag, "kernels" if flag == "--bench" else str(tmp_path / "s.pt"),
                        "--ticket", str(tmp_path / "level_01")]) == 2
@@ -2976,6 +2980,10 @@ def test_bench_without_a_ticket_says_how_to_get_one(tmp_path, capsys):
     own = str(tmp_path / "level_03" / "ticket.pt")
     assert L.main(["--export", str(tmp_path / "s.pt"), "--ticket", own]) == 2
     assert "its level is trained again" in capsys.readouterr().err
+    (tmp_path / "level_03" / "layers.csv").write_text("name\n")  # another file of a level: not "delete it"
+    csv_file = str(tmp_path / "level_03" / "layers.csv")
+    assert L.main(["--export", str(tmp_path / "s.pt"), "--ticket", csv_file]) == 2
+    assert "Pass a ticket.pt lth_ref wrote" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -6075,10 +6083,11 @@ def test_an_arch_or_dataset_given_with_a_ticket_must_be_the_tickets(tmp_path, mo
     assert lth_tools.find_ticket(path, None, cli_config("--arch", "vgg16"))[0] == path   # a default
 
 
-def test_bench_regroup_prunes_a_fresh_network_to_bench_density():
+def test_bench_regroup_prunes_a_fresh_network_to_bench_density(capsys):
     for density in (0.1, 0.3):
         rows = lth_tools.run_bench(cli_config("--bench", "regroup", "--bench-density", str(density),
                                               "--arch", "resnet20"), "")
+        assert f"masks: a fresh seeded resnet20 pruned to density {density} " in capsys.readouterr().out
         sizes = [math.prod(int(d) for d in r["shape"].split("x")) for r in rows]
         kept = sum(r["density"] * n for r, n in zip(rows, sizes)) / sum(sizes)
         assert abs(kept - density) < 0.02                            # the convs' share of the weights
