@@ -2493,7 +2493,7 @@ def check_inputs(cfg):
         model = model_zoo.MODELS[cfg.arch](datasets.CLASS_COUNTS[cfg.dataset])
     if cfg.import_masks:
         import lth_tools                       # mask import lives with the tools; loaded when used
-        for path in cfg.import_masks[:cfg.levels]:
+        for path in cfg.import_masks:          # those beyond --levels too: they are recorded for later levels
             lth_tools.read_imported_masks(path, model, cfg.arch)
     if cfg.mask_source != "import":
         check_levels(cfg, prunable_weights(model))

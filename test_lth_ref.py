@@ -5764,6 +5764,16 @@ def test_import_refuses_what_does_not_fit_with_a_message(tmp_path, content, mess
     assert message in str(e.value)
 
 
+def test_every_import_file_is_checked_at_setup_also_those_beyond_levels(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "load_dataset", lambda *_, **__: pytest.fail("the experiment started"))
+    good = L.ones_masks(L.prunable_weights(built("resnet20")))
+    torch.save(good, tmp_path / "a.pt")
+    torch.save({**good, "layer1.0.conv1.weight": torch.ones(8, 16, 3, 3)}, tmp_path / "b.pt")   # 8 rows of 16
+    assert L.main(FAST + ["--import-masks", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--levels", "1",
+                          "--out-dir", str(tmp_path / "run")]) == 2
+    assert str(tmp_path / "b.pt") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("key", ["masks", "state_dict"])
 def test_the_resave_command_for_a_trusted_file_with_python_objects_gives_a_file_that_imports(tmp_path, key,
                                                                                                 monkeypatch):
