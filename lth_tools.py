@@ -987,9 +987,11 @@ def read_experiment(path):
                          if finished_tickets(path) else
                          f"{path} has no finished level yet (results.json appears when its first one has)")
     if not all(os.path.exists(f) for f in files):
-        raise UsageError(f"{path} is not an experiment directory: it lacks config.json or results.json "
-                         "(--report reads the --out-dir of a training run; results.json appears when its "
-                         "first level has finished)")
+        problem = "does not exist" if not os.path.exists(path) else "is a file" if not os.path.isdir(path) \
+            else f"is a branch: pass its experiment, {os.path.dirname(os.path.abspath(path))}" \
+            if os.path.exists(os.path.join(path, "branch.json")) else "lacks config.json or results.json"
+        raise UsageError(f"{path} is not an experiment directory: it {problem} (--report reads the --out-dir "
+                         "of a training run; results.json appears when its first level has finished)")
     try:
         config = read_json(files[0])
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -1499,7 +1501,10 @@ def write_report(dirs, out_dir=None, layers=None, log=print):
     out_dir default: DIR/report for one directory, report/ in the directories' common parent for several;
     files of one experiment are then prefixed with its directory's name. Returns {file name: path}.
     """
-    dirs = list(dict.fromkeys(os.path.normpath(d) for d in dirs))
+    unique = {}
+    for d in dirs:                             # each directory once, however it is spelled (links too)
+        unique.setdefault(os.path.realpath(d), os.path.normpath(d))
+    dirs = list(unique.values())
     experiments = [read_experiment(d) for d in dirs]
     out_dir = out_dir or os.path.join(dirs[0] if len(dirs) == 1 else
                                       os.path.commonpath([os.path.abspath(d) for d in dirs]), "report")

@@ -3270,6 +3270,22 @@ def write_a4_experiment(path, cfg=A4_SETTING, branch=None):
         json.dump(branch or A4_BRANCH, f)
 
 
+def test_report_reads_a_directory_once_however_spelled_and_says_what_a_non_experiment_is(
+        tmp_path, monkeypatch, capsys):
+    no_matplotlib(monkeypatch)
+    write_a4_experiment(tmp_path / "r18")
+    (tmp_path / "link").symlink_to(tmp_path / "r18")
+    spellings = [str(tmp_path / "r18"), str(tmp_path / "r18") + "/", str(tmp_path / "link")]
+    written = lth_tools.write_report(spellings, str(tmp_path / "rep"), log=lambda *_: None)
+    assert "report.md" in written and not any(name.startswith(("0_", "1_")) for name in written)  # 1 run
+    assert "repeats the settings" not in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    for path, problem in (("none", "it does not exist"), ("file", "it is a file"),
+                          ("r18/regroup", f"it is a branch: pass its experiment, {tmp_path / 'r18'}")):
+        assert L.main(["--report", str(tmp_path / path)]) == 2
+        assert f"{tmp_path / path} is not an experiment directory: {problem} (" in capsys.readouterr().err
+
+
 def test_report_puts_the_papers_numbers_beside_a_run_of_the_same_setting(tmp_path, monkeypatch):
     no_matplotlib(monkeypatch)
     write_a4_experiment(tmp_path / "r18")
