@@ -365,6 +365,8 @@ def export_slim(path, ticket, out, log=print):
     writer = EXPORT_FORMATS.get(os.path.splitext(out)[1])
     if writer is None:
         raise UsageError(f"--export {out}: the file name must end in one of {', '.join(EXPORT_FORMATS)}")
+    if os.path.isdir(out):
+        raise UsageError(f"--export {out} is a directory: give the path of the file to write")
     check_dir("--export", os.path.dirname(os.path.abspath(out)))
     model = ticket_model(ticket)
     slim = model_zoo.slim_model(model, ticket["masks"]).eval()

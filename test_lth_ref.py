@@ -6119,6 +6119,14 @@ def test_bench_regroup_prunes_a_fresh_network_to_bench_density(capsys):
         assert abs(kept - density) < 0.02                            # the convs' share of the weights
 
 
+def test_export_onto_a_directory_is_an_error_before_the_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(lth_tools, "ticket_model", lambda *_: pytest.fail("the export started"))
+    (tmp_path / "slim.pt").mkdir()
+    assert L.main(["--export", str(tmp_path / "slim.pt"), "--ticket", saved_fresh_ticket(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: --export {tmp_path / 'slim.pt'} is a directory: give the path "
+                                       "of the file to write\n")
+
+
 def test_bench_into_an_unwritable_place_stops_before_it_measures(tmp_path, monkeypatch, capsys):
     path = saved_fresh_ticket(tmp_path)
     monkeypatch.setattr(kernels, "bench_layers", lambda *a, **k: pytest.fail("measured first"))
