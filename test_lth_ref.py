@@ -6123,8 +6123,8 @@ def test_export_onto_a_directory_is_an_error_before_the_work(tmp_path, monkeypat
     monkeypatch.setattr(lth_tools, "ticket_model", lambda *_: pytest.fail("the export started"))
     (tmp_path / "slim.pt").mkdir()
     assert L.main(["--export", str(tmp_path / "slim.pt"), "--ticket", saved_fresh_ticket(tmp_path)]) == 2
-    assert capsys.readouterr().err == (f"error: --export {tmp_path / 'slim.pt'} is a directory: give the path "
-                                       "of the file to write\n")
+    assert capsys.readouterr().err == (f"error: --export {tmp_path / 'slim.pt'} is a directory: give the "
+                                       "path of the file to write\n")
 
 
 def test_bench_into_an_unwritable_place_stops_before_it_measures(tmp_path, monkeypatch, capsys):
