@@ -982,30 +982,7 @@ def read_experiment(path):
     with a `method`) reads as one run named by its method. A branch whose directory is missing keeps its
     rows but has no run (one WARNING): its tickets and timings are not the trunk's.
     """
-    files = [os.path.join(path, f) for f in ("config.json", "results.json")]
-    if os.path.exists(files[0]) and not os.path.exists(files[1]):
-        raise UsageError(f"{path} has finished levels but no results.json (a stop before it was written): "
-                         "run its training command again, which reuses the levels and writes it"
-                         if finished_tickets(path) else
-                         f"{path} has no finished level yet (results.json appears when its first one has)")
-    if not all(os.path.exists(f) for f in files):
-        problem = "does not exist" if not os.path.exists(path) else "is a file" if not os.path.isdir(path) \
-            else f"is a branch: pass its experiment, {os.path.dirname(os.path.abspath(path))}" \
-            if os.path.exists(os.path.join(path, "branch.json")) else "lacks config.json or results.json"
-        raise UsageError(f"{path} is not an experiment directory: it {problem} (--report reads the --out-dir "
-                         "of a training run; results.json appears when its first level has finished)")
-    try:
-        config = read_json(files[0])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"{files[0]} is damaged (not JSON): {settings_fix(files[0])}") from None
-    try:
-        rows = read_json(files[1])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"{files[1]} is damaged (not JSON): run the training command again, which rewrites "
-                         "it from the finished tickets") from None
-    if not isinstance(rows, list) or not rows:
-        raise UsageError(f"{path}: results.json holds no result rows; run the training command again to "
-                         "rewrite it from the finished tickets")
+    config, rows = experiment_files(path)
     method, single = config.get("method", "imp"), not any("branch" in r for r in rows)
     defaults = dict(branch=method, source=config.get("mask_source", "imp"), method=method,
                     init=config.get("init", "rewind"))
@@ -1021,6 +998,56 @@ def read_experiment(path):
             print(f"WARNING: {path}: results.json lists the branch {branch}, but {sub} is missing: its rows "
                   "are reported, its masks and timings are not", file=sys.stderr)
     return dict(path=path, config=config, rows=rows, runs=runs)
+
+
+def experiment_files(path):
+    """(config, rows): an experiment directory's config.json and results.json, checked; UsageError naming
+    what is missing or damaged, and what to do about it."""
+    files = [os.path.join(path, f) for f in ("config.json", "results.json")]
+    if os.path.exists(files[0]) and not os.path.exists(files[1]):
+        raise UsageError(f"{path} has finished levels but no results.json (a stop before it was written): "
+                         "run its training command again, which reuses the levels and writes it"
+                         if finished_tickets(path) else
+                         f"{path} has no finished level yet (results.json appears when its first one has)")
+    if not all(os.path.exists(f) for f in files):
+        problem = "does not exist" if not os.path.exists(path) else "is a file" if not os.path.isdir(path) \
+            else f"is a branch: pass its experiment, {os.path.dirname(os.path.abspath(path))}" \
+            if os.path.exists(os.path.join(path, "branch.json")) else "lacks config.json or results.json"
+        raise UsageError(f"{path} is not an experiment directory: it {problem} (--report reads the --out-dir "
+                         "of a training run; results.json appears when its first level has finished)")
+    rewrite = "run the training command again, which rewrites it from the finished tickets"
+    config = json_of(files[0], dict, lambda: settings_fix(files[0]))
+    rows = json_of(files[1], list, lambda: rewrite)
+    if not rows:
+        raise UsageError(f"{path}: results.json holds no result rows; {rewrite}")
+    bad = next(((i, why) for i, r in enumerate(rows, 1) if (why := row_problem(r))), None)
+    if bad:
+        raise UsageError(f"{files[1]} is damaged (row {bad[0]}: {bad[1]}): {rewrite}")
+    return config, rows
+
+
+def json_of(path, kind, fix):
+    """path's JSON value when it is a `kind` (dict or list); else UsageError: damaged, and fix() says what
+    to do."""
+    try:
+        value = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError(f"{path} is damaged (not JSON): {fix()}") from None
+    if not isinstance(value, kind):
+        raise UsageError(f"{path} is damaged (not a JSON {'object' if kind is dict else 'list'}): {fix()}")
+    return value
+
+
+def row_problem(row):
+    """What keeps a results.json row from the report, "" when nothing: it is an object with a level
+    number, and its REPORT_NUMBERS are finite numbers where given (density and test accuracy always)."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+    if not isinstance(row, dict):
+        return f"{str(row)[:40]} is not an object"
+    if not (number(row.get("level")) and row["level"] == int(row["level"]) >= 0):
+        return f"level {row.get('level')!r} is not a level number"
+    given = [k for k in REPORT_NUMBERS if k in ("density", "test_acc") or row.get(k, "") != ""]
+    return next((f"{k} {row.get(k)!r} is not a number" for k in given if not number(row.get(k))), "")
 
 
 def run_key(e):
@@ -1283,10 +1310,15 @@ def mask_level(exp):
 
 
 def read_bench(path, warn=True):
-    """A bench.json as a dict; None (with one WARNING line unless warn=False) when it cannot be read."""
+    """A bench.json as a dict; None (with one WARNING line unless warn=False) when it cannot be read or
+    lacks the structure the report reads: runs, a list of objects whose layers (a list of objects) and
+    model (an object) may be left out."""
+    objects = lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v)
     try:
         bench = read_json(path)
-        if isinstance(bench, dict):
+        runs = bench.get("runs", []) if isinstance(bench, dict) else None
+        if objects(runs) and all(objects(r.get("layers") or []) and isinstance(r.get("model") or {}, dict)
+                                 for r in runs):
             return bench
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         pass

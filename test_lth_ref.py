@@ -3405,6 +3405,44 @@ def test_a_report_names_the_damaged_file_and_its_fix(tmp_path, capsys, damaged):
     assert ("delete the directory to start over" if damaged == "config.json" else "rewrites it") in err
 
 
+@pytest.mark.parametrize("edit, says", [
+    (lambda rows: [{**rows[0], "test_acc": "abc"}], "row 1: test_acc 'abc' is not a number"),
+    (lambda rows: [rows[0], {**rows[1], "test_acc": None}], "row 2: test_acc None is not a number"),
+    (lambda rows: [{k: v for k, v in rows[0].items() if k != "density"}], "row 1: density None is not a"),
+    (lambda rows: [{**rows[0], "level": "x"}], "row 1: level 'x' is not a level number"),
+    (lambda rows: [rows[0], 7], "row 2: 7 is not an object"),
+    (lambda rows: [{**rows[0], "coverage": "high"}], "row 1: coverage 'high' is not a number"),
+    (lambda rows: [{**rows[0], "test_acc": float("nan")}], "row 1: test_acc nan is not a number"),
+])
+def test_a_report_of_hand_damaged_rows_names_the_row_and_the_fix(tmp_path, capsys, edit, says):
+    rows = [dict(branch="trunk", level=0, density=1.0, test_acc=0.9, coverage=""),
+            dict(branch="trunk", level=1, density=0.8, test_acc=0.91, coverage="")]
+    write_experiment(tmp_path / "run", dict(arch="resnet20", dataset="synthetic"), edit(rows))
+    assert L.main(["--report", str(tmp_path / "run"), "--out-dir", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'run' / 'results.json'} is damaged ({says}") and \
+        "run the training command again, which rewrites it" in err and "Traceback" not in err
+    (tmp_path / "run" / "config.json").write_text("[1, 2]")
+    assert L.main(["--report", str(tmp_path / "run"), "--out-dir", str(tmp_path / "rep")]) == 2
+    assert "config.json is damaged (not a JSON object)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bench", ["{", '{"runs": "x"}', '{"runs": [5]}', '{"runs": [{"layers": "abc"}]}',
+                                   '{"runs": [{"layers": ["abc"]}]}', '{"runs": [{"model": "abc"}]}'])
+def test_a_bench_json_without_the_structure_the_report_reads_is_left_out_with_a_warning(tmp_path, capsys,
+                                                                                         monkeypatch, bench):
+    no_matplotlib(monkeypatch)
+    write_a4_experiment(tmp_path / "r18")
+    os.makedirs(tmp_path / "r18" / "regroup" / "level_01")
+    (tmp_path / "r18" / "regroup" / "level_01" / "bench.json").write_text(bench)
+    written = lth_tools.write_report([str(tmp_path / "r18")], str(tmp_path / "rep"), log=lambda *_: None)
+    assert "report.md" in written
+    assert "level_01/bench.json is not a readable bench.json; left out" in capsys.readouterr().err
+    assert lth_tools.read_bench(str(tmp_path / "r18" / "regroup" / "level_01" / "bench.json"), False) is None
+    (tmp_path / "ok.json").write_text(json.dumps(BENCH))
+    assert lth_tools.read_bench(str(tmp_path / "ok.json")) == BENCH
+
+
 @pytest.mark.slow
 def test_report_refuses_what_it_cannot_read(report_exp, tmp_path, capsys):
     assert L.main(["--report", str(tmp_path)]) == 2
