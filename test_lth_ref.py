@@ -3193,7 +3193,10 @@ def test_report_groups_seeds_and_reads_the_single_run_layout(tmp_path, monkeypat
     assert [(r["level"], r["seeds"], r["acc_min"], r["acc_max"]) for r in rows] == \
         [(0, 2, 0.5, 0.56), (1, 2, 0.5, 0.6), (2, 2, 0.7, 0.75)]
     assert rows[2]["test_acc"] == pytest.approx(0.725) and rows[2]["sparsity"] == pytest.approx(36.0)
-    assert lth_tools.extreme_ticket(rows, 0.53)["level"] == 2 and lth_tools.extreme_ticket(rows, 0.73) is None
+    assert [r["dense_acc"] for r in rows] == [0.53] * 3                  # both seeds reached every level
+    plain = [{k: v for k, v in r.items() if k != "dense_acc"} for r in rows]
+    assert lth_tools.extreme_ticket(plain, 0.53)["level"] == 2
+    assert lth_tools.extreme_ticket(plain, 0.73) is None
     assert L.main(["--report", *dirs]) == 0
     text = open(tmp_path / "runs" / "report" / "report.md").read()
     seeds = md_table_after(text, "## s0")
@@ -3204,6 +3207,25 @@ def test_report_groups_seeds_and_reads_the_single_run_layout(tmp_path, monkeypat
     assert [(r["branch"], r["method"], r["level"]) for r in old] == [("regroup", "regroup", "0"),
                                                                      ("regroup", "regroup", "1")]
     assert md_table_after(text[text.index("## old"):], "Extreme")[0]["extreme winning ticket"] == "level 1"
+
+
+def test_with_several_seeds_a_level_is_compared_with_the_dense_accuracy_of_its_own_seeds(tmp_path,
+                                                                                          monkeypatch):
+    no_matplotlib(monkeypatch)
+    cfg = dict(arch="resnet20", dataset="synthetic", epochs=2, mask_source="imp", out_dir="x")
+    row = lambda branch, level, acc: dict(branch=branch, source="imp", method="imp" if branch == "trunk" else
+                                          "refill", init="rewind", level=level, density=0.8 ** level,
+                                          test_acc=acc, flop_ratio="", blocks="", coverage="")
+    write_experiment(tmp_path / "s0", {**cfg, "seed": 0, "levels": 1},      # dense 0.50; refill only here
+                     [row("trunk", 0, 0.50), row("trunk", 1, 0.40), row("refill", 1, 0.55)])
+    write_experiment(tmp_path / "s1", {**cfg, "seed": 1, "levels": 2},      # dense 0.70; level 2 only here
+                     [row("trunk", 0, 0.70), row("trunk", 1, 0.60), row("trunk", 2, 0.65)])
+    os.makedirs(tmp_path / "s0" / "refill")
+    group = [lth_tools.read_experiment(str(tmp_path / d)) for d in ("s0", "s1")]
+    rows = lth_tools.combine_seeds([e["rows"] for e in group])
+    ext = {e["branch"]: e for e in lth_tools.extreme_rows(group, rows, 0.60)}   # 0.60: both seeds' dense
+    assert ext["refill"]["extreme_level"] == 1 and ext["refill"]["dense_acc"] == 0.5   # 0.55 >= seed 0's 0.50
+    assert ext["trunk"]["extreme_level"] == "none"                              # 0.65 < seed 1's 0.70
 
 
 def test_two_runs_of_one_source_with_other_source_settings_draw_two_named_lines(tmp_path):
