@@ -1368,8 +1368,8 @@ def extreme_rows(group, rows, dense):
                    if os.path.exists(p) and (b := read_bench(p, warn=False)) is not None]
         pick = lambda k: "" if best is None else best[k]
         out.append(dict(source=run[0]["source"], branch=branch, method=run[0]["method"], init=run[0]["init"],
-                        dense_acc="" if dense is None else dense if best is None or best["dense_acc"] == ""
-                        else best["dense_acc"],
+                        dense_acc="" if dense is None else dense if best is None or
+                        best.get("dense_acc", "") == "" else best["dense_acc"],
                         extreme_level="none" if best is None else best["level"], density=pick("density"),
                         sparsity=pick("sparsity"), test_acc=pick("test_acc"),
                         saving_conv=finite_mean(s["conv"] for s in savings) if savings else "",
