@@ -1780,8 +1780,9 @@ class Config:
                                  "(torch.export) or .onnx (ONNX, an optional extra)", "benchmarks", "tool",
                                  metavar="PATH")
     ticket: str | None = setting(None, "ticket.pt to benchmark or export (default: the last level, in "
-                                 "--out-dir, of the run --method names); it runs its own network, so an "
-                                 "--arch or --dataset given with it must be its own", "benchmarks", "tool")
+                                 "--out-dir, of the run --method names; not both); it runs as it is, so an "
+                                 "--arch, --dataset or --method given with it must be its own", "benchmarks",
+                                 "tool")
     bench_density: float | None = setting(None, "bench a fresh --arch pruned to this density and "
                                           "post-processed by --method (with the regroup/refill flags) "
                                           "instead of a saved ticket (--bench regroup: the masks it "

@@ -48,6 +48,9 @@ def find_ticket(ticket=None, out_dir=None, cfg=None, required=True, given=frozen
     on the command line (lth_ref.given_flags); an --arch or --dataset there that is not the ticket's is
     refused (the ticket brings its own network)."""
     path = ticket
+    if path is not None and out_dir:
+        raise UsageError(f"--ticket {path} and --out-dir {out_dir} both say which ticket: give one "
+                         "(--out-dir with --method picks the last finished level of that run)")
     if path is not None and not os.path.isfile(path):
         raise UsageError(f"--ticket {path} is not a file: pass a finished level's ticket, e.g. "
                          "RUN/BRANCH/level_NN/ticket.pt (the trunk's: RUN/level_NN/ticket.pt), or "
@@ -78,13 +81,14 @@ def find_ticket(ticket=None, out_dir=None, cfg=None, required=True, given=frozen
 
 
 def check_given_network(path, ticket, cfg, given):
-    """UsageError when the command line's --arch or --dataset (given) is not the ticket's own."""
-    differ = [f"--{k} {getattr(cfg, k)}" for k in ("arch", "dataset")
-              if k in given and ticket["config"].get(k, getattr(cfg, k)) != getattr(cfg, k)]
+    """UsageError when the command line's --arch, --dataset or --method (given) is not the ticket's own."""
+    own = ticket["config"]
+    differ = [f"--{k} {getattr(cfg, k)}" for k in ("arch", "dataset", "method")
+              if k in given and own.get(k, getattr(cfg, k)) != getattr(cfg, k)]
     if differ:
-        raise UsageError(f"{path} is a ticket of {ticket['config'].get('arch')} on "
-                         f"{ticket['config'].get('dataset')}, which is the network it runs: drop "
-                         f"{' and '.join(differ)}")
+        method = f" ({own['method']})" if "method" in own else ""
+        raise UsageError(f"{path} holds a {own.get('arch')} on {own.get('dataset')} ticket{method}, which "
+                         f"runs as it is: drop {' and '.join(differ)}")
 
 
 def ticket_model(ticket):
@@ -804,7 +808,7 @@ def run_bench(cfg, out_dir, given=frozenset()):
     if cfg.bench == "regroup":
         trunk = dataclasses.replace(cfg, method="imp", init="rewind")   # regroup reads the trunk's masks
         path, ticket = (None, None) if cfg.bench_density is not None else \
-            find_ticket(cfg.ticket, out_dir, trunk, required=False, given=given)
+            find_ticket(cfg.ticket, out_dir, trunk, required=False, given=given - {"method"})
         if ticket is not None and ticket["config"].get("branch", "trunk") != "trunk":
             print(f"WARNING: {path} is a ticket of the branch {ticket['config']['branch']}, whose masks are "
                   "already post-processed; regroup works on the trunk's (RUN/level_NN/ticket.pt)",

@@ -6156,17 +6156,25 @@ def saved_fresh_ticket(tmp_path):
     return str(tmp_path / "t.pt")
 
 
-def test_an_arch_or_dataset_given_with_a_ticket_must_be_the_tickets(tmp_path, monkeypatch, capsys):
+def test_an_arch_dataset_or_method_given_with_a_ticket_must_be_the_tickets(tmp_path, monkeypatch, capsys):
     path = saved_fresh_ticket(tmp_path)                           # resnet20 on cifar10
     monkeypatch.setattr(lth_tools, "ticket_model", lambda *_: pytest.fail("the export started"))
     assert L.main(["--export", str(tmp_path / "slim.pt"), "--ticket", path, "--arch", "vgg16"]) == 2
-    assert capsys.readouterr().err == (f"error: {path} is a ticket of resnet20 on cifar10, which is the "
-                                       "network it runs: drop --arch vgg16\n")
+    assert capsys.readouterr().err == (f"error: {path} holds a resnet20 on cifar10 ticket, which runs as it "
+                                       "is: drop --arch vgg16\n")
     cfg = cli_config("--arch", "resnet20", "--dataset", "cifar100")
     with pytest.raises(L.UsageError, match="drop --dataset cifar100$"):
         lth_tools.find_ticket(path, None, cfg, given={"arch", "dataset"})
     assert lth_tools.find_ticket(path, None, cfg, given={"arch"})[0] == path   # the same arch, given
     assert lth_tools.find_ticket(path, None, cli_config("--arch", "vgg16"))[0] == path   # a default
+    ticket = torch.load(path)
+    ticket["config"]["method"] = "refill"
+    torch.save(ticket, path)
+    assert L.main(["--export", str(tmp_path / "slim.pt"), "--ticket", path, "--method", "regroup"]) == 2
+    assert "ticket (refill), which runs as it is: drop --method regroup\n" in capsys.readouterr().err
+    assert L.main(["--export", str(tmp_path / "slim.pt"), "--ticket", path, "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--ticket {path} and --out-dir {tmp_path} both say which ticket: give one" in err
 
 
 def test_bench_regroup_prunes_a_fresh_network_to_bench_density(capsys):
