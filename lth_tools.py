@@ -635,8 +635,9 @@ def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_
     if memory_format == "auto":
         memory_format = faster_memory_format(kernels.masked_model(model, blocks), shape, batches[0], device,
                                              log, dtype)
-    report = dict(ticket=path, arch=ticket["config"]["arch"], method=ticket["config"]["method"],
-                  level=ticket["level"], device=device_name(device), memory_format=memory_format,
+    report = dict(ticket=path if os.path.exists(path) else None,       # None: a fresh (--bench-density) one
+                  arch=ticket["config"]["arch"], method=ticket["config"]["method"], level=ticket["level"],
+                  device=device_name(device), memory_format=memory_format,
                   threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
                   **{k: v for k, v in kernels.runtime_info(device, dtype).items() if k != "device"},
                   setting=f"paper ({kernels.PAPER_PROFILE}, conv only)" if paper else "dataset images",
