@@ -125,6 +125,9 @@ def fresh_ticket(arch, dataset, density_, method, knobs, seed=0, out_dir=None):
     apply_masks(model, masks)
     calibrate_batchnorm(model, shape)
     out_dir = out_dir or os.path.join("runs", f"bench_{arch}_{method}")
+    if os.path.exists(os.path.join(out_dir, "ticket.pt")):
+        raise UsageError(f"--out-dir {out_dir} holds a ticket, whose bench.json --bench-density would "
+                         "replace with a fresh network's: give another --out-dir")
     os.makedirs(out_dir, exist_ok=True)
     return os.path.join(out_dir, "ticket.pt"), dict(
         config=dict(arch=arch, dataset=dataset, method=method), level=None, num_classes=classes, masks=masks,
@@ -635,7 +638,7 @@ def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_
     if memory_format == "auto":
         memory_format = faster_memory_format(kernels.masked_model(model, blocks), shape, batches[0], device,
                                              log, dtype)
-    report = dict(ticket=path if os.path.exists(path) else None,       # None: a fresh (--bench-density) one
+    report = dict(ticket=None if ticket["level"] is None else path,    # None: a fresh (--bench-density) one
                   arch=ticket["config"]["arch"], method=ticket["config"]["method"], level=ticket["level"],
                   device=device_name(device), memory_format=memory_format,
                   threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
@@ -817,7 +820,7 @@ def run_bench(cfg, out_dir, given=frozenset()):
         if ticket is not None:                 # its next IMP mask: the trained weights pruned once more
             weights = {n: ticket["state_dict"][n] for n in ticket["masks"]}
             masks = magnitude_prune(weights, ticket["masks"], cfg.prune_rate)
-            print(f"masks: the next IMP mask of {path} (its weights pruned by {cfg.prune_rate:g})")
+            print(f"masks: {path}'s trained weights pruned once more by --prune-rate {cfg.prune_rate:g}")
         else:                                  # a seeded, freshly initialized network (default: 20% dense)
             density_ = cfg.bench_density or BENCH_TRAIN_DENSITY
             _, weights, masks = pruned_network(cfg.arch, cfg.dataset, density_, cfg.seed)
@@ -1044,13 +1047,17 @@ def json_of(path, kind, fix):
 
 
 def row_problem(row):
-    """What keeps a results.json row from the report, "" when nothing: it is an object with a level
-    number, and its REPORT_NUMBERS are finite numbers where given (density and test accuracy always)."""
+    """What keeps a results.json row from the report, "" when nothing: it is an object with an integer
+    level, names (branch, source, method, init) that are strings, and REPORT_NUMBERS that are finite
+    numbers where given (density and test accuracy always)."""
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
     if not isinstance(row, dict):
         return f"{str(row)[:40]} is not an object"
-    if not (number(row.get("level")) and row["level"] == int(row["level"]) >= 0):
+    if not (isinstance(row.get("level"), int) and number(row["level"]) and row["level"] >= 0):
         return f"level {row.get('level')!r} is not a level number"
+    named = [k for k in ("branch", "source", "method", "init") if k in row and not isinstance(row[k], str)]
+    if named:
+        return f"{named[0]} {row[named[0]]!r} is not a name"
     given = [k for k in REPORT_NUMBERS if k in ("density", "test_acc") or row.get(k, "") != ""]
     return next((f"{k} {row.get(k)!r} is not a number" for k in given if not number(row.get(k))), "")
 
@@ -1115,7 +1122,8 @@ def extreme_ticket(rows, dense_acc):
     curves). Accuracies compare as recorded, with no tolerance (equal counts as a match). Ties at the
     same density: the higher accuracy, then the lower level. With several seeds pass combine_seeds'
     rows: each row's mean accuracy is compared with its own dense_acc, the mean dense accuracy of the
-    seeds it averages. rows: dicts with level, density, test_acc (and dense_acc, which wins over dense_acc).
+    seeds it averages. rows: dicts with level, density, test_acc (a row's own dense_acc wins over the
+    argument).
     """
     if dense_acc is None:
         return None
@@ -1399,7 +1407,9 @@ def markdown_rows(rows, extremes, several):
             "extreme winning ticket":
                 "none" if e["extreme_level"] == "none" else f"level {e['extreme_level']}",
             "sparsity %": "-" if e["sparsity"] == "" else f"{e['sparsity']:.2f}",
-            "test_acc": "-" if e["test_acc"] == "" else f"{e['test_acc']:.4f}", "time saving": e["saving"]}
+            "test_acc": "-" if e["test_acc"] == "" else f"{e['test_acc']:.4f}",
+            **({"vs dense_acc (its seeds)": "-" if e["dense_acc"] == "" else f"{e['dense_acc']:.4f}"}
+               if several else {}), "time saving": e["saving"]}
            for e in extremes]
     return markdown_table(table), markdown_table(ext)
 
@@ -1570,7 +1580,9 @@ def write_report(dirs, out_dir=None, layers=None, log=print):
         dense = None if dense != dense else round(dense, 6)
         ext = extreme_rows(group, rows, dense)
         sections.append(group_markdown(tag, group, rows, dense, ext))
-        csvs["accuracy_vs_sparsity.csv"] += [dict(experiment=tag, **r) for r in rows]
+        csvs["accuracy_vs_sparsity.csv"] += [   # dense_acc last: the paper's columns keep their places
+            dict(experiment=tag, **{k: v for k, v in r.items() if k != "dense_acc"}, dense_acc=r["dense_acc"])
+            for r in rows]
         csvs["extreme_tickets.csv"] += [dict(experiment=tag, **{k: v for k, v in e.items() if k != "saving"})
                                         for e in ext]
         curves.setdefault(figure_key(group[0]), []).append((group, rows, dense))

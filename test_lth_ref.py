@@ -2939,11 +2939,13 @@ def test_bench_regroup_on_a_ticket_reports_every_layer_and_beats_random(tmp_path
     assert len(rows) == 18 and all(r["blocks"] > 0 for r in rows)     # the trunk's ticket, for any --method
     assert np.mean([r["coverage"] for r in rows]) > np.mean([r["random"] for r in rows])
     branch = L.load_file(str(tmp_path / "run" / "level_00" / "ticket.pt"), "ticket")
-    branch["config"]["branch"] = "regroup"
+    branch["config"].update(branch="regroup", method="regroup")
     torch.save(branch, tmp_path / "branch.pt")
     level0 = tmp_path / "run" / "level_00" / "ticket.pt"
-    assert f"masks: the next IMP mask of {level0}" in capsys.readouterr().out
-    lth_tools.run_bench(cli_config("--bench", "regroup", "--ticket", str(tmp_path / "branch.pt")), "")
+    said = capsys.readouterr().out
+    assert f"masks: {level0}'s trained weights pruned once more by --prune-rate 0.2" in said
+    lth_tools.run_bench(cli_config("--bench", "regroup", "--method", "regroup", "--ticket",
+                                   str(tmp_path / "branch.pt")), "", {"method"})   # --method: not read here
     assert "is a ticket of the branch regroup" in capsys.readouterr().err
 
 
@@ -3226,6 +3228,12 @@ def test_with_several_seeds_a_level_is_compared_with_the_dense_accuracy_of_its_o
     ext = {e["branch"]: e for e in lth_tools.extreme_rows(group, rows, 0.60)}   # 0.60: both seeds' dense
     assert ext["refill"]["extreme_level"] == 1 and ext["refill"]["dense_acc"] == 0.5   # 0.55 >= seed 0's 0.50
     assert ext["trunk"]["extreme_level"] == "none"                              # 0.65 < seed 1's 0.70
+    assert L.main(["--report", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out-dir",
+                   str(tmp_path / "r")]) == 0
+    shown = {r["run"]: r for r in md_table_after(open(tmp_path / "r" / "report.md").read(), "Extreme")}
+    assert shown["refill"]["vs dense_acc (its seeds)"] == "0.5000"
+    header = next(csv.reader(open(tmp_path / "r" / "accuracy_vs_sparsity.csv")))
+    assert header[-1] == "dense_acc"                                              # after the paper's columns
 
 
 def test_two_runs_of_one_source_with_other_source_settings_draw_two_named_lines(tmp_path):
@@ -3432,6 +3440,8 @@ def test_a_report_names_the_damaged_file_and_its_fix(tmp_path, capsys, damaged):
     (lambda rows: [rows[0], {**rows[1], "test_acc": None}], "row 2: test_acc None is not a number"),
     (lambda rows: [{k: v for k, v in rows[0].items() if k != "density"}], "row 1: density None is not a"),
     (lambda rows: [{**rows[0], "level": "x"}], "row 1: level 'x' is not a level number"),
+    (lambda rows: [rows[0], {**rows[1], "level": 1.0}], "row 2: level 1.0 is not a level number"),
+    (lambda rows: [rows[0], {**rows[1], "branch": 5}], "row 2: branch 5 is not a name"),
     (lambda rows: [rows[0], 7], "row 2: 7 is not an object"),
     (lambda rows: [{**rows[0], "coverage": "high"}], "row 1: coverage 'high' is not a number"),
     (lambda rows: [{**rows[0], "test_acc": float("nan")}], "row 1: test_acc nan is not a number"),
@@ -6176,6 +6186,15 @@ def test_an_arch_dataset_or_method_given_with_a_ticket_must_be_the_tickets(tmp_p
     assert L.main(["--export", str(tmp_path / "slim.pt"), "--ticket", path, "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"--ticket {path} and --out-dir {tmp_path} both say which ticket: give one" in err
+
+
+def test_bench_density_into_a_directory_with_a_ticket_is_refused(tmp_path, capsys):
+    saved_fresh_ticket(tmp_path)                                  # tmp_path/t.pt
+    os.replace(tmp_path / "t.pt", tmp_path / "ticket.pt")       # as in a level directory
+    assert L.main(["--bench", "--bench-density", "0.5", "--method", "refill", "--out-dir",
+                   str(tmp_path)]) == 2
+    assert f"--out-dir {tmp_path} holds a ticket, whose bench.json" in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
 
 
 def test_bench_regroup_prunes_a_fresh_network_to_bench_density(capsys):
