@@ -1895,8 +1895,9 @@ def check_combinations(cfg):
                          f"imp, not {cfg.mask_source} (one-shot sources have no chain)")
     if cfg.bench_density is not None and cfg.bench not in ("kernels", "paper", "regroup"):
         raise UsageError("--bench-density is read by --bench kernels, paper and regroup: drop it")
-    if cfg.ticket is not None and ticket_unread(cfg):
-        raise UsageError(f"--ticket {cfg.ticket} is not read by this command: {ticket_unread(cfg)}; drop it")
+    unread = ticket_unread(cfg) if cfg.ticket is not None else None
+    if unread:
+        raise UsageError(f"--ticket {cfg.ticket} is not read by this command: {unread}; drop it")
 
 
 def ticket_unread(cfg):

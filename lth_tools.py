@@ -44,9 +44,9 @@ from lth_ref import (  # settings, files and results
 # ---- tickets for the tools: a finished level, or a fresh pruned network ----
 def find_ticket(ticket=None, out_dir=None, cfg=None, required=True, given=frozenset()):
     """(path, ticket) to benchmark or export: `ticket`, else the last finished level, in the experiment
-    `out_dir`, of the run that cfg's --method/--init and knobs name (the trunk for imp). given: the flags
-    on the command line (lth_ref.given_flags); an --arch or --dataset there that is not the ticket's is
-    refused (the ticket brings its own network)."""
+    `out_dir`, of the run that cfg's --method/--init and knobs name (the trunk for imp); not both. given:
+    the flags on the command line (lth_ref.given_flags); an --arch, --dataset or --method there that is
+    not the ticket's is refused (check_given_network)."""
     path = ticket
     if path is not None and out_dir:
         raise UsageError(f"--ticket {path} and --out-dir {out_dir} both say which ticket: give one "
@@ -1053,7 +1053,8 @@ def row_problem(row):
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
     if not isinstance(row, dict):
         return f"{str(row)[:40]} is not an object"
-    if not (isinstance(row.get("level"), int) and number(row["level"]) and row["level"] >= 0):
+    level = row.get("level")
+    if not (isinstance(level, int) and not isinstance(level, bool) and level >= 0):
         return f"level {row.get('level')!r} is not a level number"
     named = [k for k in ("branch", "source", "method", "init") if k in row and not isinstance(row[k], str)]
     if named:
@@ -1090,9 +1091,10 @@ def combine_seeds(row_lists):
     dense_acc, the mean dense accuracy of those seeds ("" when none has level 0)."""
     cells, dense = {}, {}
     for rows in row_lists:
+        seed_dense = dense_accuracy(rows)
         for r in rows:
             cells.setdefault((r["branch"], r["level"]), []).append(r)
-            dense.setdefault((r["branch"], r["level"]), []).append(dense_accuracy(rows))
+            dense.setdefault((r["branch"], r["level"]), []).append(seed_dense)
     out = []
     for (branch, level), rs in cells.items():
         same_seeds = [a for a in dense[branch, level] if a is not None]
@@ -1127,9 +1129,14 @@ def extreme_ticket(rows, dense_acc):
     """
     if dense_acc is None:
         return None
-    own = lambda r: dense_acc if r.get("dense_acc", "") == "" else r["dense_acc"]
-    wins = [r for r in rows if r["level"] >= 1 and r["test_acc"] >= own(r)]
+    wins = [r for r in rows if r["level"] >= 1 and r["test_acc"] >= dense_for(r, dense_acc)]
     return min(wins, key=lambda r: (r["density"], -r["test_acc"], r["level"]), default=None)
+
+
+def dense_for(row, dense_acc):
+    """The dense accuracy a row's accuracy is held against: its own dense_acc where it has one
+    (combine_seeds: of the seeds it averages), else dense_acc."""
+    return dense_acc if row.get("dense_acc", "") == "" else row["dense_acc"]
 
 
 def _number(d, key):
@@ -1381,8 +1388,7 @@ def extreme_rows(group, rows, dense):
                    if os.path.exists(p) and (b := read_bench(p, warn=False)) is not None]
         pick = lambda k: "" if best is None else best[k]
         out.append(dict(source=run[0]["source"], branch=branch, method=run[0]["method"], init=run[0]["init"],
-                        dense_acc="" if dense is None else dense if best is None or
-                        best.get("dense_acc", "") == "" else best["dense_acc"],
+                        dense_acc="" if dense is None else dense if best is None else dense_for(best, dense),
                         extreme_level="none" if best is None else best["level"], density=pick("density"),
                         sparsity=pick("sparsity"), test_acc=pick("test_acc"),
                         saving_conv=finite_mean(s["conv"] for s in savings) if savings else "",
