@@ -369,9 +369,10 @@ def export_slim(path, ticket, out, log=print):
     ticket, and only then renamed into place.
 
     Paper: A2, refill's FLOPs count the trimmed input and output channels."""
-    writer = EXPORT_FORMATS.get(os.path.splitext(out)[1])
+    writer = EXPORT_FORMATS.get(os.path.splitext(out)[1].lower())   # slim.PT is a .pt file too
     if writer is None:
-        raise UsageError(f"--export {out}: the file name must end in one of {', '.join(EXPORT_FORMATS)}")
+        raise UsageError(f"--export {out}: the file name must end in one of {', '.join(EXPORT_FORMATS)} "
+                         "(its format)")
     if os.path.isdir(out):
         raise UsageError(f"--export {out} is a directory: give the path of the file to write")
     check_dir("--export", os.path.dirname(os.path.abspath(out)))

@@ -6207,6 +6207,18 @@ def test_bench_regroup_prunes_a_fresh_network_to_bench_density(capsys):
         assert abs(kept - density) < 0.02                            # the convs' share of the weights
 
 
+def test_export_goes_by_the_file_names_ending_in_either_case(tmp_path, capsys):
+    path = saved_fresh_ticket(tmp_path)
+    assert L.main(["--export", str(tmp_path / "slim.npz"), "--ticket", path]) == 2
+    assert capsys.readouterr().err == (f"error: --export {tmp_path / 'slim.npz'}: the file name must end in "
+                                       "one of .pt, .pt2, .onnx (its format)\n")
+    assert L.main(["--export", str(tmp_path / "slim.PT"), "--ticket", path]) == 0
+    slim = models.load_slim(torch.load(tmp_path / "slim.PT", weights_only=True))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(slim.eval()(x), lth_tools.ticket_model(torch.load(path))(x), atol=1e-5)
+
+
 def test_export_onto_a_directory_is_an_error_before_the_work(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(lth_tools, "ticket_model", lambda *_: pytest.fail("the export started"))
     (tmp_path / "slim.pt").mkdir()
