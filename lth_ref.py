@@ -1353,13 +1353,24 @@ def first_epoch(cfg, run, level):
 
 def init_state(exp):
     """theta_0: the seeded initialization, init.pt."""
-    return load_file(os.path.join(exp.cfg.out_dir, "init.pt"), "initialization")
+    return model_state(exp, "init.pt", "initialization")
 
 
 def rewind_state(exp):
     """theta_k: the full state at the end of epoch k of the dense level 0 (k = 0: the initialization)."""
-    name = "init.pt" if exp.cfg.rewind_epoch == 0 else "rewind.pt"
-    return load_file(os.path.join(exp.cfg.out_dir, name), "rewind state")
+    return model_state(exp, "init.pt" if exp.cfg.rewind_epoch == 0 else "rewind.pt", "rewind state")
+
+
+def model_state(exp, name, what):
+    """A state_dict the experiment saved, checked against its network: a file of another kind (a slim
+    export written over it, another --arch's) is a DamagedFile naming it, not a load_state_dict traceback."""
+    path = os.path.join(exp.cfg.out_dir, name)
+    state, want = load_file(path, what), exp.model.state_dict()
+    if not (isinstance(state, dict) and state.keys() == want.keys()
+            and all(torch.is_tensor(state[k]) and state[k].shape == want[k].shape for k in want)):
+        first = f"the {what} {path} is not a state of this experiment's {exp.cfg.arch} network"
+        raise DamagedFile(f"{first}. {DAMAGED_FIX[what]}", first)
+    return state
 
 
 def score_batch(exp, level):

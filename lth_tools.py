@@ -376,6 +376,9 @@ def export_slim(path, ticket, out, log=print):
     if os.path.isdir(out):
         raise UsageError(f"--export {out} is a directory: give the path of the file to write")
     check_dir("--export", os.path.dirname(os.path.abspath(out)))
+    if os.path.exists(out) and (os.path.samefile(out, path) or os.path.basename(out) in EXPERIMENT_FILES):
+        raise UsageError(f"--export {out} would write over the experiment's own file (an experiment reads "
+                         f"{', '.join(EXPERIMENT_FILES)}): give the path of a new file, e.g. slim.pt")
     model = ticket_model(ticket)
     slim = model_zoo.slim_model(model, ticket["masks"]).eval()
     kept = kept_dead_rows(model, ticket["masks"])
@@ -465,6 +468,7 @@ def onnx_runner(onnxruntime, model, x):
     return lambda: runtime.run(None, feed)
 
 
+EXPERIMENT_FILES = ("ticket.pt", "init.pt", "rewind.pt", "checkpoint.pt", "admm.pt")   # what a run reads back
 EXPORT_FORMATS = {".pt": write_slim_state, ".pt2": write_exported_program, ".onnx": write_onnx}
 
 

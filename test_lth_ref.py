@@ -2859,6 +2859,22 @@ def test_a_damaged_file_says_what_to_do_about_that_file(tmp_path, what, says):
         L.load_file(str(tmp_path / "f.pt"), what)
 
 
+def test_an_init_of_another_network_is_a_damaged_file_not_a_traceback(tmp_path):
+    model = built("resnet20")
+    exp = types.SimpleNamespace(model=model, cfg=types.SimpleNamespace(out_dir=str(tmp_path), arch="resnet20",
+                                                                       rewind_epoch=0))
+    torch.save(model.state_dict(), tmp_path / "init.pt")
+    assert L.rewind_state(exp).keys() == model.state_dict().keys()          # its own state is read
+    for other in (models.slim_state(model, "resnet20", 10),                  # an export written over it
+                  built("resnet20", num_classes=100).state_dict(),            # the same names, other shapes
+                  {"fc.weight": torch.zeros(10, 64)}):
+        torch.save(other, tmp_path / "init.pt")
+        with pytest.raises(L.DamagedFile, match="theta_0 cannot be computed again") as e:
+            L.init_state(exp)
+        assert e.value.first_line == (f"the initialization {tmp_path / 'init.pt'} is not a state of this "
+                                      "experiment's resnet20 network")
+
+
 def test_a_long_reason_is_cut_with_an_ellipsis(tmp_path, monkeypatch):
     (tmp_path / "f.pt").write_bytes(b"")
     monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("word " * 100)))
@@ -6217,6 +6233,26 @@ def test_export_goes_by_the_file_names_ending_in_either_case(tmp_path, capsys):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(slim.eval()(x), lth_tools.ticket_model(torch.load(path))(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["t.pt", "init.pt", "checkpoint.pt"])
+def test_export_never_writes_over_the_ticket_or_an_experiments_file(tmp_path, monkeypatch, capsys, name):
+    path = saved_fresh_ticket(tmp_path)                       # tmp_path/t.pt
+    (tmp_path / "init.pt").write_bytes(b"theta_0")
+    (tmp_path / "checkpoint.pt").write_bytes(b"epoch 3")
+    before = {f: (tmp_path / f).read_bytes() for f in ("t.pt", "init.pt", "checkpoint.pt")}
+    monkeypatch.setattr(lth_tools, "ticket_model", lambda *_: pytest.fail("the export started"))
+    assert L.main(["--export", str(tmp_path / name), "--ticket", path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --export {tmp_path / name} would write over the experiment's own file")
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before
+
+
+def test_export_writes_over_an_earlier_export(tmp_path):
+    path = saved_fresh_ticket(tmp_path)
+    (tmp_path / "slim.pt").write_bytes(b"an earlier export")
+    assert L.main(["--export", str(tmp_path / "slim.pt"), "--ticket", path]) == 0
+    assert "state_dict" in torch.load(tmp_path / "slim.pt", weights_only=True)
 
 
 def test_export_onto_a_directory_is_an_error_before_the_work(tmp_path, monkeypatch, capsys):
