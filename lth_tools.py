@@ -114,6 +114,11 @@ def fresh_ticket(arch, dataset, density_, method, knobs, seed=0, out_dir=None):
     if method == "imp":
         raise UsageError("--bench-density needs --method refill, refill+ or regroup (an unstructured imp "
                          "mask has no blocks)")
+    out_dir = out_dir or os.path.join("runs", f"bench_{arch}_{method}")
+    check_dir("--out-dir", out_dir)                          # before the work, like the ticket below
+    if os.path.exists(os.path.join(out_dir, "ticket.pt")):
+        raise UsageError(f"--out-dir {out_dir} holds a ticket, whose bench.json --bench-density would "
+                         "replace with a fresh network's: give another --out-dir")
     classes, shape = datasets.CLASS_COUNTS[dataset], datasets.IMAGE_SHAPES[dataset]
     model, weights, masks = pruned_network(arch, dataset, density_, seed)
     feats = None
@@ -124,10 +129,6 @@ def fresh_ticket(arch, dataset, density_, method, knobs, seed=0, out_dir=None):
     masks, blocks = postprocess(method, weights, masks, feats, **knobs)
     apply_masks(model, masks)
     calibrate_batchnorm(model, shape)
-    out_dir = out_dir or os.path.join("runs", f"bench_{arch}_{method}")
-    if os.path.exists(os.path.join(out_dir, "ticket.pt")):
-        raise UsageError(f"--out-dir {out_dir} holds a ticket, whose bench.json --bench-density would "
-                         "replace with a fresh network's: give another --out-dir")
     os.makedirs(out_dir, exist_ok=True)
     return os.path.join(out_dir, "ticket.pt"), dict(
         config=dict(arch=arch, dataset=dataset, method=method), level=None, num_classes=classes, masks=masks,

@@ -6263,6 +6263,16 @@ def test_export_onto_a_directory_is_an_error_before_the_work(tmp_path, monkeypat
                                        "path of the file to write\n")
 
 
+def test_bench_density_into_a_file_is_an_error_before_the_work(tmp_path, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("notes")
+    monkeypatch.setattr(lth_tools, "pruned_network", lambda *a: pytest.fail("pruned first"))
+    assert L.main(["--bench", "--bench-density", "0.2", "--method", "regroup", "--device", "cpu",
+                   "--out-dir", str(tmp_path / "afile" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out-dir {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file")
+    assert (tmp_path / "afile").read_text() == "notes"
+
+
 def test_bench_into_an_unwritable_place_stops_before_it_measures(tmp_path, monkeypatch, capsys):
     path = saved_fresh_ticket(tmp_path)
     monkeypatch.setattr(kernels, "bench_layers", lambda *a, **k: pytest.fail("measured first"))
