@@ -222,18 +222,21 @@ def read_imported_masks(path, model, arch):
     return out, {mapped[n]: w.float() for n, w in weights.items() if mapped.get(n) in prunable}
 
 
-PICKLE_PROTOCOL_BYTE = 0x80   # a pickle's first byte (protocol >= 2): torch.save's format before zip files
+# torch.save's files before zip archives pickle this number first (its protocol and opcode bytes before it)
+TORCH_MAGIC, TORCH_MAGIC_WITHIN = torch.serialization.MAGIC_NUMBER.to_bytes(10, "little"), 32
+NPZ_CONVERT = ("python -c \"import sys, numpy, torch; torch.save({k: torch.from_numpy(v) for k, v in "
+               "numpy.load(sys.argv[1]).items()}, sys.argv[2])\"")   # a NumPy .npz of masks -> a torch file
 
 
 def load_import(path):
     """torch.load one --import-masks file, tensors and plain data only; UsageError saying what it is when
     it is not a torch file, or holds Python objects that weights_only refuses to run."""
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if not zipfile.is_zipfile(path) and not (len(head) == 2 and head[0] == PICKLE_PROTOCOL_BYTE):
-        raise UsageError(f"--import-masks {path} is not a torch file (torch.save writes a zip archive; this "
-                         f"begins with {head!r}): save the masks with torch.save, e.g. torch.save("
-                         "model.state_dict(), PATH) after torch.nn.utils.prune, or a {name: 0/1 tensor} dict")
+    what = not_torch_file(path)
+    if what:
+        fix = (f"convert it: {NPZ_CONVERT} {shlex.quote(path)} {shlex.quote(path + '.pt')}" if "NumPy" in what
+               else "save the masks with torch.save, e.g. torch.save(model.state_dict(), PATH) after "
+               "torch.nn.utils.prune, or a {name: 0/1 tensor} dict")
+        raise UsageError(f"--import-masks {path} is not a torch file ({what}): {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- anything weights_only refuses or cannot read
@@ -244,6 +247,23 @@ def load_import(path):
         raise UsageError(f"--import-masks {path} {what}; if you trust the file, import the copy of its "
                          "tensors and dicts of tensors that this command writes as plain data: python -c "
                          f"\"{RESAVE_CODE}\" {shlex.quote(path)} {copy}") from None
+
+
+def not_torch_file(path):
+    """What `path` is when torch.save did not write it, else None: torch's zip archives hold a data.pkl;
+    its older files pickle TORCH_MAGIC first (a pickle.dump or a NumPy .npz does neither)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return None
+        npz = names and all(n.endswith(".npy") for n in names)
+        return "a NumPy .npz archive" if npz else "a zip archive without torch's data.pkl"
+    with open(path, "rb") as f:
+        head = f.read(TORCH_MAGIC_WITHIN)
+    if TORCH_MAGIC in head:
+        return None
+    return "a pickle, not torch.save's" if head[:1] == b"\x80" else f"it begins with {head[:8]!r}"
 
 
 def import_mismatch(path, arch, masks, mapped, ours, prunable):
@@ -291,7 +311,8 @@ def split_import(raw, path):
     if not isinstance(raw, dict) or not raw:
         raise UsageError(f"--import-masks {path} holds no dict of tensors (a mask file is "
                          "{name: 0/1 tensor})")
-    tensors = {bare_name(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    tensors = {bare_name(k): v.to_dense() if v.layout != torch.strided else v   # sparse masks: dense
+               for k, v in raw.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         inner = [k for k, v in raw.items() if isinstance(v, dict)]
         raise UsageError(f"--import-masks {path} holds no tensors at its top level (its dicts: {inner[:4]}): "

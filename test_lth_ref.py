@@ -34,6 +34,7 @@ import types
 import urllib.error
 import urllib.request
 import warnings
+import zipfile
 import zlib
 
 import numpy as np
@@ -5865,6 +5866,35 @@ def test_import_refuses_what_does_not_fit_with_a_message(tmp_path, content, mess
     with pytest.raises(L.UsageError) as e:
         lth_tools.read_imported_masks(str(tmp_path / "m.pt"), model, "resnet20")
     assert message in str(e.value)
+
+
+def test_an_npz_of_masks_is_named_and_the_printed_conversion_imports(tmp_path, monkeypatch):
+    model = models.MODELS["resnet20"](10)
+    masks = L.magnitude_prune(L.prunable_weights(model), L.ones_masks(L.prunable_weights(model)), 0.5)
+    path = str(tmp_path / "it's masks.npz")
+    np.savez(path, **{k: v.numpy() for k, v in masks.items()})
+    with pytest.raises(L.UsageError, match=r"is not a torch file \(a NumPy \.npz archive\): convert") as e:
+        lth_tools.read_imported_masks(path, model, "resnet20")
+    run_printed_command(str(e.value), monkeypatch)
+    read, _ = lth_tools.read_imported_masks(path + ".pt", model, "resnet20")
+    assert read.keys() == masks.keys() and all(torch.equal(read[n], masks[n]) for n in masks)
+
+
+def test_a_pickle_or_zip_torch_did_not_write_is_not_a_torch_file_and_old_torch_files_import(tmp_path):
+    model = models.MODELS["resnet20"](10)
+    masks = L.magnitude_prune(L.prunable_weights(model), L.ones_masks(L.prunable_weights(model)), 0.5)
+    with open(tmp_path / "m.pkl", "wb") as f:
+        pickle.dump({k: v.numpy() for k, v in masks.items()}, f)
+    with zipfile.ZipFile(tmp_path / "m.zip", "w") as z:
+        z.writestr("masks.json", "{}")
+    for name, what in (("m.pkl", "a pickle, not torch.save's"), ("m.zip", "a zip archive without torch's")):
+        with pytest.raises(L.UsageError, match=f"is not a torch file \\({what}"):
+            lth_tools.read_imported_masks(str(tmp_path / name), model, "resnet20")
+    torch.save(masks, tmp_path / "old.pt", _use_new_zipfile_serialization=False)   # torch < 1.6's format
+    torch.save({k: v.to_sparse() for k, v in masks.items()}, tmp_path / "sparse.pt")
+    for name in ("old.pt", "sparse.pt"):
+        read, _ = lth_tools.read_imported_masks(str(tmp_path / name), model, "resnet20")
+        assert read.keys() == masks.keys() and all(torch.equal(read[n], masks[n]) for n in masks)
 
 
 def test_every_import_file_is_checked_at_setup_also_those_beyond_levels(tmp_path, monkeypatch, capsys):
