@@ -1509,9 +1509,10 @@ def paper_dense_text(cfg):
 
 
 def figure_key(exp):
-    """Experiments drawn in one accuracy figure: the same settings but for the seed and the mask source."""
+    """Experiments drawn in one accuracy figure: the same settings but for the seed and the mask source
+    (its own settings and imported files' hashes too)."""
     return json.dumps({k: v for k, v in exp["config"].items()
-                       if k not in ("seed", "mask_source", *RUN_SETTINGS, *SOURCE_SETTINGS)},
+                       if k not in ("seed", "mask_source", "import_sha256", *RUN_SETTINGS, *SOURCE_SETTINGS)},
                       sort_keys=True)
 
 

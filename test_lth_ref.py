@@ -3107,6 +3107,15 @@ def test_report_has_every_row_and_each_runs_extreme_ticket_by_the_rule(report_ex
         "50.0% conv layers, 25.0% end to end (batch 64, test device")
 
 
+def test_one_accuracy_figure_holds_the_mask_sources_of_one_setting_imported_files_too():
+    base = dict(arch="resnet20", dataset="cifar10", epochs=160, prune_rate=0.2, seed=0, mask_source="imp")
+    same = [dict(base, seed=1), dict(base, mask_source="import", import_sha256=["ab12"]),
+            dict(base, mask_source="snip", snip_samples=4)]
+    other = [dict(base, arch="vgg16"), dict(base, epochs=2)]
+    key = lth_tools.figure_key({"config": base})
+    assert [lth_tools.figure_key({"config": c}) == key for c in same + other] == [True] * 3 + [False] * 2
+
+
 @pytest.mark.slow
 def test_report_pictures_decode_at_the_stated_sizes(report_exp, tmp_path):
     pytest.importorskip("matplotlib")
