@@ -38,7 +38,7 @@ from lth_ref import (  # settings, files and results
     LEVEL0_FREE, RUN_SETTINGS, SOURCE_SETTINGS, Config, Eta, Processes, UsageError, atomic_write,
     branch_config, branch_dirs, branch_knobs, branch_run, check_dir, check_masks_fit, check_training_flags,
     finished_tickets, load_file, load_ticket, markdown_table, read_json, resolve_device, save, settings_fix,
-    trunk_run, whole_model_counts, write_csv, write_text)
+    ticket_unread, trunk_run, whole_model_counts, write_csv, write_text)
 
 
 # ---- tickets for the tools: a finished level, or a fresh pruned network ----
@@ -830,6 +830,10 @@ def device_name(device):
 def run_bench(cfg, out_dir, given=frozenset()):
     """--bench: the benchmark cfg.bench names, on a saved ticket (--ticket / out_dir and --method) or on a
     fresh pruned network (--bench-density). given: the flags on the command line (find_ticket)."""
+    fresh = cfg.bench == "train" or cfg.bench == "regroup" and cfg.bench_density is not None
+    if out_dir is not None and fresh:                        # nothing read from it, nothing written into it
+        raise UsageError(f"--out-dir {out_dir} is not read by this command ({ticket_unread(cfg)}, and it "
+                         "writes no file): drop it")
     device = resolve_device(cfg.device)
     if cfg.bench == "train":
         check_training_flags(cfg, device, Processes())

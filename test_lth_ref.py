@@ -6312,6 +6312,17 @@ def test_bench_density_into_a_file_is_an_error_before_the_work(tmp_path, monkeyp
     assert (tmp_path / "afile").read_text() == "notes"
 
 
+@pytest.mark.parametrize("bench, says", [(["train"], "--bench train times training steps"),
+                                         (["regroup", "--bench-density", "0.2"], "--bench-density benchmarks")])
+def test_bench_that_reads_no_out_dir_refuses_one(tmp_path, monkeypatch, capsys, bench, says):
+    monkeypatch.setattr(lth_tools, "bench_train", lambda *a, **k: pytest.fail("measured"))
+    monkeypatch.setattr(lth_tools, "bench_regroup", lambda *a, **k: pytest.fail("measured"))
+    assert L.main(["--bench", *bench, "--device", "cpu", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out-dir {tmp_path} is not read by this command ({says}")
+    assert err.endswith(", and it writes no file): drop it\n")
+
+
 def test_bench_into_an_unwritable_place_stops_before_it_measures(tmp_path, monkeypatch, capsys):
     path = saved_fresh_ticket(tmp_path)
     monkeypatch.setattr(kernels, "bench_layers", lambda *a, **k: pytest.fail("measured first"))
