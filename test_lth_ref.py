@@ -6312,8 +6312,9 @@ def test_bench_density_into_a_file_is_an_error_before_the_work(tmp_path, monkeyp
     assert (tmp_path / "afile").read_text() == "notes"
 
 
-@pytest.mark.parametrize("bench, says", [(["train"], "--bench train times training steps"),
-                                         (["regroup", "--bench-density", "0.2"], "--bench-density benchmarks")])
+@pytest.mark.parametrize("bench, says", [
+    (["train"], "--bench train times training steps"),
+    (["regroup", "--bench-density", "0.2"], "--bench-density benchmarks")])
 def test_bench_that_reads_no_out_dir_refuses_one(tmp_path, monkeypatch, capsys, bench, says):
     monkeypatch.setattr(lth_tools, "bench_train", lambda *a, **k: pytest.fail("measured"))
     monkeypatch.setattr(lth_tools, "bench_regroup", lambda *a, **k: pytest.fail("measured"))
