@@ -426,7 +426,8 @@ def export_slim(path, ticket, out, log=print):
                              "written")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     atomic_write(out, write_and_check, mode=None)
-    row = dict(ticket=path, **whole_model_counts(model, ticket["masks"], shape), max_rel_err=err, wrote=out)
+    row = dict(ticket=path, **whole_model_counts(model, ticket["masks"], shape), max_rel_err=err, wrote=out,
+               params_written=model_zoo.count_params(slim))   # zeros it keeps (linked channels) included
     log(markdown_table([row]))
     return row
 

@@ -6274,6 +6274,18 @@ def test_export_goes_by_the_file_names_ending_in_either_case(tmp_path, capsys):
         assert torch.allclose(slim.eval()(x), lth_tools.ticket_model(torch.load(path))(x), atol=1e-5)
 
 
+def test_export_prints_the_written_networks_size_beside_the_tickets(tmp_path):
+    path = saved_fresh_ticket(tmp_path)
+    ticket = L.load_ticket(path)
+    ticket["masks"]["layer1.0.conv2.weight"][3] = 0          # a row of a residual channel other blocks use
+    rows = []
+    row = lth_tools.export_slim(path, ticket, str(tmp_path / "slim.pt"), log=rows.append)
+    slim = models.load_slim(torch.load(tmp_path / "slim.pt", weights_only=True))
+    assert row["params_written"] == sum(p.numel() for p in slim.parameters())
+    assert row["params_written"] - row["params_ticket"] == 16 * 3 * 3     # the zero row stays in the file
+    assert "params_written" in rows[-1]
+
+
 @pytest.mark.parametrize("name", ["t.pt", "init.pt", "checkpoint.pt"])
 def test_export_never_writes_over_the_ticket_or_an_experiments_file(tmp_path, monkeypatch, capsys, name):
     path = saved_fresh_ticket(tmp_path)                       # tmp_path/t.pt
