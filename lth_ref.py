@@ -2882,8 +2882,8 @@ def main(argv=None):
             lth_tools.run_bench(cfg, args.out_dir, given)
         elif cfg.export is not None:
             import lth_tools
-            lth_tools.export_slim(*lth_tools.find_ticket(cfg.ticket, args.out_dir, cfg, given=given),
-                                  cfg.export)
+            out_dir = lth_tools.experiment_dir(cfg, args.out_dir)
+            lth_tools.export_slim(*lth_tools.find_ticket(cfg.ticket, out_dir, cfg, given=given), cfg.export)
         else:
             previous = signal.signal(signal.SIGTERM, stop_on_signal)   # a scheduler's stop: as Ctrl-C
             try:

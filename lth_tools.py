@@ -80,6 +80,18 @@ def find_ticket(ticket=None, out_dir=None, cfg=None, required=True, given=frozen
     return path, found
 
 
+def experiment_dir(cfg, out_dir):
+    """The experiment --export and --bench kernels/paper take their ticket from: --out-dir; else, without
+    --ticket, the one a training command with the same flags writes (Config's default out_dir)."""
+    if out_dir is not None or cfg.ticket is not None:
+        return out_dir
+    if not os.path.isdir(cfg.out_dir):
+        raise UsageError("no ticket to benchmark or export: pass --ticket PATH, or --out-dir of an "
+                         f"experiment with a finished level (these flags' own experiment, {cfg.out_dir}, "
+                         "does not exist)")
+    return cfg.out_dir
+
+
 def check_given_network(path, ticket, cfg, given):
     """UsageError when the command line's --arch, --dataset or --method (given) is not the ticket's own."""
     own = ticket["config"]
@@ -870,7 +882,7 @@ def run_bench(cfg, out_dir, given=frozenset()):
         path, ticket = fresh_ticket(cfg.arch, cfg.dataset, cfg.bench_density, cfg.method, knobs, cfg.seed,
                                     out_dir)
     else:
-        path, ticket = find_ticket(cfg.ticket, out_dir, cfg, given=given)
+        path, ticket = find_ticket(cfg.ticket, experiment_dir(cfg, out_dir), cfg, given=given)
     return bench_kernels(path, ticket, device, cfg.bench_batch, cfg.bench_repeats, cfg.bench_memory_format,
                          paper=cfg.bench == "paper", dtype=dtype)
 

@@ -2978,7 +2978,22 @@ def test_bench_regroup_leaves_out_a_layer_that_keeps_no_block():
     assert "small: the official rule leaves this layer unstructured" in said[-2]
 
 
-def test_bench_without_a_ticket_says_how_to_get_one(tmp_path, capsys):
+def test_export_and_bench_take_the_ticket_of_the_experiment_their_flags_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run = os.path.join("runs", "resnet20_cifar10_imp")          # what `python lth_ref.py` trains into
+    assert L.main(["--export", "slim.pt"]) == 2
+    assert capsys.readouterr().err.endswith(f"(these flags' own experiment, {run}, does not exist)\n")
+    os.makedirs(os.path.join(run, "level_01"))
+    os.replace(saved_fresh_ticket(tmp_path), os.path.join(run, "level_01", "ticket.pt"))
+    assert L.main(["--export", "slim.pt"]) == 0 and os.path.isfile("slim.pt")
+    benched = []
+    monkeypatch.setattr(lth_tools, "bench_kernels", lambda path, *a, **k: benched.append(path))
+    assert L.main(["--bench", "kernels", "--device", "cpu"]) == 0
+    assert benched == [os.path.join(run, "level_01", "ticket.pt")]
+
+
+def test_bench_without_a_ticket_says_how_to_get_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)                                   # no runs/ here
     assert L.main(["--bench", "kernels"]) == 2
     assert "no ticket to benchmark" in capsys.readouterr().err
     for bench in ("kernels", "regroup"):                        # regroup would bench a fresh network
@@ -6255,7 +6270,7 @@ def test_bench_density_into_a_directory_with_a_ticket_is_refused(tmp_path, capsy
 def test_bench_regroup_prunes_a_fresh_network_to_bench_density(capsys):
     for density in (0.1, 0.3):
         rows = lth_tools.run_bench(cli_config("--bench", "regroup", "--bench-density", str(density),
-                                              "--arch", "resnet20"), "")
+                                              "--arch", "resnet20"), None)
         assert f"masks: a fresh seeded resnet20 pruned to density {density} " in capsys.readouterr().out
         sizes = [math.prod(int(d) for d in r["shape"].split("x")) for r in rows]
         kept = sum(r["density"] * n for r, n in zip(rows, sizes)) / sum(sizes)
