@@ -1363,7 +1363,7 @@ def save_figure(fig, path):
 
 def report_tags(experiments):
     """A short unique name per experiment: its directory's name (numbered where two are equal)."""
-    names = [os.path.basename(os.path.normpath(e["path"])) for e in experiments]
+    names = [os.path.basename(os.path.abspath(e["path"])) for e in experiments]   # `.`: the folder's name
     return names if len(set(names)) == len(names) else [f"{i}_{n}" for i, n in enumerate(names)]
 
 

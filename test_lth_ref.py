@@ -3122,6 +3122,15 @@ def test_report_has_every_row_and_each_runs_extreme_ticket_by_the_rule(report_ex
         "50.0% conv layers, 25.0% end to end (batch 64, test device")
 
 
+def test_report_tags_name_each_experiment_by_its_folder_even_when_given_as_dot(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path / "..")
+    here = os.path.basename(tmp_path)
+    paths = [here, ".", os.path.join(here, "..", "b"), str(tmp_path / "b") + os.sep]
+    assert lth_tools.report_tags([{"path": p} for p in paths]) == [
+        f"0_{here}", f"1_{os.path.basename(os.getcwd())}", "2_b", "3_b"]     # equal names numbered
+    assert lth_tools.report_tags([{"path": "."}]) == [os.path.basename(os.getcwd())]
+
+
 def test_one_accuracy_figure_holds_the_mask_sources_of_one_setting_imported_files_too():
     base = dict(arch="resnet20", dataset="cifar10", epochs=160, prune_rate=0.2, seed=0, mask_source="imp")
     same = [dict(base, seed=1), dict(base, mask_source="import", import_sha256=["ab12"]),
