@@ -1339,10 +1339,12 @@ def warn_empty_layers(exp, level, masks):
     """One WARNING when a trunk level's mask keeps no weight of some layers (the global prune emptied
     them): their outputs are 0, which cuts a network without shortcuts around them."""
     empty = [n for n, m in masks.items() if not m.any()]
+    fix = f"the file {exp.cfg.import_masks[level - 1]} empties them (another network's masks?)" \
+        if exp.cfg.mask_source == "import" else "fewer --levels or a smaller --prune-rate keeps them"
     if empty and exp.procs.is_main:
         print(f"WARNING: trunk level {level} keeps no weight of {len(empty)} layer(s) ({', '.join(empty)}): "
               "their outputs are 0, so a network without shortcuts around them (VGG) predicts one class; "
-              "fewer --levels or a smaller --prune-rate keeps them", file=sys.stderr)
+              f"{fix}", file=sys.stderr)
 
 
 def first_epoch(cfg, run, level):

@@ -2398,6 +2398,19 @@ def test_a_process_training_the_trunk_keeps_its_settings_even_those_level_0_igno
     assert json.load(open(os.path.join(out, "config.json")))["prune_rate"] == 0.2
 
 
+@pytest.mark.parametrize("source, fix", [("imp", "fewer --levels or a smaller --prune-rate keeps them"),
+                                         ("import", "the file b.pt empties them (another network's masks?)")])
+def test_an_emptied_layer_warning_names_the_fix_of_its_mask_source(capsys, source, fix):
+    exp = types.SimpleNamespace(procs=L.Processes(), cfg=types.SimpleNamespace(
+        mask_source=source, import_masks=["a.pt", "b.pt"] if source == "import" else None))
+    L.warn_empty_layers(exp, 2, {"a": torch.ones(2, 2), "b": torch.zeros(2, 2)})
+    assert capsys.readouterr().err == ("WARNING: trunk level 2 keeps no weight of 1 layer(s) (b): their "
+                                       "outputs are 0, so a network without shortcuts around them (VGG) "
+                                       f"predicts one class; {fix}\n")
+    L.warn_empty_layers(exp, 2, {"a": torch.ones(2, 2)})
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.slow
 def test_a_trunk_level_that_empties_a_layer_says_so(tmp_path, monkeypatch, capsys):
     imp = L.MASK_SOURCES["imp"]
