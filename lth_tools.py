@@ -1213,7 +1213,7 @@ def bench_saving(bench):
     """Running-time saving 1 - t_sparse / t_dense of a bench.json's first batch: over its conv layers
     (the paper's profiling, conv only) and end to end where measured (NaN where absent).
     Returns dict(conv, end_to_end, batch, device, date, noisy_layers: how many conv layers' two timings
-    overlap (kernels.is_noisy), noisy_end_to_end)."""
+    overlap (kernels.is_noisy), noisy_end_to_end, paper: timed in the paper's profile, --bench paper)."""
     run = next(iter(bench.get("runs") or []), {}) if isinstance(bench, dict) else {}
     layers = bench_layers_of(run)
     dense, sparse = sum(l["dense_ms"] for l in layers), sum(l["regrouped_ms"] for l in layers)
@@ -1222,7 +1222,8 @@ def bench_saving(bench):
     return dict(conv=saving(dense, sparse) if layers else float("nan"),
                 end_to_end=saving(_number(model, "dense_ms"), _number(model, "regrouped_ms")),
                 batch=run.get("batch"), device=bench.get("device", "?"), date=bench.get("date", "?"),
-                noisy_layers=sum(l["noisy"] for l in layers), noisy_end_to_end=model.get("noisy") is True)
+                noisy_layers=sum(l["noisy"] for l in layers), noisy_end_to_end=model.get("noisy") is True,
+                paper=isinstance(bench, dict) and str(bench.get("setting", "")).startswith("paper"))
 
 
 def block_order(blocks, out_rows, k):
@@ -1414,7 +1415,8 @@ def saving_text(savings):
     parts = [f"{100 * v:.1f}% {what}" for v, what in ((conv, f"conv layers{conv_noise}"),
                                                       (e2e, f"end to end{e2e_noise}")) if v == v]
     first = savings[0]
-    where = f"batch {first['batch']}, {first['device']}, {first['date']}" + \
+    batch = kernels.PAPER_PROFILE if first.get("paper") else f"batch {first['batch']}"   # and its image size
+    where = f"{batch}, {first['device']}, {first['date']}" + \
         (f", mean of {len(savings)} bench.json" if len(savings) > 1 else "")
     return f"{', '.join(parts) or 'no timings'} ({where})"
 

@@ -4282,6 +4282,16 @@ def test_bench_saving_counts_a_layer_run_dense_on_both_sides_as_no_saving():
 
 
 
+def test_a_saving_timed_in_the_papers_profile_names_its_image_size():
+    layers = [{"name": "a", "flop_ratio": 0.2, "dense_ms": 4.0, "regrouped_ms": 2.0}]
+    bench = lambda setting: {"device": "cpu", "date": "d", "setting": setting,
+                             "runs": [{"batch": 64, "layers": layers}]}
+    paper = lth_tools.saving_text([lth_tools.bench_saving(bench("paper (batch 64, 127x127, conv only)"))])
+    assert paper == "50.0% conv layers (batch 64, 127x127, cpu, d)"      # the paper's Sec. A1 profile
+    images = lth_tools.saving_text([lth_tools.bench_saving(bench("dataset images"))])
+    assert images == "50.0% conv layers (batch 64, cpu, d)"
+
+
 def test_a_saving_measured_within_the_noise_says_so():
     layers = [{"name": "a", "flop_ratio": 0.2, "dense_ms": 4.0, "regrouped_ms": 2.0, "noisy": True},
               {"name": "b", "flop_ratio": 0.5, "dense_ms": 6.0, "regrouped_ms": 6.1, "noisy": True,
