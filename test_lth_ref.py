@@ -6585,3 +6585,118 @@ def test_readme_cli_table_lists_every_flag_with_its_default_and_help():
             expected = "-" if default is None or default is False else " ".join(map(str, default)) \
                 if isinstance(default, list) else str(default)
             assert rows[flag].strip() == expected, flag
+
+
+# ---- small hand-checked cases of the helpers (mutation audit) ----
+def test_out_dir_without_ticket_picks_the_runs_last_finished_level(tmp_path):
+    fresh = saved_fresh_ticket(tmp_path)
+    run = tmp_path / "exp"
+    for level in (1, 2):                                  # two finished trunk levels
+        os.makedirs(run / f"level_{level:02d}")
+        shutil.copy(fresh, run / f"level_{level:02d}" / "ticket.pt")
+    path, _ = lth_tools.find_ticket(None, str(run), cli_config("--arch", "resnet20"))
+    assert path == str(run / "level_02" / "ticket.pt")   # the last, not the first
+
+
+def test_result_row_counts_channels_over_all_rows_and_weights_ratios_by_layer_size():
+    # a: 4 rows x 1 weight, 1 row kept; b: 2 rows x 8 weights, both kept (20 weights, 6 rows)
+    masks = {"a": torch.zeros(4, 1, 1, 1), "b": torch.ones(2, 8, 1, 1)}
+    masks["a"][0] = 1
+    blocks = {"a": [([0], [0])], "b": [([0, 1], list(range(8)))]}   # FLOP ratios 0.25 and 1.0
+    stats = {"a": dict(coverage=1.0, density_before=0.5), "b": dict(coverage=1.0, density_before=0.25)}
+    run = L.Run("refill", "x", "refill", "rewind", False)
+    row = L.result_row(cli_config(), run, 1, masks, blocks, stats, dict(test=0.5, loss=1.0), 1.0, {})
+    assert row["channel_density"] == 0.5                 # 3 of 6 rows (per-layer mean: 0.625)
+    assert row["flop_ratio"] == 0.85                     # (0.25 * 4 + 1.0 * 16) / 20 (mean: 0.625)
+    assert row["density_before"] == 0.3                  # (0.5 * 4 + 0.25 * 16) / 20 (mean: 0.375)
+
+
+def test_layer_stats_channel_density_is_that_of_the_post_processed_mask():
+    before, after = torch.ones(4, 3), torch.zeros(4, 3)
+    after[:2] = 1                                        # 2 of 4 rows kept after; all 4 before
+    assert L.layer_stats(before, after)["channel_density"] == 0.5
+
+
+def test_partition_rows_seeds_each_group_with_the_largest_mass_not_the_first_free_row():
+    # masses 1, 1.9, 1.9: the seed is row 1 (first maximum), which takes row 2; row 0 is left alone
+    sim = np.array([[1, 0, 0], [0, 1, .9], [0, .9, 1]])
+    assert [g.tolist() for g in L.partition_rows(sim, 2)] == [[1, 2], [0]]
+
+
+def test_minimal_block_keeps_the_rows_densest_in_the_most_used_units():
+    units = np.array([[0, 0], [0, 1], [1, 1], [1, 1]])
+    # unit 1 is used by 3 rows (unit 0 by 2); rows 1-3 hold 1 each there: the first two of them (stable)
+    [(rows, cols)] = L.minimal_block(units, 2, 1)
+    assert rows.tolist() == [1, 2] and cols.tolist() == [1]
+
+
+def test_a_regroup_pass_rounds_its_group_size_up_to_a_multiple_of_b1():
+    # 100 rows, t1 = 8, b1 = 8: ceil(100 / 8) = 13 rounds up to 16: six groups of 16 and one of 4,
+    # which (under b1) waits for the next pass
+    n = 100
+    sizes = L.regroup_pass(np.ones((n, 4)), np.ones((n, n)), 1, 1e9, 8, 8, 1, 1,
+                           lambda units, parts, *_: [len(p) for p in parts])
+    assert sizes == [16] * 6
+
+
+def test_a_setting_absent_from_an_older_config_compares_as_its_default(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"arch": "resnet20"}))    # written before --lr-schedule existed
+    assert L.config_changes(str(path), {"arch": "resnet20", "lr_schedule": "resume"}) == {}  # the default
+    assert L.config_changes(str(path), {"lr_schedule": "restart"}) == {"lr_schedule": ("resume", "restart")}
+
+
+def test_a_level_finished_while_taking_its_lock_is_reused_not_trained(tmp_path, monkeypatch):
+    run = L.Run("trunk", str(tmp_path), "imp", "rewind", False)
+    closed = []
+    lock = types.SimpleNamespace(close=lambda: closed.append(True))
+
+    def lock_as_the_other_finishes(path):               # the other process wrote its ticket meanwhile
+        os.makedirs(tmp_path / "level_01")
+        (tmp_path / "level_01" / "ticket.pt").write_bytes(b"")
+        return lock
+    monkeypatch.setattr(L, "try_lock", lock_as_the_other_finishes)
+    monkeypatch.setattr(L, "settings_changed", lambda *_: None)
+    exp = types.SimpleNamespace(procs=L.Processes(), cfg=cli_config(), log=print)
+    assert L.claim_level(exp, run, 1) is None and closed == [True]   # done; the lock released
+
+
+def test_split_import_of_an_lth_ref_ticket_returns_the_trained_weights_of_its_masked_layers():
+    w, bias, m = torch.randn(3, 2), torch.randn(3), torch.ones(3, 2)
+    masks, weights = lth_tools.split_import(dict(masks={"fc.weight": m},
+                                                 state_dict={"fc.weight": w, "fc.bias": bias}), "t.pt")
+    assert list(masks) == ["fc.weight"] and list(weights) == ["fc.weight"]   # bias: not masked
+    assert weights["fc.weight"] is w
+
+
+def test_a_pruned_row_is_kept_when_its_bn_scale_or_its_shift_is_nonzero():
+    model = copy.deepcopy(built("resnet20"))
+    bn = model.layer1[0].bn2                             # conv_bn_pairs: layer1.0.conv2's BN
+    mask = torch.ones_like(model.layer1[0].conv2.weight)
+    mask[:3] = 0                                         # rows 0-2 pruned
+    with torch.no_grad():
+        bn.weight[:3] = torch.tensor([0.0, 1.0, 0.0])
+        bn.bias[:3] = torch.tensor([1.0, 0.0, 0.0])      # row 0: shift only; row 1: scale only; row 2: none
+    assert lth_tools.kept_dead_rows(model, {"layer1.0.conv2.weight": mask}) == 2
+
+
+def test_channel_blocks_refuses_a_mask_whose_kept_rows_are_not_whole_channels():
+    with pytest.raises(L.UsageError, match="not channel-wise"):
+        lth_tools.channel_blocks(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    [(rows, cols)] = lth_tools.channel_blocks(torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    assert rows.tolist() == [1] and cols.tolist() == [0, 1]
+
+
+def test_combined_seed_rows_come_trunk_first_then_by_branch_and_level():
+    row = lambda branch, level: dict(source="imp", branch=branch, method="m", init="rewind", level=level,
+                                     density=0.5, test_acc=0.9)
+    seed = [row("refill", 1), row("trunk", 2), row("imp_reinit", 1), row("trunk", 1)]   # out of order
+    rows = lth_tools.combine_seeds([seed])
+    assert [(r["branch"], r["level"]) for r in rows] == [("trunk", 1), ("trunk", 2), ("imp_reinit", 1),
+                                                         ("refill", 1)]
+
+
+def test_a_dict_with_bn_statistics_is_weights_only_even_beside_a_mask_like_tensor():
+    tensors = {"bn1.running_mean": torch.zeros(4), "conv.weight": torch.ones(4, 3)}   # 0/1: looks like a mask
+    assert lth_tools.is_weights_only(tensors)
+    assert not lth_tools.is_weights_only({"conv.weight": torch.ones(4, 3)})
