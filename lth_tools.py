@@ -201,11 +201,15 @@ IMPORT_NAME_MAPS = {
 # open_lth's VGG-16 `layers.i` (its max-pools hold no weights) -> our `features.j`
 OPEN_LTH_VGG16 = dict(zip((0, 1, 3, 4, 6, 7, 8, 10, 11, 12, 14, 15, 16),
                           (0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40)))
-# re-saves the tensors and dicts of tensors of a trusted file (argv 1) as plain data (argv 2)
-RESAVE_CODE = ("import sys, torch; c = torch.load(sys.argv[1], weights_only=False); "
-               "c = c.state_dict() if hasattr(c, 'state_dict') else c; torch.save({k: v for k, v in "
-               "c.items() if torch.is_tensor(v) or isinstance(v, dict) and all(map(torch.is_tensor, "
-               "v.values()))}, sys.argv[2])")
+# re-saves the tensors and dicts of tensors (NumPy arrays as tensors) of a trusted file (argv 1) as plain
+# data (argv 2)
+RESAVE_CODE = ("import sys, numpy, torch; c = torch.load(sys.argv[1], weights_only=False); "
+               "c = c.state_dict() if hasattr(c, 'state_dict') else c; "
+               "t = lambda v: torch.as_tensor(v) if isinstance(v, numpy.ndarray) else v; "
+               "c = {k: {j: t(u) for j, u in v.items()} if isinstance(v, dict) else t(v) "
+               "for k, v in c.items()}; "
+               "torch.save({k: v for k, v in c.items() if torch.is_tensor(v) or isinstance(v, dict) and "
+               "all(map(torch.is_tensor, v.values()))}, sys.argv[2])")
 
 
 def read_imported_masks(path, model, arch):

@@ -5963,13 +5963,14 @@ def test_every_import_file_is_checked_at_setup_also_those_beyond_levels(tmp_path
     assert str(tmp_path / "b.pt") in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("key", ["masks", "state_dict"])
-def test_the_resave_command_for_a_trusted_file_with_python_objects_gives_a_file_that_imports(tmp_path, key,
-                                                                                                monkeypatch):
+@pytest.mark.parametrize("key, numpy_arrays", [("masks", False), ("state_dict", False), ("masks", True)])
+def test_the_resave_command_for_a_trusted_file_with_python_objects_gives_a_file_that_imports(
+        tmp_path, key, numpy_arrays, monkeypatch):
     model = models.MODELS["resnet20"](10)
     masks = L.magnitude_prune(L.prunable_weights(model), L.ones_masks(L.prunable_weights(model)), 0.5)
     path = str(tmp_path / "it's a checkpoint.pt")
-    torch.save({key: masks, "args": argparse.Namespace(lr=0.1), "epoch": 3}, path)   # as training scripts do
+    saved = {k: v.numpy() for k, v in masks.items()} if numpy_arrays else masks
+    torch.save({key: saved, "args": argparse.Namespace(lr=0.1), "epoch": 3}, path)   # as training scripts do
     with pytest.raises(L.UsageError, match="refuses to unpickle") as e:
         lth_tools.read_imported_masks(path, model, "resnet20")
     run_printed_command(str(e.value), monkeypatch)
