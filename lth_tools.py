@@ -1649,14 +1649,34 @@ def write_report(dirs, out_dir=None, layers=None, log=print):
     return write_report_files(out_dir, dirs, sections, csvs, accuracy_pictures(curves, tags) + pictures, log)
 
 
+REPORT_FILES = re.compile(r"(accuracy_vs_sparsity|extreme_tickets|layer_speedup_|masks_).*\.(png|csv)")
+
+
+def stale_report_files(out_dir, keep):
+    """Names of the files an earlier --report wrote into out_dir (it holds a report.md; REPORT_FILES) that
+    are not in `keep`: left there, they would show older numbers beside the new report's."""
+    if not os.path.isfile(os.path.join(out_dir, "report.md")):
+        return []
+    return sorted(f for f in os.listdir(out_dir) if f not in keep and REPORT_FILES.fullmatch(f)
+                  and os.path.isfile(os.path.join(out_dir, f)))
+
+
 def write_report_files(out_dir, dirs, sections, csvs, pictures, log):
-    """Write the CSVs, the pictures (when matplotlib imports; else one WARNING line) and report.md."""
+    """Write the CSVs, the pictures (when matplotlib imports; else one WARNING line) and report.md; an
+    earlier report's files that this one does not write are removed (stale_report_files), with one line."""
+    drawn = have_matplotlib()
+    keep = {n for n, rows in csvs.items() if rows} | ({n for n, _ in pictures} if drawn else set())
+    stale = stale_report_files(out_dir, keep)
+    for name in stale:
+        os.remove(os.path.join(out_dir, name))
+    if stale:
+        log(f"removed {len(stale)} file(s) of an earlier report in {out_dir} that this one does not write: "
+            f"{', '.join(stale[:4])}{', ...' * (len(stale) > 4)}")
     os.makedirs(out_dir, exist_ok=True)
     written = {}
     for name, rows in csvs.items():
         if rows:
             write_csv(rows, written.setdefault(name, os.path.join(out_dir, name)))
-    drawn = have_matplotlib()
     if not drawn:
         print(NO_MATPLOTLIB, file=sys.stderr)
     sizes = {name: save_figure(make(), written.setdefault(name, os.path.join(out_dir, name)))

@@ -3135,6 +3135,25 @@ def test_report_has_every_row_and_each_runs_extreme_ticket_by_the_rule(report_ex
         "50.0% conv layers, 25.0% end to end (batch 64, test device")
 
 
+def test_a_report_rewritten_into_its_folder_removes_the_files_it_no_longer_writes(tmp_path):
+    old = ["report.md", "masks_layer3.2.conv2.png", "extreme_tickets.csv",
+           "layer_speedup_e1_regroup_level_03.csv", "notes.txt", "my_masks_plot.png"]
+    for name in old:
+        (tmp_path / name).write_text("an earlier report's")
+    said = []
+    csvs = {"accuracy_vs_sparsity.csv": [{"level": 1}], "extreme_tickets.csv": []}   # no extreme rows now
+    written = lth_tools.write_report_files(str(tmp_path), ["exp"], [], csvs, [], said.append)
+    assert sorted(os.listdir(tmp_path)) == ["accuracy_vs_sparsity.csv", "my_masks_plot.png", "notes.txt",
+                                            "report.md"]                  # the user's own files stay
+    assert said[0] == (f"removed 3 file(s) of an earlier report in {tmp_path} that this one does not write: "
+                       "extreme_tickets.csv, layer_speedup_e1_regroup_level_03.csv, masks_layer3.2.conv2.png")
+    assert set(written) == {"accuracy_vs_sparsity.csv", "report.md"}
+    (tmp_path / "report.md").unlink()
+    (tmp_path / "masks_x.png").write_text("no report.md: not a report folder")
+    lth_tools.write_report_files(str(tmp_path), ["exp"], [], csvs, [], said.append)
+    assert (tmp_path / "masks_x.png").exists()
+
+
 def test_report_tags_name_each_experiment_by_its_folder_even_when_given_as_dot(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "..")
     here = os.path.basename(tmp_path)
