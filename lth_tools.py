@@ -676,6 +676,8 @@ def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_
     dtype: of the models and inputs, every side alike. Each figure with its min-max range and a noisy flag."""
     out = os.path.join(os.path.dirname(path), "bench.json")
     check_dir("--bench writes bench.json into", os.path.dirname(os.path.abspath(out)))   # before the work
+    setting = f"paper ({kernels.PAPER_PROFILE}, conv only)" if paper else "dataset images"
+    warn_replaced_bench(out, setting, ticket["config"]["method"])
     model = ticket_model(ticket)
     blocks = ticket["blocks"] or {n: channel_blocks(m) for n, m in ticket["masks"].items()}
     shape = datasets.IMAGE_SHAPES[ticket["config"].get("dataset", "cifar10")]
@@ -687,7 +689,7 @@ def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_
                   device=device_name(device), memory_format=memory_format,
                   threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"),
                   **{k: v for k, v in kernels.runtime_info(device, dtype).items() if k != "device"},
-                  setting=f"paper ({kernels.PAPER_PROFILE}, conv only)" if paper else "dataset images",
+                  setting=setting,
                   counts=whole_model_counts(model, ticket["masks"], shape), runs=[])
     fmt, batches = kernels.MEMORY_FORMATS[memory_format], [kernels.PAPER_PROFILE_BATCH] if paper else batches
     progress = layer_progress(len(blocks), len(batches), log)
@@ -708,6 +710,15 @@ def bench_kernels(path, ticket, device="cpu", batches=(64,), repeats=30, memory_
     write_text(json.dumps(report, indent=1, default=str), out)
     log(f"wrote {out}")
     return report
+
+
+def warn_replaced_bench(out, setting, method):
+    """One WARNING when the bench.json about to be written replaces one of another setting or method (the
+    report reads one bench.json per ticket: the last one written)."""
+    old = read_bench(out, warn=False) if os.path.exists(out) else None
+    if old is not None and (old.get("setting"), old.get("method")) != (setting, method):
+        print(f"WARNING: {out} holds a bench of a {old.get('method')} ticket, {old.get('setting')}: this one "
+              f"({method}, {setting}) replaces it", file=sys.stderr)
 
 
 def layer_progress(layers, batches, log):

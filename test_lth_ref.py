@@ -6403,6 +6403,28 @@ def test_bench_that_reads_no_out_dir_refuses_one(tmp_path, monkeypatch, capsys, 
     assert err.endswith(", and it writes no file): drop it\n")
 
 
+def test_a_bench_that_replaces_one_of_another_setting_or_method_says_so(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "bench.json")
+    with open(out, "w") as f:
+        json.dump({"method": "regroup", "setting": "dataset images", "runs": []}, f)
+    lth_tools.warn_replaced_bench(out, "dataset images", "regroup")          # the same bench again: quiet
+    assert capsys.readouterr().err == ""
+    lth_tools.warn_replaced_bench(out, "paper (batch 64, 127x127, conv only)", "regroup")
+    assert capsys.readouterr().err == (
+        f"WARNING: {out} holds a bench of a regroup ticket, dataset images: this one (regroup, paper "
+        "(batch 64, 127x127, conv only)) replaces it\n")
+    lth_tools.warn_replaced_bench(out, "dataset images", "refill")
+    assert "holds a bench of a regroup ticket" in capsys.readouterr().err
+    path = saved_fresh_ticket(tmp_path)                                     # tmp_path/t.pt, beside it
+    t = torch.load(path)
+    t["config"]["method"] = "refill"
+    torch.save(t, path)
+    monkeypatch.setattr(lth_tools, "ticket_model", lambda *_: pytest.fail("timed"))
+    with pytest.raises(pytest.fail.Exception):
+        L.main(["--bench", "paper", "--ticket", path, "--device", "cpu"])
+    assert "this one (refill, paper (batch 64, 127x127, conv only)) replaces it" in capsys.readouterr().err
+
+
 def test_bench_into_an_unwritable_place_stops_before_it_measures(tmp_path, monkeypatch, capsys):
     path = saved_fresh_ticket(tmp_path)
     monkeypatch.setattr(kernels, "bench_layers", lambda *a, **k: pytest.fail("measured first"))
