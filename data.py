@@ -14,12 +14,14 @@ Runtime deps: torch, numpy, stdlib (Pillow for the image folders). Importing thi
 
 import codecs
 import dataclasses
+import errno
 import functools
 import hashlib
 import math
 import os
 import pickle
 import shutil
+import signal
 import tarfile
 import tempfile
 import urllib.request
@@ -162,7 +164,10 @@ def file_md5(path: str) -> str:
 
 def check_md5(path: str, expected: str, hint: str) -> None:
     """Raise DataError (with `hint`, the fix) unless the file at `path` has md5 `expected`."""
-    got = file_md5(path)
+    try:
+        got = file_md5(path)
+    except OSError as e:
+        raise read_fault(path, e) from None
     if got != expected:
         raise DataError(f"{path} is corrupt (md5 {got}, expected {expected}). {hint}")
 
@@ -190,6 +195,21 @@ def download(spec: CifarSpec, data_dir: str, log) -> str:
     return dest
 
 
+def check_not_the_folder(data_dir: str, folder: str, marker: str | None = None) -> None:
+    """DataError when --data-dir is the dataset's folder itself (named `folder`, or holding its file
+    `marker`) rather than the folder that holds it: the usual slip, whose fix is its parent."""
+    path = os.path.abspath(data_dir)
+    if os.path.basename(path) == folder or marker and os.path.isfile(os.path.join(path, marker)):
+        raise DataError(f"--data-dir {data_dir} is the dataset's {folder}/ folder itself: pass the folder "
+                        f"that holds it, --data-dir {os.path.dirname(path)}")
+
+
+def read_fault(path: str, e: OSError) -> DataError:
+    """The DataError of a data file or folder that cannot be read (its permissions), not "corrupt"."""
+    return DataError(f"cannot read {path} ({e.strerror or e}): fix its permissions, or pass another "
+                     "--data-dir")
+
+
 def check_member(member: tarfile.TarInfo, archive: str) -> None:
     """Refuse absolute paths, '..', links and devices: nothing may land outside the target folder."""
     parts = PurePosixPath(member.name).parts
@@ -213,6 +233,8 @@ def extract(spec: CifarSpec, archive: str, data_dir: str, log) -> str:
                 extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
                 tar.extractall(tmp, members=members, **extra)
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+            if isinstance(e, OSError) and e.errno is not None:   # not "corrupt": the archive cannot be read,
+                raise read_fault(archive, e) if e.filename == archive else e   # or written out (disk full)
             raise DataError(f"could not extract {archive} ({e}); it is corrupt or not a .tar.gz. "
                             f"Delete it and put the official {spec.archive} into "
                             f"{os.path.abspath(data_dir)}.") from None
@@ -221,7 +243,12 @@ def extract(spec: CifarSpec, archive: str, data_dir: str, log) -> str:
                             f"archive. Delete it and put the official {spec.archive} into "
                             f"{os.path.abspath(data_dir)}.")
         folder = os.path.join(data_dir, spec.folder)
-        os.replace(os.path.join(tmp, spec.folder), folder)
+        try:
+            os.replace(os.path.join(tmp, spec.folder), folder)
+        except OSError as e:                   # another process (torchrun's ranks, a second --method) won
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.isdir(folder):
+                raise
+            log(f"{folder} was extracted meanwhile by another process: using it")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -233,6 +260,7 @@ def find_folder(spec: CifarSpec, data_dir: str, download_ok: bool, log) -> str:
     folder = os.path.join(data_dir, spec.folder)
     if os.path.isdir(folder):
         return folder
+    check_not_the_folder(data_dir, spec.folder, spec.train_files[0])
     if os.path.lexists(folder):
         raise DataError(f"{folder} is not a folder (a file, or a link to nothing); {spec.archive} is "
                         f"extracted there: move or delete it and run again.")
@@ -285,7 +313,11 @@ def read_batch(path: str, label_key: str, num_classes: int) -> tuple[np.ndarray,
         return DataError(f"{path}: {problem}. The file is corrupt or not in CIFAR python format: delete "
                          f"{os.path.dirname(path)}/ and run again to re-extract (or re-download) it.")
     try:
-        with open(path, "rb") as f:
+        f = open(path, "rb")
+    except OSError as e:
+        raise read_fault(path, e) from None
+    try:
+        with f:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
     except Exception as e:  # truncated/garbled pickles raise many types (EOFError, ValueError, ...)
         raise bad(f"cannot unpickle ({type(e).__name__}: {e})") from None
@@ -318,6 +350,8 @@ def read_split(folder: str, files: tuple[str, ...], spec: CifarSpec):
     for name in files:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
+            if not os.access(folder, os.R_OK | os.X_OK):    # not missing: hidden by the folder's permissions
+                raise read_fault(folder, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
             raise DataError(f"{folder}/ has no {name}; delete the folder and run again to re-extract "
                             f"(or re-download) {spec.archive}.")
         x, y = read_batch(path, spec.label_key, spec.num_classes)
@@ -406,8 +440,17 @@ def default_workers() -> int:
 
 def image_files(folder: str) -> list[str]:
     """Sorted names of the image files (IMAGE_EXTENSIONS, any case) in one folder."""
-    with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(e.name for e in folder_entries(folder)
+                  if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def folder_entries(folder: str) -> list[os.DirEntry]:
+    """os.scandir's entries of a data folder; read_fault when it cannot be read (its permissions)."""
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as e:
+        raise read_fault(folder, e) from None
 
 
 def folder_error(spec: FolderSpec, root: str, problem: str) -> DataError:
@@ -459,8 +502,7 @@ def list_imagenet(spec: FolderSpec, root: str):
         folder = os.path.join(root, split)
         if not os.path.isdir(folder):
             raise folder_error(spec, root, f"no folder {split}/")
-        with os.scandir(folder) as entries:
-            splits[split] = sorted(e.name for e in entries if e.is_dir())
+        splits[split] = sorted(e.name for e in folder_entries(folder) if e.is_dir())
     label = {wnid: i for i, wnid in enumerate(splits["train"])}
     unknown = sorted(set(splits["val"]) - set(label))
     if not label or unknown:
@@ -559,6 +601,7 @@ def load_folder(spec: FolderSpec, data_dir: str, download_ok: bool, log) -> Fold
     import_pillow()  # fail here, with the install hint, rather than in a worker
     root = os.path.join(data_dir, spec.folder)
     if not os.path.isdir(root):
+        check_not_the_folder(data_dir, spec.folder)
         raise DataError(f"{spec.name} not found: no folder {os.path.abspath(root)}. Put the folder "
                         f"{spec.folder}/ into {os.path.abspath(data_dir)} with {spec.layout}")
     log(f"indexing {spec.name} in {root}")
@@ -837,7 +880,9 @@ class ImageFiles(Dataset):
         try:
             with import_pillow().open(path) as image:
                 image = image.convert("RGB")  # decodes the whole file: a truncated JPEG fails here
-        except Exception as e:  # truncated, corrupt, unreadable or missing: all mean "bad file"
+        except PermissionError as e:
+            return str(read_fault(path, e))
+        except Exception as e:  # truncated, corrupt or missing: all mean "bad file"
             return (f"cannot decode {path} ({type(e).__name__}: {e}); the file is truncated or corrupt: "
                     f"replace it with the original from the {self.spec.name} archive.")
         size = self.spec.image_size
@@ -855,12 +900,18 @@ def collate_images(image_shape, items):
     return x, torch.tensor([y for _, y in items], dtype=torch.int64)
 
 
+def ignore_sigterm(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM: a scheduler's stop sent to the whole process group is the main
+    process's to act on (it stops the run, exit code 143), not a dead worker's traceback."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def folder_batches(data: FolderData, split: str, batches: ItemBatches):
     """Decode `batches` (lists of (index, seed)) of a split with data.num_workers DataLoader workers,
     in order; move each to the device (pinned on CUDA) and normalize."""
     loader = DataLoader(ImageFiles(data, split), batch_sampler=batches, num_workers=data.num_workers,
                         collate_fn=functools.partial(collate_images, data.image_shape),
-                        pin_memory=data.device.type == "cuda")
+                        pin_memory=data.device.type == "cuda", worker_init_fn=ignore_sigterm)
     for batch in loader:
         if isinstance(batch, str):
             raise DataError(batch)

@@ -1573,8 +1573,9 @@ class DamagedFile(UsageError):
         self.first_line = first_line
 
 
-class Stopped(Exception):
-    """A signal (SIGTERM: a job scheduler) asked the run to stop; the CLI exits with 128 + its number."""
+class Stopped(BaseException):
+    """A signal (SIGTERM: a job scheduler) asked the run to stop; the CLI exits with 128 + its number. Not an
+    Exception, as KeyboardInterrupt is not: the handlers of bad files (`except Exception`) let it through."""
 
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name)

@@ -596,6 +596,76 @@ def no_network(*args, **kwargs):
     raise urllib.error.URLError("no network (test)")
 
 
+def test_an_archive_extracted_meanwhile_by_another_process_is_used(tmp_path, monkeypatch):
+    (tmp_path / "dd").mkdir()
+    raw, archive = make_archive(tmp_path / "src", data.CIFAR10, tmp_path / "dd", **C10_ROWS)
+    as_official(monkeypatch, archive)
+    rename = os.replace
+
+    def another_rank_first(src, dst):                           # torchrun's other rank renames first
+        if dst.endswith(data.CIFAR10.folder) and not os.path.exists(dst):
+            shutil.copytree(src, dst)
+        rename(src, dst)
+    monkeypatch.setattr(os, "replace", another_rank_first)
+    logs = []
+    check_matches(data.load_dataset("cifar10", str(tmp_path / "dd"), download=False, log=logs.append), raw,
+                  10)
+    assert any("was extracted meanwhile by another process: using it" in m for m in logs)
+    assert sorted(os.listdir(tmp_path / "dd")) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
+def test_a_full_disk_while_extracting_is_a_write_fault_not_a_corrupt_archive(tmp_path, monkeypatch, capsys):
+    _, archive = make_archive(tmp_path / "src", data.CIFAR10, tmp_path, **C10_ROWS)
+    as_official(monkeypatch, archive)
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".extract-1" / "test_batch"))
+    monkeypatch.setattr(tarfile.TarFile, "extractall", lambda *a, **k: (_ for _ in ()).throw(full))
+    assert L.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"),
+                   "--device", "cpu", "--levels", "0", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {full.filename}: No space left on device")
+    assert "corrupt" not in err
+    assert archive.exists() and not list(tmp_path.glob(".extract-*"))
+
+
+def test_an_unreadable_data_file_or_folder_says_so_not_corrupt(tmp_path, monkeypatch):
+    write_cifar(tmp_path, data.CIFAR10, **C10_ROWS)
+    denied = lambda path: PermissionError(errno.EACCES, "Permission denied", path)
+    opened = open
+    monkeypatch.setattr(data, "open", lambda path, *a: (_ for _ in ()).throw(denied(path))
+                        if path.endswith("data_batch_2") else opened(path, *a), raising=False)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    with pytest.raises(DataError, match=f"^cannot read {batch} \\(Permission denied\\): fix its"):
+        data.load_dataset("cifar10", str(tmp_path), download=False, log=quiet)
+    write_tiny_imagenet(tmp_path)
+    monkeypatch.setattr(os, "scandir", lambda path: (_ for _ in ()).throw(denied(path)))
+    with pytest.raises(DataError, match="^cannot read .*train/.*/images \\(Permission denied\\)"):
+        data.load_dataset("tinyimagenet", str(tmp_path), log=quiet)
+
+
+@pytest.mark.parametrize("name, write", [
+    ("cifar10", lambda root: write_cifar(root, data.CIFAR10, **C10_ROWS)),
+    ("tinyimagenet", lambda root: write_tiny_imagenet(root))])                    # (defined further down)
+def test_a_data_dir_that_is_the_datasets_folder_itself_names_its_parent(tmp_path, name, write):
+    write(tmp_path)
+    inner = tmp_path / {"cifar10": data.CIFAR10.folder, "tinyimagenet": "tiny-imagenet-200"}[name]
+    with pytest.raises(DataError) as e:
+        data.load_dataset(name, str(inner), log=quiet)                 # download allowed: none is tried
+    assert str(e.value) == (f"--data-dir {inner} is the dataset's {inner.name}/ folder itself: pass the "
+                            f"folder that holds it, --data-dir {tmp_path}")
+
+
+def test_a_stop_while_a_file_loads_is_a_stop_not_a_damaged_file(tmp_path, monkeypatch):
+    write_cifar(tmp_path, data.CIFAR10, **C10_ROWS)
+    stop = lambda *a, **k: (_ for _ in ()).throw(L.Stopped(signal.SIGTERM))   # SIGTERM's handler raises it
+    monkeypatch.setattr(data._ArrayUnpickler, "load", stop)
+    with pytest.raises(L.Stopped):
+        data.load_dataset("cifar10", str(tmp_path), download=False, log=quiet)
+    torch.save({}, tmp_path / "t.pt")
+    monkeypatch.setattr(torch, "load", stop)
+    with pytest.raises(L.Stopped):
+        L.load_file(str(tmp_path / "t.pt"), "ticket")
+
+
 def test_failed_download_says_where_to_put_the_archive(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     dd = tmp_path / "new_dir"
@@ -955,6 +1025,19 @@ def test_folder_batches_do_not_depend_on_world_size_or_workers(tmp_path):
         x1, y1 = eval_union(d, 2, world_size=1, split=split)
         x3, y3 = eval_union(d, 2, world_size=3, split=split)
         assert torch.equal(x1, x3) and torch.equal(y1, y3) and len(y1) == len(d.split_labels(split))
+
+
+def test_a_sigterm_to_the_process_group_leaves_the_dataloader_workers_running(tmp_path, monkeypatch):
+    write_tiny_imagenet(tmp_path)
+    d = load_folder_data("tinyimagenet", tmp_path, workers=1)
+    item = data.ImageFiles.__getitem__
+
+    def hit_by_the_groups_sigterm(self, i):                    # as scancel or a time limit sends it
+        os.kill(os.getpid(), signal.SIGTERM)
+        return item(self, i)
+    monkeypatch.setattr(data.ImageFiles, "__getitem__", hit_by_the_groups_sigterm)
+    batches = list(data.train_batches(d, 4, torch.Generator().manual_seed(0)))
+    assert sum(len(y) for _, y in batches) == d.num_train                # the main process decides
 
 
 def test_folder_val_split_is_disjoint_and_stable(tmp_path):
