@@ -470,6 +470,8 @@ def list_tiny_imagenet(spec: FolderSpec, root: str):
         raise folder_error(spec, root, f"cannot read {e.filename}") from None
     except UnicodeDecodeError:
         raise folder_error(spec, root, "wnids.txt or val/val_annotations.txt is not text") from None
+    if not wnids:
+        raise folder_error(spec, root, "wnids.txt lists no class")
     label = {wnid: i for i, wnid in enumerate(wnids)}
     train_files, train_labels = [], []
     for wnid in wnids:

@@ -1040,6 +1040,13 @@ def test_a_sigterm_to_the_process_group_leaves_the_dataloader_workers_running(tm
     assert sum(len(y) for _, y in batches) == d.num_train                # the main process decides
 
 
+def test_an_empty_wnids_file_is_named(tmp_path):
+    write_tiny_imagenet(tmp_path)
+    (tmp_path / "tiny-imagenet-200" / "wnids.txt").write_text("\n")
+    with pytest.raises(DataError, match="^Tiny-ImageNet: wnids.txt lists no class. Expected under"):
+        data.load_dataset("tinyimagenet", str(tmp_path), log=quiet)
+
+
 def test_folder_val_split_is_disjoint_and_stable(tmp_path):
     write_tiny_imagenet(tmp_path)
     a = load_folder_data("tinyimagenet", tmp_path, val_split=3, seed=1)
