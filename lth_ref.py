@@ -2703,8 +2703,9 @@ def epoch_line(run, level, metrics, cfg, dens, dt, eta):
 
 def result_row(cfg, run, level, masks, blocks, stats, metrics, seconds, counts):
     """One result row: which ticket (run, source, method, init, level), its accuracy, the structure of its
-    mask (density over the prunable weights, kept channels, blocks, coverage, FLOP ratio) and the whole
-    network's counts (whole_model_counts: parameters and MACs, dense and of the ticket)."""
+    mask (density over the prunable weights, kept channels, blocks, coverage = kept IMP nonzeros / IMP
+    nonzeros over all layers, FLOP ratio) and the whole network's counts (whole_model_counts: parameters
+    and MACs, dense and of the ticket)."""
     rows = sum(m.shape[0] for m in masks.values())
     kept_rows = sum(int((m.reshape(m.shape[0], -1).sum(1) > 0).sum()) for m in masks.values())
     row = dict(branch=run.name, source=cfg.mask_source,
@@ -2716,9 +2717,10 @@ def result_row(cfg, run, level, masks, blocks, stats, metrics, seconds, counts):
                seconds=round(seconds, 1), channel_density=round(kept_rows / rows, 6), blocks="", coverage="",
                flop_ratio="", **counts)
     if stats:                                  # a branch: the unstructured mask it post-processed
-        row["coverage"] = round(float(np.mean([s["coverage"] for s in stats.values()])), 6)
-        before = sum(s["density_before"] * m.numel() for s, m in zip(stats.values(), masks.values()))
-        row["density_before"] = round(before / sum(m.numel() for m in masks.values()), 6)
+        nnz = {n: stats[n]["density_before"] * m.numel() for n, m in masks.items()}   # IMP's, per layer
+        kept = sum(stats[n]["coverage"] * nnz[n] for n in masks)                     # of them, kept
+        row["coverage"] = round(kept / sum(nnz.values()), 6) if sum(nnz.values()) else 1.0
+        row["density_before"] = round(sum(nnz.values()) / sum(m.numel() for m in masks.values()), 6)
     if blocks is not None:                     # the layers' FLOP ratios, weighted by their weights
         ratio = sum(kernels.flop_ratio(tuple(m.shape), blocks[n]) * m.numel() for n, m in masks.items())
         row.update(blocks=sum(len(b) for b in blocks.values()),

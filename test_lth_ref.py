@@ -6730,17 +6730,18 @@ def test_out_dir_without_ticket_picks_the_runs_last_finished_level(tmp_path):
     assert path == str(run / "level_02" / "ticket.pt")   # the last, not the first
 
 
-def test_result_row_counts_channels_over_all_rows_and_weights_ratios_by_layer_size():
+def test_result_row_counts_channels_over_all_rows_and_weights_ratios_and_coverage_by_layer():
     # a: 4 rows x 1 weight, 1 row kept; b: 2 rows x 8 weights, both kept (20 weights, 6 rows)
     masks = {"a": torch.zeros(4, 1, 1, 1), "b": torch.ones(2, 8, 1, 1)}
     masks["a"][0] = 1
     blocks = {"a": [([0], [0])], "b": [([0, 1], list(range(8)))]}   # FLOP ratios 0.25 and 1.0
-    stats = {"a": dict(coverage=1.0, density_before=0.5), "b": dict(coverage=1.0, density_before=0.25)}
+    stats = {"a": dict(coverage=1.0, density_before=0.5), "b": dict(coverage=0.5, density_before=0.25)}
     run = L.Run("refill", "x", "refill", "rewind", False)
     row = L.result_row(cli_config(), run, 1, masks, blocks, stats, dict(test=0.5, loss=1.0), 1.0, {})
     assert row["channel_density"] == 0.5                 # 3 of 6 rows (per-layer mean: 0.625)
     assert row["flop_ratio"] == 0.85                     # (0.25 * 4 + 1.0 * 16) / 20 (mean: 0.625)
     assert row["density_before"] == 0.3                  # (0.5 * 4 + 0.25 * 16) / 20 (mean: 0.375)
+    assert row["coverage"] == 0.666667                   # IMP's 2 + 4 nonzeros, 2 + 2 kept (mean: 0.75)
 
 
 def test_layer_stats_channel_density_is_that_of_the_post_processed_mask():
