@@ -2329,6 +2329,8 @@ def config_changes(path, settings):
         old = read_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UsageError(f"{path} is damaged (not JSON): {settings_fix(path)}") from None
+    if not isinstance(old, dict):
+        raise UsageError(f"{path} is damaged (JSON, but not an object of settings): {settings_fix(path)}")
     defaults = Config()
     recorded = {k: old.get(k, getattr(defaults, k, None)) for k in settings}
     return {k: (recorded[k], v) for k, v in settings.items() if recorded[k] != v}

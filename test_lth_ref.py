@@ -6779,6 +6779,15 @@ def test_a_setting_absent_from_an_older_config_compares_as_its_default(tmp_path)
     assert L.config_changes(str(path), {"lr_schedule": "restart"}) == {"lr_schedule": ("resume", "restart")}
 
 
+@pytest.mark.parametrize("content", ["[]", "null", "3"])
+def test_a_config_that_is_json_but_not_an_object_is_damaged_with_its_fix(tmp_path, content):
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(L.UsageError) as e:
+        L.config_changes(str(tmp_path / "config.json"), {"arch": "resnet20"})
+    assert str(e.value) == (f"{tmp_path / 'config.json'} is damaged (JSON, but not an object of settings): "
+                            "use another --out-dir, or delete the directory to start over")
+
+
 def test_a_level_finished_while_taking_its_lock_is_reused_not_trained(tmp_path, monkeypatch):
     run = L.Run("trunk", str(tmp_path), "imp", "rewind", False)
     closed = []
