@@ -1367,12 +1367,18 @@ def model_state(exp, name, what):
     """A state_dict the experiment saved, checked against its network: a file of another kind (a slim
     export written over it, another --arch's) is a DamagedFile naming it, not a load_state_dict traceback."""
     path = os.path.join(exp.cfg.out_dir, name)
-    state, want = load_file(path, what), exp.model.state_dict()
-    if not (isinstance(state, dict) and state.keys() == want.keys()
-            and all(torch.is_tensor(state[k]) and state[k].shape == want[k].shape for k in want)):
+    state = load_file(path, what)
+    if not state_fits(exp.model, state):
         first = f"the {what} {path} is not a state of this experiment's {exp.cfg.arch} network"
         raise DamagedFile(f"{first}. {DAMAGED_FIX[what]}", first)
     return state
+
+
+def state_fits(model, state):
+    """True when `state` is a state_dict of `model`'s network: the same names, tensors of the same shapes."""
+    want = model.state_dict()
+    return isinstance(state, dict) and state.keys() == want.keys() and all(
+        torch.is_tensor(state[k]) and state[k].shape == want[k].shape for k in want)
 
 
 def score_batch(exp, level):
@@ -2266,8 +2272,14 @@ def load_ticket(path, model=None, mmap=False, what="ticket"):
 
 
 def load_checkpoint(path, model):
-    """An unfinished level's epoch checkpoint, checked to fit the model (older files: their metrics)."""
+    """An unfinished level's epoch checkpoint, checked to fit the model (older files: their metrics); a
+    file of another kind or network is a DamagedFile (resume_or_start sets it aside)."""
     ckpt = load_file(path, "checkpoint")
+    if not (isinstance(ckpt, dict) and state_fits(model, ckpt.get("model"))
+            and ("metrics" in ckpt or "epoch" in ckpt)
+            and all(isinstance(ckpt.get(k), dict) for k in ("masks", "optimizer", "scaler"))):
+        first = f"the checkpoint {path} is not an epoch checkpoint of this experiment's network"
+        raise DamagedFile(first, first)
     check_masks_fit(model, ckpt["masks"], "checkpoint")
     if "metrics" not in ckpt:                  # written before metrics were one dict: the same numbers
         ckpt["metrics"] = dict(epoch=ckpt["epoch"], loss=ckpt["loss"], train_acc=float("nan"), **ckpt["accs"])

@@ -2349,6 +2349,24 @@ def planted_nan_at_step(n, monkeypatch):
     monkeypatch.setattr(L, "train_step", step)
 
 
+def test_a_checkpoint_of_another_kind_or_network_is_a_damaged_file(tmp_path):
+    model = built("resnet20")
+    good = dict(masks=L.ones_masks(L.prunable_weights(model)), blocks=None, stats=None,
+                model=model.state_dict(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1).state_dict(),
+                scaler={}, metrics=dict(epoch=3), seconds=1.0)
+    path = str(tmp_path / "checkpoint.pt")
+    torch.save(good, path)
+    assert L.load_checkpoint(path, model)["metrics"]["epoch"] == 3
+    wider = built("resnet20", num_classes=100).state_dict()              # the same names, other shapes
+    without = lambda key: {k: v for k, v in good.items() if k != key}
+    for other in ({"x": 1}, [good], without("optimizer"), without("metrics"), {**good, "model": wider}):
+        torch.save(other, path)
+        with pytest.raises(L.DamagedFile) as e:
+            L.load_checkpoint(path, model)
+        assert e.value.first_line == (f"the checkpoint {path} is not an epoch checkpoint of this "
+                                      "experiment's network")
+
+
 @pytest.mark.slow
 def test_a_diverging_loss_stops_the_run_keeps_the_last_checkpoint_and_writes_nothing_for_the_level(
         tmp_path, capsys, monkeypatch):
