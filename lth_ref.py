@@ -1503,6 +1503,7 @@ def run_experiment(cfg, log=print):
     ...; a group-aware branch is its own chain from the dense level 0. Writes each run's results and
     the experiment's combined results.csv; returns the combined rows."""
     exp, trunk, branch = open_experiment(cfg, log)
+    check_finished_tickets(cfg.out_dir)
     order = [(trunk, 0)]
     for level in range(1, cfg.levels + 1):
         order += [(branch, level)] if branch is not None else []
@@ -1531,6 +1532,14 @@ def run_experiment(cfg, log=print):
     exp.log(f"results are in {cfg.out_dir}: results.csv and results.json (one row per ticket), "
             "level_NN/ticket.pt (trunk) and BRANCH/level_NN/ticket.pt")
     return rows
+
+
+def check_finished_tickets(exp_dir):
+    """Read every finished ticket of the experiment, every run's (mapped: cheap), before any level trains:
+    results.json is rebuilt from all of them after each level, so a damaged one stops the command now."""
+    for path in run_dirs(exp_dir):
+        for ticket in finished_tickets(path):
+            load_ticket(ticket, mmap=True)
 
 
 def warn_kept_after_missing(exp, order, todo):
@@ -2312,9 +2321,11 @@ def check_config(path, settings, started, reuse=None, running=None):
     config.json: settings trunk level 0 does not read (LEVEL0_FREE) may change while no level they feed
     has started, and no other process runs the trunk (running: 'pid P on HOST' of the one that does);
     else the message names the directories to delete (or another --out-dir)."""
-    if (started or running) and reuse is not None and not os.path.exists(path):
-        raise UsageError(f"{path} is missing, but the experiment there has started (its init.pt or level_00 "
-                         f"is there): put the file back, or {settings_fix(path)}")
+    if (started or running) and not os.path.exists(path):
+        what = "experiment there has started (its init.pt or level_00" if reuse is not None else \
+            "branch there has started (its level_01"
+        raise UsageError(f"{path} is missing, but the {what} is there): put the file back, or "
+                         f"{settings_fix(path)}")
     if not ((started or running) and os.path.exists(path)):
         return
     changed = config_changes(path, settings)
@@ -2774,8 +2785,11 @@ def finished_tickets(path):
 
 
 def branch_dirs(exp_dir):
-    """Names of the experiment's branch directories (those holding a branch.json), sorted."""
-    return sorted(d for d in os.listdir(exp_dir) if os.path.exists(os.path.join(exp_dir, d, "branch.json")))
+    """Names of the experiment's branch directories (those holding a branch.json or a finished level: its
+    branch.json lost, a branch still counts for the results and the stale-level check), sorted."""
+    is_branch = lambda d: os.path.exists(os.path.join(exp_dir, d, "branch.json")) or \
+        finished_tickets(os.path.join(exp_dir, d))
+    return sorted(d for d in os.listdir(exp_dir) if is_branch(d))
 
 
 def run_dirs(exp_dir):
@@ -2884,7 +2898,33 @@ def config_from_args(args, given):
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
     if values["import_masks"] and "mask_source" not in given:
         values["mask_source"] = "import"
-    return resolve(Config(**values))
+    cfg = resolve(Config(**values))
+    unread = unread_given(cfg, given)
+    if unread:
+        raise UsageError(f"{unread[0]}: drop it")
+    return cfg
+
+
+def unread_given(cfg, given):
+    """Why each flag given on the command line goes unread by this command: a post-processing knob of
+    another --method (--bench regroup reads regroup's; --report and --bench train none), a setting of
+    another mask source (read when training only)."""
+    tool = "--report" if cfg.report else f"--bench {cfg.bench}" if cfg.bench in ("train", "regroup") else None
+    reader = "regroup" if cfg.bench == "regroup" else None if tool else cfg.method
+    out = []
+    for f in settings_of("branch"):
+        knob = f.metadata["knob"]
+        if f.name in given and knob and (reader is None or knob not in method_knobs(reader)):
+            takers = " and ".join(m for m in POSTPROCESS if knob in method_knobs(m))
+            out.append(f"{flag_name(f.name)} is read by --method {takers}, not by this command "
+                       f"({tool or f'--method {cfg.method}'})")
+    training = not (cfg.report or cfg.bench or cfg.export is not None)
+    this = f"--mask-source {cfg.mask_source}" if training else "a tool"
+    for f in settings_of("source"):
+        if f.name in given and not (training and f.metadata["source"] == cfg.mask_source):
+            out.append(f"{flag_name(f.name)} is read by --mask-source {f.metadata['source']} when training, "
+                       f"not by this command ({this})")
+    return out
 
 
 def main(argv=None):

@@ -2105,6 +2105,37 @@ def cli_config(*flags):
     return parsed_config(FAST + list(flags))
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--method", "refill", "--refill-extra", "0.3"], "--refill-extra is read by --method refill+, not by "
+     "this command (--method refill)"),
+    (["--channel-multiple", "8"], "--channel-multiple is read by --method refill and refill+, not by this "
+     "command (--method imp)"),
+    (["--method", "regroup", "--refill-score", "remain"], "--refill-score is read by --method refill and "
+     "refill+, not by this command (--method regroup)"),
+    (["--method", "refill", "--groups", "2"], "--groups is read by --method regroup, not by this command "
+     "(--method refill)"),
+    (["--bench", "train", "--block-columns", "official"], "--block-columns is read by --method regroup, not "
+     "by this command (--bench train)"),
+    (["--bench", "regroup", "--channel-multiple", "8"], "--channel-multiple is read by --method refill and "
+     "refill+, not by this command (--bench regroup)"),
+    (["--snip-samples", "7"], "--snip-samples is read by --mask-source snip when training, not by this "
+     "command (--mask-source imp)"),
+    (["--report", "r", "--admm-rho", "3"], "--admm-rho is read by --mask-source admm when training, not by "
+     "this command (a tool)")])
+def test_a_flag_the_command_does_not_read_is_an_error_before_the_work(flags, says, monkeypatch, capsys):
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("the experiment started"))
+    assert L.main(FAST + flags) == 2
+    assert capsys.readouterr().err == f"error: {says}: drop it\n"
+
+
+def test_flags_the_command_reads_are_accepted():
+    for flags in (["--method", "refill+", "--refill-extra", "0.3", "--channel-multiple", "8"],
+                  ["--method", "regroup", "--groups", "4", "--block-columns", "official"],
+                  ["--bench", "regroup", "--groups", "4"], ["--mask-source", "snip", "--snip-samples", "7"],
+                  ["--export", "s.pt", "--method", "refill", "--channel-multiple", "8"]):
+        assert L.unread_given(cli_config(*flags), L.given_flags(FAST + flags)) == []
+
+
 def ticket(out, level, branch=""):
     return L.load_ticket(os.path.join(out, branch, f"level_{level:02d}", "ticket.pt"))
 
@@ -3003,6 +3034,46 @@ def test_a_long_reason_is_cut_with_an_ellipsis(tmp_path, monkeypatch):
     with pytest.raises(L.DamagedFile) as e:
         L.load_file(str(tmp_path / "f.pt"), "ticket")
     assert ("word " * 100)[:L.MESSAGE_CHARS] + "...)" in e.value.first_line
+
+
+@pytest.mark.slow
+def test_a_damaged_later_ticket_stops_the_command_before_any_level_trains(tmp_path, capsys):
+    out, _ = run_cli(tmp_path, "--levels", "1")
+    path = os.path.join(out, "level_01", "ticket.pt")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)                  # trunk level 1, read after refill level 1
+    capsys.readouterr()
+    assert L.main(FAST + ["--out-dir", out, "--levels", "1", "--method", "refill"]) == 2
+    assert f"cannot read the ticket {path}" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "refill", "level_01"))  # refill level 1 did not train
+
+
+def test_a_branch_that_lost_its_branch_json_still_counts_and_its_command_asks_for_the_file(tmp_path):
+    os.makedirs(tmp_path / "refill" / "level_01")
+    torch.save({}, tmp_path / "refill" / "level_01" / "ticket.pt")
+    os.makedirs(tmp_path / "regroup")
+    (tmp_path / "regroup" / "branch.json").write_text("{}")             # started, nothing finished yet
+    os.makedirs(tmp_path / "report")                                     # a folder that is no run
+    assert L.branch_dirs(str(tmp_path)) == ["refill", "regroup"]
+    path = str(tmp_path / "refill" / "branch.json")
+    with pytest.raises(L.UsageError) as e:
+        L.check_config(path, {"method": "refill"}, started=True)
+    assert str(e.value).startswith(f"{path} is missing, but the branch there has started (its level_01 is "
+                                   "there): put the file back, or rebuild it from the settings")
+
+
+def test_every_finished_ticket_of_every_run_is_read_before_the_work(tmp_path):
+    for run in ("", "refill"):
+        os.makedirs(tmp_path / run / "level_01", exist_ok=True)
+        torch.save({}, tmp_path / run / "level_01" / "ticket.pt")
+    (tmp_path / "refill" / "branch.json").write_text("{}")
+    (tmp_path / "refill" / "level_01" / "ticket.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(L.UsageError) as e:
+        L.check_finished_tickets(str(tmp_path))
+    assert f"{tmp_path / 'level_01' / 'ticket.pt'} is not a ticket" in str(e.value)   # the trunk's first
+    (tmp_path / "level_01" / "ticket.pt").unlink()
+    with pytest.raises(L.DamagedFile, match=f"cannot read the ticket {tmp_path / 'refill' / 'level_01'}"):
+        L.check_finished_tickets(str(tmp_path))
 
 
 @pytest.mark.slow
