@@ -20,6 +20,7 @@ import hashlib
 import math
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import tarfile
@@ -223,7 +224,12 @@ def check_member(member: tarfile.TarInfo, archive: str) -> None:
 def extract(spec: CifarSpec, archive: str, data_dir: str, log) -> str:
     """Extract spec.folder from the archive into data_dir (via a temp dir, then rename). Returns it."""
     log(f"extracting {archive}")
-    tmp = tempfile.mkdtemp(dir=data_dir, prefix=".extract-")
+    try:
+        tmp = tempfile.mkdtemp(dir=data_dir, prefix=".extract-")
+    except OSError as e:                       # a read-only --data-dir that holds only the archive
+        tar = f"tar xzf {shlex.quote(archive)} -C {shlex.quote(data_dir)}"
+        raise DataError(f"cannot extract {archive} into {os.path.abspath(data_dir)} ({e.strerror or e}): "
+                        f"extract it there yourself ({tar}), or pass a --data-dir this user may write") from None
     try:
         try:
             with tarfile.open(archive, "r:gz") as tar:

@@ -627,6 +627,18 @@ def test_a_full_disk_while_extracting_is_a_write_fault_not_a_corrupt_archive(tmp
     assert archive.exists() and not list(tmp_path.glob(".extract-*"))
 
 
+def test_an_archive_in_a_read_only_data_dir_says_how_to_extract_it(tmp_path, monkeypatch):
+    _, archive = make_archive(tmp_path / "src", data.CIFAR10, tmp_path, **C10_ROWS)
+    as_official(monkeypatch, archive)
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **k: (_ for _ in ()).throw(
+        OSError(errno.EROFS, "Read-only file system", k["dir"])))
+    with pytest.raises(DataError) as e:
+        data.load_dataset("cifar10", str(tmp_path), download=False, log=quiet)
+    assert str(e.value) == (f"cannot extract {archive} into {tmp_path} (Read-only file system): extract it "
+                            f"there yourself (tar xzf {archive} -C {tmp_path}), or pass a --data-dir this "
+                            "user may write")
+
+
 def test_an_unreadable_data_file_or_folder_says_so_not_corrupt(tmp_path, monkeypatch):
     write_cifar(tmp_path, data.CIFAR10, **C10_ROWS)
     denied = lambda path: PermissionError(errno.EACCES, "Permission denied", path)
