@@ -229,7 +229,8 @@ def extract(spec: CifarSpec, archive: str, data_dir: str, log) -> str:
     except OSError as e:                       # a read-only --data-dir that holds only the archive
         tar = f"tar xzf {shlex.quote(archive)} -C {shlex.quote(data_dir)}"
         raise DataError(f"cannot extract {archive} into {os.path.abspath(data_dir)} ({e.strerror or e}): "
-                        f"extract it there yourself ({tar}), or pass a --data-dir this user may write") from None
+                        f"extract it there yourself ({tar}), or pass a --data-dir this user may "
+                        "write") from None
     try:
         try:
             with tarfile.open(archive, "r:gz") as tar:
