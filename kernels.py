@@ -742,7 +742,8 @@ class RegroupedConv2d(nn.Module):
     def _path(self, name, t):
         """Path `name`'s build output p, built from t on first use (its tensors as buffers)."""
         if name not in self._built:
-            built = PATHS[name].build(self.info, t)
+            with torch.inference_mode(False):  # kept, so normal tensors: autograd refuses inference ones
+                built = PATHS[name].build(self.info, t)
             keys = [k for k, v in built.items() if torch.is_tensor(v)]
             for key in keys:
                 self.register_buffer(f"{name}_{key}", built[key], persistent=False)

@@ -4035,6 +4035,19 @@ def test_an_input_that_needs_a_gradient_never_gets_the_inference_only_kernel(mon
         layer(x)
 
 
+@pytest.mark.parametrize("strategy", [None, "dense", "conv", "grouped", "gather"])
+def test_a_layer_first_run_under_inference_mode_still_trains_afterwards(strategy):
+    layer, masked = small_layer(**({} if strategy is None else dict(strategy=strategy)))
+    x = torch.randn(2, 8, 6, 6)
+    with torch.inference_mode():                                 # as the README's evaluation does
+        layer(x)
+    x.requires_grad_()
+    layer(x).square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    F.conv2d(x_ref, masked, padding=1).square().sum().backward()   # the masked dense conv's gradient
+    assert rel_err(x.grad, x_ref.grad) < 1e-5
+
+
 def test_the_kernel_refuses_a_kernel_larger_than_the_padded_input():
     layer, _ = small_layer(strategy="kernel32")                  # 3x3, padding 1
     layer.padding = (0, 0)
