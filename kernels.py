@@ -226,6 +226,17 @@ def _output_shape(x, info, conv):
     return (x.shape[0], info["weight_shape"][0], *conv_out_hw(x.shape[2:], info["weight_shape"][2:], *conv))
 
 
+def check_input(x, info, conv):
+    """ValueError unless x is an (N, C, H, W) input of the layer's C that the kernel fits in (padded), as
+    F.conv2d says for the dense path: the other paths index their blocks' channels and would not notice."""
+    channels = info["weight_shape"][1]
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"expected an input of shape (N, {channels}, H, W), got {tuple(x.shape)}")
+    if min(_output_shape(x, info, conv)[2:]) < 1:
+        raise ValueError(f"the kernel ({'x'.join(map(str, info['weight_shape'][2:]))}, dilation "
+                         f"{conv[2]}) is larger than the padded input {tuple(x.shape[2:])}")
+
+
 def _new(x, shape, memory_format=torch.contiguous_format):
     """An uninitialized tensor in x's dtype and on x's device. Every runner allocates its output and
     scratch here, so a test can fill them with NaN and see that every value read was written."""
@@ -518,9 +529,6 @@ def needs_grad(x):
 def _run_kernel(x, info, t, p, conv):
     """One launch of CUDA_SRC for all blocks (CUDA tensors of KERNEL_DTYPES); it reads and writes
     channels-last (an NCHW input is converted, and its output converted back)."""
-    if min(_output_shape(x, info, conv)[2:]) < 1:
-        raise ValueError(f"the kernel ({'x'.join(map(str, info['weight_shape'][2:]))}, dilation "
-                         f"{conv[2]}) is larger than the padded input {tuple(x.shape[2:])}")
     if needs_grad(x):
         raise ValueError("the CUDA kernel is inference only: run it under torch.no_grad() or "
                          "torch.inference_mode(), or on an input that does not require grad")
@@ -773,6 +781,7 @@ class RegroupedConv2d(nn.Module):
         """fn(x) -> this layer's output for inputs like x: its path's run with the plan, the path's
         tensors in x's memory format and conv bound, the bias added after it where the path does not."""
         conv = (self.stride, self.padding, self.dilation)
+        check_input(x, self.info, conv)
         name = self.path_for(x) or self._measure(x, conv)
         t = self._plan()
         path, p, info = PATHS[name], for_format(self._path(name, t), x), self.info

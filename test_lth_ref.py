@@ -4048,6 +4048,16 @@ def test_a_layer_first_run_under_inference_mode_still_trains_afterwards(strategy
     assert rel_err(x.grad, x_ref.grad) < 1e-5
 
 
+@pytest.mark.parametrize("strategy", [None, "dense", "conv", "grouped", "gather"])
+def test_every_path_refuses_an_input_of_other_channels_or_smaller_than_the_kernel(strategy):
+    layer, _ = small_layer(**({} if strategy is None else dict(strategy=strategy)))   # C = 8, 3x3, pad 1
+    for x, says in ((torch.randn(2, 6, 5, 5), r"an input of shape \(N, 8, H, W\), got \(2, 6, 5, 5\)"),
+                    (torch.randn(8, 5, 5), r"got \(8, 5, 5\)"),
+                    (torch.randn(2, 8, 0, 5), r"larger than the padded input \(0, 5\)")):
+        with pytest.raises(ValueError, match=says):
+            layer(x)
+
+
 def test_the_kernel_refuses_a_kernel_larger_than_the_padded_input():
     layer, _ = small_layer(strategy="kernel32")                  # 3x3, padding 1
     layer.padding = (0, 0)
