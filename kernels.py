@@ -109,7 +109,12 @@ def check_blocks(weight_shape, blocks, name="conv"):
     for i, block in enumerate(blocks):
         if len(block) != 2:
             raise ValueError(f"{name}: block {i} must be a pair (rows, cols)")
-        rows, cols = (torch.as_tensor(t).reshape(-1).to("cpu", torch.int64) for t in block)
+        rows, cols = (torch.as_tensor(t).reshape(-1) for t in block)
+        if any(t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+               for t in (rows, cols)):               # a 0/1 mask or 2.0 is no index: never cast silently
+            raise ValueError(f"{name}: block {i} must hold integer indices, got {rows.dtype} rows and "
+                             f"{cols.dtype} cols")
+        rows, cols = rows.to("cpu", torch.int64), cols.to("cpu", torch.int64)
         if rows.numel() == 0 or cols.numel() == 0:
             continue
         for what, idx, size in (("row", rows, O), ("col", cols, K)):

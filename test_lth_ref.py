@@ -4058,6 +4058,15 @@ def test_every_path_refuses_an_input_of_other_channels_or_smaller_than_the_kerne
             layer(x)
 
 
+def test_blocks_of_bool_or_float_indices_are_refused_not_cast():
+    with pytest.raises(ValueError, match="conv: block 0 must hold integer indices, got torch.bool rows"):
+        kernels.check_blocks((4, 6, 3, 3), [(torch.tensor([False, True]), [0, 2])])   # a row mask, not rows
+    with pytest.raises(ValueError, match="torch.float32 cols"):
+        kernels.check_blocks((4, 6, 3, 3), [([1], [0.7, 2.2])])
+    [(rows, cols)] = kernels.check_blocks((4, 6, 3, 3), [(np.array([1, 0]), [5, 2]), ([], [])])
+    assert rows.tolist() == [0, 1] and cols.tolist() == [2, 5] and rows.dtype == torch.int64
+
+
 def test_the_kernel_refuses_a_kernel_larger_than_the_padded_input():
     layer, _ = small_layer(strategy="kernel32")                  # 3x3, padding 1
     layer.padding = (0, 0)
