@@ -3,6 +3,7 @@
 Run with `python -m pytest -q test_lth_ref.py` (CPU, a few minutes). CUDA tests skip without a GPU.
 """
 import argparse
+import atexit
 import ast
 import copy
 import csv
@@ -11,6 +12,7 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import importlib.util
 import inspect
 import io
 import itertools
@@ -6756,10 +6758,10 @@ def test_every_command_of_the_gpu_check_parses():
     assert {"device", "dtype"} <= set(inspect.signature(kernels.bench_dense_cost).parameters)
 
 
-@functools.lru_cache(maxsize=1)
-def lth_ref_source():
+@functools.lru_cache(maxsize=2)
+def module_source(path):
     """(its import statements, {top-level name: (line, source text with decorators, names it reads)})."""
-    src = open(L.__file__).read()
+    src = open(path).read()
     tree, lines, segments = ast.parse(src), src.splitlines(), {}
     for node in tree.body:
         names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
@@ -6772,14 +6774,15 @@ def lth_ref_source():
     return imports, segments
 
 
-def copied_pieces(row_names):
-    """A fresh namespace holding only lth_ref.py's imports, the definitions `row_names` lists and the
-    UPPER_CASE constants they read (transitively), each from its source text, as a user copies them."""
-    imports, segments = lth_ref_source()
+def copied_pieces(row_names, module=L):
+    """A fresh namespace holding only the module's imports (lth_ref.py's, or lth_tools.py's, which import
+    lth_ref), the definitions `row_names` lists and the UPPER_CASE constants they read (transitively), each
+    from its source text, as a user copies them."""
+    imports, segments = module_source(module.__file__)
     todo = {n for n in row_names if n in segments}
     while more := {r for n in todo for r in segments[n][2] if r in segments and r.isupper()} - todo:
         todo |= more
-    ns = {"kernels": kernels}                                    # kernels.X names are listed as such
+    ns = {"kernels": kernels, "model_zoo": models, "datasets": data}   # the modules rows name as needs
     for statement in imports:
         exec(statement, ns)
     for n in sorted(todo, key=lambda n: segments[n][0]):
@@ -6805,6 +6808,12 @@ def copied_pieces(row_names):
         ns["regroup_mask"](torch.eye(16, 72), block_columns="paper", min_col_nnz=8)]),   # no block found
     (["structural tickets", "refill / refill+", "regroup"],
      lambda ns, w, m: [ns["postprocess"](method, w, m) for method in ("refill", "refill+", "regroup")]),
+    (["quality numbers"], lambda ns, w, m: (ns["layer_stats"](m["a"], m["a"]), ns["whole_model_counts"](
+        MODELS["resnet20"](10), L.ones_masks(L.prunable_weights(MODELS["resnet20"](10))), (3, 8, 8)))),
+    (["masks from torch.nn.utils.prune"], lambda ns, w, m: ns["read_imported_masks"](
+        saved_masks(L.ones_masks(L.prunable_weights(MODELS["resnet20"](10)))), MODELS["resnet20"](10),
+        "resnet20")),
+    (["the paper's figures"], lambda ns, w, m: the_papers_figures(ns)),
 ])
 def test_each_piece_of_the_copy_table_runs_on_its_own(rows, call):
     """README's "Copying a piece" rows name every definition their functions need: copied alone (with
@@ -6813,10 +6822,38 @@ def test_each_piece_of_the_copy_table_runs_on_its_own(rows, call):
     table = readme[readme.index("| you want | copy | needs |"):].split("\n\n")[0].splitlines()[2:]
     cells = [r.split(" | ")[1] for r in table if any(r.startswith(f"| {row}") for row in rows)]
     assert len(cells) == len(rows)
-    ns = copied_pieces([n for c in cells for n in re.findall(r"`([A-Za-z_]\w*)(?![\w.])", c)])
+    module = lth_tools if all("(lth_tools.py)" in c for c in cells) else L
+    ns = copied_pieces([n for c in cells for n in re.findall(r"`([A-Za-z_]\w*)(?![\w.])", c)], module)
     torch.manual_seed(0)
     w = {"a": torch.randn(16, 8, 3, 3), "b": torch.randn(24, 16, 1, 1)}
     call(ns, w, {n: (v.abs() > 0.7).float() for n, v in w.items()})
+
+
+def saved_masks(masks):
+    """A temporary torch file of `masks` (removed when the test session ends); its path."""
+    f = tempfile.NamedTemporaryFile(suffix=".pt", delete=False)
+    f.close()
+    torch.save(masks, f.name)
+    atexit.register(os.remove, f.name)
+    return f.name
+
+
+def the_papers_figures(ns):
+    """The report's pieces on two hand-made seeds of one experiment: rows, the extreme ticket, figures."""
+    cfg = dict(arch="resnet20", dataset="cifar10")
+    rows = [dict(branch=b, source="imp", method=m, init="rewind", level=lv, density=d, test_acc=a)
+            for b, m in (("trunk", "imp"), ("regroup", "regroup")) for lv, d, a in ((0, 1.0, 0.9), (1, 0.8, 0.91))
+            if not (b == "regroup" and lv == 0)]
+    combined = ns["with_paper"](ns["combine_seeds"]([rows, rows]), cfg, {})
+    ns["extreme_ticket"]([r for r in combined if r["branch"] == "regroup"], 0.9)
+    if importlib.util.find_spec("matplotlib"):
+        mask = (torch.rand(16, 72, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+        blocks = [(torch.arange(8), torch.arange(20))]
+        ns["accuracy_figure"](combined, 0.9, "t", "resnet20", "cifar10")
+        ns["mask_figure"]([("trunk", mask), ("regroup", kernels.block_mask(mask.shape, blocks))], "layer")
+        ns["layer_speedup_figure"]({"runs": [{"batch": 64, "layers": [
+            dict(name="a", flop_ratio=0.5, dense_ms=2.0, regrouped_ms=1.0)]}]})
+    ns["block_order"]([(np.arange(8), np.arange(20))], 16, 72)
 
 
 def test_readme_quotes_only_names_the_code_has():
