@@ -6841,8 +6841,9 @@ def saved_masks(masks):
 def the_papers_figures(ns):
     """The report's pieces on two hand-made seeds of one experiment: rows, the extreme ticket, figures."""
     cfg = dict(arch="resnet20", dataset="cifar10")
+    levels = ((0, 1.0, 0.9), (1, 0.8, 0.91))                     # (level, density, test_acc)
     rows = [dict(branch=b, source="imp", method=m, init="rewind", level=lv, density=d, test_acc=a)
-            for b, m in (("trunk", "imp"), ("regroup", "regroup")) for lv, d, a in ((0, 1.0, 0.9), (1, 0.8, 0.91))
+            for b, m in (("trunk", "imp"), ("regroup", "regroup")) for lv, d, a in levels
             if not (b == "regroup" and lv == 0)]
     combined = ns["with_paper"](ns["combine_seeds"]([rows, rows]), cfg, {})
     ns["extreme_ticket"]([r for r in combined if r["branch"] == "regroup"], 0.9)
