@@ -1503,7 +1503,7 @@ def run_experiment(cfg, log=print):
     ...; a group-aware branch is its own chain from the dense level 0. Writes each run's results and
     the experiment's combined results.csv; returns the combined rows."""
     exp, trunk, branch = open_experiment(cfg, log)
-    check_finished_tickets(cfg.out_dir)
+    check_finished_tickets(cfg.out_dir, exp.model)
     order = [(trunk, 0)]
     for level in range(1, cfg.levels + 1):
         order += [(branch, level)] if branch is not None else []
@@ -1516,7 +1516,8 @@ def run_experiment(cfg, log=print):
             lock = claim_level(exp, run, level) if (run, level) in todo else None
             if lock is None:
                 by = "earlier" if (run, level) not in todo else "by another process"
-                load_ticket(ticket_path(run, level), exp.model, mmap=True)   # readable: else stop before work
+                if (run, level) in todo:               # (the earlier ones were read before the loop)
+                    load_ticket(ticket_path(run, level), exp.model, mmap=True)
                 exp.log(f"{run.name} level {level}: finished {by}, reused ({ticket_path(run, level)})")
                 if exp.procs.is_main and (run, level) not in todo:   # a stop between ticket and cleanup
                     remove_if_there(checkpoint_path(run, level))
@@ -1534,12 +1535,13 @@ def run_experiment(cfg, log=print):
     return rows
 
 
-def check_finished_tickets(exp_dir):
-    """Read every finished ticket of the experiment, every run's (mapped: cheap), before any level trains:
-    results.json is rebuilt from all of them after each level, so a damaged one stops the command now."""
+def check_finished_tickets(exp_dir, model):
+    """Read every finished ticket of the experiment, every run's (mapped: cheap), and check that its masks
+    fit `model`, before any level trains: results.json is rebuilt from all of them after each level, so a
+    damaged one stops the command now, not after a level's training."""
     for path in run_dirs(exp_dir):
         for ticket in finished_tickets(path):
-            load_ticket(ticket, mmap=True)
+            load_ticket(ticket, model, mmap=True)
 
 
 def warn_kept_after_missing(exp, order, todo):
