@@ -3,7 +3,6 @@
 Run with `python -m pytest -q test_lth_ref.py` (CPU, a few minutes). CUDA tests skip without a GPU.
 """
 import argparse
-import atexit
 import ast
 import copy
 import csv
@@ -3083,11 +3082,11 @@ def test_every_finished_ticket_of_every_run_is_read_before_the_work(tmp_path):
     (tmp_path / "refill" / "branch.json").write_text("{}")
     (tmp_path / "refill" / "level_01" / "ticket.pt").write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(L.UsageError) as e:
-        L.check_finished_tickets(str(tmp_path))
+        L.check_finished_tickets(str(tmp_path), built("resnet20"))
     assert f"{tmp_path / 'level_01' / 'ticket.pt'} is not a ticket" in str(e.value)   # the trunk's first
     (tmp_path / "level_01" / "ticket.pt").unlink()
     with pytest.raises(L.DamagedFile, match=f"cannot read the ticket {tmp_path / 'refill' / 'level_01'}"):
-        L.check_finished_tickets(str(tmp_path))
+        L.check_finished_tickets(str(tmp_path), built("resnet20"))
 
 
 @pytest.mark.slow
@@ -6810,9 +6809,7 @@ def copied_pieces(row_names, module=L):
      lambda ns, w, m: [ns["postprocess"](method, w, m) for method in ("refill", "refill+", "regroup")]),
     (["quality numbers"], lambda ns, w, m: (ns["layer_stats"](m["a"], m["a"]), ns["whole_model_counts"](
         MODELS["resnet20"](10), L.ones_masks(L.prunable_weights(MODELS["resnet20"](10))), (3, 8, 8)))),
-    (["masks from torch.nn.utils.prune"], lambda ns, w, m: ns["read_imported_masks"](
-        saved_masks(L.ones_masks(L.prunable_weights(MODELS["resnet20"](10)))), MODELS["resnet20"](10),
-        "resnet20")),
+    (["masks from torch.nn.utils.prune"], lambda ns, w, m: imported_masks(ns)),
     (["the paper's figures"], lambda ns, w, m: the_papers_figures(ns)),
 ])
 def test_each_piece_of_the_copy_table_runs_on_its_own(rows, call):
@@ -6829,13 +6826,12 @@ def test_each_piece_of_the_copy_table_runs_on_its_own(rows, call):
     call(ns, w, {n: (v.abs() > 0.7).float() for n, v in w.items()})
 
 
-def saved_masks(masks):
-    """A temporary torch file of `masks` (removed when the test session ends); its path."""
-    f = tempfile.NamedTemporaryFile(suffix=".pt", delete=False)
-    f.close()
-    torch.save(masks, f.name)
-    atexit.register(os.remove, f.name)
-    return f.name
+def imported_masks(ns):
+    """ns's read_imported_masks on a torch file of ResNet-20's all-ones masks, in a temporary folder."""
+    model = MODELS["resnet20"](10)
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(L.ones_masks(L.prunable_weights(model)), os.path.join(folder, "m.pt"))
+        return ns["read_imported_masks"](os.path.join(folder, "m.pt"), model, "resnet20")
 
 
 def the_papers_figures(ns):
