@@ -6886,7 +6886,7 @@ def test_readme_cli_table_lists_every_flag_with_its_default_and_help():
             assert rows[flag].strip() == expected, flag
 
 
-# ---- small hand-checked cases of the helpers (mutation audit) ----
+# ---- small hand-checked cases of the helpers ----
 def test_out_dir_without_ticket_picks_the_runs_last_finished_level(tmp_path):
     fresh = saved_fresh_ticket(tmp_path)
     run = tmp_path / "exp"
